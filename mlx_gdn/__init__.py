@@ -1,0 +1,28 @@
+"""mlx-gdn: Gated DeltaNet kernels for MLX (Metal, CUDA and ops paths)."""
+
+from .api import gated_delta_rule, gated_delta_update
+from .backends import available_backends
+from .gating import compute_beta, compute_g, compute_gates, normalize_qk
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "gated_delta_rule",
+    "gated_delta_update",
+    "available_backends",
+    "compute_g",
+    "compute_beta",
+    "compute_gates",
+    "normalize_qk",
+    "GatedDeltaNet",
+    "patch",
+]
+
+
+def __getattr__(name):
+    # The module and patch import mlx.nn lazily so the kernels stay importable alone.
+    if name in ("GatedDeltaNet", "patch"):
+        from . import module as _module
+
+        return getattr(_module, name)
+    raise AttributeError(f"module 'mlx_gdn' has no attribute {name!r}")

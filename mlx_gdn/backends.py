@@ -1,0 +1,75 @@
+"""Which backend and algorithm run a call: availability, choice, fallback."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Tuple
+
+import mlx.core as mx
+
+from .validate import ALGORITHMS, BACKENDS, Problem, check_choice
+
+# Each backend module provides: available(), unavailable_reason(), supports(p, algorithm),
+# choose_algorithm(p), run(p, q, k, v, state, mask, *, algorithm, g, beta, gating).
+_MODULES = {"metal": "mlx_gdn.metal", "cuda": "mlx_gdn.cuda", "ops": "mlx_gdn.ops_backend"}
+# Order in which "auto" tries the GPU backends.
+_GPU_ORDER = ("metal", "cuda")
+
+
+def module(name: str) -> ModuleType | None:
+    """The backend's module, or None where it is not part of this build."""
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError:
+        return None
+
+
+def is_available(name: str) -> bool:
+    """True when backend `name` can run on this machine now."""
+    mod = module(name)
+    return mod is not None and bool(mod.available())
+
+
+def available_backends() -> Tuple[str, ...]:
+    """Names of the backends that can run here (ops always)."""
+    return tuple(n for n in ("metal", "cuda", "ops") if is_available(n))
+
+
+def _default_is_gpu() -> bool:
+    return mx.default_device().type == mx.gpu
+
+
+def resolve(backend: str, algorithm: str, p: Problem) -> Tuple[ModuleType, str]:
+    """(backend module, algorithm) that will run problem `p`.
+
+    Raises ValueError for an unknown or unavailable backend or algorithm. Shapes a kernel
+    cannot take go to the ops backend with the same algorithm.
+    """
+    check_choice("backend", backend, BACKENDS)
+    check_choice("algorithm", algorithm, ALGORITHMS)
+    if backend == "auto":
+        name = "ops"
+        for cand in _GPU_ORDER:
+            mod = module(cand)
+            if mod is not None and mod.available() and (_default_is_gpu() or getattr(mod, "simulated", lambda: False)()):
+                name = cand
+                break
+    else:
+        name = backend
+        mod = module(name)
+        if mod is None or not mod.available():
+            reason = "" if mod is None else mod.unavailable_reason()
+            raise ValueError(
+                f"backend {name!r} is not available on this machine"
+                + (f" ({reason})" if reason else "")
+                + f"; available: {', '.join(available_backends())}"
+            )
+    mod = module(name)
+    algo = mod.choose_algorithm(p) if algorithm == "auto" else algorithm
+    if mod.supports(p, algo):
+        return mod, algo
+    ops = module("ops")
+    if ops.supports(p, algo):
+        return ops, algo
+    raise ValueError(f"algorithm {algo!r} is not available for this input (backend {name!r})")

@@ -1,0 +1,67 @@
+"""Gate computation and q/k normalisation, as Qwen3.5-style models need them."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+
+def softplus(x: mx.array) -> mx.array:
+    """log(1 + exp(x)) without overflow for large x."""
+    return mx.maximum(x, 0) + mx.log1p(mx.exp(-mx.abs(x)))
+
+
+def compute_g(a: mx.array, A_log: mx.array, dt_bias: mx.array, lower_bound: Optional[float] = None) -> mx.array:
+    """Decay gate from the model's raw projections.
+
+    a: [..., Hv] any float dtype; A_log, dt_bias: [Hv]. Returns float32 [..., Hv] in (0, 1]:
+    ``exp(-exp(A_log) * softplus(a + dt_bias))``, or with ``lower_bound``
+    ``exp(lower_bound * sigmoid(exp(A_log) * (a + dt_bias)))``.
+    """
+    a32 = a.astype(mx.float32) + dt_bias.astype(mx.float32)
+    rate = mx.exp(A_log.astype(mx.float32))
+    if lower_bound is None:
+        return mx.exp(-rate * softplus(a32))
+    return mx.exp(lower_bound * mx.sigmoid(rate * a32))
+
+
+def compute_beta(b: mx.array, allow_neg_eigval: bool = False) -> mx.array:
+    """Write strength ``sigmoid(b)`` (``2 * sigmoid(b)`` with allow_neg_eigval), float32, shape of b."""
+    beta = mx.sigmoid(b.astype(mx.float32))
+    return beta * 2.0 if allow_neg_eigval else beta
+
+
+def compute_gates(a, b, A_log, dt_bias, lower_bound=None, allow_neg_eigval=False) -> Tuple[mx.array, mx.array]:
+    """(g, beta), both float32 [B, T, Hv], from a, b: [B, T, Hv] and A_log, dt_bias: [Hv]."""
+    return compute_g(a, A_log, dt_bias, lower_bound), compute_beta(b, allow_neg_eigval)
+
+
+def normalize_qk(q: mx.array, k: mx.array, eps: float = 1e-6) -> Tuple[mx.array, mx.array]:
+    """L2-normalise q and k over the last axis and fold ``Dk**-0.5`` into q.
+
+    q, k: [..., Dk], any float dtype; returns arrays of the same shapes and dtypes.
+    ``eps`` is added to the sum of squares (as in mlx-lm and fla's l2norm).
+    """
+    dk = q.shape[-1]
+    inv = dk**-0.5
+    # rms_norm adds eps to the mean of squares, so scale it to act on the sum.
+    rms_eps = eps * inv * inv
+    return (inv * inv) * mx.fast.rms_norm(q, None, rms_eps), inv * mx.fast.rms_norm(k, None, rms_eps)
+
+
+class FusedGating:
+    """The raw gate inputs of `gated_delta_update`, carried to a backend that fuses them.
+
+    a, b: [B, T, Hv]; A_log, dt_bias: [Hv]; any float dtypes.
+    """
+
+    __slots__ = ("a", "b", "A_log", "dt_bias", "lower_bound", "allow_neg_eigval")
+
+    def __init__(self, a, b, A_log, dt_bias, lower_bound=None, allow_neg_eigval=False):
+        self.a, self.b, self.A_log, self.dt_bias = a, b, A_log, dt_bias
+        self.lower_bound, self.allow_neg_eigval = lower_bound, allow_neg_eigval
+
+    def compute(self) -> Tuple[mx.array, mx.array]:
+        """(g, beta) float32 [B, T, Hv], for backends that take precomputed gates."""
+        return compute_gates(self.a, self.b, self.A_log, self.dt_bias, self.lower_bound, self.allow_neg_eigval)

@@ -1,0 +1,46 @@
+"""Backend "ops": the recurrence (and the chunked form) in plain MLX ops, on any device."""
+
+from __future__ import annotations
+
+from .validate import Problem
+
+name = "ops"
+
+
+def available() -> bool:
+    """Always: MLX ops run on every device."""
+    return True
+
+
+def unavailable_reason() -> str:
+    return ""
+
+
+def supports(p: Problem, algorithm: str) -> bool:
+    """Every shape; the chunked form exists once `ops_chunked` is importable."""
+    if algorithm == "chunked":
+        try:
+            from . import ops_chunked  # noqa: F401
+        except ImportError:
+            return False
+    return True
+
+
+def choose_algorithm(p: Problem) -> str:
+    """Recurrent below the measured crossover T, chunked above (bench/NOTES.md)."""
+    from .crossover import prefers_chunked
+
+    return "chunked" if prefers_chunked("ops", p) and supports(p, "chunked") else "recurrent"
+
+
+def run(p: Problem, q, k, v, state, mask, *, algorithm, g=None, beta=None, gating=None):
+    """(y, state) for validated inputs; `gating` (FusedGating) replaces g, beta when given."""
+    if gating is not None:
+        g, beta = gating.compute()
+    if algorithm == "chunked":
+        from .ops_chunked import chunked_rule
+
+        return chunked_rule(q, k, v, g, beta, state, mask)
+    from .ops_recurrent import recurrent_rule
+
+    return recurrent_rule(q, k, v, g, beta, state, mask)

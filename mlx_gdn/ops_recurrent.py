@@ -1,0 +1,64 @@
+"""The exact per-step recurrence in MLX ops: runs on any device, differentiable.
+
+Every other path must equal this one. Products are written as multiply-and-sum so
+float32 stays float32 on backends whose matmul may use reduced precision (TF32).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+
+def _step(state, q_t, k_t, v_t, g_t, beta_t, m_t):
+    """One step. state [B,Hv,Dv,Dk] f32; q_t,k_t [B,Hv,Dk]; v_t [B,Hv,Dv]; g_t [B,Hv] or [B,Hv,Dk];
+    beta_t [B,Hv]; m_t [B] bool or None."""
+    decay = g_t[..., None, None] if g_t.ndim == 2 else g_t[..., None, :]
+    s = state * decay
+    kv = (s * k_t[..., None, :]).sum(-1)
+    delta = beta_t[..., None] * (v_t - kv)
+    s = s + delta[..., :, None] * k_t[..., None, :]
+    y = (s * q_t[..., None, :]).sum(-1)
+    if m_t is not None:
+        s = mx.where(m_t[:, None, None, None], s, state)
+        y = mx.where(m_t[:, None, None], y, 0.0)
+    return y, s
+
+
+_step_compiled = mx.compile(_step)
+
+
+def recurrent_rule(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    g: mx.array,
+    beta: mx.array,
+    state: mx.array,
+    mask: Optional[mx.array] = None,
+) -> Tuple[mx.array, mx.array]:
+    """Sequential gated delta rule.
+
+    q, k: [B,T,Hk,Dk]; v: [B,T,Hv,Dv]; g: [B,T,Hv] or [B,T,Hv,Dk]; beta: [B,T,Hv];
+    state: [B,Hv,Dv,Dk] float32; mask: [B,T] or None.
+    Returns y [B,T,Hv,Dv] in q's dtype and the new float32 state.
+    """
+    B, T, Hk, _ = q.shape
+    Hv = v.shape[2]
+    out_dtype = q.dtype
+    f32 = mx.float32
+    q, k, v, g, beta = (x.astype(f32) for x in (q, k, v, g, beta))
+    if Hv != Hk:
+        # Value head h reads key head h // (Hv // Hk).
+        q = mx.repeat(q, Hv // Hk, axis=2)
+        k = mx.repeat(k, Hv // Hk, axis=2)
+    if mask is not None:
+        mask = mask.astype(mx.bool_)
+    ys = []
+    for t in range(T):
+        m_t = None if mask is None else mask[:, t]
+        y, state = _step_compiled(state, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], m_t)
+        ys.append(y)
+    y = mx.stack(ys, axis=1) if ys else mx.zeros((B, 0, Hv, v.shape[3]), f32)
+    return y.astype(out_dtype), state

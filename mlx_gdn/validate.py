@@ -1,0 +1,147 @@
+"""Input validation for the public functions: one place, before any kernel runs.
+
+Every failure names the argument, what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+
+FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+BACKENDS = ("auto", "metal", "cuda", "ops")
+ALGORITHMS = ("auto", "recurrent", "chunked")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Sizes and flavour of one call, derived once from validated inputs."""
+
+    B: int
+    T: int
+    Hk: int
+    Hv: int
+    Dk: int
+    Dv: int
+    dtype: mx.Dtype  # dtype of q, k, v and of the output y
+    gate: str  # "scalar" ([B,T,Hv]) or "key" ([B,T,Hv,Dk])
+    masked: bool
+    fused: bool  # gating computed from a, b, A_log, dt_bias
+
+    @property
+    def group(self) -> int:
+        """Value heads per key head (Hv // Hk)."""
+        return self.Hv // self.Hk
+
+
+def _name_dtype(dt) -> str:
+    return str(dt).replace("mlx.core.", "")
+
+
+def _require_array(name: str, x) -> mx.array:
+    if not isinstance(x, mx.array):
+        raise TypeError(f"{name} must be an mlx.core.array, got {type(x).__name__}")
+    return x
+
+
+def _require_float(name: str, x: mx.array) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating dtype (float32, float16 or bfloat16), got {_name_dtype(x.dtype)}"
+        )
+
+
+def _require_shape(name: str, x: mx.array, expected: tuple, what: str) -> None:
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {what} = {tuple(expected)}, got {tuple(x.shape)}")
+
+
+def check_choice(name: str, value, choices) -> str:
+    """`value` must be one of `choices` (a string)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _check_qkv(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _require_array(name, x)
+        if x.ndim != 4:
+            what = "[B, T, Hk, Dk]" if name != "v" else "[B, T, Hv, Dv]"
+            raise ValueError(f"{name} must have rank 4 {what}, got shape {tuple(x.shape)} (rank {x.ndim})")
+        _require_float(name, x)
+    B, T, Hk, Dk = q.shape
+    _require_shape("k", k, q.shape, "q.shape [B, T, Hk, Dk]")
+    if v.shape[0] != B or v.shape[1] != T:
+        raise ValueError(f"v must have shape [B, T, Hv, Dv] with B={B}, T={T} from q, got {tuple(v.shape)}")
+    Hv, Dv = v.shape[2], v.shape[3]
+    if min(B, Hk, Dk, Hv, Dv) <= 0:
+        raise ValueError(f"q and v must have non-empty B, H and D axes, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    if Hv % Hk != 0:
+        raise ValueError(f"v's head count Hv={Hv} must be a multiple of q/k's head count Hk={Hk}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(
+            f"q, k and v must share one dtype, got q {_name_dtype(q.dtype)}, "
+            f"k {_name_dtype(k.dtype)}, v {_name_dtype(v.dtype)}"
+        )
+    return B, T, Hk, Dk, Hv, Dv
+
+
+def _check_state_mask(state, mask, B, T, Hv, Dv, Dk):
+    if state is not None:
+        _require_array("state", state)
+        _require_shape("state", state, (B, Hv, Dv, Dk), "[B, Hv, Dv, Dk]")
+        if state.dtype != mx.float32:
+            raise TypeError(f"state must be float32 (the recurrent state is kept in float32), got {_name_dtype(state.dtype)}")
+    if mask is not None:
+        _require_array("mask", mask)
+        _require_shape("mask", mask, (B, T), "[B, T]")
+        if mask.dtype != mx.bool_ and not mx.issubdtype(mask.dtype, mx.integer):
+            raise TypeError(f"mask must be bool (or integer 0/1), got {_name_dtype(mask.dtype)}")
+
+
+def check_rule(q, k, v, g, beta, state, mask) -> Problem:
+    """Validate the inputs of `gated_delta_rule`; return the call's Problem."""
+    B, T, Hk, Dk, Hv, Dv = _check_qkv(q, k, v)
+    _require_array("g", g)
+    _require_float("g", g)
+    if tuple(g.shape) == (B, T, Hv):
+        gate = "scalar"
+    elif tuple(g.shape) == (B, T, Hv, Dk):
+        gate = "key"
+    else:
+        raise ValueError(
+            f"g must have shape [B, T, Hv] = {(B, T, Hv)} (scalar gate) or [B, T, Hv, Dk] = "
+            f"{(B, T, Hv, Dk)} (per-key gate), got {tuple(g.shape)}"
+        )
+    _require_array("beta", beta)
+    _require_float("beta", beta)
+    _require_shape("beta", beta, (B, T, Hv), "[B, T, Hv]")
+    _check_state_mask(state, mask, B, T, Hv, Dv, Dk)
+    return Problem(B, T, Hk, Hv, Dk, Dv, q.dtype, gate, mask is not None, False)
+
+
+def check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval) -> Problem:
+    """Validate the inputs of `gated_delta_update`; return the call's Problem."""
+    B, T, Hk, Dk, Hv, Dv = _check_qkv(q, k, v)
+    for name, x in (("a", a), ("b", b)):
+        _require_array(name, x)
+        _require_float(name, x)
+        _require_shape(name, x, (B, T, Hv), "[B, T, Hv]")
+    for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
+        _require_array(name, x)
+        _require_float(name, x)
+        _require_shape(name, x, (Hv,), "[Hv]")
+    if lower_bound is not None:
+        if isinstance(lower_bound, bool) or not isinstance(lower_bound, (int, float)):
+            raise TypeError(f"lower_bound must be a float or None, got {type(lower_bound).__name__}")
+        if not math.isfinite(lower_bound) or lower_bound > 0:
+            # exp(lower_bound * sigmoid(.)) is a decay in (0, 1] only for a finite lower_bound <= 0.
+            raise ValueError(f"lower_bound must be finite and <= 0 so the gate stays in (0, 1], got {lower_bound!r}")
+    if not isinstance(allow_neg_eigval, bool):
+        raise TypeError(f"allow_neg_eigval must be a bool, got {type(allow_neg_eigval).__name__}")
+    _check_state_mask(state, mask, B, T, Hv, Dv, Dk)
+    return Problem(B, T, Hk, Hv, Dk, Dv, q.dtype, "scalar", mask is not None, True)
