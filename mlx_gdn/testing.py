@@ -1,0 +1,88 @@
+"""Random inputs shaped like a real layer's, for tests, examples and the benchmark."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+
+from .gating import normalize_qk
+
+
+@dataclass
+class Inputs:
+    """One call's inputs: q, k, v, g, beta (precomputed) and a, b, A_log, dt_bias (fused)."""
+
+    q: mx.array
+    k: mx.array
+    v: mx.array
+    g: mx.array
+    beta: mx.array
+    a: mx.array
+    b: mx.array
+    A_log: mx.array
+    dt_bias: mx.array
+    state: Optional[mx.array]
+    mask: Optional[mx.array]
+
+
+def random_inputs(
+    B: int,
+    T: int,
+    Hk: int,
+    Hv: int,
+    Dk: int,
+    Dv: int,
+    *,
+    dtype=mx.float32,
+    seed: int = 0,
+    gate: str = "scalar",
+    decay: str = "mixed",
+    with_state: bool = True,
+    mask: bool = False,
+) -> Inputs:
+    """Inputs for one call with q, k normalised as models do.
+
+    decay: "mixed" spreads g over (0, 1] with some steps near 0 and some exactly 1;
+    "slow" keeps g in [0.9, 1]; "one" sets g = 1 exactly. gate: "scalar" [B,T,Hv] or "key" [B,T,Hv,Dk].
+    mask=True drops a few random steps (with gaps) per sequence. State is float32 [B,Hv,Dv,Dk].
+    """
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    q = mx.array(rng.standard_normal((B, T, Hk, Dk)).astype(f32))
+    k = mx.array(rng.standard_normal((B, T, Hk, Dk)).astype(f32))
+    q, k = normalize_qk(q, k)
+    v = mx.array(rng.standard_normal((B, T, Hv, Dv)).astype(f32))
+    gshape = (B, T, Hv) if gate == "scalar" else (B, T, Hv, Dk)
+    if decay == "one":
+        g = np.ones(gshape)
+    elif decay == "slow":
+        g = rng.uniform(0.9, 1.0, gshape)
+    else:
+        g = rng.uniform(0.05, 1.0, gshape)
+        pick = rng.random(gshape)
+        g = np.where(pick < 0.1, rng.uniform(1e-6, 1e-2, gshape), g)
+        g = np.where(pick > 0.9, 1.0, g)
+    beta = rng.uniform(0.0, 1.0, (B, T, Hv))
+    a = rng.standard_normal((B, T, Hv)) * 2.0
+    b = rng.standard_normal((B, T, Hv)) * 2.0
+    A_log = np.log(rng.uniform(0.5, 16.0, (Hv,)))
+    dt_bias = rng.standard_normal((Hv,))
+    state = mx.array(rng.standard_normal((B, Hv, Dv, Dk)).astype(f32) * 0.1) if with_state else None
+    m = None
+    if mask:
+        mm = rng.random((B, T)) > 0.3
+        mm[:, 0] = True
+        m = mx.array(mm)
+    cast = lambda x: mx.array(np.asarray(x, f32)).astype(dtype)  # noqa: E731
+    return Inputs(
+        q.astype(dtype), k.astype(dtype), v.astype(dtype), cast(g), cast(beta),
+        cast(a), cast(b), mx.array(A_log.astype(f32)), mx.array(dt_bias.astype(f32)), state, m,
+    )
+
+
+def fresh_seed() -> int:
+    """A new seed per call, to be reported with any failure for reproduction."""
+    return int(np.random.SeedSequence().entropy % (2**32))
