@@ -1,0 +1,103 @@
+"""The dispatch point: which backend and algorithm `auto` picks, and fallbacks."""
+
+import types
+
+import mlx.core as mx
+import pytest
+
+import mlx_gdn
+from mlx_gdn import backends, crossover
+from mlx_gdn.testing import random_inputs
+from mlx_gdn.validate import Problem
+
+
+def problem(T=8, gate="scalar", Dk=64):
+    return Problem(1, T, 1, 2, Dk, 32, mx.float32, gate, False, False)
+
+
+def fake_backend(name, *, avail=True, supported=True, algo="recurrent", calls=None):
+    mod = types.SimpleNamespace()
+    mod.available = lambda: avail
+    mod.unavailable_reason = lambda: "no device in this test"
+    mod.supports = lambda p, a: supported
+    mod.choose_algorithm = lambda p: algo
+    mod.simulated = lambda: False
+
+    def run(p, q, k, v, state, mask, *, algorithm, g=None, beta=None, gating=None):
+        calls.append((name, algorithm, gating is not None))
+        return backends.module("ops").run(p, q, k, v, state, mask, algorithm="recurrent", g=g, beta=beta, gating=gating)
+
+    mod.run = run
+    return mod
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    calls = []
+    real = backends.module
+    table = {}
+
+    def module(name):
+        return table[name] if name in table else real(name)
+
+    monkeypatch.setattr(backends, "module", module)
+    return table, calls
+
+
+def test_auto_on_cpu_is_ops():
+    if mx.default_device().type == mx.cpu and not mlx_gdn.backends.is_available("metal"):
+        mod, algo = backends.resolve("auto", "auto", problem())
+        assert mod.name == "ops" and algo in ("recurrent", "chunked")
+
+
+def test_auto_prefers_available_gpu_backend(fakes, monkeypatch):
+    table, calls = fakes
+    table["cuda"] = fake_backend("cuda", calls=calls)
+    table["metal"] = fake_backend("metal", avail=False, calls=calls)
+    monkeypatch.setattr(backends, "_default_is_gpu", lambda: True)
+    x = random_inputs(1, 3, 1, 2, 16, 8, seed=3)
+    mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias)
+    assert calls == [("cuda", "recurrent", True)]
+
+
+def test_auto_stays_on_ops_when_default_device_is_cpu(fakes, monkeypatch):
+    table, calls = fakes
+    table["cuda"] = fake_backend("cuda", calls=calls)
+    monkeypatch.setattr(backends, "_default_is_gpu", lambda: False)
+    mod, _ = backends.resolve("auto", "recurrent", problem())
+    assert mod.name == "ops"
+
+
+def test_unsupported_shape_falls_back_to_ops(fakes):
+    table, calls = fakes
+    table["metal"] = fake_backend("metal", supported=False, calls=calls)
+    mod, algo = backends.resolve("metal", "recurrent", problem(Dk=16))
+    assert mod.name == "ops" and algo == "recurrent"
+
+
+def test_backend_algorithm_choice_is_used(fakes):
+    table, calls = fakes
+    table["metal"] = fake_backend("metal", algo="chunked", calls=calls)
+    mod, algo = backends.resolve("metal", "auto", problem(T=4096))
+    assert algo == "chunked"
+    mod, algo = backends.resolve("metal", "recurrent", problem(T=4096))
+    assert algo == "recurrent"
+
+
+def test_unavailable_explicit_backend_names_reason(fakes):
+    table, calls = fakes
+    table["cuda"] = fake_backend("cuda", avail=False, calls=calls)
+    with pytest.raises(ValueError, match=r"backend 'cuda' is not available on this machine \(no device in this test\)"):
+        backends.resolve("cuda", "auto", problem())
+
+
+def test_crossover_table(monkeypatch):
+    monkeypatch.setitem(crossover.CHUNKED_FROM_T, "ops", 256)
+    assert crossover.prefers_chunked("ops", problem(T=256))
+    assert not crossover.prefers_chunked("ops", problem(T=255))
+    monkeypatch.setitem(crossover.CHUNKED_FROM_T, "ops", None)
+    assert not crossover.prefers_chunked("ops", problem(T=10**6))
+
+
+def test_available_backends_always_has_ops():
+    assert "ops" in mlx_gdn.available_backends()

@@ -1,0 +1,45 @@
+"""A non-editable build carries the kernel sources and the simulator runtime."""
+
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)]
+    if importlib.util.find_spec("setuptools") is not None:
+        cmd.insert(4, "--no-build-isolation")
+    subprocess.run(cmd, check=True, cwd=out)
+    (whl,) = out.glob("mlx_gdn-*.whl")
+    return whl
+
+
+def test_wheel_carries_kernels(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = sorted(p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".metal", ".h", ".cu", ".cuh"))
+    assert sources, "kernels/ holds no kernel sources"
+    missing = [s for s in sources if f"mlx_gdn/kernels/{s}" not in names]
+    assert not missing, f"wheel lacks kernel sources {missing}"
+    for sub in ("sim", "bench"):
+        runtime = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "mlx_gdn" / sub).glob("*") if p.is_file() and p.suffix != ".pyc")
+        lacking = [r for r in runtime if r not in names]
+        assert not lacking, f"wheel lacks {lacking}"
+
+
+def test_installed_loader_finds_kernels(wheel, tmp_path):
+    """Unpacked alone (no source tree beside it), the package still finds its kernels."""
+    zipfile.ZipFile(wheel).extractall(tmp_path)
+    code = (
+        "import mlx_gdn.kernel_source as ks, pathlib;"
+        "d = ks.kernel_dir(); print(d);"
+        "assert pathlib.Path(d).resolve().is_relative_to(pathlib.Path(r'%s').resolve())" % tmp_path
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path), "PATH": ""})

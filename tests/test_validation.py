@@ -1,0 +1,154 @@
+"""Every bad input raises a clear error naming the argument, before anything runs."""
+
+import mlx.core as mx
+import pytest
+
+import mlx_gdn
+from mlx_gdn.testing import random_inputs
+
+B, T, HK, HV, DK, DV = 2, 3, 2, 4, 32, 16
+
+
+@pytest.fixture
+def x():
+    return random_inputs(B, T, HK, HV, DK, DV, seed=1, mask=True)
+
+
+def rule(x, **kw):
+    args = dict(q=x.q, k=x.k, v=x.v, g=x.g, beta=x.beta, state=x.state, mask=x.mask)
+    opts = {key: kw.pop(key) for key in ("backend", "algorithm") if key in kw}
+    args.update(kw)
+    return mlx_gdn.gated_delta_rule(**args, **opts)
+
+
+def update(x, **kw):
+    args = dict(q=x.q, k=x.k, v=x.v, a=x.a, b=x.b, A_log=x.A_log, dt_bias=x.dt_bias, state=x.state, mask=x.mask)
+    opts = {key: kw.pop(key) for key in ("backend", "algorithm", "lower_bound", "allow_neg_eigval") if key in kw}
+    args.update(kw)
+    return mlx_gdn.gated_delta_update(**args, **opts)
+
+
+BAD_SHAPES = [
+    ("q", lambda x: x.q[0], ValueError, r"q must have rank 4"),
+    ("k", lambda x: x.k[:, :, :1], ValueError, r"k must have shape"),
+    ("v", lambda x: x.v[:1], ValueError, r"v must have shape \[B, T, Hv, Dv\]"),
+    ("v", lambda x: x.v[:, :, :3], ValueError, r"Hv=3 must be a multiple of .*Hk=2"),
+    ("state", lambda x: x.state[:, :, :, :8], ValueError, r"state must have shape \[B, Hv, Dv, Dk\] = \(2, 4, 16, 32\), got \(2, 4, 16, 8\)"),
+    ("mask", lambda x: x.mask[:, :2], ValueError, r"mask must have shape \[B, T\]"),
+]
+
+
+@pytest.mark.parametrize("name,make,exc,msg", BAD_SHAPES)
+@pytest.mark.parametrize("fn", [rule, update])
+def test_bad_shapes(x, fn, name, make, exc, msg):
+    with pytest.raises(exc, match=msg):
+        fn(x, **{name: make(x)})
+
+
+@pytest.mark.parametrize(
+    "name,make,msg",
+    [
+        ("g", lambda x: x.g[..., None], r"g must have shape \[B, T, Hv\].*or \[B, T, Hv, Dk\]"),
+        ("beta", lambda x: x.beta[:, :, :1], r"beta must have shape \[B, T, Hv\]"),
+    ],
+)
+def test_bad_gate_shapes(x, name, make, msg):
+    with pytest.raises(ValueError, match=msg):
+        rule(x, **{name: make(x)})
+
+
+@pytest.mark.parametrize(
+    "name,make,msg",
+    [
+        ("a", lambda x: x.a[:, :1], r"a must have shape \[B, T, Hv\]"),
+        ("b", lambda x: x.b[..., None], r"b must have shape \[B, T, Hv\]"),
+        ("A_log", lambda x: x.A_log[:2], r"A_log must have shape \[Hv\] = \(4,\), got \(2,\)"),
+        ("dt_bias", lambda x: x.dt_bias[None], r"dt_bias must have shape \[Hv\]"),
+    ],
+)
+def test_bad_fused_gate_shapes(x, name, make, msg):
+    with pytest.raises(ValueError, match=msg):
+        update(x, **{name: make(x)})
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_integer_inputs_rejected(x, name):
+    arr = getattr(x, name)
+    with pytest.raises(TypeError, match=rf"{name} must have a floating dtype.*got int32"):
+        rule(x, **{name: arr.astype(mx.int32)})
+
+
+def test_mixed_qkv_dtypes_rejected(x):
+    with pytest.raises(TypeError, match="q, k and v must share one dtype"):
+        rule(x, v=x.v.astype(mx.bfloat16))
+
+
+@pytest.mark.parametrize("fn,name", [(rule, "g"), (rule, "beta"), (update, "a"), (update, "b"), (update, "A_log"), (update, "dt_bias")])
+def test_integer_gates_rejected(x, fn, name):
+    with pytest.raises(TypeError, match=rf"{name} must have a floating dtype"):
+        fn(x, **{name: getattr(x, name).astype(mx.int32)})
+
+
+def test_state_must_be_float32(x):
+    with pytest.raises(TypeError, match="state must be float32.*got bfloat16"):
+        rule(x, state=x.state.astype(mx.bfloat16))
+
+
+def test_float_mask_rejected(x):
+    with pytest.raises(TypeError, match="mask must be bool"):
+        rule(x, mask=x.mask.astype(mx.float32))
+
+
+def test_numpy_input_rejected(x):
+    import numpy as np
+
+    with pytest.raises(TypeError, match="q must be an mlx.core.array, got ndarray"):
+        rule(x, q=np.array(x.q))
+
+
+@pytest.mark.parametrize("kw,msg", [({"backend": "tpu"}, "backend must be one of"), ({"algorithm": "fast"}, "algorithm must be one of")])
+@pytest.mark.parametrize("fn", [rule, update])
+def test_unknown_backend_or_algorithm(x, fn, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        fn(x, **kw)
+
+
+def test_unavailable_backend_is_clear(x):
+    from mlx_gdn.backends import is_available
+
+    for name in ("metal", "cuda"):
+        if not is_available(name):
+            with pytest.raises(ValueError, match=rf"backend '{name}' is not available on this machine"):
+                rule(x, backend=name)
+
+
+@pytest.mark.parametrize("lb,exc", [(0.5, ValueError), (float("nan"), ValueError), (float("-inf"), ValueError), ("x", TypeError), (True, TypeError)])
+def test_bad_lower_bound(x, lb, exc):
+    with pytest.raises(exc, match="lower_bound"):
+        update(x, lower_bound=lb)
+
+
+def test_bad_allow_neg_eigval(x):
+    with pytest.raises(TypeError, match="allow_neg_eigval must be a bool"):
+        update(x, allow_neg_eigval=1)
+
+
+def test_errors_come_before_any_work(x, monkeypatch):
+    """Validation fails before the backend is asked to run anything."""
+    from mlx_gdn import ops_backend
+
+    def boom(*a, **k):
+        raise AssertionError("backend ran on invalid input")
+
+    monkeypatch.setattr(ops_backend, "run", boom)
+    with pytest.raises(ValueError):
+        rule(x, beta=x.beta[:, :1], backend="ops")
+    with pytest.raises(ValueError):
+        update(x, A_log=x.A_log[:1], backend="ops")
+
+
+def test_empty_time_axis_returns_state_unchanged():
+    x = random_inputs(B, 0, HK, HV, DK, DV, seed=2)
+    y, s = rule(x)
+    assert y.shape == (B, 0, HV, DV) and y.dtype == x.q.dtype
+    assert mx.array_equal(s, x.state)
