@@ -1,0 +1,275 @@
+"""Drop-in Gated DeltaNet layers for mlx-lm's Qwen3.5 / Qwen3.5-MoE and Qwen3-Next models.
+
+`GatedDeltaNet` has the parameters, names and shapes of mlx-lm's Qwen3.5 ``GatedDeltaNet``
+(conv1d, in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, dt_bias, A_log, norm, out_proj), so
+the same checkpoints load; `Qwen3NextGatedDeltaNet` has Qwen3-Next's fused projections
+(in_proj_qkvz, in_proj_ba). Both share everything between the projections and route the
+recurrence through `mlx_gdn.gated_delta_update`. `patch` lives in `mlx_gdn.patching`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache, partial
+from typing import Any, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .api import gated_delta_update
+from .gating import normalize_qk
+from .validate import BACKENDS, check_choice
+
+__all__ = ["GatedDeltaNet", "Qwen3NextGatedDeltaNet", "RMSNormGated", "patch"]
+
+# mlx-lm's l2norm eps (added to the sum of squares of q and k).
+_QK_EPS = 1e-6
+
+
+@partial(mx.compile, shapeless=True)
+def _silu_gate(h, gate, x):
+    # Gate in float32, like mlx-lm's precise_swiglu, so bf16 models round once.
+    return (nn.silu(gate.astype(mx.float32)) * x.astype(mx.float32)).astype(h.dtype)
+
+
+class RMSNormGated(nn.Module):
+    """RMS norm of ``x`` [..., D] times ``silu(gate)``; same parameter (``weight`` [D]) as mlx-lm's."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.ones(hidden_size)
+
+    def __call__(self, hidden_states: mx.array, gate: Optional[mx.array] = None) -> mx.array:
+        x = mx.fast.rms_norm(hidden_states, self.weight, self.eps)
+        if gate is None:
+            return x.astype(hidden_states.dtype)
+        return _silu_gate(hidden_states, gate, x)
+
+
+@lru_cache(maxsize=None)
+def _decode_prep(K: int, Hk: int, Dk: int, masked: bool):
+    """Compiled T=1 step from the qkv projection to normalised q, k, v and the new conv state.
+
+    The depthwise convolution over K taps is written as K multiply-adds so that the conv-state
+    shift, the convolution, SiLU and the squares for the L2 norm fuse into one elementwise kernel;
+    the only reduction left is one sum of squares over q and k together.
+    """
+    key_dim = Hk * Dk
+    inv = Dk**-0.5
+
+    def prep(conv_state, qkv, w, *mask):
+        # conv_state [B, K-1, C]; qkv [B, 1, C]; w [C, K, 1]; mask [B, 1] bool.
+        B, _, C = qkv.shape
+        dt = qkv.dtype
+        if masked:
+            qkv = mx.where(mask[0][..., None], qkv, 0)
+        taps = [conv_state[:, j] for j in range(K - 1)] + [qkv[:, 0]]
+        acc = taps[0].astype(mx.float32) * w[:, 0, 0].astype(mx.float32)
+        for j in range(1, K):
+            acc = acc + taps[j].astype(mx.float32) * w[:, j, 0].astype(mx.float32)
+        x = nn.silu(acc.astype(dt))  # [B, C], rounded where mlx-lm's conv output is
+        qk = x[:, : 2 * key_dim].reshape(B, 2 * Hk, Dk).astype(mx.float32)
+        # rms_norm(x, eps * inv^2) * inv == x / sqrt(sum(x^2) + eps), as mlx-lm's normalize_qk.
+        r = mx.rsqrt(qk.square().mean(-1, keepdims=True) + _QK_EPS * inv * inv)
+        qk = (qk * r).astype(dt)
+        q = (inv * inv) * qk[:, :Hk]
+        k = inv * qk[:, Hk:]
+        v = x[:, 2 * key_dim :]
+        new_conv = mx.concatenate([conv_state[:, 1:], qkv], axis=1) if K > 1 else conv_state
+        return q[:, None], k[:, None], v, new_conv
+
+    return mx.compile(prep)
+
+
+class _GatedDeltaBase(nn.Module):
+    """Everything between the projections, shared by the Qwen3.5 and Qwen3-Next layouts.
+
+    Subclasses define `_project(inputs) -> (qkv [B,S,conv_dim], z [B,S,Hv,Dv], b [B,S,Hv], a [B,S,Hv])`.
+    ``backend`` picks the `gated_delta_update` backend at inference; training always uses "ops"
+    so gradients flow through MLX ops.
+    """
+
+    def _init_common(self, config, backend: str) -> None:
+        self.hidden_size = config.hidden_size
+        self.num_v_heads = config.linear_num_value_heads
+        self.num_k_heads = config.linear_num_key_heads
+        self.head_k_dim = config.linear_key_head_dim
+        self.head_v_dim = config.linear_value_head_dim
+        self.key_dim = self.head_k_dim * self.num_k_heads
+        self.value_dim = self.head_v_dim * self.num_v_heads
+        if self.num_v_heads % self.num_k_heads != 0:
+            raise ValueError(
+                f"num_v_heads ({self.num_v_heads}) must be divisible by num_k_heads ({self.num_k_heads})"
+            )
+        self.conv_kernel_size = config.linear_conv_kernel_dim
+        self.layer_norm_epsilon = config.rms_norm_eps
+        self.conv_dim = self.key_dim * 2 + self.value_dim
+        self.conv1d = nn.Conv1d(
+            in_channels=self.conv_dim,
+            out_channels=self.conv_dim,
+            bias=False,
+            kernel_size=self.conv_kernel_size,
+            groups=self.conv_dim,
+            padding=0,
+        )
+        self.backend = check_choice("backend", backend, BACKENDS)
+        self.sharding_group = None
+
+    def _init_tail(self) -> None:
+        self.dt_bias = mx.ones(self.num_v_heads)
+        self.A_log = mx.log(mx.random.uniform(low=0, high=16, shape=(self.num_v_heads,)))
+        self.norm = RMSNormGated(self.head_v_dim, eps=self.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.value_dim, self.hidden_size, bias=False)
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, backend: str = "auto") -> "_GatedDeltaBase":
+        """A layer of this class sharing `layer`'s submodules and arrays (weights stay where they are,
+        quantized projections stay quantized), its sizes, training mode and frozen parameters."""
+        check_choice("backend", backend, BACKENDS)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for key, value in layer.__dict__.items():
+            object.__setattr__(new, key, value)
+        new._no_grad = set(layer._no_grad)
+        for key, value in layer.items():
+            new[key] = value
+        new.backend = backend
+        if not hasattr(new, "sharding_group"):
+            new.sharding_group = None
+        return new
+
+    def _project(self, inputs: mx.array):
+        raise NotImplementedError
+
+    def __call__(self, inputs: mx.array, mask: Optional[mx.array] = None, cache: Optional[Any] = None) -> mx.array:
+        """inputs [B, S, hidden]; mask [B, S] bool or None; cache: mlx-lm ArraysCache(size=2) or None.
+        Returns [B, S, hidden] in the inputs' dtype; updates the cache in place."""
+        B, S, _ = inputs.shape
+        if self.sharding_group is not None:
+            from mlx.nn.layers.distributed import sum_gradients
+
+            inputs = sum_gradients(self.sharding_group)(inputs)
+        qkv, z, b, a = self._project(inputs)
+        out = self.mix(qkv, a, b, mask, cache)
+        out = self.norm(out, z)
+        out = self.out_proj(out.reshape(B, S, -1))
+        if self.sharding_group is not None:
+            out = mx.distributed.all_sum(out, group=self.sharding_group)
+        return out
+
+    def mix(self, qkv: mx.array, a: mx.array, b: mx.array, mask=None, cache=None) -> mx.array:
+        """From projections to the recurrence output: conv-state update, conv, SiLU, split,
+        q/k normalisation, gating and the recurrence.
+
+        qkv [B, S, conv_dim]; a, b [B, S, Hv]; mask [B, S] or None. Returns y [B, S, Hv, Dv].
+        """
+        B, S, _ = qkv.shape
+        n_keep = self.conv_kernel_size - 1
+        if cache is not None and cache[0] is not None:
+            conv_state = cache[0]
+        else:
+            conv_state = mx.zeros((B, n_keep, self.conv_dim), dtype=qkv.dtype)
+        state = cache[1] if cache is not None else None
+        lengths = getattr(cache, "lengths", None) if cache is not None else None
+        backend = "ops" if self.training else self.backend
+
+        if S == 1 and not self.training and lengths is None:
+            prep = _decode_prep(self.conv_kernel_size, self.num_k_heads, self.head_k_dim, mask is not None)
+            extra = () if mask is None else (mask,)
+            q, k, v, new_conv = prep(conv_state, qkv, self.conv1d.weight, *extra)
+            v = v.reshape(B, 1, self.num_v_heads, self.head_v_dim)
+            if cache is not None:
+                cache[0] = new_conv
+        else:
+            if mask is not None:
+                qkv = mx.where(mask[..., None], qkv, 0)
+            conv_input = mx.concatenate([conv_state, qkv], axis=1)
+            if cache is not None:
+                if lengths is not None:
+                    # Per-sequence ends: keep the n_keep inputs before each sequence's end.
+                    ends = mx.clip(lengths, 0, S)
+                    positions = (ends[:, None] + mx.arange(n_keep))[..., None]
+                    cache[0] = mx.take_along_axis(conv_input, positions, axis=1)
+                else:
+                    cache[0] = mx.contiguous(conv_input[:, -n_keep:, :])
+            conv_out = nn.silu(self.conv1d(conv_input))
+            q, k, v = mx.split(conv_out, [self.key_dim, 2 * self.key_dim], -1)
+            q = q.reshape(B, S, self.num_k_heads, self.head_k_dim)
+            k = k.reshape(B, S, self.num_k_heads, self.head_k_dim)
+            v = v.reshape(B, S, self.num_v_heads, self.head_v_dim)
+            q, k = normalize_qk(q, k, eps=_QK_EPS)
+
+        out, state = gated_delta_update(
+            q, k, v, a, b, self.A_log, self.dt_bias, state, mask, backend=backend
+        )
+        if cache is not None:
+            cache[1] = state
+            cache.advance(S)
+        return out
+
+
+class GatedDeltaNet(_GatedDeltaBase):
+    """Qwen3.5 / Qwen3.5-MoE Gated DeltaNet layer (mlx-lm ``qwen3_5.GatedDeltaNet`` layout).
+
+    config: the model's text args (hidden_size, linear_num_value_heads, linear_num_key_heads,
+    linear_key_head_dim, linear_value_head_dim, linear_conv_kernel_dim, rms_norm_eps).
+    Call: ``layer(inputs [B, S, hidden], mask=None, cache=None) -> [B, S, hidden]``.
+    """
+
+    def __init__(self, config, backend: str = "auto"):
+        super().__init__()
+        self._init_common(config, backend)
+        self.in_proj_qkv = nn.Linear(self.hidden_size, self.key_dim * 2 + self.value_dim, bias=False)
+        self.in_proj_z = nn.Linear(self.hidden_size, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(self.hidden_size, self.num_v_heads, bias=False)
+        self.in_proj_a = nn.Linear(self.hidden_size, self.num_v_heads, bias=False)
+        self._init_tail()
+
+    def _project(self, inputs):
+        B, S, _ = inputs.shape
+        qkv = self.in_proj_qkv(inputs)
+        z = self.in_proj_z(inputs).reshape(B, S, self.num_v_heads, self.head_v_dim)
+        return qkv, z, self.in_proj_b(inputs), self.in_proj_a(inputs)
+
+
+class Qwen3NextGatedDeltaNet(_GatedDeltaBase):
+    """Qwen3-Next Gated DeltaNet layer (mlx-lm ``qwen3_next.Qwen3NextGatedDeltaNet`` layout:
+    per-key-head interleaved ``in_proj_qkvz`` and ``in_proj_ba``). Same call as `GatedDeltaNet`."""
+
+    def __init__(self, config, backend: str = "auto"):
+        super().__init__()
+        self._init_common(config, backend)
+        self.in_proj_qkvz = nn.Linear(self.hidden_size, self.key_dim * 2 + self.value_dim * 2, bias=False)
+        self.in_proj_ba = nn.Linear(self.hidden_size, self.num_v_heads * 2, bias=False)
+        self._init_tail()
+
+    def fix_query_key_value_ordering(self, mixed_qkvz: mx.array, mixed_ba: mx.array) -> Tuple[mx.array, ...]:
+        """Split the per-key-head interleaved projections into q, k [B,S,Hk,Dk], v, z [B,S,Hv,Dv], b, a [B,S,Hv]."""
+        nk, dn, nv, dv = self.num_k_heads, self.head_k_dim, self.num_v_heads, self.head_v_dim
+        mixed_qkvz = mixed_qkvz.reshape(*mixed_qkvz.shape[:-1], nk, -1)
+        mixed_ba = mixed_ba.reshape(*mixed_ba.shape[:-1], nk, -1)
+        q, k, v, z = mx.split(mixed_qkvz, [dn, 2 * dn, 2 * dn + nv // nk * dv], axis=-1)
+        b, a = mx.split(mixed_ba, [nv // nk], axis=-1)
+        return (
+            q,
+            k,
+            v.reshape(*v.shape[:2], -1, dv),
+            z.reshape(*z.shape[:2], -1, dv),
+            b.reshape(*b.shape[:2], nv),
+            a.reshape(*a.shape[:2], nv),
+        )
+
+    def _project(self, inputs):
+        B, S, _ = inputs.shape
+        q, k, v, z, b, a = self.fix_query_key_value_ordering(self.in_proj_qkvz(inputs), self.in_proj_ba(inputs))
+        qkv = mx.concatenate([q.reshape(B, S, -1), k.reshape(B, S, -1), v.reshape(B, S, -1)], axis=-1)
+        return qkv, z, b, a
+
+
+def __getattr__(name):
+    # patch lives beside the layers; imported lazily so the two modules can import each other.
+    if name == "patch":
+        from .patching import patch
+
+        return patch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
