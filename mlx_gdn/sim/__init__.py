@@ -1,0 +1,72 @@
+"""CPU simulator for ``mx.fast.metal_kernel``.
+
+``with simulated_metal():`` replaces ``mx.fast.metal_kernel`` by a factory with
+the same constructor and call signature whose kernels are compiled as C++ and
+run on the CPU, with Metal's threadgroup / simdgroup semantics, bounds-checked
+device buffers and NaN-poisoned outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import mlx.core as mx
+
+from ._core import (
+    INT_POISON_BYTE,
+    STATS,
+    SimCompileError,
+    SimError,
+    SimKernelError,
+    SimMetalKernel,
+    SimOutOfBoundsError,
+    cache_dir,
+    metal_kernel,
+)
+
+__all__ = [
+    "INT_POISON_BYTE",
+    "STATS",
+    "SimCompileError",
+    "SimError",
+    "SimKernelError",
+    "SimMetalKernel",
+    "SimOutOfBoundsError",
+    "active",
+    "cache_dir",
+    "metal_kernel",
+    "simulated_metal",
+]
+
+_state_lock = threading.RLock()
+_depth = 0
+_original = None
+
+
+def active() -> bool:
+    """True while at least one ``simulated_metal()`` context is open."""
+    return _depth > 0
+
+
+@contextlib.contextmanager
+def simulated_metal():
+    """Context manager routing ``mx.fast.metal_kernel`` to the CPU simulator.
+
+    Nests safely; the original function is restored when the outermost context
+    exits, also on exceptions.
+    """
+    global _depth, _original
+    with _state_lock:
+        if _depth == 0:
+            _original = mx.fast.metal_kernel
+            mx.fast.metal_kernel = metal_kernel
+        _depth += 1
+    try:
+        yield metal_kernel
+    finally:
+        with _state_lock:
+            _depth -= 1
+            if _depth == 0:
+                mx.fast.metal_kernel = _original
+                _original = None
