@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)]
-    if importlib.util.find_spec("setuptools") is not None:
+    # Build offline from the environment's own tools where it has them; otherwise let pip fetch them.
+    if all(importlib.util.find_spec(m) is not None for m in ("setuptools", "wheel")):
         cmd.insert(4, "--no-build-isolation")
     subprocess.run(cmd, check=True, cwd=out)
     (whl,) = out.glob("mlx_gdn-*.whl")
