@@ -1,0 +1,222 @@
+"""The chunked (WY-form) gated delta rule in MLX ops: runs on any device, differentiable.
+
+Within a chunk of C steps starting from state S0, with decay gamma_i (product of the gates
+from the chunk start to step i) and A_ij = beta_i (k_i . k_j) gamma_i / gamma_j for j < i,
+the per-step corrections u_i solve (I + A) U = diag(beta) (V - diag(gamma) K S0^T). With
+T = (I + A)^-1, W = T diag(beta gamma) K and Uv = T diag(beta) V:
+
+    U   = Uv - W S0^T
+    Y   = diag(gamma) Q S0^T + (Q K^T * decay) U        (decay_ij = gamma_i / gamma_j, j <= i)
+    S_C = gamma_C S0 + U^T diag(gamma_C / gamma) K
+
+All of it except the last line and the S0 products is independent across chunks, so it
+runs batched over every chunk at once; the chunk-to-chunk state pass is a loop of small
+products. Memory is O(T (Dk + Dv + C)) per head plus one Dv x Dk state per head and chunk.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+CHUNK = 64  # steps per chunk (bench/NOTES.md, "Chunked prefill")
+_BLOCK = 16  # diagonal blocks of (I + A) inverted by substitution before the block merges
+
+
+def _chunk_size(T: int) -> int:
+    """Power of two: CHUNK, or less for short inputs so padding stays small."""
+    c = 1
+    while c < min(T, CHUNK):
+        c *= 2
+    return c
+
+
+def _log_gate(g: mx.array) -> mx.array:
+    """log g with log 0 = -inf. Never log of 0 itself, so gradients stay finite."""
+    pos = g > 0
+    return mx.where(pos, mx.log(mx.where(pos, g, 1.0)), -mx.inf)
+
+
+@lru_cache(maxsize=None)
+def _tri_masks(C: int) -> Tuple[mx.array, mx.array]:
+    """(strictly lower, lower incl. diagonal) boolean [C, C] masks."""
+    i = mx.arange(C)[:, None]
+    j = mx.arange(C)[None, :]
+    return i > j, i >= j
+
+
+def _pair_log_decay(lg: mx.array, strict: mx.array, axis: int) -> mx.array:
+    """L[i, j] = sum of lg over steps j+1..i (0 for i <= j), as a running sum started at each j.
+
+    Summing per column instead of differencing one cumulative sum keeps the error relative
+    to the decay actually applied: a near-zero gate early in a chunk cannot spoil the
+    precision of the later pairs, and log 0 = -inf never meets +inf.
+    """
+    return mx.cumsum(mx.where(strict, lg, 0.0), axis=axis)
+
+
+def _unit_lower_inverse(A: mx.array) -> mx.array:
+    """(I + A)^-1 for A [..., C, C] strictly lower triangular, C a power of two.
+
+    Substitution inside diagonal blocks, then block merges
+    [[X, 0], [A21, Y]]^-1 = [[X^-1, 0], [-Y^-1 A21 X^-1, Y^-1]]. Stable where the power
+    series of A is not (repeated keys make A's powers grow like binomials).
+    """
+    C = A.shape[-1]
+    s = min(_BLOCK, C)
+    nb = C // s
+    blocks = mx.stack([A[..., b * s:(b + 1) * s, b * s:(b + 1) * s] for b in range(nb)], axis=-3)
+    inv = mx.broadcast_to(mx.eye(s, dtype=A.dtype), blocks.shape)
+    rows = [inv[..., 0, :]]
+    for i in range(1, s):
+        # Row i of the inverse only needs rows < i (A is strictly lower).
+        prev = mx.stack(rows, axis=-2)
+        rows.append(inv[..., i, :] - (blocks[..., i, :i, None] * prev).sum(-2))
+    inv = mx.stack(rows, axis=-2)  # [..., nb, s, s]
+    while s < C:
+        nb //= 2
+        a21 = mx.stack(
+            [A[..., (2 * p + 1) * s:(2 * p + 2) * s, 2 * p * s:(2 * p + 1) * s] for p in range(nb)], axis=-3
+        )
+        x, y = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
+        z = -((y @ a21) @ x)
+        top = mx.concatenate([x, mx.zeros_like(x)], axis=-1)
+        bot = mx.concatenate([z, y], axis=-1)
+        inv = mx.concatenate([top, bot], axis=-2)
+        s *= 2
+    return inv[..., 0, :, :]
+
+
+def _intra_scalar(q, k, v, lg, beta):
+    """Chunk-local quantities for a scalar gate; q, k [B,Hk,1,N,C,Dk], v [B,Hk,R,N,C,Dv],
+    lg, beta [B,Hk,R,N,C]."""
+    C = q.shape[-2]
+    strict, lower = _tri_masks(C)
+    L = _pair_log_decay(lg[..., :, None], strict, axis=-2)  # [..., C, C]
+    decay = mx.where(lower, mx.exp(L), 0.0)
+    G = mx.cumsum(lg, axis=-1)
+    gam = mx.exp(G)[..., None]  # [..., C, 1]
+    end = mx.exp(L[..., -1, :])[..., None]  # gamma_C / gamma_j, [..., C, 1]
+    gam_c = gam[..., -1:, :]  # [..., 1, 1]
+    kt = mx.swapaxes(k, -1, -2)
+    A = (k @ kt) * decay * beta[..., None]
+    P = (q @ kt) * decay
+    return _finish(q, k, v, A, P, gam, end, gam_c, beta)
+
+
+def _intra_key(q, k, v, lg, beta):
+    """Chunk-local quantities for a per-key gate; lg [B,Hk,R,N,C,Dk]. The pairwise decay has a
+    Dk axis here, so it is formed one chunk at a time to keep memory at O(C^2 Dk) per head."""
+    C = q.shape[-2]
+    strict, lower = _tri_masks(C)
+    A_list, P_list = [], []
+    for n in range(q.shape[3]):
+        L = _pair_log_decay(lg[..., n, :, None, :], strict[..., None], axis=-3)  # [..., C, C, Dk]
+        decay = mx.where(lower[..., None], mx.exp(L), 0.0)
+        kj = k[..., n, None, :, :]  # [..., 1, C, Dk]
+        A_list.append((k[..., n, :, None, :] * kj * decay).sum(-1))
+        P_list.append((q[..., n, :, None, :] * kj * decay).sum(-1))
+    A = mx.stack(A_list, axis=3) * beta[..., None]
+    P = mx.stack(P_list, axis=3)
+    G = mx.cumsum(lg, axis=-2)
+    gam = mx.exp(G)  # [..., C, Dk]
+    gam_c = gam[..., -1:, :]  # [..., 1, Dk]
+    # gamma_C / gamma_j per column, as a sum over steps j+1..C-1 (never a difference of sums).
+    end = mx.exp(mx.cumsum(lg, axis=-2, reverse=True, inclusive=False))
+    return _finish(q, k, v, A, P, gam, end, gam_c, beta)
+
+
+def _finish(q, k, v, A, P, gam, end, gam_c, beta):
+    """From A, P and the decays to the per-chunk operands of the state pass."""
+    strict, _ = _tri_masks(A.shape[-1])
+    Tinv = _unit_lower_inverse(mx.where(strict, A, 0.0))
+    W = Tinv @ ((beta[..., None] * gam) * k)  # [..., C, Dk]
+    Uv = Tinv @ (beta[..., None] * v)  # [..., C, Dv]
+    Qe = gam * q - P @ W  # y's coefficient on S0
+    Yv = P @ Uv  # y's part independent of S0
+    Kd = end * k  # what each step writes into the chunk-end state
+    WQ = mx.concatenate([W, Qe], axis=-2)  # one product with S0 per chunk
+    return WQ, Uv, Yv, Kd, gam_c
+
+
+def _pass(S, WQ, Uv, Yv, Kd, gam_c):
+    """One chunk of the state pass. S [B,Hk,R,Dv,Dk]; the rest one chunk's operands."""
+    C = Uv.shape[-2]
+    X = WQ @ mx.swapaxes(S, -1, -2)  # [..., 2C, Dv]
+    U = Uv - X[..., :C, :]
+    Y = Yv + X[..., C:, :]
+    S = gam_c * S + mx.swapaxes(U, -1, -2) @ Kd
+    return Y, S
+
+
+_intra_scalar_c = mx.compile(_intra_scalar)
+_intra_key_c = mx.compile(_intra_key)
+_pass_c = mx.compile(_pass)
+
+
+def _to_chunks(x: mx.array, B, N, C, Hk, R) -> mx.array:
+    """[B, N*C, Hk*R, ...] -> [B, Hk, R, N, C, ...]."""
+    rest = x.shape[3:]
+    x = x.reshape(B, N, C, Hk, R, *rest)
+    order = (0, 3, 4, 1, 2) + tuple(range(5, 5 + len(rest)))
+    return x.transpose(order)
+
+
+def chunked_rule(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    g: mx.array,
+    beta: mx.array,
+    state: mx.array,
+    mask: Optional[mx.array] = None,
+) -> Tuple[mx.array, mx.array]:
+    """Gated delta rule in chunks of up to CHUNK steps; same contract as `recurrent_rule`.
+
+    q, k: [B,T,Hk,Dk]; v: [B,T,Hv,Dv]; g: [B,T,Hv] or [B,T,Hv,Dk] in [0, 1]; beta: [B,T,Hv];
+    state: [B,Hv,Dv,Dk] float32; mask: [B,T] bool/int or None (a masked step leaves the state
+    unchanged and writes y = 0). Computes in float32; returns y [B,T,Hv,Dv] in q's dtype and
+    the new float32 state. Precision: float32 products; on MLX's CUDA backend float32 matmuls
+    use TF32 unless MLX_ENABLE_TF32=0 (relative error then ~1e-3 rather than ~1e-6).
+    """
+    B, T, Hk, Dk = q.shape
+    Hv, Dv = v.shape[2], v.shape[3]
+    R = Hv // Hk
+    out_dtype = q.dtype
+    f32 = mx.float32
+    q, k, v, g, beta = (x.astype(f32) for x in (q, k, v, g, beta))
+    lg = _log_gate(g)
+    if mask is not None:
+        # A masked step is an identity step: gate 1, no write; its inputs are ignored.
+        m = mask.astype(mx.bool_)
+        mq = m[:, :, None, None]
+        q, k, v = (mx.where(mq, x, 0.0) for x in (q, k, v))
+        mg = m[:, :, None] if lg.ndim == 3 else mq
+        lg = mx.where(mg, lg, 0.0)
+        beta = mx.where(m[:, :, None], beta, 0.0)
+    C = _chunk_size(T)
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:
+        # Padded steps are identity steps too (zeros in k, v and beta, log-gate 0).
+        padt = lambda x: mx.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+        q, k, v, lg, beta = (padt(x) for x in (q, k, v, lg, beta))
+    qc = _to_chunks(q, B, N, C, Hk, 1)  # [B,Hk,1,N,C,Dk]
+    kc = _to_chunks(k, B, N, C, Hk, 1)
+    vc = _to_chunks(v, B, N, C, Hk, R)  # [B,Hk,R,N,C,Dv]
+    lgc = _to_chunks(lg, B, N, C, Hk, R)  # [B,Hk,R,N,C(,Dk)]
+    bc = _to_chunks(beta, B, N, C, Hk, R)
+    intra = _intra_scalar_c if g.ndim == 3 else _intra_key_c
+    WQ, Uv, Yv, Kd, gam_c = intra(qc, kc, vc, lgc, bc)
+    S = state.reshape(B, Hk, R, Dv, Dk)
+    ys = []
+    for n in range(N):
+        y, S = _pass_c(S, WQ[:, :, :, n], Uv[:, :, :, n], Yv[:, :, :, n], Kd[:, :, :, n], gam_c[:, :, :, n])
+        ys.append(y)
+    y = mx.stack(ys, axis=3)  # [B,Hk,R,N,C,Dv]
+    y = y.transpose(0, 3, 4, 1, 2, 5).reshape(B, N * C, Hv, Dv)[:, :T]
+    if mask is not None:
+        y = mx.where(m[:, :, None, None], y, 0.0)
+    return y.astype(out_dtype), S.reshape(B, Hv, Dv, Dk)
