@@ -1,0 +1,51 @@
+"""Wall time per call, synchronised after each call; the device's copy bandwidth."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, List
+
+import mlx.core as mx
+
+
+def time_calls(calls: List[Callable[[], Any]], sync: Callable[[Any], None], *, budget: float,
+               min_reps: int = 3, max_reps: int = 200) -> dict:
+    """Median wall time of calls rotated over `calls` (one per pre-generated input set).
+
+    Warm-up (compilation, allocation, caches) is excluded: one call, or three when a call is
+    cheap. Then calls repeat until `budget` seconds have passed and at least `min_reps` ran,
+    or `max_reps` ran. When one call alone exceeds the budget, `min_reps` is the count.
+    """
+    n = len(calls)
+    t0 = time.perf_counter()
+    out = calls[0]()
+    sync(out)
+    first = time.perf_counter() - t0
+    del out
+    for i in range(1, 3 if first < budget / 20 else 1):
+        out = calls[i % n]()
+        sync(out)
+        del out
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps:
+        t0 = time.perf_counter()
+        out = calls[len(times) % n]()
+        sync(out)
+        times.append(time.perf_counter() - t0)
+        del out
+        if len(times) >= min_reps and time.perf_counter() - start >= budget:
+            break
+    return {"median_s": statistics.median(times), "times_s": times, "reps": len(times), "first_call_s": first}
+
+
+def copy_bandwidth(nbytes: int, budget: float = 1.0) -> dict:
+    """Achieved bandwidth of `y = x + 1` over a float32 array of `nbytes` (read + write once)."""
+    x = mx.random.uniform(shape=(nbytes // 4,))
+    mx.eval(x)
+    r = time_calls([lambda: x + 1.0], lambda out: (mx.eval(out), mx.synchronize()), budget=budget,
+                   min_reps=5, max_reps=50)
+    moved = 2 * (nbytes // 4) * 4
+    return {"op": "x + 1.0 (float32)", "bytes_moved": moved, "median_s": r["median_s"], "reps": r["reps"],
+            "GBps": moved / r["median_s"] / 1e9}
