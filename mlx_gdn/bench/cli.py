@@ -93,8 +93,9 @@ def main(argv: Optional[List[str]] = None, extra_contenders: Optional[List[Conte
     console.print(f"[bold]mlx-gdn bench[/] on {env['device']} (mlx {env['versions']['mlx']}); "
                   f"{len(cells)} cells x {len(found)} contenders")
     copy_mib = args.copy_mib or (512 if gpu else 64)
-    copy = copy_bandwidth(copy_mib << 20, budget=0.5 if args.quick else 1.0)
-    console.print(f"copy bandwidth ({copy['op']}, {copy_mib} MiB): {copy['GBps']:.1f} GB/s")
+    copy = copy_bandwidth(copy_mib << 20, budget=0.5 if args.quick else 1.0, host=not gpu)
+    console.print(f"copy bandwidth ({copy['op']}, {copy_mib} MiB): {copy['GBps']:.1f} GB/s"
+                  + (f" (mlx x + 1: {copy['mlx_GBps']:.1f} GB/s)" if "host_copy_GBps" in copy else ""))
     results = run(cells, found, settings, copy=copy, progress=not args.no_progress)
     env["load_average_end"] = list(__import__("os").getloadavg()) if hasattr(__import__("os"), "getloadavg") else None
     record = {
