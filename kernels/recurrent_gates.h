@@ -1,0 +1,48 @@
+// Gate math shared by the recurrent kernel bodies (recurrent_decode.metal, recurrent_prefill.metal).
+//
+// Portable subset: plain C++ arithmetic plus metal::exp, metal::log and metal::fabs (float).
+// The CUDA prelude must define those three in a `metal` namespace before this header.
+// Everything is float32: the gates feed a float32 state.
+#ifndef GDN_RECURRENT_GATES_H
+#define GDN_RECURRENT_GATES_H
+
+#ifndef GDN_INLINE
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define GDN_INLINE __device__ __forceinline__
+#else
+#define GDN_INLINE inline
+#endif
+#endif
+
+// 1 / (1 + exp(-z)); exp only ever sees a non-positive argument, so nothing overflows.
+GDN_INLINE float gdn_sigmoid(float z) {
+  float e = metal::exp(-metal::fabs(z));
+  float p = 1.0f / (1.0f + e);
+  return z >= 0.0f ? p : e * p;
+}
+
+// log(1 + exp(x)). log1p is not in Metal's library, so log1p(u) is recovered from log(1 + u)
+// with the (1 + u) - 1 correction; without it, softplus of a very negative x loses all its digits.
+GDN_INLINE float gdn_softplus(float x) {
+  float u = metal::exp(-metal::fabs(x));
+  float w = 1.0f + u;
+  float l1p = (w == 1.0f) ? u : metal::log(w) * (u / (w - 1.0f));
+  return (x > 0.0f ? x : 0.0f) + l1p;
+}
+
+// Decay g in (0, 1] from the raw projection a (DESIGN.md section 1).
+// lower: g = exp(lower_bound * sigmoid(exp(A_log) * (a + dt_bias)));
+// else:  g = exp(-exp(A_log) * softplus(a + dt_bias)).
+GDN_INLINE float gdn_decay(float a, float A_log, float dt_bias, float lower_bound, bool lower) {
+  float x = a + dt_bias;
+  float rate = metal::exp(A_log);
+  return lower ? metal::exp(lower_bound * gdn_sigmoid(rate * x)) : metal::exp(-rate * gdn_softplus(x));
+}
+
+// Write strength: sigmoid(b), doubled when negative eigenvalues are allowed.
+GDN_INLINE float gdn_beta(float b, bool neg) {
+  float s = gdn_sigmoid(b);
+  return neg ? 2.0f * s : s;
+}
+
+#endif  // GDN_RECURRENT_GATES_H

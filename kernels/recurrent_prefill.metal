@@ -1,0 +1,150 @@
+// Gated delta rule, recurrent form, for prompts: blocks of TB tokens staged in threadgroup memory.
+//
+// One threadgroup owns R value rows of one (batch, value head); each row is owned by L adjacent
+// lanes, lane j keeping state columns j, j + L, j + 2L, ... (Dk / L floats) in registers.
+// Per block, the threadgroup reads each token's k, q, gates and its rows' v from device memory
+// once, converted to float32, and every row then reads them from threadgroup memory (mlx-lm's
+// kernel re-reads k and q from device memory for every group of rows). The two per-token dot
+// products reduce over L lanes only: log2(L) shuffles each.
+//
+// Inputs (names set by mlx_gdn/launch.py):
+//   q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; state_in [B, Hv, Dv, Dk] float32;
+//   GDN_FUSED:  a, b [B, T, Hv]; A_log, dt_bias [Hv]; lower_bound [1] float32
+//   otherwise:  g [B, T, Hv] (KEYGATE false) or [B, T, Hv, Dk] (KEYGATE true); beta [B, T, Hv]
+//   GDN_MASKED: mask [B, T] (bool or integer; false/0 = skip the step, y = 0)
+// Outputs: y [B, T, Hv, Dv] (InT), state_out [B, Hv, Dv, Dk] float32.
+// Template: InT, Dk, Dv, Hk, Hv, L (lanes per row, divides 32), R (rows per threadgroup, R * L a
+// multiple of 32), TB (tokens per block), KEYGATE, LOWER, NEG.
+// Launch: threadgroup (R * L, 1, 1); grid (R * L * ceil(Dv / R), 1, B * Hv) threads.
+//
+// Vocabulary used (the CUDA prelude maps it): thread_position_in_threadgroup,
+// threadgroup_position_in_grid, simd_shuffle_xor, threadgroup arrays,
+// threadgroup_barrier(mem_flags::mem_threadgroup), static_cast; metal::exp, metal::log,
+// metal::fabs (in recurrent_gates.h).
+
+constexpr int NT = R * L;      // threads per threadgroup
+constexpr int PER = Dk / L;    // state columns per lane
+constexpr int GS = KEYGATE ? TB * Dk : TB;
+
+threadgroup float k_s[TB * Dk];
+threadgroup float q_s[TB * Dk];
+threadgroup float g_s[GS];
+threadgroup float beta_s[TB];
+threadgroup float v_s[TB * R];
+threadgroup int m_s[TB];
+
+const int T = q_shape[1];
+const int tid = static_cast<int>(thread_position_in_threadgroup.x);
+const int row0 = static_cast<int>(threadgroup_position_in_grid.x) * R;
+const int n = static_cast<int>(threadgroup_position_in_grid.z);  // bi * Hv + hv
+const int bi = n / Hv;
+const int hv = n - bi * Hv;
+const int hk = hv / (Hv / Hk);
+const int r_loc = tid / L;
+const int j = tid - r_loc * L;
+const int row = row0 + r_loc;
+const bool live = row < Dv;
+
+// Offsets of token 0 of this sequence and head.
+const int qk_base = bi * T * Hk * Dk + hk * Dk;
+const int v_base = bi * T * Hv * Dv + hv * Dv;
+const int gate_base = bi * T * Hv + hv;
+
+float s[PER];
+const int s_base = (n * Dv + (live ? row : 0)) * Dk + j;
+for (int i = 0; i < PER; ++i) {
+  s[i] = live ? state_in[s_base + i * L] : 0.0f;
+}
+
+#if GDN_FUSED
+const float A_log_h = static_cast<float>(A_log[hv]);
+const float dt_bias_h = static_cast<float>(dt_bias[hv]);
+const float lower_bound_v = lower_bound[0];
+#endif
+
+for (int t0 = 0; t0 < T; t0 += TB) {
+  const int nb = (T - t0) < TB ? (T - t0) : TB;
+  // The previous block's readers are done before the block is overwritten.
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int i = tid; i < nb * Dk; i += NT) {
+    const int tt = i / Dk;
+    const int c = i - tt * Dk;
+    const int off = qk_base + (t0 + tt) * (Hk * Dk) + c;
+    k_s[i] = static_cast<float>(k[off]);
+    q_s[i] = static_cast<float>(q[off]);
+#if !GDN_FUSED
+    if (KEYGATE) {
+      g_s[i] = static_cast<float>(g[(gate_base + (t0 + tt) * Hv) * Dk + c]);
+    }
+#endif
+  }
+  for (int i = tid; i < nb * R; i += NT) {
+    const int tt = i / R;
+    const int rr = row0 + (i - tt * R);
+    v_s[i] = rr < Dv ? static_cast<float>(v[v_base + (t0 + tt) * (Hv * Dv) + rr]) : 0.0f;
+  }
+  for (int i = tid; i < nb; i += NT) {
+    const int gi = gate_base + (t0 + i) * Hv;
+#if GDN_FUSED
+    g_s[i] = gdn_decay(static_cast<float>(a[gi]), A_log_h, dt_bias_h, lower_bound_v, LOWER);
+    beta_s[i] = gdn_beta(static_cast<float>(b[gi]), NEG);
+#else
+    if (!KEYGATE) {
+      g_s[i] = static_cast<float>(g[gi]);
+    }
+    beta_s[i] = static_cast<float>(beta[gi]);
+#endif
+#if GDN_MASKED
+    m_s[i] = mask[bi * T + t0 + i] ? 1 : 0;
+#else
+    m_s[i] = 1;
+#endif
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+
+  for (int tt = 0; tt < nb; ++tt) {
+    const int y_off = v_base + (t0 + tt) * (Hv * Dv) + row;
+    // The mask is uniform over the threadgroup, so skipping keeps every row's lanes together.
+    if (m_s[tt] == 0) {
+      if (live && j == 0) {
+        y[y_off] = static_cast<InT>(0.0f);
+      }
+      continue;
+    }
+    const int kq = tt * Dk + j;
+    float kv = 0.0f;
+    if (KEYGATE) {
+      for (int i = 0; i < PER; ++i) {
+        s[i] *= g_s[kq + i * L];
+        kv += s[i] * k_s[kq + i * L];
+      }
+    } else {
+      const float gt = g_s[tt];
+      for (int i = 0; i < PER; ++i) {
+        s[i] *= gt;
+        kv += s[i] * k_s[kq + i * L];
+      }
+    }
+    for (int o = 1; o < L; o <<= 1) {
+      kv += simd_shuffle_xor(kv, o);
+    }
+    const float delta = beta_s[tt] * (v_s[tt * R + r_loc] - kv);
+    float out = 0.0f;
+    for (int i = 0; i < PER; ++i) {
+      s[i] += k_s[kq + i * L] * delta;
+      out += s[i] * q_s[kq + i * L];
+    }
+    for (int o = 1; o < L; o <<= 1) {
+      out += simd_shuffle_xor(out, o);
+    }
+    if (live && j == 0) {
+      y[y_off] = static_cast<InT>(out);
+    }
+  }
+}
+
+if (live) {
+  for (int i = 0; i < PER; ++i) {
+    state_out[s_base + i * L] = s[i];
+  }
+}

@@ -1,0 +1,194 @@
+"""Launch specs for the recurrent kernels, shared by the Metal and CUDA launchers.
+
+A `LaunchSpec` says everything about one launch except the arrays: which body file, which
+headers, input/output names, template arguments, grid, threadgroup, output shapes and dtypes.
+Both `mx.fast.metal_kernel` and `mx.fast.cuda_kernel` take `grid` in threads (CUDA divides it by
+the threadgroup, rounding up; Metal dispatches threads), so every grid here is a whole multiple
+of its threadgroup in each axis and means the same on both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Dict, Optional, Sequence, Tuple
+
+import mlx.core as mx
+
+from .kernel_source import load
+from .validate import Problem
+
+# Tokens up to which the unstaged decode body runs; longer calls stage blocks of tokens.
+DECODE_MAX_T = 4
+# State columns each lane keeps in registers (Dk / lanes-per-row). Decode: the state is the
+# traffic, so more lanes per row (narrower, coalesced loads); prefill: fewer lanes per row, so
+# fewer shuffles per token. Chosen from arithmetic, not timed on Apple silicon (bench/NOTES.md).
+DECODE_STATE_PER_LANE = 16
+PREFILL_STATE_PER_LANE = 64
+# Threads per threadgroup aimed at, and the threadgroup memory a prefill block may use.
+THREADS_PER_GROUP = 128
+STAGE_BYTES = 16384
+MAX_BLOCK_TOKENS = 16
+
+GATES_HEADER = "recurrent_gates.h"
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """One kernel launch minus its arrays. grid and threadgroup count threads."""
+
+    name: str
+    body: str
+    headers: Tuple[str, ...]
+    defines: Tuple[Tuple[str, int], ...]
+    input_names: Tuple[str, ...]
+    output_names: Tuple[str, ...]
+    template: Tuple[Tuple[str, object], ...]
+    grid: Tuple[int, int, int]
+    threadgroup: Tuple[int, int, int]
+    output_shapes: Tuple[Tuple[int, ...], ...]
+    output_dtypes: Tuple[mx.Dtype, ...]
+
+    def source(self) -> str:
+        """The kernel body (text of kernels/<body>)."""
+        return load(self.body)
+
+    def header(self) -> str:
+        """Variant macros, then the header files; a CUDA launcher puts its prelude first."""
+        return _header(self.defines, self.headers)
+
+    def inputs(self, arrays: Dict[str, mx.array]) -> list:
+        """The arrays in `input_names` order, from a name -> array dict."""
+        return [arrays[n] for n in self.input_names]
+
+
+@lru_cache(maxsize=None)
+def _header(defines, headers) -> str:
+    lines = [f"#define {k} {int(v)}" for k, v in defines]
+    return "\n".join(lines) + "\n" + "".join(load(h) for h in headers)
+
+
+def lanes_per_row(Dk: int, per_lane: int) -> int:
+    """Smallest power of two L <= 32 with Dk / L <= per_lane (L divides Dk when 32 does)."""
+    L = 1
+    while Dk // L > per_lane and L < 32:
+        L *= 2
+    return L
+
+
+def _rows_per_group(Dv: int, L: int) -> int:
+    # R * L must fill whole simdgroups; no more rows than Dv needs.
+    unit = 32 // L
+    want = max(unit, THREADS_PER_GROUP // L)
+    return min(want, -(-Dv // unit) * unit)
+
+
+def _block_tokens(Dk: int, R: int, key_gate: bool) -> int:
+    # Floats staged per token: k, q, (per-key g), v of R rows, g, beta, mask.
+    per_token = 2 * Dk + (Dk if key_gate else 1) + R + 2
+    return max(1, min(MAX_BLOCK_TOKENS, STAGE_BYTES // (4 * per_token)))
+
+
+def supports_recurrent(p: Problem) -> bool:
+    """True when the recurrent bodies take this shape (else dispatch falls back to ops)."""
+    if p.Dk % 32 != 0 or not 32 <= p.Dk <= 512 or p.Dv < 1:
+        return False
+    if p.B * p.Hv > 65535:  # grid z (CUDA's limit)
+        return False
+    # Offsets are 32-bit ints in the bodies.
+    sizes = (p.B * p.T * p.Hk * p.Dk, p.B * p.T * p.Hv * p.Dv, p.B * p.Hv * p.Dv * p.Dk)
+    if p.gate == "key":
+        sizes += (p.B * p.T * p.Hv * p.Dk,)
+    return max(sizes) <= _INT32_MAX
+
+
+def choose_path(p: Problem) -> str:
+    """"decode" (unstaged) for a few tokens, "prefill" (staged blocks) beyond."""
+    return "decode" if p.T <= DECODE_MAX_T else "prefill"
+
+
+def recurrent_spec(
+    p: Problem,
+    *,
+    lower: bool = False,
+    neg: bool = False,
+    path: Optional[str] = None,
+) -> LaunchSpec:
+    """Launch spec of the recurrent kernel for problem `p`.
+
+    p.fused selects the fused-gating inputs (a, b, A_log, dt_bias, lower_bound) over (g, beta);
+    `lower` and `neg` are the fused options (lower_bound given, allow_neg_eigval).
+    path: "decode", "prefill" or None (by T, see `choose_path`).
+    """
+    path = path or choose_path(p)
+    if path not in ("decode", "prefill"):
+        raise ValueError(f"path must be 'decode' or 'prefill', got {path!r}")
+    key_gate = p.gate == "key"
+    per_lane = DECODE_STATE_PER_LANE if path == "decode" else PREFILL_STATE_PER_LANE
+    L = lanes_per_row(p.Dk, per_lane)
+    R = _rows_per_group(p.Dv, L)
+    threads = R * L
+    groups = -(-p.Dv // R)
+
+    if p.fused:
+        gate_names: Sequence[str] = ("a", "b", "A_log", "dt_bias", "lower_bound")
+    else:
+        gate_names = ("g", "beta")
+    names = ("q", "k", "v") + tuple(gate_names) + ("state_in",) + (("mask",) if p.masked else ())
+
+    template = [
+        ("InT", p.dtype),
+        ("Dk", p.Dk),
+        ("Dv", p.Dv),
+        ("Hk", p.Hk),
+        ("Hv", p.Hv),
+        ("L", L),
+        ("R", R),
+    ]
+    if path == "prefill":
+        template.append(("TB", _block_tokens(p.Dk, R, key_gate)))
+    template += [("KEYGATE", key_gate), ("LOWER", bool(p.fused and lower)), ("NEG", bool(p.fused and neg))]
+
+    variant = ("update" if p.fused else "rule") + ("_masked" if p.masked else "")
+    return LaunchSpec(
+        name=f"gdn_recurrent_{path}_{variant}",
+        body=f"recurrent_{path}.metal",
+        headers=(GATES_HEADER,),
+        defines=(("GDN_FUSED", int(p.fused)), ("GDN_MASKED", int(p.masked))),
+        input_names=names,
+        output_names=("y", "state_out"),
+        template=tuple(template),
+        grid=(threads * groups, 1, p.B * p.Hv),
+        threadgroup=(threads, 1, 1),
+        output_shapes=((p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)),
+        output_dtypes=(p.dtype, mx.float32),
+    )
+
+
+_LOWER_BOUND_ARRAYS: Dict[float, mx.array] = {}
+
+
+def lower_bound_array(lower_bound: Optional[float]) -> mx.array:
+    """float32 [1] holding lower_bound (0 when None), cached per value so no op runs per call."""
+    key = 0.0 if lower_bound is None else float(lower_bound)
+    arr = _LOWER_BOUND_ARRAYS.get(key)
+    if arr is None:
+        if len(_LOWER_BOUND_ARRAYS) > 64:
+            _LOWER_BOUND_ARRAYS.clear()
+        arr = mx.array([key], dtype=mx.float32)
+        _LOWER_BOUND_ARRAYS[key] = arr
+    return arr
+
+
+def recurrent_arrays(q, k, v, state, mask, *, g=None, beta=None, gating=None) -> Dict[str, mx.array]:
+    """name -> array for `LaunchSpec.inputs`, from the backend `run` arguments."""
+    arrays = {"q": q, "k": k, "v": v, "state_in": state}
+    if gating is not None:
+        arrays.update(a=gating.a, b=gating.b, A_log=gating.A_log, dt_bias=gating.dt_bias,
+                      lower_bound=lower_bound_array(gating.lower_bound))
+    else:
+        arrays.update(g=g, beta=beta)
+    if mask is not None:
+        arrays["mask"] = mask
+    return arrays

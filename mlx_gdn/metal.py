@@ -1,0 +1,111 @@
+"""Backend "metal": the recurrent kernels through `mx.fast.metal_kernel`, chunked via metal_chunked.
+
+Runs on Apple GPUs, and on the CPU inside `mlx_gdn.sim.simulated_metal()`, which swaps
+`mx.fast.metal_kernel` for its simulator; the launch code is the same in both.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import mlx.core as mx
+
+from . import launch
+from .validate import Problem
+
+name = "metal"
+
+# (kernel factory, name, header, source) -> kernel object. The factory is part of the key so a
+# kernel built under the simulator is never reused outside it (and the other way round);
+# MLX itself compiles each kernel once per template instantiation.
+_KERNELS: Dict[Tuple, object] = {}
+
+
+def simulated() -> bool:
+    """True inside `mlx_gdn.sim.simulated_metal()`."""
+    try:
+        from . import sim
+    except ImportError:
+        return False
+    active = getattr(sim, "active", None)
+    return bool(active()) if active is not None else False
+
+
+def available() -> bool:
+    """A Metal GPU is present, or the simulator is active."""
+    return bool(mx.metal.is_available()) or simulated()
+
+
+def unavailable_reason() -> str:
+    if available():
+        return ""
+    return "no Metal GPU here (mx.metal.is_available() is False) and mlx_gdn.sim.simulated_metal() is not active"
+
+
+def _supports_chunked(p: Problem) -> bool:
+    try:
+        from .metal_chunked import supports_chunked
+    except ImportError:
+        return False
+    return bool(supports_chunked(p))
+
+
+def supports(p: Problem, algorithm: str) -> bool:
+    """Whether a Metal kernel takes this problem; False sends it to the ops backend."""
+    if algorithm == "chunked":
+        return _supports_chunked(p)
+    if algorithm == "recurrent":
+        return launch.supports_recurrent(p)
+    return False
+
+
+def choose_algorithm(p: Problem) -> str:
+    """Chunked from the measured crossover T on (mlx_gdn.crossover), recurrent below it."""
+    from .crossover import prefers_chunked
+
+    return "chunked" if prefers_chunked("metal", p) and _supports_chunked(p) else "recurrent"
+
+
+def kernel(spec: launch.LaunchSpec):
+    """The `mx.fast.metal_kernel` object for `spec`, built once per (factory, source)."""
+    factory = mx.fast.metal_kernel
+    header, source = spec.header(), spec.source()
+    key = (factory, spec.name, header, source)
+    kern = _KERNELS.get(key)
+    if kern is None:
+        kern = factory(
+            name=spec.name,
+            input_names=list(spec.input_names),
+            output_names=list(spec.output_names),
+            source=source,
+            header=header,
+            ensure_row_contiguous=True,
+        )
+        _KERNELS[key] = kern
+    return kern
+
+
+def run_recurrent(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, path=None):
+    """(y, state) from one recurrent kernel launch; path "decode"/"prefill" or None (by T)."""
+    lower = gating is not None and gating.lower_bound is not None
+    neg = gating is not None and bool(gating.allow_neg_eigval)
+    spec = launch.recurrent_spec(p, lower=lower, neg=neg, path=path)
+    arrays = launch.recurrent_arrays(q, k, v, state, mask, g=g, beta=beta, gating=gating)
+    y, new_state = kernel(spec)(
+        inputs=spec.inputs(arrays),
+        template=list(spec.template),
+        grid=spec.grid,
+        threadgroup=spec.threadgroup,
+        output_shapes=list(spec.output_shapes),
+        output_dtypes=list(spec.output_dtypes),
+    )
+    return y, new_state
+
+
+def run(p: Problem, q, k, v, state, mask, *, algorithm, g=None, beta=None, gating=None):
+    """(y, state) for validated inputs. `gating` (FusedGating) replaces g, beta when given."""
+    if algorithm == "chunked":
+        from .metal_chunked import run_chunked
+
+        return run_chunked(p, q, k, v, state, mask, g=g, beta=beta, gating=gating)
+    return run_recurrent(p, q, k, v, state, mask, g=g, beta=beta, gating=gating)

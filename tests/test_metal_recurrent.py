@@ -1,0 +1,258 @@
+"""Recurrent Metal kernels (decode and prefill bodies) through the simulator, against float64."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mlx_gdn
+from mlx_gdn import launch, metal, ops_backend, reference
+from mlx_gdn.testing import fresh_seed, random_inputs
+from mlx_gdn.validate import Problem, check_rule
+
+sim = pytest.importorskip("mlx_gdn.sim")
+simulated_metal = getattr(sim, "simulated_metal", None)
+if simulated_metal is None:  # pragma: no cover - until the simulator lands
+    pytest.skip("mlx_gdn.sim.simulated_metal is not available", allow_module_level=True)
+
+F32, F16, BF16 = mx.float32, mx.float16, mx.bfloat16
+
+
+def tol(dtype) -> float:
+    return 1e-4 if dtype == F32 else 2e-2
+
+
+@pytest.fixture
+def no_ops(monkeypatch):
+    """Fail if a call meant for the kernels falls back to the ops backend."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the ops backend ran where a Metal kernel should have")
+
+    monkeypatch.setattr(ops_backend, "run", refuse)
+
+
+def _inputs(B, T, Hk, Hv, Dk, Dv, dtype, seed, *, gate="scalar", mask=False, decay="mixed", int_mask=False):
+    x = random_inputs(B, T, Hk, Hv, Dk, Dv, dtype=dtype, seed=seed, gate=gate, mask=mask, decay=decay)
+    if int_mask and x.mask is not None:
+        x.mask = x.mask.astype(mx.int32)
+    return x
+
+
+def _check(y, state, y_ref, s_ref, dtype, what):
+    assert y.dtype == dtype and state.dtype == F32, what
+    ey, es = reference.rel_error(y, y_ref), reference.rel_error(state, s_ref)
+    assert ey < tol(dtype) and es < tol(dtype), f"{what}: rel error y {ey:.2e}, state {es:.2e}"
+
+
+def run_rule(x, **kw):
+    with simulated_metal():
+        y, s = mlx_gdn.gated_delta_rule(
+            x.q, x.k, x.v, x.g, x.beta, x.state, x.mask, backend="metal", algorithm="recurrent", **kw
+        )
+        mx.eval(y, s)
+    return y, s
+
+
+def run_update(x, lower_bound=None, neg=False):
+    with simulated_metal():
+        y, s = mlx_gdn.gated_delta_update(
+            x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, x.mask,
+            lower_bound=lower_bound, allow_neg_eigval=neg, backend="metal", algorithm="recurrent",
+        )
+        mx.eval(y, s)
+    return y, s
+
+
+def ref_update(x, lower_bound=None, neg=False):
+    g, beta = reference.gates(x.a, x.b, x.A_log, x.dt_bias, lower_bound, neg)
+    return reference.delta_rule(x.q, x.k, x.v, g, beta, x.state, x.mask)
+
+
+# (B, T, Hk, Hv, Dk, Dv, dtype, gate, masked). T <= launch.DECODE_MAX_T runs the decode body,
+# longer T the prefill body; T = 21 with per-key gates crosses staged-block boundaries.
+RULE_CASES = [
+    (1, 1, 2, 6, 32, 32, F32, "scalar", False),
+    (2, 7, 2, 4, 64, 64, F32, "scalar", True),
+    (1, 3, 1, 2, 128, 128, BF16, "key", False),
+    (1, 21, 1, 3, 128, 64, F16, "key", True),
+    (1, 5, 1, 1, 192, 96, F32, "scalar", False),
+    (1, 2, 1, 1, 256, 256, F32, "scalar", True),
+    (1, 9, 2, 2, 256, 192, BF16, "scalar", False),
+    (2, 6, 1, 4, 96, 40, F32, "key", False),
+]
+
+
+@pytest.mark.parametrize("case", RULE_CASES, ids=lambda c: "B{}T{}Hk{}Hv{}Dk{}Dv{}-{}-{}{}".format(
+    *c[:6], str(c[6]).split(".")[-1], c[7], "-mask" if c[8] else ""))
+def test_rule_matches_reference(case, no_ops):
+    B, T, Hk, Hv, Dk, Dv, dtype, gate, masked = case
+    seed = fresh_seed()
+    x = _inputs(B, T, Hk, Hv, Dk, Dv, dtype, seed, gate=gate, mask=masked)
+    y, s = run_rule(x)
+    y_ref, s_ref = reference.delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
+    _check(y, s, y_ref, s_ref, dtype, f"seed {seed}, case {case}")
+
+
+# (B, T, Hk, Hv, Dk, Dv, dtype, masked, lower_bound, allow_neg_eigval)
+UPDATE_CASES = [
+    (1, 1, 1, 2, 128, 128, BF16, False, None, False),
+    (2, 4, 1, 1, 64, 32, F32, True, -5.0, True),
+    (1, 11, 2, 4, 64, 64, F32, False, None, True),
+    (2, 13, 1, 2, 128, 64, F16, True, -0.5, False),
+]
+
+
+@pytest.mark.parametrize("case", UPDATE_CASES, ids=lambda c: "B{}T{}Hk{}Hv{}Dk{}Dv{}-{}{}-lb{}-neg{}".format(
+    *c[:6], str(c[6]).split(".")[-1], "-mask" if c[7] else "", c[8], int(c[9])))
+def test_update_matches_reference(case, no_ops):
+    B, T, Hk, Hv, Dk, Dv, dtype, masked, lower_bound, neg = case
+    seed = fresh_seed()
+    x = _inputs(B, T, Hk, Hv, Dk, Dv, dtype, seed, mask=masked)
+    y, s = run_update(x, lower_bound, neg)
+    y_ref, s_ref = ref_update(x, lower_bound, neg)
+    _check(y, s, y_ref, s_ref, dtype, f"seed {seed}, case {case}")
+
+
+@pytest.mark.parametrize("lower_bound", [None, -3.0])
+def test_fused_gates_at_extremes(lower_bound, no_ops):
+    """a far out on both sides (softplus's two tails, g near 0 and exactly 1) and |b| large."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    x = _inputs(1, 6, 1, 2, 32, 32, F32, seed, decay="one")
+    a = rng.choice([-60.0, -20.0, -1e-3, 0.0, 15.0, 40.0], size=(1, 6, 2))
+    b = rng.choice([-30.0, -3.0, 0.0, 4.0, 30.0], size=(1, 6, 2))
+    x.a, x.b = mx.array(a.astype(np.float32)), mx.array(b.astype(np.float32))
+    y, s = run_update(x, lower_bound)
+    y_ref, s_ref = ref_update(x, lower_bound)
+    _check(y, s, y_ref, s_ref, F32, f"seed {seed}")
+
+
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+def test_each_body_at_other_lengths(path):
+    """Decode body over several tokens and prefill body at T = 1 and T = 6, integer mask."""
+    seed = fresh_seed()
+    for T in (1, 6):
+        x = _inputs(2, T, 1, 2, 64, 48, F32, seed + T, mask=True, int_mask=True)
+        p = check_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
+        with simulated_metal():
+            y, s = metal.run_recurrent(p, x.q, x.k, x.v, x.state, x.mask, g=x.g, beta=x.beta, path=path)
+            mx.eval(y, s)
+        y_ref, s_ref = reference.delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
+        _check(y, s, y_ref, s_ref, F32, f"seed {seed + T}, path {path}, T {T}")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_after_prefill_equals_one_call(fused, no_ops):
+    """State carried across calls (prefill 9 tokens, then 2 single-token steps) equals one call."""
+    seed = fresh_seed()
+    T, cut = 11, 9
+    x = _inputs(1, T, 1, 2, 64, 64, F32, seed, mask=True)
+
+    def part(lo, hi, state):
+        y_ = dataclasses.replace(
+            x, q=x.q[:, lo:hi], k=x.k[:, lo:hi], v=x.v[:, lo:hi], g=x.g[:, lo:hi], beta=x.beta[:, lo:hi],
+            a=x.a[:, lo:hi], b=x.b[:, lo:hi], mask=x.mask[:, lo:hi], state=state,
+        )
+        return run_update(y_) if fused else run_rule(y_)
+
+    y_all, s_all = run_update(x) if fused else run_rule(x)
+    ys, s = [], x.state
+    for lo, hi in ((0, cut), (cut, cut + 1), (cut + 1, T)):
+        y, s = part(lo, hi, s)
+        ys.append(y)
+    y_steps = mx.concatenate(ys, axis=1)
+    y_ref, s_ref = ref_update(x) if fused else reference.delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
+    _check(y_steps, s, y_ref, s_ref, F32, f"seed {seed}, split")
+    _check(y_all, s_all, y_ref, s_ref, F32, f"seed {seed}, one call")
+    assert reference.rel_error(y_steps, y_all) < 1e-5 and reference.rel_error(s, s_all) < 1e-5, f"seed {seed}"
+
+
+def test_unsupported_shape_goes_to_ops(monkeypatch):
+    """Dk = 16 is not a kernel shape: backend="metal" still answers, through the ops path."""
+    seed = fresh_seed()
+    x = _inputs(1, 5, 1, 2, 16, 32, F32, seed)
+    p = check_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
+    assert not metal.supports(p, "recurrent")
+    calls = []
+    real = ops_backend.run
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops_backend, "run", spy)
+    y, s = run_rule(x)
+    assert calls, "the ops backend did not run"
+    y_ref, s_ref = reference.delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
+    _check(y, s, y_ref, s_ref, F32, f"seed {seed}")
+
+
+def test_supports_and_specs():
+    """Shapes the bodies take; every spec's grid is a whole number of threadgroups."""
+    def prob(Dk, Dv=64, T=1, gate="scalar", fused=False, masked=False, dtype=F32, B=1, Hk=1, Hv=2):
+        return Problem(B, T, Hk, Hv, Dk, Dv, dtype, gate, masked, fused)
+
+    for Dk in (32, 64, 96, 128, 192, 256, 512):
+        assert metal.supports(prob(Dk), "recurrent")
+    for Dk in (16, 48, 100, 544):
+        assert not metal.supports(prob(Dk), "recurrent")
+    assert not metal.supports(prob(128, B=70000, Hv=1, Hk=1), "recurrent")
+    for Dk, Dv, T, gate in ((32, 1, 1, "scalar"), (128, 128, 1, "key"), (192, 200, 40, "scalar"), (512, 64, 9, "key")):
+        for fused in (False, True):
+            if fused and gate == "key":
+                continue
+            spec = launch.recurrent_spec(prob(Dk, Dv, T, gate, fused, True, BF16), lower=fused, neg=fused)
+            assert all(g % t == 0 for g, t in zip(spec.grid, spec.threadgroup)), spec
+            tmpl = dict(spec.template)
+            assert tmpl["R"] * tmpl["L"] == spec.threadgroup[0] and spec.threadgroup[0] % 32 == 0
+            assert tmpl["R"] * spec.grid[0] // spec.threadgroup[0] >= Dv and Dk % tmpl["L"] == 0
+            assert spec.input_names[-1] == "mask" and len(spec.input_names) == (10 if fused else 7)
+            assert ("TB" in tmpl) == (T > launch.DECODE_MAX_T)
+            if "TB" in tmpl:  # staged floats per block within the budget
+                per = 2 * Dk + (Dk if gate == "key" else 1) + tmpl["R"] + 2
+                assert 4 * per * tmpl["TB"] <= launch.STAGE_BYTES or tmpl["TB"] == 1
+
+
+def test_compile_error_carries_compiler_message(monkeypatch):
+    seed = fresh_seed()
+    x = _inputs(1, 1, 1, 1, 32, 32, F32, seed)
+    monkeypatch.setattr(launch.LaunchSpec, "source", lambda self: "this_is_not_declared = 1;\n")
+    monkeypatch.setattr(metal, "_KERNELS", {})
+    with pytest.raises(Exception, match="this_is_not_declared"):
+        run_rule(x)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    B=st.integers(1, 2),
+    T=st.integers(1, 12),
+    Hk=st.integers(1, 2),
+    ratio=st.integers(1, 4),
+    Dk=st.sampled_from([32, 64]),
+    Dv=st.sampled_from([8, 32, 33, 64]),
+    dtype=st.sampled_from([F32, F16, BF16]),
+    kind=st.sampled_from(["scalar", "key", "fused", "fused-lb"]),
+    masked=st.booleans(),
+    neg=st.booleans(),
+)
+def test_property_small_shapes(B, T, Hk, ratio, Dk, Dv, dtype, kind, masked, neg):
+    if B * Hk * ratio > 4:  # keep the simulated grid small
+        Hk = 1
+    seed = fresh_seed()
+    Hv = Hk * ratio
+    gate = "key" if kind == "key" else "scalar"
+    x = _inputs(B, T, Hk, Hv, Dk, Dv, dtype, seed, gate=gate, mask=masked)
+    if kind.startswith("fused"):
+        lb = -4.0 if kind == "fused-lb" else None
+        y, s = run_update(x, lb, neg)
+        y_ref, s_ref = ref_update(x, lb, neg)
+    else:
+        y, s = run_rule(x)
+        y_ref, s_ref = reference.delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
+    _check(y, s, y_ref, s_ref, dtype, f"seed {seed}, B{B} T{T} Hk{Hk} Hv{Hv} Dk{Dk} Dv{Dv} {dtype} {kind} mask={masked}")
