@@ -84,7 +84,7 @@ def main(argv: Optional[List[str]] = None, extra_contenders: Optional[List[Conte
     cells = configs(shapes, args.batch or sweep["batch"], args.tokens or sweep["tokens"], args.dtype or sweep["dtypes"])
     gpu = kind == "gpu"
     settings = Settings(
-        budget=args.budget if args.budget is not None else (0.3 if args.quick else 1.0) if gpu else (0.2 if args.quick else 0.5),
+        budget=args.budget if args.budget is not None else (0.3 if args.quick else 0.5) if gpu else (0.2 if args.quick else 0.5),
         min_reps=args.min_reps, max_reps=args.max_reps,
         max_call=args.max_call if args.max_call is not None else (10.0 if gpu else 5.0),
         sets=args.sets, seed=args.seed,
