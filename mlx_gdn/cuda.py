@@ -1,0 +1,280 @@
+"""Backend "cuda": the kernels on MLX's CUDA backend through `mx.fast.cuda_kernel`.
+
+Recurrent: the same bodies as Metal (kernels/recurrent_*.metal, launch specs in `launch`),
+compiled with kernels/cuda_prelude.h, which gives CUDA Metal's vocabulary.
+Chunked: a CUDA-only tensor-core kernel pair (kernels/chunked_tc.cuh, chunked_prep.cu,
+chunked_state.cu); scalar gates, masks, GQA, fused or precomputed gating.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import mlx.core as mx
+
+from . import launch
+from .kernel_source import load
+from .validate import Problem
+
+name = "cuda"
+
+PRELUDE = "cuda_prelude.h"
+CHUNK = 64  # tokens per chunk (gdn_tc::C)
+THREADS = 128  # threads per block of both chunked launches (gdn_tc::NTHREADS)
+SMEM_LIMIT = 232448  # dynamic shared memory one block may use on Hopper (227 KiB)
+CHUNKED_DIMS = (64, 128, 192, 256)
+# Value rows per block of the state pass: None picks by parallelism (`_choose_bv`);
+# the benchmark sets it to compare.
+CHUNK_BV: Optional[int] = None
+# Aim for at least this many state-pass blocks (H100: 132 SMs) before narrowing the slice.
+MIN_STATE_BLOCKS = 128
+
+_KERNELS: Dict[Tuple, object] = {}
+_DUMMY: Dict[str, mx.array] = {}
+
+
+def available() -> bool:
+    """MLX was built with CUDA and sees a CUDA device."""
+    try:
+        return bool(mx.cuda.is_available())
+    except AttributeError:
+        return False
+
+
+def unavailable_reason() -> str:
+    if available():
+        return ""
+    if not hasattr(mx, "cuda"):
+        return "this MLX build has no CUDA backend (install mlx[cuda13])"
+    return "no CUDA device (mx.cuda.is_available() is False)"
+
+
+def supports_chunked(p: Problem) -> bool:
+    """Scalar gates, Dk and Dv in {64, 128, 192, 256}, grid axes within CUDA's limits."""
+    return (
+        p.gate == "scalar"
+        and p.Dk in CHUNKED_DIMS
+        and p.Dv in CHUNKED_DIMS
+        and p.Hv <= 65535
+        and p.B <= 65535
+        and _state_config(p) is not None
+    )
+
+
+def supports(p: Problem, algorithm: str) -> bool:
+    """Whether a CUDA kernel takes this problem; False sends it to the ops backend."""
+    if algorithm == "recurrent":
+        return launch.supports_recurrent(p)
+    if algorithm == "chunked":
+        return supports_chunked(p)
+    return False
+
+
+def choose_algorithm(p: Problem) -> str:
+    """Chunked from the measured crossover T on (mlx_gdn.crossover), recurrent below it."""
+    from .crossover import prefers_chunked
+
+    return "chunked" if prefers_chunked("cuda", p) and supports_chunked(p) else "recurrent"
+
+
+def _kernel(kname: str, input_names: Sequence[str], output_names: Sequence[str], source: str, header: str,
+            smem: int = 0):
+    key = (kname, header, source, smem)
+    kern = _KERNELS.get(key)
+    if kern is None:
+        kern = mx.fast.cuda_kernel(
+            name=kname,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            source=source,
+            header=header,
+            ensure_row_contiguous=True,
+            shared_memory=smem,
+        )
+        _KERNELS[key] = kern
+    return kern
+
+
+def recurrent_header(spec: launch.LaunchSpec) -> str:
+    """Prelude, then the spec's variant macros and headers."""
+    return load(PRELUDE) + "\n" + spec.header()
+
+
+def run_recurrent(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, path=None):
+    """(y, state) from one launch of a shared recurrent body; path "decode"/"prefill"/None."""
+    lower = gating is not None and gating.lower_bound is not None
+    neg = gating is not None and bool(gating.allow_neg_eigval)
+    spec = launch.recurrent_spec(p, lower=lower, neg=neg, path=path)
+    arrays = launch.recurrent_arrays(q, k, v, state, mask, g=g, beta=beta, gating=gating)
+    kern = _kernel(spec.name, spec.input_names, spec.output_names, spec.source(), recurrent_header(spec))
+    y, new_state = kern(
+        inputs=spec.inputs(arrays),
+        template=list(spec.template),
+        grid=spec.grid,
+        threadgroup=spec.threadgroup,
+        output_shapes=list(spec.output_shapes),
+        output_dtypes=list(spec.output_dtypes),
+    )
+    return y, new_state
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked (tensor cores)
+# ----------------------------------------------------------------------------------------------
+
+PREP_INPUTS = ("q", "k", "v", "gate_a", "gate_b", "A_log", "dt_bias", "lower_bound", "mask")
+PREP_OUTPUTS = ("W", "U", "Aqk", "G")
+STATE_INPUTS = ("q", "k", "W", "U", "Aqk", "G", "state_in", "mask")
+STATE_OUTPUTS = ("y", "state_out")
+
+
+def _ld(exact: bool, D: int) -> int:
+    return D + (4 if exact else 8)  # gdn_tc::Ld
+
+
+def prep_smem(Dk: int, Dv: int, exact: bool) -> int:
+    """Bytes of shared memory of the prep launch (gdn_tc::prep_smem)."""
+    es = 4 if exact else 2
+    lk, lv = _ld(exact, Dk), _ld(exact, Dv)
+    return (CHUNK * lk + CHUNK * max(lk, lv)) * es + (CHUNK * (CHUNK + 4) + 2 * CHUNK + 8) * 4
+
+
+def state_smem(Dk: int, BV: int, exact: bool, share_wq: bool) -> int:
+    """Bytes of shared memory of the state launch (gdn_tc::state_smem)."""
+    es = 4 if exact else 2
+    lk = _ld(exact, Dk)
+    return (BV * (Dk + 4) * 4 + (2 if share_wq else 3) * CHUNK * lk * es + CHUNK * (BV + 4) * 4
+            + CHUNK * (CHUNK + 4) * 4 + 3 * CHUNK * 4)
+
+
+def _choose_bv(p: Problem) -> int:
+    if CHUNK_BV is not None and p.Dv % CHUNK_BV == 0:
+        return CHUNK_BV
+    for bv in (64, 32, 16):
+        if p.Dv % bv == 0 and p.B * p.Hv * (p.Dv // bv) >= MIN_STATE_BLOCKS:
+            return bv
+    return 16
+
+
+def _state_config(p: Problem):
+    """(BV, SHARE_WQ, smem) for the state launch, or None when nothing fits in shared memory."""
+    exact = p.dtype == mx.float32
+    first = _choose_bv(p)
+    for bv in [first] + [b for b in (32, 16) if b < first]:
+        for share in (False, True):
+            smem = state_smem(p.Dk, bv, exact, share)
+            if smem <= SMEM_LIMIT:
+                return bv, share, smem
+    return None
+
+
+def _dummy() -> mx.array:
+    arr = _DUMMY.get("f32")
+    if arr is None:
+        arr = mx.zeros((1,), dtype=mx.float32)
+        _DUMMY["f32"] = arr
+    return arr
+
+
+def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None):
+    """(y, state) from the two chunked launches. Scalar gates only (see `supports_chunked`)."""
+    exact = p.dtype == mx.float32
+    ot = mx.float32 if exact else mx.bfloat16
+    nt = -(-p.T // CHUNK)
+    tp = nt * CHUNK
+    fused = gating is not None
+    masked = mask is not None
+    dummy = _dummy()
+    if fused:
+        gate_a, gate_b = gating.a, gating.b
+        a_log, dt_bias = gating.A_log, gating.dt_bias
+        lower = gating.lower_bound is not None
+        neg = bool(gating.allow_neg_eigval)
+        lb = launch.lower_bound_array(gating.lower_bound)
+    else:
+        gate_a, gate_b, a_log, dt_bias, lb = g, beta, dummy, dummy, dummy
+        lower = neg = False
+    m = mask if masked else dummy
+
+    psmem = prep_smem(p.Dk, p.Dv, exact)
+    prep = _kernel("gdn_cuda_chunked_prep", PREP_INPUTS, PREP_OUTPUTS, load("chunked_prep.cu"),
+                   load("chunked_tc.cuh"), psmem)
+    W, U, Aqk, G = prep(
+        inputs=[q, k, v, gate_a, gate_b, a_log, dt_bias, lb, m],
+        template=[("Dk", p.Dk), ("Dv", p.Dv), ("EXACT", exact), ("FUSED", fused), ("MASKED", masked),
+                  ("HAS_LB", lower), ("NEG", neg)],
+        grid=(nt * THREADS, p.Hv, p.B),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[(p.B, p.Hv, tp, p.Dk), (p.B, p.Hv, tp, p.Dv), (p.B, p.Hv, nt, CHUNK, CHUNK),
+                       (p.B, p.Hv, tp)],
+        output_dtypes=[ot, ot, ot, mx.float32],
+    )
+
+    bv, share, ssmem = _state_config(p)
+    step = _kernel("gdn_cuda_chunked_state", STATE_INPUTS, STATE_OUTPUTS, load("chunked_state.cu"),
+                   load("chunked_tc.cuh"), ssmem)
+    y, new_state = step(
+        inputs=[q, k, W, U, Aqk, G, state, m],
+        template=[("Dk", p.Dk), ("Dv", p.Dv), ("BV", bv), ("EXACT", exact), ("MASKED", masked),
+                  ("SHARE_WQ", share)],
+        grid=(p.Dv // bv * THREADS, p.Hv, p.B),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[(p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)],
+        output_dtypes=[p.dtype, mx.float32],
+    )
+    return y, new_state
+
+
+def run(p: Problem, q, k, v, state, mask, *, algorithm, g=None, beta=None, gating=None):
+    """(y, state) for validated inputs. `gating` (FusedGating) replaces g, beta when given."""
+    if algorithm == "chunked":
+        return run_chunked(p, q, k, v, state, mask, g=g, beta=beta, gating=gating)
+    return run_recurrent(p, q, k, v, state, mask, g=g, beta=beta, gating=gating)
+
+
+# ----------------------------------------------------------------------------------------------
+# Source as MLX builds it (for offline compile checks; mirrors mlx/backend/cuda/custom_kernel.cpp)
+# ----------------------------------------------------------------------------------------------
+
+_CUDA_TYPES = {
+    "float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "bool": "bool",
+    "int32": "int32_t", "uint32": "uint32_t", "int64": "int64_t", "uint8": "uint8_t",
+}
+
+
+def cuda_type(dtype) -> str:
+    """CUDA spelling of an MLX dtype, as MLX writes kernel signatures."""
+    return _CUDA_TYPES[str(dtype).replace("mlx.core.", "")]
+
+
+def kernel_text(kname: str, header: str, source: str, inputs: Sequence[Tuple[str, object, int]],
+                outputs: Sequence[Tuple[str, object]], template: Sequence[Tuple[str, object]]) -> str:
+    """The text MLX compiles for one `mx.fast.cuda_kernel` call, minus MLX's own include line.
+
+    inputs: (name, dtype, ndim); outputs: (name, dtype); template: (name, int | bool | dtype).
+    """
+    out = [header, "namespace mlx::core::cu {\n", "namespace cg = cooperative_groups;\n",
+           f"__global__ void {kname}("]
+    params = []
+    for nm, dt, nd in inputs:
+        params.append(f"    const {cuda_type(dt)}* {nm}")
+        if nd > 0:
+            if nm + "_shape" in source:
+                params.append(f"    const __grid_constant__ Shape {nm}_shape")
+            if nm + "_strides" in source:
+                params.append(f"    const __grid_constant__ Strides {nm}_strides")
+            if nm + "_ndim" in source:
+                params.append(f"    const __grid_constant__ int {nm}_ndim")
+    for nm, dt in outputs:
+        params.append(f"    {cuda_type(dt)}* {nm}")
+    out.append(",\n".join(params) + ") {\n")
+    for nm, val in template:
+        if isinstance(val, bool):
+            out.append(f"  constexpr bool {nm} = {'true' if val else 'false'};\n")
+        elif isinstance(val, int):
+            out.append(f"  constexpr int {nm} = {val};\n")
+        else:
+            out.append(f"  using {nm} = {cuda_type(val)};\n")
+    out.append(source)
+    out.append("\n}\n\n} // namespace mlx::core::cu\n")
+    return "".join(out)
