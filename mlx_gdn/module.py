@@ -51,8 +51,8 @@ def _decode_prep(K: int, Hk: int, Dk: int, masked: bool):
     """Compiled T=1 step from the qkv projection to normalised q, k, v and the new conv state.
 
     The depthwise convolution over K taps is written as K multiply-adds so that the conv-state
-    shift, the convolution, SiLU and the squares for the L2 norm fuse into one elementwise kernel;
-    the only reduction left is one sum of squares over q and k together.
+    shift, the convolution and SiLU fuse into one elementwise kernel; q and k share one sum of
+    squares and one normalisation kernel that also applies the readout scale.
     """
     key_dim = Hk * Dk
     inv = Dk**-0.5
@@ -68,15 +68,17 @@ def _decode_prep(K: int, Hk: int, Dk: int, masked: bool):
         for j in range(1, K):
             acc = acc + taps[j].astype(mx.float32) * w[:, j, 0].astype(mx.float32)
         x = nn.silu(acc.astype(dt))  # [B, C], rounded where mlx-lm's conv output is
-        qk = x[:, : 2 * key_dim].reshape(B, 2 * Hk, Dk).astype(mx.float32)
-        # rms_norm(x, eps * inv^2) * inv == x / sqrt(sum(x^2) + eps), as mlx-lm's normalize_qk.
-        r = mx.rsqrt(qk.square().mean(-1, keepdims=True) + _QK_EPS * inv * inv)
-        qk = (qk * r).astype(dt)
-        q = (inv * inv) * qk[:, :Hk]
-        k = inv * qk[:, Hk:]
+        x32 = x.astype(mx.float32)
+        sq = x32 * x32
+        ss = sq[:, : 2 * key_dim].reshape(B, 2 * Hk, Dk).sum(-1, keepdims=True)
+        # x / sqrt(sum(x^2) + eps) == rms_norm(x, eps * inv^2) * inv, as mlx-lm's normalize_qk;
+        # q also takes the Dk**-0.5 readout scale, so q rows get inv^2 and k rows inv.
+        scale = mx.array([inv * inv] * Hk + [inv] * Hk, dtype=mx.float32)[:, None]
+        r = mx.rsqrt(ss * (1.0 / Dk) + _QK_EPS * inv * inv)
+        qk = (x32[:, : 2 * key_dim].reshape(B, 2 * Hk, Dk) * (r * inv) * (scale / inv)).astype(dt)
         v = x[:, 2 * key_dim :]
         new_conv = mx.concatenate([conv_state[:, 1:], qkv], axis=1) if K > 1 else conv_state
-        return q[:, None], k[:, None], v, new_conv
+        return qk[:, None, :Hk], qk[:, None, Hk:], v, new_conv
 
     return mx.compile(prep)
 
