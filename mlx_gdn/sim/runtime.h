@@ -755,17 +755,22 @@ inline dptr<T> operator+(ptrdiff_t i, const dptr<T>& d) { return d + i; }
 
 // ---------------------------------------------------------------------------
 // Lanes, simdgroups, fibers.
-enum : int { RUNNABLE = 0, AT_SIMD = 1, AT_TG = 2, DONE = 3 };
-
-struct SG;
-struct Lane {
+//
+// Lanes switch directly to the next runnable lane of their simdgroup when
+// they block; the lane completing a collective releases it and carries on,
+// so a collective costs each lane about one context switch.  A simdgroup
+// hands control back to the per-OS-thread scheduler only when all of its lanes
+// have finished or wait at a threadgroup barrier.
+struct Ctx {
   void* sp;
 #ifdef MSIM_UCONTEXT
   ucontext_t uc;
 #endif
-  int state;
-  int op;
-  uint32_t pmask;
+};
+
+struct SG;
+struct Lane {
+  Ctx ctx;
   uint32_t lane;
   SG* sg;
   metal::vec<uint32_t, 3> tpig, tgpig, tpitg, tptg, tgpg, tpg, dtptg;
@@ -774,8 +779,19 @@ struct Lane {
 
 struct alignas(64) SG {
   Lane* lanes[32];
+  Ctx* sched;
   uint32_t n;
   uint32_t phase;
+  uint32_t runmask;   // runnable or running
+  uint32_t waitmask;  // blocked at the pending simd collective
+  uint32_t tgmask;    // blocked at a threadgroup barrier
+  uint32_t donemask;
+  uint32_t nactive;   // lanes neither finished nor at a threadgroup barrier
+  uint32_t nwait;
+  int cur_op;
+  uint32_t pmask[2];  // lanes that took part, per phase
+  uint32_t res_valid[2];
+  alignas(16) unsigned char res[2][64];  // a result every lane shares, per phase
   alignas(16) unsigned char buf[2][32][64];
 };
 
@@ -793,8 +809,22 @@ enum : int {
   OP_ROT_UP, OP_ROT_DOWN
 };
 
+// Fiber stacks are aligned blocks of g_stack_block bytes whose first word
+// points at the lane, so the running lane is found from the stack pointer
+// without thread-local storage (slow in dlopen'ed code).
+static size_t g_stack_block = 0;
+static int g_fibers = 0;
+
+inline Lane* cur_lane() {
+  if (g_fibers) {
+    uintptr_t sp = (uintptr_t)__builtin_frame_address(0);
+    return *(Lane**)(sp & ~(uintptr_t)(g_stack_block - 1));
+  }
+  return t_cur;
+}
+
 inline void where(char* out, size_t cap) {
-  Lane* L = t_cur;
+  Lane* L = cur_lane();
   if (!L || cap < 2) return;
   snprintf(out, cap, " [thread_position_in_grid=(%u,%u,%u), threadgroup_position_in_grid=(%u,%u,%u)]",
            L->tpig.x, L->tpig.y, L->tpig.z, L->tgpig.x, L->tgpig.y, L->tgpig.z);
@@ -884,10 +914,48 @@ msim_trampoline:
 )");
 #endif
 
-static thread_local void* t_sched_sp = nullptr;
+inline void ctx_switch(Ctx* from, Ctx* to) {
 #ifdef MSIM_UCONTEXT
-static thread_local ucontext_t t_sched_uc;
+  swapcontext(&from->uc, &to->uc);
+#else
+  msim_swap(&from->sp, to->sp);
 #endif
+}
+
+inline uint32_t popc(uint32_t m) { return uint32_t(__builtin_popcount(m)); }
+
+// Next runnable lane after `me`, round robin.
+inline Lane* next_lane(SG* g, uint32_t me) {
+  uint32_t above = g->runmask & ~((2u << me) - 1u);
+  uint32_t m = above ? above : g->runmask;
+  return g->lanes[__builtin_ctz(m)];
+}
+
+inline void release(SG* g) {
+  g->pmask[g->phase & 1u] = g->waitmask;
+  g->res_valid[g->phase & 1u] = 0;
+  g->runmask |= g->waitmask;
+  g->waitmask = 0;
+  g->nwait = 0;
+  g->phase++;
+}
+
+// Called by a lane that stops being active (finished or at a threadgroup barrier).
+inline void leave(Lane* L) {
+  SG* g = L->sg;
+  g->nactive--;
+  if (g->nactive == 0) {
+    ctx_switch(&L->ctx, g->sched);
+    return;
+  }
+  if (g->nwait == g->nactive) release(g);
+  ctx_switch(&L->ctx, &next_lane(g, L->lane)->ctx);
+}
+
+[[noreturn]] inline void abandon(Lane* L) {
+  // After an error nothing of this threadgroup runs again.
+  for (;;) ctx_switch(&L->ctx, L->sg->sched);
+}
 
 inline void lane_entry(Lane* L) {
   try {
@@ -896,13 +964,13 @@ inline void lane_entry(Lane* L) {
   } catch (...) {
     record_error(2, "unexpected C++ exception in kernel");
   }
-  L->state = DONE;
-#ifdef MSIM_UCONTEXT
-  setcontext(&t_sched_uc);
-#else
-  msim_swap(&L->sp, t_sched_sp);
-#endif
-  __builtin_unreachable();
+  if (g_launch->failed.load(std::memory_order_relaxed)) abandon(L);
+  SG* g = L->sg;
+  uint32_t bit = 1u << L->lane;
+  g->runmask &= ~bit;
+  g->donemask |= bit;
+  leave(L);
+  abandon(L);  // never resumed
 }
 
 #ifdef MSIM_UCONTEXT
@@ -913,12 +981,12 @@ inline void lane_entry_uc(int lo, int hi) {
 
 inline void init_fiber(Lane* L, char* stack, size_t size) {
 #ifdef MSIM_UCONTEXT
-  getcontext(&L->uc);
-  L->uc.uc_stack.ss_sp = stack;
-  L->uc.uc_stack.ss_size = size;
-  L->uc.uc_link = nullptr;
+  getcontext(&L->ctx.uc);
+  L->ctx.uc.uc_stack.ss_sp = stack;
+  L->ctx.uc.uc_stack.ss_size = size;
+  L->ctx.uc.uc_link = nullptr;
   uintptr_t u = (uintptr_t)L;
-  makecontext(&L->uc, (void (*)())lane_entry_uc, 2, int(uint32_t(u)), int(uint32_t(u >> 32)));
+  makecontext(&L->ctx.uc, (void (*)())lane_entry_uc, 2, int(uint32_t(u)), int(uint32_t(u >> 32)));
 #elif defined(__x86_64__)
   uintptr_t top = ((uintptr_t)(stack + size) & ~uintptr_t(15)) - 16;
   void** sp = (void**)top;
@@ -929,52 +997,59 @@ inline void init_fiber(Lane* L, char* stack, size_t size) {
   sp[-5] = (void*)&lane_entry;  // r13
   sp[-6] = nullptr;             // r14
   sp[-7] = nullptr;             // r15
-  L->sp = (void*)&sp[-7];
+  L->ctx.sp = (void*)&sp[-7];
 #else
   uintptr_t top = ((uintptr_t)(stack + size) & ~uintptr_t(15)) - 16;
   void** f = (void**)(top - 160);
   std::memset(f, 0, 160);
-  f[0] = (void*)L;            // x19
-  f[1] = (void*)&lane_entry;  // x20
+  f[0] = (void*)L;                 // x19
+  f[1] = (void*)&lane_entry;       // x20
   f[11] = (void*)msim_trampoline;  // x30
-  L->sp = (void*)f;
-#endif
-}
-
-inline void resume(Lane* L) {
-  t_cur = L;
-#ifdef MSIM_UCONTEXT
-  swapcontext(&t_sched_uc, &L->uc);
-#else
-  msim_swap(&t_sched_sp, L->sp);
-#endif
-}
-
-inline void yield(Lane* L) {
-#ifdef MSIM_UCONTEXT
-  swapcontext(&L->uc, &t_sched_uc);
-#else
-  msim_swap(&L->sp, t_sched_sp);
+  L->ctx.sp = (void*)f;
 #endif
 }
 
 inline Lane* cur_fiber(int op) {
-  Lane* L = t_cur;
-  if (__builtin_expect(L->sg == nullptr, 0))
+  if (__builtin_expect(!g_fibers, 0))
     fail("%s reached in sequential mode (internal error: collective not detected)", op_names[op]);
-  return L;
+  return cur_lane();
 }
 
 // Each lane writes its value into its slot of the simdgroup's exchange buffer
-// for the current phase, then blocks; the scheduler releases the collective
-// once every live lane is blocked, recording in pmask which lanes took part.
-// Two phases alternate so a fast lane writing the next collective's value
-// cannot clobber a slot others still have to read.
+// for the current phase, then blocks; the collective is released once every
+// active lane has arrived, and pmask records which lanes took part.  Two
+// phases alternate so a fast lane writing the next collective's value cannot
+// clobber a slot others still have to read.
 template <class T>
 struct Xch {
   const unsigned char* base;
   uint32_t mask;
   uint32_t me;
+  SG* g;
+  uint32_t ph;
+  // A lane-independent result (a reduction) is computed by the first lane
+  // that asks and copied by the others.
+  template <class F>
+  T shared(F compute) const {
+    T r;
+    if (!g->res_valid[ph]) {
+      r = compute();
+      std::memcpy(g->res[ph], (const void*)&r, sizeof(T));
+      g->res_valid[ph] = 1;
+    } else {
+      std::memcpy((void*)&r, g->res[ph], sizeof(T));
+    }
+    return r;
+  }
+  // Pairwise (butterfly-order) combination over the lanes that took part.
+  template <class Op>
+  T tree(T identity, Op op) const {
+    T v[32];
+    for (uint32_t l = 0; l < 32; ++l) v[l] = has(l) ? at(l) : identity;
+    for (uint32_t off = 16; off > 0; off >>= 1)
+      for (uint32_t l = 0; l < off; ++l) v[l] = op(v[l], v[l + off]);
+    return v[0];
+  }
   T at(uint32_t l) const {
     T v;
     std::memcpy((void*)&v, base + size_t(l) * 64, sizeof(T));
@@ -983,17 +1058,43 @@ struct Xch {
   bool has(uint32_t l) const { return l < 32 && ((mask >> l) & 1u); }
 };
 
+[[noreturn]] __attribute__((noinline, cold)) inline void divergence(Lane* L, int op) {
+  record_error(2,
+               "divergent simd collectives in simdgroup %u: lane %u is at %s while other lanes "
+               "are at %s",
+               L->sgidx, L->lane, op_names[op], op_names[L->sg->cur_op]);
+  abandon(L);
+}
+
 template <class T>
 inline Xch<T> exchange(const T& v, int op) {
   static_assert(sizeof(T) <= 64, "simd collective on a type wider than 64 bytes");
   Lane* L = cur_fiber(op);
   SG* g = L->sg;
-  int ph = int(g->phase & 1u);
+  uint32_t ph = g->phase & 1u, bit = 1u << L->lane;
   std::memcpy(g->buf[ph][L->lane], (const void*)&v, sizeof(T));
-  L->op = op;
-  L->state = AT_SIMD;
-  yield(L);
-  return Xch<T>{&g->buf[ph][0][0], L->pmask, L->lane};
+  if (g->nwait == 0)
+    g->cur_op = op;
+  else if (__builtin_expect(g->cur_op != op, 0))
+    divergence(L, op);
+  g->runmask &= ~bit;
+  g->waitmask |= bit;
+  g->nwait++;
+  if (g->nwait == g->nactive)
+    release(g);
+  else
+    ctx_switch(&L->ctx, &next_lane(g, L->lane)->ctx);
+  return Xch<T>{&g->buf[ph][0][0], g->pmask[ph], L->lane, g, ph};
+}
+
+inline void tg_barrier() {
+  if (!g_fibers) return;  // sequential mode: one lane at a time anyway
+  Lane* L = cur_lane();
+  SG* g = L->sg;
+  uint32_t bit = 1u << L->lane;
+  g->runmask &= ~bit;
+  g->tgmask |= bit;
+  leave(L);
 }
 
 template <class T>
@@ -1021,31 +1122,34 @@ inline T& tg_var() {
 }
 
 // ---------------------------------------------------------------------------
+// ---------------------------------------------------------------------------
 // Scheduler.
 struct Stacks {
+  char* map = nullptr;
   char* base = nullptr;
-  size_t each = 0, count = 0, total = 0;
-  void ensure(size_t n, size_t sz) {
-    if (count >= n && each == sz) return;
+  size_t block = 0, count = 0, total = 0;
+  static constexpr size_t page = 4096;
+  // Block layout: [header page: Lane*][guard page][stack ...]
+  bool ensure(size_t n, size_t sz) {
+    size_t b = 4 * page;
+    while (b < sz + 2 * page) b <<= 1;
     release();
-    size_t page = 4096;
-    each = (sz + page - 1) / page * page + page;  // + guard page
-    total = each * n;
+    block = b;
+    total = block * (n + 1);
     void* m = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (m == MAP_FAILED) {
-      base = nullptr;
-      count = 0;
-      return;
-    }
-    base = (char*)m;
+    if (m == MAP_FAILED) return false;
+    map = (char*)m;
+    base = (char*)(((uintptr_t)map + block - 1) & ~(uintptr_t)(block - 1));
     count = n;
-    for (size_t i = 0; i < n; ++i) mprotect(base + i * each, page, PROT_NONE);
+    for (size_t i = 0; i < n; ++i) mprotect(base + i * block + page, page, PROT_NONE);
+    return true;
   }
-  char* stack(size_t i) { return base + i * each + 4096; }
-  size_t usable() const { return each - 4096; }
+  void set_owner(size_t i, Lane* L) { *(Lane**)(base + i * block) = L; }
+  char* stack(size_t i) { return base + i * block + 2 * page; }
+  size_t usable() const { return block - 2 * page; }
   void release() {
-    if (base) munmap(base, total);
-    base = nullptr;
+    if (map) munmap(map, total);
+    map = base = nullptr;
     count = 0;
   }
   ~Stacks() { release(); }
@@ -1053,7 +1157,7 @@ struct Stacks {
 
 // Runs one threadgroup to completion.  Returns false on error.
 inline bool run_threadgroup(Launch* A, const uint32_t tgpos[3], std::vector<Lane>& lanes,
-                            std::vector<SG>& sgs, Stacks& stacks) {
+                            std::vector<SG>& sgs, Stacks& stacks, Ctx* sched) {
   msim_launch* c = A->c;
   uint32_t d[3], sz[3];
   for (int k = 0; k < 3; ++k) {
@@ -1067,9 +1171,6 @@ inline bool run_threadgroup(Launch* A, const uint32_t tgpos[3], std::vector<Lane
   for (uint32_t i = 0; i < n; ++i) {
     Lane& L = lanes[i];
     uint32_t px = i % sz[0], py = (i / sz[0]) % sz[1], pz = i / (sz[0] * sz[1]);
-    L.state = RUNNABLE;
-    L.op = 0;
-    L.pmask = 0;
     L.lane = i % 32;
     L.linear = i;
     L.sgidx = i / 32;
@@ -1085,80 +1186,57 @@ inline bool run_threadgroup(Launch* A, const uint32_t tgpos[3], std::vector<Lane
     L.sg = c->fibers ? &sgs[i / 32] : nullptr;
   }
   if (!c->fibers) {
-    for (uint32_t i = 0; i < n; ++i) {
+    bool ok = true;
+    for (uint32_t i = 0; i < n && ok; ++i) {
       t_cur = &lanes[i];
       try {
         A->thread_fn(&lanes[i]);
       } catch (SimAbort&) {
-        return false;
+        ok = false;
       } catch (...) {
         record_error(2, "unexpected C++ exception in kernel");
-        return false;
+        ok = false;
       }
     }
     t_cur = nullptr;
-    return true;
+    return ok;
   }
   for (uint32_t s = 0; s < nsg; ++s) {
     SG& g = sgs[s];
     g.n = (n - s * 32) < 32 ? (n - s * 32) : 32;
+    g.sched = sched;
     g.phase = 0;
+    g.runmask = g.n == 32 ? 0xffffffffu : ((1u << g.n) - 1u);
+    g.waitmask = g.tgmask = g.donemask = 0;
+    g.nwait = 0;
+    g.cur_op = 0;
+    g.pmask[0] = g.pmask[1] = 0;
+    g.res_valid[0] = g.res_valid[1] = 0;
     for (uint32_t l = 0; l < g.n; ++l) g.lanes[l] = &lanes[s * 32 + l];
   }
-  for (uint32_t i = 0; i < n; ++i) init_fiber(&lanes[i], stacks.stack(i), stacks.usable());
-
+  for (uint32_t i = 0; i < n; ++i) {
+    stacks.set_owner(i, &lanes[i]);
+    init_fiber(&lanes[i], stacks.stack(i), stacks.usable());
+  }
   for (;;) {
     for (uint32_t s = 0; s < nsg; ++s) {
       SG& g = sgs[s];
-      for (;;) {
-        for (uint32_t l = 0; l < g.n; ++l) {
-          Lane* L = g.lanes[l];
-          if (L->state == RUNNABLE) {
-            resume(L);
-            if (A->failed.load(std::memory_order_relaxed)) {
-              t_cur = nullptr;
-              return false;
-            }
-          }
-        }
-        uint32_t at_simd = 0;
-        int op = 0;
-        for (uint32_t l = 0; l < g.n; ++l) {
-          Lane* L = g.lanes[l];
-          if (L->state != AT_SIMD) continue;
-          if (op && L->op != op) {
-            t_cur = L;
-            record_error(2,
-                         "divergent simd collectives in simdgroup %u: lane %u is at %s while "
-                         "another lane is at %s",
-                         s, l, op_names[L->op], op_names[op]);
-            t_cur = nullptr;
-            return false;
-          }
-          op = L->op;
-          at_simd |= 1u << l;
-        }
-        if (!at_simd) break;
-        for (uint32_t l = 0; l < g.n; ++l) {
-          Lane* L = g.lanes[l];
-          if (L->state == AT_SIMD) {
-            L->pmask = at_simd;
-            L->state = RUNNABLE;
-          }
-        }
-        g.phase++;
-      }
+      if (!g.runmask) continue;
+      g.nactive = popc(g.runmask);
+      ctx_switch(sched, &g.lanes[__builtin_ctz(g.runmask)]->ctx);
+      if (A->failed.load(std::memory_order_relaxed)) return false;
     }
     bool any = false;
-    for (uint32_t i = 0; i < n; ++i) {
-      if (lanes[i].state == AT_TG) {
-        lanes[i].state = RUNNABLE;
+    for (uint32_t s = 0; s < nsg; ++s) {
+      SG& g = sgs[s];
+      if (g.tgmask) {
+        g.runmask = g.tgmask;
+        g.tgmask = 0;
         any = true;
       }
     }
     if (!any) break;
   }
-  t_cur = nullptr;
   return true;
 }
 
@@ -1171,6 +1249,7 @@ inline int run(msim_launch* c, void (*thread_fn)(Lane*)) {
     A.bufs.push_back(BufInfo{b.name, (char*)b.data, size_t(b.nbytes), b.tname, size_t(b.elem_size)});
   }
   g_launch = &A;
+  g_fibers = c->fibers;
   uint32_t d[3], ng[3];
   for (int k = 0; k < 3; ++k) {
     d[k] = c->tg[k] < c->grid[k] ? c->tg[k] : c->grid[k];
@@ -1179,24 +1258,29 @@ inline int run(msim_launch* c, void (*thread_fn)(Lane*)) {
   }
   uint64_t total = uint64_t(ng[0]) * ng[1] * ng[2];
   uint32_t tgn = d[0] * d[1] * d[2];
+  size_t block = 0;
+  {
+    size_t b = 4 * Stacks::page;
+    while (b < size_t(c->stack_size) + 2 * Stacks::page) b <<= 1;
+    block = b;
+  }
+  g_stack_block = block;
   std::atomic<uint64_t> next{0};
   auto worker = [&]() {
     std::vector<Lane> lanes(tgn);
     std::vector<SG> sgs((tgn + 31) / 32);
     Stacks stacks;
-    if (c->fibers) {
-      stacks.ensure(tgn, size_t(c->stack_size));
-      if (!stacks.base) {
-        record_error(2, "could not allocate fiber stacks");
-        return;
-      }
+    Ctx sched;
+    if (c->fibers && !stacks.ensure(tgn, size_t(c->stack_size))) {
+      record_error(2, "could not allocate fiber stacks");
+      return;
     }
     for (;;) {
       uint64_t t = next.fetch_add(1);
       if (t >= total || A.failed.load(std::memory_order_relaxed)) break;
       uint32_t pos[3] = {uint32_t(t % ng[0]), uint32_t((t / ng[0]) % ng[1]),
                          uint32_t(t / (uint64_t(ng[0]) * ng[1]))};
-      if (!run_threadgroup(&A, pos, lanes, sgs, stacks)) break;
+      if (!run_threadgroup(&A, pos, lanes, sgs, stacks, &sched)) break;
     }
   };
   int nt = c->nthreads > 1 ? c->nthreads : 1;
@@ -1211,7 +1295,6 @@ inline int run(msim_launch* c, void (*thread_fn)(Lane*)) {
   g_launch = nullptr;
   return A.failed.load() ? 1 : 0;
 }
-
 }  // namespace metal_sim
 
 // ---------------------------------------------------------------------------
@@ -1223,43 +1306,28 @@ using metal_sim::exchange;
 template <class T>
 inline T simd_sum(T v) {
   auto x = exchange(v, metal_sim::OP_SUM);
-  T acc = T(0);
-  for (uint32_t l = 0; l < 32; ++l)
-    if (x.has(l)) acc += x.at(l);
-  return acc;
+  return x.shared([&] { return x.tree(T(0), [](T a, T b) { return T(a + b); }); });
 }
 template <class T>
 inline T simd_product(T v) {
   auto x = exchange(v, metal_sim::OP_PRODUCT);
-  T acc = T(1);
-  for (uint32_t l = 0; l < 32; ++l)
-    if (x.has(l)) acc *= x.at(l);
-  return acc;
+  return x.shared([&] { return x.tree(T(1), [](T a, T b) { return T(a * b); }); });
 }
 template <class T>
 inline T simd_max(T v) {
   auto x = exchange(v, metal_sim::OP_MAX);
-  T acc = v;
-  for (uint32_t l = 0; l < 32; ++l)
-    if (x.has(l)) acc = max(acc, x.at(l));
-  return acc;
+  return x.shared([&] { return x.tree(v, [](T a, T b) { return T(max(a, b)); }); });
 }
 template <class T>
 inline T simd_min(T v) {
   auto x = exchange(v, metal_sim::OP_MIN);
-  T acc = v;
-  for (uint32_t l = 0; l < 32; ++l)
-    if (x.has(l)) acc = min(acc, x.at(l));
-  return acc;
+  return x.shared([&] { return x.tree(v, [](T a, T b) { return T(min(a, b)); }); });
 }
-#define MSIM_BITRED(name, OP, op)                          \
-  template <class T>                                       \
-  inline T name(T v) {                                     \
-    auto x = exchange(v, metal_sim::OP);                   \
-    T acc = v;                                             \
-    for (uint32_t l = 0; l < 32; ++l)                      \
-      if (x.has(l)) acc = T(acc op x.at(l));               \
-    return acc;                                            \
+#define MSIM_BITRED(name, OP, op)                                                  \
+  template <class T>                                                               \
+  inline T name(T v) {                                                             \
+    auto x = exchange(v, metal_sim::OP);                                           \
+    return x.shared([&] { return x.tree(v, [](T a, T b) { return T(a op b); }); }); \
   }
 MSIM_BITRED(simd_and, OP_AND, &)
 MSIM_BITRED(simd_or, OP_OR, |)
@@ -1359,19 +1427,13 @@ inline T simd_shuffle_rotate_down(T v, ushort delta) {
 }
 inline bool simd_is_first() {
   metal_sim::Lane* L = metal_sim::cur_fiber(metal_sim::OP_BROADCAST_FIRST);
-  for (uint32_t l = 0; l < L->lane; ++l)
-    if (L->sg->lanes[l]->state != metal_sim::DONE) return false;
-  return true;
+  uint32_t alive = ~L->sg->donemask & ((2u << L->lane) - 1u);
+  return uint32_t(__builtin_ctz(alive)) == L->lane;
 }
 inline void simdgroup_barrier(mem_flags = mem_flags::mem_none) {
   exchange(char(0), metal_sim::OP_SG_BARRIER);
 }
-inline void threadgroup_barrier(mem_flags = mem_flags::mem_none) {
-  metal_sim::Lane* L = metal_sim::t_cur;
-  if (L->sg == nullptr) return;  // sequential mode: one lane at a time anyway
-  L->state = metal_sim::AT_TG;
-  metal_sim::yield(L);
-}
+inline void threadgroup_barrier(mem_flags = mem_flags::mem_none) { metal_sim::tg_barrier(); }
 
 // ---------------------------------------------------------------------------
 // simdgroup matrices: each lane holds two elements of the 8x8 tile, laid out
@@ -1389,7 +1451,7 @@ struct simdgroup_matrix {
   simdgroup_matrix() = default;
   explicit simdgroup_matrix(T diag) {
     int r, c;
-    msim_frag_coord(metal_sim::t_cur->lane, r, c);
+    msim_frag_coord(metal_sim::cur_lane()->lane, r, c);
     e.x = (r == c) ? diag : T(0);
     e.y = (r == c + 1) ? diag : T(0);
   }
@@ -1411,7 +1473,7 @@ template <class T, class P>
 inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, P src, ulong elements_per_row = 8,
                            vec<ulong, 2> origin = vec<ulong, 2>(0), bool transpose = false) {
   int r, c;
-  msim_frag_coord(metal_sim::t_cur->lane, r, c);
+  msim_frag_coord(metal_sim::cur_lane()->lane, r, c);
   for (int j = 0; j < 2; ++j) {
     ulong rr = ulong(transpose ? c + j : r), cc = ulong(transpose ? r : c + j);
     d.e[j] = T(src[ptrdiff_t((origin.y + rr) * elements_per_row + origin.x + cc)]);
@@ -1421,7 +1483,7 @@ template <class T, class P>
 inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& s, P dst, ulong elements_per_row = 8,
                             vec<ulong, 2> origin = vec<ulong, 2>(0), bool transpose = false) {
   int r, c;
-  msim_frag_coord(metal_sim::t_cur->lane, r, c);
+  msim_frag_coord(metal_sim::cur_lane()->lane, r, c);
   for (int j = 0; j < 2; ++j) {
     ulong rr = ulong(transpose ? c + j : r), cc = ulong(transpose ? r : c + j);
     using E = std::remove_reference_t<decltype(dst[0])>;
