@@ -5,14 +5,15 @@
 // v and the gates straight from device memory. One threadgroup owns R value rows of one
 // (batch, value head); each row is owned by L adjacent lanes, lane j keeping state columns
 // j, j + L, ... (Dk / L floats) in registers, so a row's L lanes load L adjacent floats of the
-// state at a time. The dot products reduce over L lanes: log2(L) shuffles each.
+// state at a time. The dot products reduce over L lanes: log2(L) shuffles each, after each
+// lane's part adds into 4 independent partial sums (acc) to shorten its dependent chain.
 //
 // Inputs, outputs, template arguments and launch geometry: as recurrent_prefill.metal, except
 // that TB is not used.
 //
 // Vocabulary used (the CUDA prelude maps it): thread_position_in_threadgroup,
 // threadgroup_position_in_grid, simd_shuffle_xor, static_cast; metal::exp, metal::log,
-// metal::fabs (in recurrent_gates.h).
+// metal::fabs and the GDN_UNROLL macro (in recurrent_gates.h).
 
 constexpr int PER = Dk / L;  // state columns per lane
 
@@ -34,6 +35,7 @@ const int gate_base = bi * T * Hv + hv;
 
 float s[PER];
 const int s_base = (n * Dv + row_c) * Dk + j;
+GDN_UNROLL
 for (int i = 0; i < PER; ++i) {
   s[i] = live ? state_in[s_base + i * L] : 0.0f;
 }
@@ -65,7 +67,8 @@ for (int t = 0; t < T; ++t) {
 #endif
   const int kq = qk_base + t * (Hk * Dk);
   float kr[PER];
-  float kv = 0.0f;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  GDN_UNROLL
   for (int i = 0; i < PER; ++i) {
     kr[i] = static_cast<float>(k[kq + i * L]);
 #if !GDN_FUSED
@@ -77,17 +80,20 @@ for (int t = 0; t < T; ++t) {
 #else
     s[i] *= gt;
 #endif
-    kv += s[i] * kr[i];
+    acc[i & 3] += s[i] * kr[i];
   }
+  float kv = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   for (int o = 1; o < L; o <<= 1) {
     kv += simd_shuffle_xor(kv, o);
   }
   const float delta = bt * (static_cast<float>(v[v_base + t * (Hv * Dv) + row_c]) - kv);
-  float out = 0.0f;
+  acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+  GDN_UNROLL
   for (int i = 0; i < PER; ++i) {
     s[i] += kr[i] * delta;
-    out += s[i] * static_cast<float>(q[kq + i * L]);
+    acc[i & 3] += s[i] * static_cast<float>(q[kq + i * L]);
   }
+  float out = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   for (int o = 1; o < L; o <<= 1) {
     out += simd_shuffle_xor(out, o);
   }
@@ -97,6 +103,7 @@ for (int t = 0; t < T; ++t) {
 }
 
 if (live) {
+  GDN_UNROLL
   for (int i = 0; i < PER; ++i) {
     state_out[s_base + i * L] = s[i];
   }

@@ -1,4 +1,4 @@
-// Gate math shared by the recurrent kernel bodies (recurrent_decode.metal, recurrent_prefill.metal).
+// Gate math and loop helpers shared by the recurrent kernel bodies (recurrent_decode.metal, recurrent_prefill.metal).
 //
 // Portable subset: plain C++ arithmetic plus metal::exp, metal::log and metal::fabs (float).
 // The CUDA prelude must define those three in a `metal` namespace before this header.
@@ -11,6 +11,17 @@
 #define GDN_INLINE __device__ __forceinline__
 #else
 #define GDN_INLINE inline
+#endif
+#endif
+
+// Full unrolling keeps the per-lane state arrays in registers.
+#ifndef GDN_UNROLL
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define GDN_UNROLL _Pragma("unroll")
+#elif defined(__METAL_VERSION__)
+#define GDN_UNROLL _Pragma("clang loop unroll(full)")
+#else
+#define GDN_UNROLL
 #endif
 #endif
 

@@ -7,6 +7,10 @@
 // kernel re-reads k and q from device memory for every group of rows). The two per-token dot
 // products reduce over L lanes only: log2(L) shuffles each.
 //
+// Each lane's part of a dot product adds into 4 independent partial sums (acc), so its chain of
+// dependent additions is Dk / L / 4 long rather than Dk / L; loops are unrolled (GDN_UNROLL)
+// so the per-lane arrays stay in registers.
+//
 // Inputs (names set by mlx_gdn/launch.py):
 //   q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; state_in [B, Hv, Dv, Dk] float32;
 //   GDN_FUSED:  a, b [B, T, Hv]; A_log, dt_bias [Hv]; lower_bound [1] float32
@@ -20,7 +24,7 @@
 // Vocabulary used (the CUDA prelude maps it): thread_position_in_threadgroup,
 // threadgroup_position_in_grid, simd_shuffle_xor, threadgroup arrays,
 // threadgroup_barrier(mem_flags::mem_threadgroup), static_cast; metal::exp, metal::log,
-// metal::fabs (in recurrent_gates.h).
+// metal::fabs and the GDN_UNROLL macro (in recurrent_gates.h).
 
 constexpr int NT = R * L;      // threads per threadgroup
 constexpr int PER = Dk / L;    // state columns per lane
@@ -52,6 +56,7 @@ const int gate_base = bi * T * Hv + hv;
 
 float s[PER];
 const int s_base = (n * Dv + (live ? row : 0)) * Dk + j;
+GDN_UNROLL
 for (int i = 0; i < PER; ++i) {
   s[i] = live ? state_in[s_base + i * L] : 0.0f;
 }
@@ -112,28 +117,33 @@ for (int t0 = 0; t0 < T; t0 += TB) {
       continue;
     }
     const int kq = tt * Dk + j;
-    float kv = 0.0f;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (KEYGATE) {
+      GDN_UNROLL
       for (int i = 0; i < PER; ++i) {
         s[i] *= g_s[kq + i * L];
-        kv += s[i] * k_s[kq + i * L];
+        acc[i & 3] += s[i] * k_s[kq + i * L];
       }
     } else {
       const float gt = g_s[tt];
+      GDN_UNROLL
       for (int i = 0; i < PER; ++i) {
         s[i] *= gt;
-        kv += s[i] * k_s[kq + i * L];
+        acc[i & 3] += s[i] * k_s[kq + i * L];
       }
     }
+    float kv = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     for (int o = 1; o < L; o <<= 1) {
       kv += simd_shuffle_xor(kv, o);
     }
     const float delta = beta_s[tt] * (v_s[tt * R + r_loc] - kv);
-    float out = 0.0f;
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+    GDN_UNROLL
     for (int i = 0; i < PER; ++i) {
       s[i] += k_s[kq + i * L] * delta;
-      out += s[i] * q_s[kq + i * L];
+      acc[i & 3] += s[i] * q_s[kq + i * L];
     }
+    float out = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     for (int o = 1; o < L; o <<= 1) {
       out += simd_shuffle_xor(out, o);
     }
@@ -144,6 +154,7 @@ for (int t0 = 0; t0 < T; t0 += TB) {
 }
 
 if (live) {
+  GDN_UNROLL
   for (int i = 0; i < PER; ++i) {
     state_out[s_base + i * L] = s[i];
   }
