@@ -41,7 +41,7 @@ for (int i = 0; i < PER; ++i) {
 }
 
 #if GDN_FUSED
-const float A_log_h = static_cast<float>(A_log[hv]);
+const float rate_h = metal::exp(static_cast<float>(A_log[hv]));
 const float dt_bias_h = static_cast<float>(dt_bias[hv]);
 const float lower_bound_v = lower_bound[0];
 #endif
@@ -59,7 +59,7 @@ for (int t = 0; t < T; ++t) {
 #endif
   const int gi = gate_base + t * Hv;
 #if GDN_FUSED
-  const float gt = gdn_decay(static_cast<float>(a[gi]), A_log_h, dt_bias_h, lower_bound_v, LOWER);
+  const float gt = gdn_decay(static_cast<float>(a[gi]), rate_h, dt_bias_h, lower_bound_v, LOWER);
   const float bt = gdn_beta(static_cast<float>(b[gi]), NEG);
 #else
   const float gt = KEYGATE ? 1.0f : static_cast<float>(g[gi]);

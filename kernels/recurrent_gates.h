@@ -41,12 +41,12 @@ GDN_INLINE float gdn_softplus(float x) {
   return (x > 0.0f ? x : 0.0f) + l1p;
 }
 
-// Decay g in (0, 1] from the raw projection a (DESIGN.md section 1).
-// lower: g = exp(lower_bound * sigmoid(exp(A_log) * (a + dt_bias)));
-// else:  g = exp(-exp(A_log) * softplus(a + dt_bias)).
-GDN_INLINE float gdn_decay(float a, float A_log, float dt_bias, float lower_bound, bool lower) {
+// Decay g in (0, 1] from the raw projection a (DESIGN.md section 1); rate = exp(A_log), computed
+// once per head by the caller.
+// lower: g = exp(lower_bound * sigmoid(rate * (a + dt_bias)));
+// else:  g = exp(-rate * softplus(a + dt_bias)).
+GDN_INLINE float gdn_decay(float a, float rate, float dt_bias, float lower_bound, bool lower) {
   float x = a + dt_bias;
-  float rate = metal::exp(A_log);
   return lower ? metal::exp(lower_bound * gdn_sigmoid(rate * x)) : metal::exp(-rate * gdn_softplus(x));
 }
 

@@ -62,7 +62,7 @@ for (int i = 0; i < PER; ++i) {
 }
 
 #if GDN_FUSED
-const float A_log_h = static_cast<float>(A_log[hv]);
+const float rate_h = metal::exp(static_cast<float>(A_log[hv]));
 const float dt_bias_h = static_cast<float>(dt_bias[hv]);
 const float lower_bound_v = lower_bound[0];
 #endif
@@ -91,7 +91,7 @@ for (int t0 = 0; t0 < T; t0 += TB) {
   for (int i = tid; i < nb; i += NT) {
     const int gi = gate_base + (t0 + i) * Hv;
 #if GDN_FUSED
-    g_s[i] = gdn_decay(static_cast<float>(a[gi]), A_log_h, dt_bias_h, lower_bound_v, LOWER);
+    g_s[i] = gdn_decay(static_cast<float>(a[gi]), rate_h, dt_bias_h, lower_bound_v, LOWER);
     beta_s[i] = gdn_beta(static_cast<float>(b[gi]), NEG);
 #else
     if (!KEYGATE) {
