@@ -1,0 +1,133 @@
+"""Compile the CUDA kernels offline, the way MLX builds them, with nvcc.
+
+For each variant the CUDA launcher can produce, the test writes the translation unit that
+`mx.fast.cuda_kernel` would compile (MLX's includes, the header, the generated signature with
+`*_shape` parameters and template constants, the body inside namespace mlx::core::cu) and
+compiles it for sm_90a with `nvcc -c`. Variants are grouped into two translation units,
+compiled in parallel. Skipped where nvcc is absent; no GPU needed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import mlx.core as mx
+
+from mlx_gdn import cuda, launch
+from mlx_gdn.kernel_source import load
+from mlx_gdn.validate import Problem
+
+NVCC = shutil.which("nvcc")
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+
+# What MLX's default header provides (mlx/backend/cuda/device/utils.cuh and cooperative groups):
+# the half types, cuda::std::array, and Shape / Strides in mlx::core::cu.
+MLX_HEADER = """#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda/std/array>
+#include <cuda/std/limits>
+#include <cooperative_groups.h>
+#include <cstdint>
+namespace mlx::core::cu {
+using Shape = cuda::std::array<int32_t, 10>;
+using Strides = cuda::std::array<int64_t, 10>;
+}
+"""
+
+DIMS = [(64, 64), (128, 128), (192, 256), (256, 192)]
+DTYPES = [mx.bfloat16, mx.float32, mx.float16]
+
+
+def _nvcc(src: str, workdir: Path, name: str):
+    path = workdir / f"{name}.cu"
+    path.write_text(src)
+    cmd = [NVCC, "-c", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", str(path), "-o", str(path.with_suffix(".o"))]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _recurrent_tu() -> str:
+    parts = [MLX_HEADER, cuda.load(cuda.PRELUDE)]
+    i = 0
+    for path in ("decode", "prefill"):
+        rule = [(False, key, masked, False, False) for key, masked in itertools.product((False, True), repeat=2)]
+        upd = [(True, False, m, lo, ng) for m, lo, ng in itertools.product((False, True), repeat=3)]
+        for fused, key, masked, lower, neg in rule + upd:
+            Dk, Dv = DIMS[i % len(DIMS)]
+            dt = DTYPES[i % len(DTYPES)]
+            T = 1 if path == "decode" else 64
+            p = Problem(2, T, 2, 4, Dk, Dv, dt, "key" if key else "scalar", masked, fused)
+            spec = launch.recurrent_spec(p, lower=lower, neg=neg, path=path)
+            ndim = {"q": 4, "k": 4, "v": 4, "state_in": 4, "mask": 2, "g": 4 if key else 3, "beta": 3,
+                    "a": 3, "b": 3, "A_log": 1, "dt_bias": 1, "lower_bound": 1}
+            dtypes = {"state_in": mx.float32, "mask": mx.bool_, "lower_bound": mx.float32, "A_log": mx.float32,
+                      "dt_bias": mx.float32, "beta": mx.float32}
+            inputs = [(n, dtypes.get(n, dt), ndim[n]) for n in spec.input_names]
+            outputs = list(zip(spec.output_names, spec.output_dtypes))
+            header = "#undef GDN_FUSED\n#undef GDN_MASKED\n" + spec.header()
+            parts.append(cuda.kernel_text(f"custom_kernel_{spec.name}_{i}", header, spec.source(), inputs, outputs,
+                                          list(spec.template)))
+            i += 1
+    return "".join(parts)
+
+
+def _chunked_tu() -> str:
+    parts = [MLX_HEADER, load("chunked_tc.cuh")]
+    prep_cases = [  # dtype, Dk, Dv, fused, masked, lower, neg
+        (mx.bfloat16, 128, 128, False, False, False, False),
+        (mx.float32, 256, 192, True, True, True, True),
+        (mx.float16, 64, 256, True, True, False, False),
+    ]
+    for i, (dt, Dk, Dv, fused, masked, lower, neg) in enumerate(prep_cases):
+        exact = dt == mx.float32
+        ot = mx.float32 if exact else mx.bfloat16
+        inputs = [("q", dt, 4), ("k", dt, 4), ("v", dt, 4), ("gate_a", dt, 3), ("gate_b", mx.float32, 3),
+                  ("A_log", mx.float32, 1), ("dt_bias", mx.float32, 1), ("lower_bound", mx.float32, 1),
+                  ("mask", mx.bool_ if masked else mx.float32, 2 if masked else 1)]
+        outputs = list(zip(cuda.PREP_OUTPUTS, (ot, ot, ot, mx.float32)))
+        template = [("Dk", Dk), ("Dv", Dv), ("EXACT", exact), ("FUSED", fused), ("MASKED", masked),
+                    ("HAS_LB", lower), ("NEG", neg)]
+        parts.append(cuda.kernel_text(f"custom_kernel_prep_{i}", "", load("chunked_prep.cu"), inputs, outputs, template))
+    state_cases = [  # dtype, Dk, Dv, masked
+        (mx.bfloat16, 128, 128, False),
+        (mx.float32, 256, 256, True),
+        (mx.float16, 192, 64, True),
+    ]
+    for i, (dt, Dk, Dv, masked) in enumerate(state_cases):
+        p = Problem(1, 256, 1, 2, Dk, Dv, dt, "scalar", masked, False)
+        bv, share, smem = cuda._state_config(p)
+        assert smem <= cuda.SMEM_LIMIT
+        exact = dt == mx.float32
+        ot = mx.float32 if exact else mx.bfloat16
+        inputs = [("q", dt, 4), ("k", dt, 4), ("W", ot, 4), ("U", ot, 4), ("Aqk", ot, 5), ("G", mx.float32, 3),
+                  ("state_in", mx.float32, 4), ("mask", mx.bool_ if masked else mx.float32, 2 if masked else 1)]
+        outputs = [("y", dt), ("state_out", mx.float32)]
+        template = [("Dk", Dk), ("Dv", Dv), ("BV", bv), ("EXACT", exact), ("MASKED", masked), ("SHARE_WQ", share)]
+        parts.append(cuda.kernel_text(f"custom_kernel_state_{i}", "", load("chunked_state.cu"), inputs, outputs, template))
+    return "".join(parts)
+
+
+def test_all_variants_compile():
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        jobs = {"recurrent": _recurrent_tu(), "chunked": _chunked_tu()}
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            results = dict(zip(jobs, pool.map(lambda kv: _nvcc(kv[1], work, kv[0]), jobs.items())))
+        for name, r in results.items():
+            assert r.returncode == 0, f"{name} translation unit failed to compile:\n{r.stderr[-6000:]}"
+
+
+def test_broken_source_fails():
+    """The harness itself must fail on bad CUDA: a body with a type error does not compile."""
+    src = cuda.kernel_text("custom_kernel_broken", cuda.load(cuda.PRELUDE),
+                           "float x = simd_sum(1.0f); undefined_thing(x);", [("a", mx.float32, 1)],
+                           [("out", mx.float32)], [])
+    with tempfile.TemporaryDirectory() as d:
+        r = _nvcc(MLX_HEADER + src, Path(d), "broken")
+    assert r.returncode != 0 and "undefined_thing" in r.stderr
