@@ -1,0 +1,102 @@
+"""Chunked vs recurrent ops paths vs mlx-lm's ops loop, per prompt length, on the default device.
+
+    PYTHONPATH=. python bench/crossover_cpu.py [--T 64 512 2048 4096] [--reps 3] [--grad 2048] [--chunk 64]
+
+Qwen3.5-like layer: B=1, Hk=16, Hv=32, Dk=Dv=128, float32. Wall time per call from Python,
+synchronised after each call (mx.eval), warm-up call excluded, two input sets alternated;
+prints min and median in ms. --grad T times one forward+backward step (mx.value_and_grad of a
+loss over y and the state) for the chunked and recurrent paths. Results go to bench/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import mlx.core as mx
+
+import mlx_gdn.ops_chunked as oc
+from mlx_gdn.ops_recurrent import recurrent_rule
+from mlx_gdn.testing import random_inputs
+
+SHAPE = dict(B=1, Hk=16, Hv=32, Dk=128, Dv=128)
+
+
+def _inputs(T, seed):
+    s = SHAPE
+    return random_inputs(s["B"], T, s["Hk"], s["Hv"], s["Dk"], s["Dv"], seed=seed)
+
+
+def _time(fn, sets, reps):
+    """(min, median) seconds of fn(x) over reps calls after one warm-up, inputs alternated."""
+    mx.eval(fn(sets[0]))
+    ts = []
+    for i in range(reps):
+        x = sets[i % len(sets)]
+        t0 = time.perf_counter()
+        mx.eval(fn(x))
+        ts.append(time.perf_counter() - t0)
+    return min(ts), statistics.median(ts)
+
+
+def contenders():
+    out = {
+        "chunked": lambda x: oc.chunked_rule(x.q, x.k, x.v, x.g, x.beta, x.state),
+        "recurrent": lambda x: recurrent_rule(x.q, x.k, x.v, x.g, x.beta, x.state),
+    }
+    try:
+        from mlx_lm.models.gated_delta import gated_delta_ops
+
+        out["mlx-lm ops"] = lambda x: gated_delta_ops(x.q, x.k, x.v, x.g, x.beta, x.state)
+    except ImportError:
+        pass
+    return out
+
+
+def grad_step(rule):
+    def loss(q, k, v, g, beta, state):
+        y, s = rule(q, k, v, g, beta, state)
+        return (y * y).sum() + (s * s).sum()
+
+    vg = mx.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+    return lambda x: vg(x.q, x.k, x.v, x.g, x.beta, x.state)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, nargs="+", default=[64, 512, 2048])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--grad", type=int, nargs="*", default=[])
+    ap.add_argument("--chunk", type=int, default=oc.CHUNK)
+    ap.add_argument("--only", nargs="*", default=None, help="contender names to run")
+    a = ap.parse_args()
+    oc.CHUNK = a.chunk
+    import mlx_lm
+
+    print(f"device {mx.default_device()}, {platform.processor() or platform.machine()}, mlx {mx.__version__}, "
+          f"mlx-lm {mlx_lm.__version__}, chunk {oc.CHUNK}, shape {SHAPE}, float32, reps {a.reps}")
+    print("| T | contender | min ms | median ms | ms/token |")
+    print("|---|---|---|---|---|")
+    for T in a.T:
+        sets = [_inputs(T, 1), _inputs(T, 2)]
+        mx.eval([[x.q, x.k, x.v, x.g, x.beta, x.state] for x in sets])
+        for name, fn in contenders().items():
+            if a.only and name not in a.only:
+                continue
+            lo, med = _time(fn, sets, a.reps)
+            print(f"| {T} | {name} | {lo * 1e3:.1f} | {med * 1e3:.1f} | {med * 1e3 / T:.3f} |", flush=True)
+    for T in a.grad:
+        sets = [_inputs(T, 1), _inputs(T, 2)]
+        for name, rule in (("chunked", oc.chunked_rule), ("recurrent", recurrent_rule)):
+            if a.only and name not in a.only:
+                continue
+            mx.reset_peak_memory()
+            lo, med = _time(grad_step(rule), sets, a.reps)
+            peak = mx.get_peak_memory() / 2**30
+            print(f"| {T} fwd+bwd | {name} | {lo * 1e3:.1f} | {med * 1e3:.1f} | peak {peak:.2f} GiB |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
