@@ -47,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-call", type=float, help="skip cells whose call is predicted slower (seconds)")
     p.add_argument("--sets", type=int, default=3, help="pre-generated input sets rotated among")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--commit", help="record this commit when the checkout has no .git (a copy on another machine)")
     p.add_argument("--copy-mib", type=int, help="size of the copy-bandwidth probe")
     p.add_argument("--json", metavar="PATH", help="write environment and every measurement")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of time vs T per contender")
@@ -90,6 +91,8 @@ def main(argv: Optional[List[str]] = None, extra_contenders: Optional[List[Conte
         sets=args.sets, seed=args.seed,
     )
     env = environment()
+    if args.commit and not env["git_commit"]:
+        env["git_commit"] = args.commit
     console.print(f"[bold]mlx-gdn bench[/] on {env['device']} (mlx {env['versions']['mlx']}); "
                   f"{len(cells)} cells x {len(found)} contenders")
     copy_mib = args.copy_mib or (512 if gpu else 64)

@@ -44,7 +44,10 @@ def make_fla_contender(name: str, fn: Callable, bridge: Any, description: str = 
     def prepare(s: InputSet):
         dt = str(s.q.dtype).rsplit(".", 1)[-1]
         q, k, v = (bridge.to_device(_np32(x), dt) for x in (s.q, s.k, s.v))
-        g = bridge.to_device(np.log(_np32(s.g)), "float32")  # fla wants log-decay
+        # fla wants the log-decay; taken from the raw gate inputs so a decay that underflows
+        # to 0 in float32 stays finite: log g = -exp(A_log) * softplus(a + dt_bias).
+        x = _np32(s.a).astype(np.float64) + _np32(s.dt_bias)
+        g = bridge.to_device(-np.exp(_np32(s.A_log).astype(np.float64)) * np.logaddexp(0.0, x), "float32")
         beta = bridge.to_device(_np32(s.beta), dt)
         h0 = bridge.to_device(np.swapaxes(_np32(s.state), -1, -2), "float32")  # [B,Hv,Dk,Dv]
         return lambda: fn(

@@ -71,29 +71,38 @@ def plot(results: List[dict], path: str, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     groups = defaultdict(lambda: defaultdict(list))
+    family = {}
     for r in results:
         if r["status"] == "ok":
             c = r["config"]
             groups[f"{c['shape']} B{c['B']} {c['dtype']}"][r["contender"]].append((c["T"], r["time_s"] * 1e3))
+            family[r["contender"]] = r.get("family", "")
+    # One colour per contender across panels; line style per family (ours solid, peers broken).
+    names = sorted(family)
+    cmap = plt.get_cmap("tab20")
+    color = {n: cmap(i % 20) for i, n in enumerate(names)}
+    style = {"mlx-gdn": "-", "mlx-lm": "--", "mlx": ":", "fla": "-."}
     n = max(1, len(groups))
     cols = min(n, 2)
     rows_ = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows_, cols, figsize=(6.5 * cols, 4.2 * rows_), squeeze=False)
+    fig, axes = plt.subplots(rows_, cols, figsize=(6 * cols + 3, 4.2 * rows_), squeeze=False)
     for ax, (g, lines) in zip(axes.flat, sorted(groups.items())):
         for name, pts in sorted(lines.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=name, color=color[name],
+                    ls=style.get(family[name], "-"))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("T (tokens per call)")
         ax.set_ylabel("ms per call (median)")
         ax.set_title(g)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
+    handles = [plt.Line2D([], [], color=color[nm], ls=style.get(family[nm], "-"), marker="o", ms=4) for nm in names]
+    fig.legend(handles, names, loc="center right", fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 2.8 / (6 * cols + 3), 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
