@@ -15,6 +15,7 @@ from typing import Any, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import decode_layer
 from .api import gated_delta_update
 from .gating import normalize_qk
 from .validate import BACKENDS, check_choice
@@ -161,7 +162,8 @@ class _GatedDeltaBase(nn.Module):
 
     def mix(self, qkv: mx.array, a: mx.array, b: mx.array, mask=None, cache=None) -> mx.array:
         """From projections to the recurrence output: conv-state update, conv, SiLU, split,
-        q/k normalisation, gating and the recurrence.
+        q/k normalisation, gating and the recurrence. At T=1 (inference, no per-sequence lengths)
+        on the "metal" or "cuda" backend this is one fused kernel (`mlx_gdn.decode_layer`).
 
         qkv [B, S, conv_dim]; a, b [B, S, Hv]; mask [B, S] or None. Returns y [B, S, Hv, Dv].
         """
@@ -176,6 +178,18 @@ class _GatedDeltaBase(nn.Module):
         backend = "ops" if self.training else self.backend
 
         if S == 1 and not self.training and lengths is None:
+            w = self.conv1d.weight
+            sizes = (self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim)
+            fused = decode_layer.fused_backend(backend, qkv, conv_state, w, a, b, state, mask, *sizes)
+            if fused is not None:
+                # One kernel from the projections to y and both new states.
+                out, new_conv, state = decode_layer.decode_step(
+                    fused, qkv, conv_state, w, a, b, self.A_log, self.dt_bias, state, mask, *sizes
+                )
+                if cache is not None:
+                    cache[0], cache[1] = new_conv, state
+                    cache.advance(S)
+                return out
             prep = _decode_prep(self.conv_kernel_size, self.num_k_heads, self.head_k_dim, mask is not None)
             extra = () if mask is None else (mask,)
             q, k, v, new_conv = prep(conv_state, qkv, self.conv1d.weight, *extra)
