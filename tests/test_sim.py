@@ -420,3 +420,46 @@ def test_simulated_metal_restores_and_nests():
         with simulated_metal():
             1 / 0
     assert not sim.active() and mx.fast.metal_kernel is orig
+
+
+def test_bitwise_votes_rotate_and_threads(monkeypatch):
+    # Several OS threads over threadgroups must give the same answers.
+    monkeypatch.setenv("MLX_GDN_SIM_THREADS", "2")
+    src = """
+        uint i = thread_position_in_grid.x;
+        uint lane = thread_index_in_simdgroup;
+        uint v = x[i];
+        out[5 * i + 0] = simd_and(v);
+        out[5 * i + 1] = simd_or(v);
+        out[5 * i + 2] = simd_xor(v);
+        out[5 * i + 3] = simd_shuffle_rotate_down(v, 3);
+        out[5 * i + 4] = (simd_any(v == 7u) ? 1u : 0u) + (simd_all(v < 1024u) ? 2u : 0u) + (simd_is_first() ? 4u : 0u);
+    """
+    x = RNG.integers(0, 1024, 32 * 16).astype(np.uint32)
+    x[5] = 7
+    o = np.array(run1(src, [mx.array(x)], (5 * 512,), (512, 1, 1), (32, 1, 1), out_dtype=mx.uint32)).reshape(16, 32, 5)
+    g = x.reshape(16, 32)
+    np.testing.assert_array_equal(o[..., 0], np.repeat(np.bitwise_and.reduce(g, 1)[:, None], 32, 1))
+    np.testing.assert_array_equal(o[..., 1], np.repeat(np.bitwise_or.reduce(g, 1)[:, None], 32, 1))
+    np.testing.assert_array_equal(o[..., 2], np.repeat(np.bitwise_xor.reduce(g, 1)[:, None], 32, 1))
+    np.testing.assert_array_equal(o[..., 3], g[:, (np.arange(32) + 3) % 32])
+    anyv = (g == 7).any(1)[:, None].astype(np.uint32)
+    np.testing.assert_array_equal(o[..., 4], anyv + 2 + 4 * (np.arange(32) == 0))
+
+
+def test_device_pointer_casts_and_vector_loads():
+    src = """
+        uint i = thread_position_in_grid.x;
+        const device float4* x4 = (const device float4*)x;
+        device float2* o2 = reinterpret_cast<device float2*>(out);
+        float4 v = x4[i];
+        o2[2 * i] = float2(v.x + v.y, v.z + v.w);
+        o2[2 * i + 1] = float2(v.x * 2.0h, v.w);
+    """
+    x = rand(8 * 4)
+    o = np.array(run1(src, [mx.array(x)], (32,), (8, 1, 1), (8, 1, 1))).reshape(8, 4)
+    g = x.reshape(8, 4)
+    np.testing.assert_allclose(o[:, 0], g[:, 0] + g[:, 1], rtol=1e-6)
+    np.testing.assert_allclose(o[:, 1], g[:, 2] + g[:, 3], rtol=1e-6)
+    np.testing.assert_allclose(o[:, 2], g[:, 0] * 2, rtol=1e-6)
+    np.testing.assert_array_equal(o[:, 3], g[:, 3])

@@ -174,7 +174,8 @@ _OPT = os.environ.get("MLX_GDN_SIM_OPT", "-O2")
 
 
 def _flags() -> list[str]:
-    return [_OPT, "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-w", "-fno-strict-aliasing"]
+    extra = os.environ.get("MLX_GDN_SIM_CXXFLAGS", "").split()
+    return [_OPT, "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-w", "-fno-strict-aliasing", *extra]
 
 
 _runtime_hash_cache: list = []
@@ -224,13 +225,59 @@ def _build(src: str, kname: str):
         return fn
 
 
+_pch_dirs: dict = {}
+
+
+def _pch_dir(cxx, flags) -> Path | None:
+    """A directory holding runtime.h and its precompiled form (g++ only), or None.
+
+    Parsing the runtime is a third of a small kernel's build time.
+    """
+    key = (cxx, tuple(flags))
+    if key in _pch_dirs:
+        return _pch_dirs[key]
+    result = None
+    if "clang" not in cxx and os.environ.get("MLX_GDN_SIM_PCH", "1") != "0":
+        h = hashlib.sha256("\0".join([_runtime_hash(), cxx, *flags]).encode()).hexdigest()[:16]
+        d = cache_dir() / f"pch_{h}"
+        gch = d / "runtime.h.gch"
+        if gch.exists():
+            result = d
+        else:
+            import fcntl
+
+            d.mkdir(exist_ok=True)
+            with open(d / "lock", "w") as lockf:
+                fcntl.flock(lockf, fcntl.LOCK_EX)
+                try:
+                    if not gch.exists():
+                        shutil.copyfile(_RUNTIME, d / "runtime.h")
+                        tmp = d / f"runtime.h.gch.{os.getpid()}"
+                        pflags = [f for f in flags if f != "-shared"]
+                        r = subprocess.run(
+                            [cxx, *pflags, "-x", "c++-header", str(d / "runtime.h"), "-o", str(tmp)],
+                            capture_output=True,
+                            text=True,
+                        )
+                        if r.returncode == 0:
+                            os.replace(tmp, gch)
+                    if gch.exists():
+                        result = d
+                finally:
+                    fcntl.flock(lockf, fcntl.LOCK_UN)
+    _pch_dirs[key] = result
+    return result
+
+
 def _compile(cxx, flags, src, so: Path, kname: str):
     d = so.parent
+    pch = _pch_dir(cxx, flags)
     with tempfile.TemporaryDirectory(dir=d, prefix="build_") as tmp:
         cpp = Path(tmp) / "kernel.cpp"
         cpp.write_text(src)
         out = Path(tmp) / "kernel.so"
-        cmd = [cxx, *flags, f"-I{_HERE}", str(cpp), "-o", str(out), "-lm", "-pthread"]
+        incs = ([f"-I{pch}"] if pch else []) + [f"-I{_HERE}"]
+        cmd = [cxx, *flags, *incs, str(cpp), "-o", str(out), "-lm", "-pthread"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             msg = (r.stderr or r.stdout).strip()
@@ -238,6 +285,9 @@ def _compile(cxx, flags, src, so: Path, kname: str):
                 f"[metal_kernel sim] kernel '{kname}' failed to compile:\n{msg}\n"
                 f"(generated source: pass verbose=True to print it)"
             )
+        # Keep the source next to the library: compiler diagnostics and
+        # debuggers can then be pointed at it.
+        os.replace(cpp, so.with_suffix(".cpp"))
         os.replace(out, so)
 
 

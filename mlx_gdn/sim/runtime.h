@@ -801,12 +801,12 @@ static const char* const op_names[] = {
     "simd_prefix_inclusive_product", "simd_prefix_exclusive_product", "simd_shuffle",
     "simd_shuffle_xor", "simd_shuffle_up", "simd_shuffle_down", "simd_broadcast",
     "simd_broadcast_first", "simdgroup_barrier", "simdgroup_multiply", "simd_ballot",
-    "simd_shuffle_rotate_up", "simd_shuffle_rotate_down"};
+    "simd_shuffle_rotate_up", "simd_shuffle_rotate_down", "simd_is_first"};
 enum : int {
   OP_SUM = 1, OP_PRODUCT, OP_MAX, OP_MIN, OP_AND, OP_OR, OP_XOR, OP_ALL, OP_ANY, OP_PINC_SUM,
   OP_PEXC_SUM, OP_PINC_PROD, OP_PEXC_PROD, OP_SHUFFLE, OP_SHUFFLE_XOR, OP_SHUFFLE_UP,
   OP_SHUFFLE_DOWN, OP_BROADCAST, OP_BROADCAST_FIRST, OP_SG_BARRIER, OP_MATMUL, OP_BALLOT,
-  OP_ROT_UP, OP_ROT_DOWN
+  OP_ROT_UP, OP_ROT_DOWN, OP_IS_FIRST
 };
 
 // Fiber stacks are aligned blocks of g_stack_block bytes whose first word
@@ -1425,10 +1425,11 @@ inline T simd_shuffle_rotate_down(T v, ushort delta) {
   auto x = exchange(v, metal_sim::OP_ROT_DOWN);
   return msim_pick(x, (x.me + delta) & 31u);
 }
+// A collective here: "first active lane" only means something at a point
+// where the simdgroup's lanes are together.
 inline bool simd_is_first() {
-  metal_sim::Lane* L = metal_sim::cur_fiber(metal_sim::OP_BROADCAST_FIRST);
-  uint32_t alive = ~L->sg->donemask & ((2u << L->lane) - 1u);
-  return uint32_t(__builtin_ctz(alive)) == L->lane;
+  auto x = exchange(char(0), metal_sim::OP_IS_FIRST);
+  return uint32_t(__builtin_ctz(x.mask)) == x.me;
 }
 inline void simdgroup_barrier(mem_flags = mem_flags::mem_none) {
   exchange(char(0), metal_sim::OP_SG_BARRIER);
