@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
                     "a float64 reference first. Defaults depend on the device (CPU or GPU).",
     )
     p.add_argument("--quick", action="store_true", help="a small sweep (under two minutes on a 2-core CPU)")
-    p.add_argument("--preset", action="append", choices=[*PRESETS, "all"], help="layer shape (repeatable)")
+    p.add_argument("--preset", action="append", choices=[*PRESETS, "all"], help="layer shape (repeatable), (Hk, Hv, Dk, Dv): " + "; ".join(f"{n} {d}" for n, d in PRESETS.items()))
     p.add_argument("--hk", type=int, help="key heads (free shape)")
     p.add_argument("--hv", type=int, help="value heads (free shape)")
     p.add_argument("--dk", type=int, help="key head dim (free shape)")
