@@ -8,8 +8,8 @@
 // state at a time. The dot products reduce over L lanes: log2(L) shuffles each, after each
 // lane's part adds into 4 independent partial sums (acc) to shorten its dependent chain.
 //
-// Inputs, outputs, template arguments and launch geometry: as recurrent_prefill.metal, except
-// that TB is not used.
+// Inputs (strided views allowed), outputs, template arguments and launch geometry: as
+// recurrent_prefill.metal, except that TB is not used.
 //
 // Vocabulary used (the CUDA prelude maps it): thread_position_in_threadgroup,
 // threadgroup_position_in_grid, simd_shuffle_xor, static_cast; metal::exp, metal::log,
@@ -29,51 +29,70 @@ const int row = static_cast<int>(threadgroup_position_in_grid.x) * R + r_loc;
 const bool live = row < Dv;
 const int row_c = live ? row : 0;  // rows past Dv compute on row 0's inputs and store nothing
 
-const int qk_base = bi * T * Hk * Dk + hk * Dk + j;
-const int v_base = bi * T * Hv * Dv + hv * Dv;
-const int gate_base = bi * T * Hv + hv;
+// Inputs are read through their strides (in elements), so views need no copy: X0 is the
+// offset of token 0 of this sequence and head (and of this lane's first column), XT the step
+// between tokens, XC the step between this lane's columns (L columns apart).
+const int64_t q0 = bi * q_strides[0] + hk * q_strides[2] + j * q_strides[3];
+const int64_t qT = q_strides[1], qC = L * q_strides[3];
+const int64_t k0 = bi * k_strides[0] + hk * k_strides[2] + j * k_strides[3];
+const int64_t kT = k_strides[1], kC = L * k_strides[3];
+const int64_t v0 = bi * v_strides[0] + hv * v_strides[2] + row_c * v_strides[3], vT = v_strides[1];
+#if GDN_FUSED
+const int64_t a0 = bi * a_strides[0] + hv * a_strides[2], aT = a_strides[1];
+const int64_t b0 = bi * b_strides[0] + hv * b_strides[2], bT = b_strides[1];
+#else
+const int64_t g0 = bi * g_strides[0] + hv * g_strides[2] + (KEYGATE ? j * g_strides[3] : 0);
+const int64_t gT = g_strides[1], gC = KEYGATE ? L * g_strides[3] : 0;
+const int64_t beta0 = bi * beta_strides[0] + hv * beta_strides[2], betaT = beta_strides[1];
+#endif
+#if GDN_MASKED
+const int64_t m0 = bi * mask_strides[0], mT = mask_strides[1];
+#endif
+// Outputs are allocated row-contiguous.
+const int64_t y0 = (static_cast<int64_t>(bi) * T * Hv + hv) * Dv + row;
 
 float s[PER];
-const int s_base = (n * Dv + row_c) * Dk + j;
+const int64_t s_in = bi * state_in_strides[0] + hv * state_in_strides[1] +
+                     row_c * state_in_strides[2] + j * state_in_strides[3];
+const int64_t s_inC = L * state_in_strides[3];
 GDN_UNROLL
 for (int i = 0; i < PER; ++i) {
-  s[i] = live ? state_in[s_base + i * L] : 0.0f;
+  s[i] = live ? state_in[s_in + i * s_inC] : 0.0f;
 }
 
 #if GDN_FUSED
-const float rate_h = metal::exp(static_cast<float>(A_log[hv]));
-const float dt_bias_h = static_cast<float>(dt_bias[hv]);
+const float rate_h = metal::exp(static_cast<float>(A_log[hv * A_log_strides[0]]));
+const float dt_bias_h = static_cast<float>(dt_bias[hv * dt_bias_strides[0]]);
 const float lower_bound_v = lower_bound[0];
 #endif
 
 for (int t = 0; t < T; ++t) {
-  const int y_off = v_base + t * (Hv * Dv) + row;
+  const int64_t y_off = y0 + static_cast<int64_t>(t) * (Hv * Dv);
 #if GDN_MASKED
   // Uniform over the threadgroup, so a row's lanes stay together for the shuffles.
-  if (!mask[bi * T + t]) {
+  if (!mask[m0 + t * mT]) {
     if (live && j == 0) {
       y[y_off] = static_cast<InT>(0.0f);
     }
     continue;
   }
 #endif
-  const int gi = gate_base + t * Hv;
 #if GDN_FUSED
-  const float gt = gdn_decay(static_cast<float>(a[gi]), rate_h, dt_bias_h, lower_bound_v, LOWER);
-  const float bt = gdn_beta(static_cast<float>(b[gi]), NEG);
+  const float gt = gdn_decay(static_cast<float>(a[a0 + t * aT]), rate_h, dt_bias_h, lower_bound_v, LOWER);
+  const float bt = gdn_beta(static_cast<float>(b[b0 + t * bT]), NEG);
 #else
-  const float gt = KEYGATE ? 1.0f : static_cast<float>(g[gi]);
-  const float bt = static_cast<float>(beta[gi]);
+  const float gt = KEYGATE ? 1.0f : static_cast<float>(g[g0 + t * gT]);
+  const float bt = static_cast<float>(beta[beta0 + t * betaT]);
 #endif
-  const int kq = qk_base + t * (Hk * Dk);
+  const int64_t kt = k0 + t * kT, qt = q0 + t * qT;
   float kr[PER];
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   GDN_UNROLL
   for (int i = 0; i < PER; ++i) {
-    kr[i] = static_cast<float>(k[kq + i * L]);
+    kr[i] = static_cast<float>(k[kt + i * kC]);
 #if !GDN_FUSED
     if (KEYGATE) {
-      s[i] *= static_cast<float>(g[gi * Dk + j + i * L]);
+      s[i] *= static_cast<float>(g[g0 + t * gT + i * gC]);
     } else {
       s[i] *= gt;
     }
@@ -86,12 +105,12 @@ for (int t = 0; t < T; ++t) {
   for (int o = 1; o < L; o <<= 1) {
     kv += simd_shuffle_xor(kv, o);
   }
-  const float delta = bt * (static_cast<float>(v[v_base + t * (Hv * Dv) + row_c]) - kv);
+  const float delta = bt * (static_cast<float>(v[v0 + t * vT]) - kv);
   acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
   GDN_UNROLL
   for (int i = 0; i < PER; ++i) {
     s[i] += kr[i] * delta;
-    acc[i & 3] += s[i] * static_cast<float>(q[kq + i * L]);
+    acc[i & 3] += s[i] * static_cast<float>(q[qt + i * qC]);
   }
   float out = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   for (int o = 1; o < L; o <<= 1) {
@@ -103,8 +122,9 @@ for (int t = 0; t < T; ++t) {
 }
 
 if (live) {
+  const int64_t s_out = (static_cast<int64_t>(n) * Dv + row) * Dk + j;
   GDN_UNROLL
   for (int i = 0; i < PER; ++i) {
-    state_out[s_base + i * L] = s[i];
+    state_out[s_out + i * L] = s[i];
   }
 }

@@ -16,6 +16,7 @@
 //   GDN_FUSED:  a, b [B, T, Hv]; A_log, dt_bias [Hv]; lower_bound [1] float32
 //   otherwise:  g [B, T, Hv] (KEYGATE false) or [B, T, Hv, Dk] (KEYGATE true); beta [B, T, Hv]
 //   GDN_MASKED: mask [B, T] (bool or integer; false/0 = skip the step, y = 0)
+// Inputs may be strided views (read through *_strides); outputs are row-contiguous.
 // Outputs: y [B, T, Hv, Dv] (InT), state_out [B, Hv, Dv, Dk] float32.
 // Template: InT, Dk, Dv, Hk, Hv, L (lanes per row, divides 32), R (rows per threadgroup, R * L a
 // multiple of 32), TB (tokens per block), KEYGATE, LOWER, NEG.
@@ -49,21 +50,38 @@ const int j = tid - r_loc * L;
 const int row = row0 + r_loc;
 const bool live = row < Dv;
 
-// Offsets of token 0 of this sequence and head.
-const int qk_base = bi * T * Hk * Dk + hk * Dk;
-const int v_base = bi * T * Hv * Dv + hv * Dv;
-const int gate_base = bi * T * Hv + hv;
+// Inputs are read through their strides (in elements), so views such as slices of a fused
+// projection need no copy: X0 is the offset of token 0 of this sequence and head, XT the step
+// between tokens, XC the step along the last axis.
+const int64_t q0 = bi * q_strides[0] + hk * q_strides[2], qT = q_strides[1], qC = q_strides[3];
+const int64_t k0 = bi * k_strides[0] + hk * k_strides[2], kT = k_strides[1], kC = k_strides[3];
+const int64_t v0 = bi * v_strides[0] + hv * v_strides[2], vT = v_strides[1], vC = v_strides[3];
+#if GDN_FUSED
+const int64_t a0 = bi * a_strides[0] + hv * a_strides[2], aT = a_strides[1];
+const int64_t b0 = bi * b_strides[0] + hv * b_strides[2], bT = b_strides[1];
+#else
+const int64_t g0 = bi * g_strides[0] + hv * g_strides[2], gT = g_strides[1];
+const int64_t gC = KEYGATE ? g_strides[3] : 0;
+const int64_t beta0 = bi * beta_strides[0] + hv * beta_strides[2], betaT = beta_strides[1];
+#endif
+#if GDN_MASKED
+const int64_t m0 = bi * mask_strides[0], mT = mask_strides[1];
+#endif
+// Outputs are allocated row-contiguous.
+const int64_t y0 = (static_cast<int64_t>(bi) * T * Hv + hv) * Dv + row;
 
 float s[PER];
-const int s_base = (n * Dv + (live ? row : 0)) * Dk + j;
+const int64_t s_in = bi * state_in_strides[0] + hv * state_in_strides[1] +
+                     (live ? row : 0) * state_in_strides[2] + j * state_in_strides[3];
+const int64_t s_inC = L * state_in_strides[3];
 GDN_UNROLL
 for (int i = 0; i < PER; ++i) {
-  s[i] = live ? state_in[s_base + i * L] : 0.0f;
+  s[i] = live ? state_in[s_in + i * s_inC] : 0.0f;
 }
 
 #if GDN_FUSED
-const float rate_h = metal::exp(static_cast<float>(A_log[hv]));
-const float dt_bias_h = static_cast<float>(dt_bias[hv]);
+const float rate_h = metal::exp(static_cast<float>(A_log[hv * A_log_strides[0]]));
+const float dt_bias_h = static_cast<float>(dt_bias[hv * dt_bias_strides[0]]);
 const float lower_bound_v = lower_bound[0];
 #endif
 
@@ -74,33 +92,32 @@ for (int t0 = 0; t0 < T; t0 += TB) {
   for (int i = tid; i < nb * Dk; i += NT) {
     const int tt = i / Dk;
     const int c = i - tt * Dk;
-    const int off = qk_base + (t0 + tt) * (Hk * Dk) + c;
-    k_s[i] = static_cast<float>(k[off]);
-    q_s[i] = static_cast<float>(q[off]);
+    k_s[i] = static_cast<float>(k[k0 + (t0 + tt) * kT + c * kC]);
+    q_s[i] = static_cast<float>(q[q0 + (t0 + tt) * qT + c * qC]);
 #if !GDN_FUSED
     if (KEYGATE) {
-      g_s[i] = static_cast<float>(g[(gate_base + (t0 + tt) * Hv) * Dk + c]);
+      g_s[i] = static_cast<float>(g[g0 + (t0 + tt) * gT + c * gC]);
     }
 #endif
   }
   for (int i = tid; i < nb * R; i += NT) {
     const int tt = i / R;
     const int rr = row0 + (i - tt * R);
-    v_s[i] = rr < Dv ? static_cast<float>(v[v_base + (t0 + tt) * (Hv * Dv) + rr]) : 0.0f;
+    v_s[i] = rr < Dv ? static_cast<float>(v[v0 + (t0 + tt) * vT + rr * vC]) : 0.0f;
   }
   for (int i = tid; i < nb; i += NT) {
-    const int gi = gate_base + (t0 + i) * Hv;
+    const int t = t0 + i;
 #if GDN_FUSED
-    g_s[i] = gdn_decay(static_cast<float>(a[gi]), rate_h, dt_bias_h, lower_bound_v, LOWER);
-    beta_s[i] = gdn_beta(static_cast<float>(b[gi]), NEG);
+    g_s[i] = gdn_decay(static_cast<float>(a[a0 + t * aT]), rate_h, dt_bias_h, lower_bound_v, LOWER);
+    beta_s[i] = gdn_beta(static_cast<float>(b[b0 + t * bT]), NEG);
 #else
     if (!KEYGATE) {
-      g_s[i] = static_cast<float>(g[gi]);
+      g_s[i] = static_cast<float>(g[g0 + t * gT]);
     }
-    beta_s[i] = static_cast<float>(beta[gi]);
+    beta_s[i] = static_cast<float>(beta[beta0 + t * betaT]);
 #endif
 #if GDN_MASKED
-    m_s[i] = mask[bi * T + t0 + i] ? 1 : 0;
+    m_s[i] = mask[m0 + t * mT] ? 1 : 0;
 #else
     m_s[i] = 1;
 #endif
@@ -108,7 +125,7 @@ for (int t0 = 0; t0 < T; t0 += TB) {
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   for (int tt = 0; tt < nb; ++tt) {
-    const int y_off = v_base + (t0 + tt) * (Hv * Dv) + row;
+    const int64_t y_off = y0 + static_cast<int64_t>(t0 + tt) * (Hv * Dv);
     // The mask is uniform over the threadgroup, so skipping keeps every row's lanes together.
     if (m_s[tt] == 0) {
       if (live && j == 0) {
@@ -154,8 +171,9 @@ for (int t0 = 0; t0 < T; t0 += TB) {
 }
 
 if (live) {
+  const int64_t s_out = (static_cast<int64_t>(n) * Dv + row) * Dk + j;
   GDN_UNROLL
   for (int i = 0; i < PER; ++i) {
-    state_out[s_base + i * L] = s[i];
+    state_out[s_out + i * L] = s[i];
   }
 }

@@ -1,7 +1,8 @@
 """Launch specs for the recurrent kernels, shared by the Metal and CUDA launchers.
 
 A `LaunchSpec` says everything about one launch except the arrays: which body file, which
-headers, input/output names, template arguments, grid, threadgroup, output shapes and dtypes.
+headers, input/output names, template arguments, grid, threadgroup, output shapes and dtypes,
+and whether the kernel needs row-contiguous inputs (pass it as `ensure_row_contiguous`).
 Both `mx.fast.metal_kernel` and `mx.fast.cuda_kernel` take `grid` in threads (CUDA divides it by
 the threadgroup, rounding up; Metal dispatches threads), so every grid here is a whole multiple
 of its threadgroup in each axis and means the same on both.
@@ -49,6 +50,10 @@ class LaunchSpec:
     threadgroup: Tuple[int, int, int]
     output_shapes: Tuple[Tuple[int, ...], ...]
     output_dtypes: Tuple[mx.Dtype, ...]
+    # The recurrent bodies read every input through its *_strides, so False would pass views
+    # (e.g. slices of a fused projection at B > 1) uncopied. It stays True until that is tested:
+    # the simulator always hands kernels row-contiguous copies, so only a GPU run can check it.
+    ensure_row_contiguous: bool = True
 
     def source(self) -> str:
         """The kernel body (text of kernels/<body>)."""

@@ -70,7 +70,7 @@ def kernel(spec: launch.LaunchSpec):
     """The `mx.fast.metal_kernel` object for `spec`, built once per (factory, source)."""
     factory = mx.fast.metal_kernel
     header, source = spec.header(), spec.source()
-    key = (factory, spec.name, header, source)
+    key = (factory, spec.name, header, source, spec.ensure_row_contiguous)
     kern = _KERNELS.get(key)
     if kern is None:
         kern = factory(
@@ -79,7 +79,7 @@ def kernel(spec: launch.LaunchSpec):
             output_names=list(spec.output_names),
             source=source,
             header=header,
-            ensure_row_contiguous=True,
+            ensure_row_contiguous=spec.ensure_row_contiguous,
         )
         _KERNELS[key] = kern
     return kern

@@ -173,6 +173,45 @@ def test_decode_after_prefill_equals_one_call(fused, no_ops):
     assert reference.rel_error(y_steps, y_all) < 1e-5 and reference.rel_error(s, s_all) < 1e-5, f"seed {seed}"
 
 
+def _view(x: mx.array, how: str) -> mx.array:
+    """A non-contiguous view holding x's values: transposed storage, a slice, or a broadcast."""
+    if how == "transposed":  # stored with the first two axes swapped
+        return mx.swapaxes(mx.contiguous(mx.swapaxes(x, 0, 1)), 0, 1)
+    if how == "last-transposed":  # last two axes swapped in storage (last-axis stride != 1)
+        return mx.swapaxes(mx.contiguous(mx.swapaxes(x, -1, -2)), -1, -2)
+    if how == "slice":  # every other element of a doubled last axis
+        wide = mx.stack([x, mx.zeros_like(x)], axis=-1).reshape(*x.shape[:-1], 2 * x.shape[-1])
+        return wide[..., ::2]
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("T", [1, 7])
+@pytest.mark.parametrize("fused", [False, True])
+def test_strided_views(T, fused, no_ops):
+    """Slices, transposes and broadcasts of every input give the same answer as contiguous ones.
+
+    (The simulator hands kernels row-contiguous copies, so this checks the launch path, not the
+    bodies' stride arithmetic on real views.)"""
+    seed = fresh_seed()
+    gate = "scalar" if fused else "key"
+    x = _inputs(2, T, 1, 2, 64, 32, F32, seed, gate=gate, mask=True)
+    x.beta = mx.broadcast_to(x.beta[:, :1], x.beta.shape)  # stride 0 along T
+    x.A_log, x.dt_bias = _view(x.A_log, "slice"), _view(x.dt_bias, "slice")
+    views = dict(
+        q=_view(x.q, "transposed"), k=_view(x.k, "slice"), v=_view(x.v, "last-transposed"),
+        g=_view(x.g, "last-transposed" if gate == "key" else "transposed"),
+        a=_view(x.a, "slice"), b=_view(x.b, "transposed"),
+        state=_view(x.state, "last-transposed"), mask=_view(x.mask, "transposed"),
+    )
+    xv = dataclasses.replace(x, **views)
+    y, s = run_update(xv, -1.5, True) if fused else run_rule(xv)
+    if fused:
+        y_ref, s_ref = ref_update(x, -1.5, True)
+    else:
+        y_ref, s_ref = reference.delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
+    _check(y, s, y_ref, s_ref, F32, f"seed {seed}, T {T}, fused {fused}")
+
+
 def test_unsupported_shape_goes_to_ops(monkeypatch):
     """Dk = 16 is not a kernel shape: backend="metal" still answers, through the ops path."""
     seed = fresh_seed()
