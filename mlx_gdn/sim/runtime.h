@@ -662,8 +662,9 @@ __attribute__((format(printf, 2, 3))) inline bool record_error(int kind, const c
   va_start(ap, fmt);
   int n = vsnprintf(A->c->err, size_t(A->c->errcap), fmt, ap);
   va_end(ap);
-  if (n >= 0 && n < A->c->errcap) where(A->c->err + n, size_t(A->c->errcap - n));
-  A->c->errkind = kind;
+  // kind 3: raised by the scheduler itself, outside any lane.
+  if (kind != 3 && n >= 0 && n < A->c->errcap) where(A->c->err + n, size_t(A->c->errcap - n));
+  A->c->errkind = kind == 3 ? 2 : kind;
   return true;
 }
 
@@ -1272,7 +1273,7 @@ inline int run(msim_launch* c, void (*thread_fn)(Lane*)) {
     Stacks stacks;
     Ctx sched;
     if (c->fibers && !stacks.ensure(tgn, size_t(c->stack_size))) {
-      record_error(2, "could not allocate fiber stacks");
+      record_error(3, "could not allocate fiber stacks");
       return;
     }
     for (;;) {
