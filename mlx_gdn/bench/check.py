@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from typing import Dict, Tuple
 
@@ -46,8 +47,10 @@ class Checker:
         v = {"ok": False, "tol": tol, "B": c.B, "T": c.T, "seed": self.seed}
         try:
             s, (y_ref, s_ref) = self._reference(c)
+            t0 = time.perf_counter()  # first call: includes compilation (JIT, autotuning)
             out = cont.prepare(s)()
             cont.sync(out)
+            v["seconds"] = time.perf_counter() - t0
             y, state = cont.result(out)
             v["y_err"] = R.rel_error(y, y_ref)
             v["state_err"] = R.rel_error(state, s_ref)

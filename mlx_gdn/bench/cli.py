@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from typing import List, Optional
 
 from rich.console import Console
@@ -99,7 +100,9 @@ def main(argv: Optional[List[str]] = None, extra_contenders: Optional[List[Conte
     copy = copy_bandwidth(copy_mib << 20, budget=0.5 if args.quick else 1.0, host=not gpu)
     console.print(f"copy bandwidth ({copy['op']}, {copy_mib} MiB): {copy['GBps']:.1f} GB/s"
                   + (f" (mlx x + 1: {copy['mlx_GBps']:.1f} GB/s)" if "host_copy_GBps" in copy else ""))
+    t0 = time.perf_counter()
     results = run(cells, found, settings, copy=copy, progress=not args.no_progress)
+    env["elapsed_s"] = round(time.perf_counter() - t0, 1)
     env["load_average_end"] = list(__import__("os").getloadavg()) if hasattr(__import__("os"), "getloadavg") else None
     record = {
         "schema": SCHEMA,
