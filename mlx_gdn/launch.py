@@ -22,10 +22,12 @@ from .validate import Problem
 # Tokens up to which the unstaged decode body runs; longer calls stage blocks of tokens.
 DECODE_MAX_T = 4
 # State columns each lane keeps in registers (Dk / lanes-per-row). Decode: the state is the
-# traffic, so more lanes per row (narrower, coalesced loads); prefill: fewer lanes per row, so
-# fewer shuffles per token. Chosen from arithmetic, not timed on Apple silicon (bench/NOTES.md).
+# traffic, so more lanes per row (narrower, coalesced loads). Prefill: mlx-lm's packed layout
+# (32 per lane) plus staging; 64 per lane halves the shuffles again but halves the threadgroups
+# at B=1 and needs ~160 registers per thread under ptxas. Chosen from arithmetic and register
+# counts, not timed on Apple silicon (bench/NOTES.md); the bodies take any lanes-per-row.
 DECODE_STATE_PER_LANE = 16
-PREFILL_STATE_PER_LANE = 64
+PREFILL_STATE_PER_LANE = 32
 # Threads per threadgroup aimed at, and the threadgroup memory a prefill block may use.
 THREADS_PER_GROUP = 128
 STAGE_BYTES = 16384

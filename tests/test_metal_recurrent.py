@@ -85,6 +85,8 @@ RULE_CASES = [
     (1, 2, 1, 1, 256, 256, F32, "scalar", True),
     (1, 9, 2, 2, 256, 192, BF16, "scalar", False),
     (2, 6, 1, 4, 96, 40, F32, "key", False),
+    (1, 1, 1, 1, 512, 8, F32, "scalar", False),
+    (1, 5, 1, 1, 512, 8, BF16, "key", True),
 ]
 
 
@@ -145,6 +147,18 @@ def test_each_body_at_other_lengths(path):
             mx.eval(y, s)
         y_ref, s_ref = reference.delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
         _check(y, s, y_ref, s_ref, F32, f"seed {seed + T}, path {path}, T {T}")
+
+
+@pytest.mark.parametrize("L", [1, 2, 4, 8, 16, 32])
+def test_every_lanes_per_row(L, monkeypatch, no_ops):
+    """Both bodies with each lanes-per-row layout (1..32 lanes share a value row)."""
+    monkeypatch.setattr(launch, "lanes_per_row", lambda Dk, per_lane: L)
+    seed = fresh_seed()
+    for T, gate in ((2, "key"), (7, "scalar")):
+        x = _inputs(1, T, 1, 2, 64, 40, F32, seed + T, gate=gate, mask=True)
+        y, s = run_rule(x)
+        y_ref, s_ref = reference.delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
+        _check(y, s, y_ref, s_ref, F32, f"seed {seed + T}, L {L}, T {T}")
 
 
 @pytest.mark.parametrize("fused", [False, True])
