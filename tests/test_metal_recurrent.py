@@ -246,6 +246,26 @@ def test_unsupported_shape_goes_to_ops(monkeypatch):
     _check(y, s, y_ref, s_ref, F32, f"seed {seed}")
 
 
+def test_auto_picks_metal_inside_simulator(monkeypatch):
+    """backend="auto" runs the Metal kernels under the simulator, even on a CPU default device."""
+    calls = []
+    real = metal.run_recurrent
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metal, "run_recurrent", spy)
+    seed = fresh_seed()
+    x = _inputs(1, 3, 1, 2, 32, 32, F32, seed)
+    with simulated_metal():
+        y, s = mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state)
+        mx.eval(y, s)
+    assert calls == [1]
+    y_ref, s_ref = ref_update(x)
+    _check(y, s, y_ref, s_ref, F32, f"seed {seed}")
+
+
 def test_supports_and_specs():
     """Shapes the bodies take; every spec's grid is a whole number of threadgroups."""
     def prob(Dk, Dv=64, T=1, gate="scalar", fused=False, masked=False, dtype=F32, B=1, Hk=1, Hv=2):
