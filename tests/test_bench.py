@@ -47,15 +47,30 @@ def _counting(name, transform_y=lambda y: y, transform_s=lambda s: s, fail=False
     return Contender(name=name, family="test", gating="precomputed", prepare=prepare), calls
 
 
+def _flaky_prepare(prepare):
+    """Right on the check's inputs, then binding the timing sets fails (as an allocation might)."""
+    seen = []
+
+    def flaky(s):
+        seen.append(s)
+        if len(seen) > 1:
+            raise MemoryError("out of device memory")
+        return prepare(s)
+
+    return flaky
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     wrong, wrong_calls = _counting("WRONG state", transform_s=lambda s: s * 1.001)
     raises, _ = _counting("RAISES", fail=True)
     good, good_calls = _counting("GOOD copy")
-    argv = TINY + ["--only", "mlx-gdn ops recurrent fused|mlx-lm default|WRONG|RAISES|GOOD",
+    flaky = Contender(name="FLAKY", family="test", gating="precomputed",
+                      prepare=_flaky_prepare(good.prepare))
+    argv = TINY + ["--only", "mlx-gdn ops recurrent fused|mlx-lm default|WRONG|RAISES|GOOD|FLAKY",
                    "--json", str(d / "a.json"), "--plot", str(d / "a.png"), "--md", str(d / "a.md")]
-    rec = cli.main(argv, extra_contenders=[wrong, raises, good], console=_quiet())
+    rec = cli.main(argv, extra_contenders=[wrong, raises, good, flaky], console=_quiet())
     return d, rec, wrong_calls, good_calls
 
 
@@ -102,6 +117,8 @@ def test_wrong_contender_reported_not_timed(tiny_run):
     # Checked once per small instance (T=1 and T=5, B=1 and 2), never called for timing.
     assert len(wrong_calls) == 4
     assert len(good_calls) > 4 * 2  # the same path, uncorrupted, was timed
+    flaky = [r for r in rec["results"] if r["contender"] == "FLAKY"]
+    assert flaky[0]["check"]["ok"] and flaky[0]["status"] == "error" and "while timing" in flaky[0]["error"]
     raised = [r for r in rec["results"] if r["contender"] == "RAISES"]
     assert all(r["status"] == "error" and "kernel exploded" in r["error"] for r in raised)
 

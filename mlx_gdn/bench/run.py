@@ -72,6 +72,7 @@ def run(configs: List[Config], contenders: List[Contender], settings: Settings,
                     else:
                         if sets is None:
                             sets = [make_inputs(cfg, settings.seed + 1 + i) for i in range(n_sets)]
+                        calls = None
                         try:
                             calls = [cont.prepare(s) for s in sets]
                             t = time_calls(calls, cont.sync, budget=settings.budget, min_reps=settings.min_reps,
