@@ -16,6 +16,9 @@
 // Template: InT, Dk, Dv, Hk, Hv, K, L, R. Geometry is recurrent_decode.metal's: threadgroup
 // R * L threads, grid (R * L * ceil(Dv / R), 1, B * Hv); rows, lanes and state columns as there.
 //
+// Rounding follows the unfused layer: the conv output, SiLU output and normalised q and k are
+// rounded to InT (no-ops for float); everything else, and the state, stays float32.
+//
 // Each threadgroup needs its key head's whole normalised q and k, but owns only R value rows,
 // so every threadgroup recomputes the conv of those 2 * Dk channels (K multiply-adds each) into
 // threadgroup memory rather than taking a second launch; the norms then come out of the same
@@ -142,10 +145,13 @@ if (!on) {
                              static_cast<float>(dt_bias[hv]), 0.0f, false);
   const float bt = gdn_beta(static_cast<float>(b[gi]), false);
 
+  // Normalised q and k are rounded to InT where the unfused layer (and mlx-lm's) stores them,
+  // so a bf16 step matches those layers rather than a more precise variant of them.
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   GDN_UNROLL
   for (int i = 0; i < PER; ++i) {
-    kr[i] *= rk;
+    kr[i] = static_cast<float>(static_cast<InT>(kr[i] * rk));
+    qr[i] = static_cast<float>(static_cast<InT>(qr[i] * rq));
     s[i] *= gt;
     acc[i & 3] += s[i] * kr[i];
   }
@@ -158,7 +164,7 @@ if (!on) {
   GDN_UNROLL
   for (int i = 0; i < PER; ++i) {
     s[i] += kr[i] * delta;
-    acc[i & 3] += s[i] * (qr[i] * rq);
+    acc[i & 3] += s[i] * qr[i];
   }
   float out = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   for (int o = 1; o < L; o <<= 1) {

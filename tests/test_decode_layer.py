@@ -1,0 +1,278 @@
+"""The fused T=1 layer step (kernels/decode_layer.metal through mlx_gdn.decode_layer).
+
+Under the Metal simulator, several decode steps after a prefill of the drop-in layer on the
+fused path must equal, in y, the conv state and the recurrent state: the unfused layer (mlx-gdn
+ops path), mlx-lm's own layer and a float64 NumPy reference of the step. The output norm and
+out_proj are identities here so the layer returns y itself. Each case draws a fresh seed,
+reported in the messages.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+mlx_lm = pytest.importorskip("mlx_lm", reason="mlx-lm is an optional dependency")
+from mlx_lm.models import qwen3_5, qwen3_next  # noqa: E402
+from mlx_lm.models.cache import ArraysCache, make_prompt_cache  # noqa: E402
+
+import mlx_gdn  # noqa: E402
+from mlx_gdn import decode_layer, metal  # noqa: E402
+from mlx_gdn.module import Qwen3NextGatedDeltaNet  # noqa: E402
+from mlx_gdn.reference import delta_rule, gates, rel_error, to_numpy  # noqa: E402
+from mlx_gdn.sim import STATS, simulated_metal  # noqa: E402
+from mlx_gdn.testing import fresh_seed  # noqa: E402
+
+TOL = {mx.float32: 1e-4, mx.bfloat16: 2e-2}
+HIDDEN = 48
+PREFILL, STEPS = 5, 3
+
+
+class _First(nn.Module):
+    def __call__(self, x, *rest):
+        return x
+
+
+def _args(Hk, Hv, Dk, Dv, K=4):
+    return SimpleNamespace(hidden_size=HIDDEN, linear_num_value_heads=Hv, linear_num_key_heads=Hk,
+                           linear_key_head_dim=Dk, linear_value_head_dim=Dv, linear_conv_kernel_dim=K,
+                           rms_norm_eps=1e-6)
+
+
+def _layers(kind, seed, dtype, Hk, Hv, Dk, Dv):
+    """(mlx-lm layer, mlx-gdn ops layer, mlx-gdn metal layer) sharing random weights; the output
+    norm and out_proj are identities, so each returns y [B, 1, Hv * Dv]."""
+    mx.random.seed(seed)
+    rng = np.random.default_rng(seed)
+    if kind == "qwen3_5":
+        ref, cls = qwen3_5.GatedDeltaNet(_args(Hk, Hv, Dk, Dv)), mlx_gdn.GatedDeltaNet
+    else:
+        ref, cls = qwen3_next.Qwen3NextGatedDeltaNet(_args(Hk, Hv, Dk, Dv)), Qwen3NextGatedDeltaNet
+    # Decay rates spread from slow to fast over the heads (in random order); conv weights larger
+    # than the default init so the conv state matters.
+    ref.dt_bias = mx.array(rng.standard_normal(Hv).astype(np.float32))
+    ref.A_log = mx.array(np.log(rng.permutation(np.geomspace(0.02, 16, Hv))).astype(np.float32))
+    ref.conv1d.weight = mx.array(rng.standard_normal(ref.conv1d.weight.shape).astype(np.float32) * 0.5)
+    if dtype != mx.float32:
+        # As mlx-lm's loader does: everything in the model dtype except A_log.
+        params = [(k, v if k.endswith("A_log") else v.astype(dtype)) for k, v in tree_flatten(ref.parameters())]
+        ref.update(tree_unflatten(params))
+    ref.norm, ref.out_proj = _First(), _First()
+    mx.eval(ref.parameters())
+    ref.eval()
+    return ref, cls.from_layer(ref, backend="ops"), cls.from_layer(ref, backend="metal")
+
+
+def _projections(layer, x):
+    """(qkv [B,1,C], a [B,1,Hv], b [B,1,Hv]) as the layer's mix receives them."""
+    qkv, _, b, a = layer._project(x)
+    return qkv, a, b
+
+
+def _rounded(x, dtype):
+    """x (float64) rounded to `dtype` and back: the layer stores these intermediates in the model dtype."""
+    return x if dtype == mx.float32 else to_numpy(mx.array(x.astype(np.float32)).astype(dtype))
+
+
+def _reference_step(layer, qkv, a, b, conv_state, state, mask):
+    """float64 NumPy step: (y [B,1,Hv,Dv], conv state [B,K-1,C], state [B,Hv,Dv,Dk]).
+
+    In a bf16 layer the conv output, SiLU output and normalised q, k are rounded to bf16, as
+    mlx-lm's layer stores them; the rest is float64."""
+    dt = qkv.dtype
+    Hk, Dk, Dv = layer.num_k_heads, layer.head_k_dim, layer.head_v_dim
+    x = to_numpy(qkv)
+    if mask is not None:
+        x = np.where(np.asarray(mask)[..., None], x, 0.0)
+    inp = np.concatenate([to_numpy(conv_state), x], axis=1)  # [B, K, C]
+    conv = np.einsum("bkc,ck->bc", inp, to_numpy(layer.conv1d.weight)[:, :, 0])
+    conv = _rounded(conv, dt)
+    act = _rounded(conv / (1.0 + np.exp(-conv)), dt)
+    B, kd = act.shape[0], Hk * Dk
+    q = act[:, :kd].reshape(B, 1, Hk, Dk)
+    k = act[:, kd : 2 * kd].reshape(B, 1, Hk, Dk)
+    v = act[:, 2 * kd :].reshape(B, 1, -1, Dv)
+    q = _rounded(q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6) * Dk**-0.5, dt)
+    k = _rounded(k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6), dt)
+    g, beta = gates(a, b, layer.A_log, layer.dt_bias)
+    y, S = delta_rule(q, k, v, g, beta, state, None if mask is None else np.asarray(mask))
+    return y, inp[:, 1:], S
+
+
+def _prefilled(layer, x, B):
+    cache = ArraysCache(2)
+    layer(x[:, :PREFILL], None, cache)
+    mx.eval(cache.state)
+    return cache
+
+
+def _copy(cache):
+    c = ArraysCache(2)
+    c[0], c[1] = cache[0], cache[1]
+    return c
+
+
+CASES = [  # kind, dtype, B, Hk, Hv, Dk, Dv, masked
+    ("qwen3_5", mx.float32, 3, 2, 4, 64, 64, False),
+    ("qwen3_5", mx.bfloat16, 2, 1, 3, 64, 64, False),
+    ("qwen3_5", mx.float32, 2, 1, 3, 128, 128, False),
+    ("qwen3_5", mx.bfloat16, 2, 2, 4, 128, 128, False),
+    ("qwen3_5", mx.float32, 2, 1, 2, 32, 24, False),  # rows past Dv in the last row block
+    ("qwen3_5", mx.float32, 3, 1, 3, 64, 64, True),
+    ("qwen3_next", mx.float32, 3, 2, 4, 64, 64, False),
+]
+
+
+@pytest.mark.parametrize("kind,dtype,B,Hk,Hv,Dk,Dv,masked", CASES)
+def test_fused_steps_match_unfused_mlx_lm_and_reference(kind, dtype, B, Hk, Hv, Dk, Dv, masked, monkeypatch):
+    seed = fresh_seed()
+    tol = TOL[dtype]
+    ref, ops, fused = _layers(kind, seed, dtype, Hk, Hv, Dk, Dv)
+    x = mx.random.normal((B, PREFILL + STEPS, HIDDEN)).astype(dtype)
+    c_ref = _prefilled(ref, x, B)
+    c_ops = _prefilled(ops, x, B)
+    c_fused, c_unfused = _copy(c_ops), _copy(c_ops)
+    conv64, state64 = to_numpy(c_ops[0]), to_numpy(c_ops[1])
+    rng = np.random.default_rng(seed)
+    calls = []
+    real = decode_layer.decode_step
+    monkeypatch.setattr(decode_layer, "decode_step", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+
+    for step in range(STEPS):
+        xt = x[:, PREFILL + step : PREFILL + step + 1]
+        mask = None
+        if masked:
+            m = rng.random(B) < 0.5
+            idx = rng.permutation(B)
+            m[idx[0]], m[idx[1]] = False, True  # at least one masked and one valid row
+            mask = mx.array(m[:, None])
+        y_ref = ref(xt, mask, c_ref)
+        y_ops = ops(xt, mask, c_ops)
+        with simulated_metal():
+            y = fused(xt, mask, c_fused)
+            mx.eval(y, c_fused.state)
+            # The same layer and backend with the fused step switched off: conv prep + the Metal
+            # recurrent kernel.
+            with monkeypatch.context() as m:
+                m.setattr(decode_layer, "fused_backend", lambda *a, **k: None)
+                y_unf = fused(xt, mask, c_unfused)
+                mx.eval(y_unf, c_unfused.state)
+        qkv, a, b = _projections(ops, xt)
+        y64, conv64, state64 = _reference_step(ops, qkv, a, b, conv64, state64, mask)
+        y64 = y64.reshape(y.shape)
+
+        where = f"seed={seed} step={step} {kind} {dtype} B={B} Hk={Hk} Hv={Hv} Dk={Dk} Dv={Dv} masked={masked}"
+        on = mx.array(np.arange(B)) if mask is None else mx.array(np.flatnonzero(np.asarray(mask)[:, 0]))
+        assert y.dtype == dtype and c_fused[0].dtype == dtype and c_fused[1].dtype == mx.float32, where
+        for name, out, want in [
+            ("y vs reference", y, y64), ("conv state vs reference", c_fused[0], conv64),
+            ("state vs reference", c_fused[1], state64),
+            ("y vs unfused metal layer", y, y_unf), ("conv state vs unfused metal layer", c_fused[0], c_unfused[0]),
+            ("state vs unfused metal layer", c_fused[1], c_unfused[1]),
+            ("y vs ops layer", y, y_ops), ("conv state vs ops layer", c_fused[0], c_ops[0]),
+            ("state vs ops layer", c_fused[1], c_ops[1]),
+            # mlx-lm does not zero y on masked rows (mlx-gdn does, DESIGN.md section 1).
+            ("y vs mlx-lm on valid rows", y[on], y_ref[on]), ("conv state vs mlx-lm", c_fused[0], c_ref[0]),
+            ("state vs mlx-lm", c_fused[1], c_ref[1]),
+        ]:
+            err = rel_error(out, want)
+            assert err < tol, f"{name}: rel error {err:.3g} >= {tol} ({where})"
+        if masked:
+            off = ~np.asarray(mask)[:, 0]
+            assert np.all(np.asarray(y.astype(mx.float32))[off] == 0), where
+    assert calls == ["metal"] * STEPS, (calls, seed)
+
+
+def test_fused_step_without_cache_matches_unfused():
+    """cache=None: zero conv state and zero recurrent state, as the unfused layer assumes."""
+    seed = fresh_seed()
+    ref, ops, fused = _layers("qwen3_5", seed, mx.float32, 2, 4, 64, 64)
+    x = mx.random.normal((2, 1, HIDDEN))
+    with simulated_metal():
+        before = STATS["launches"]
+        y = fused(x)
+        mx.eval(y)
+        launched = STATS["launches"] - before
+    assert launched == 1, (launched, seed)
+    err = rel_error(y, ops(x))
+    assert err < TOL[mx.float32], f"rel error {err:.3g} (seed={seed})"
+
+
+def test_fused_path_only_where_it_applies():
+    B, Hk, Hv, Dk, Dv, K = 2, 1, 2, 64, 64, 4
+    C = 2 * Hk * Dk + Hv * Dv
+    qkv, conv = mx.zeros((B, 1, C)), mx.zeros((B, K - 1, C))
+    w, ab, state = mx.zeros((C, K, 1)), mx.zeros((B, 1, Hv)), mx.zeros((B, Hv, Dv, Dk))
+    mask = mx.ones((B, 1), dtype=mx.bool_)
+
+    def pick(backend="auto", **kw):
+        args = dict(qkv=qkv, conv_state=conv, w=w, a=ab, b=ab, state=state, mask=None)
+        args.update(kw)
+        return decode_layer.fused_backend(backend, *args.values(), Hk, Hv, Dk, Dv)
+
+    # No Metal GPU or CUDA device on the machines this runs on without the simulator.
+    if not mx.metal.is_available() and not decode_layer.backends.is_available("cuda"):
+        assert pick() is None
+        assert pick("metal") is None  # the unfused path then raises its "not available" error
+    with simulated_metal():
+        assert pick() == "metal" and pick("metal") == "metal"
+        assert pick(mask=mask) == "metal" and pick(state=None) == "metal"
+        assert pick("ops") is None
+        assert pick(qkv=mx.zeros((B, 2, C))) is None  # T > 1
+        assert pick(conv_state=conv.astype(mx.bfloat16)) is None  # conv state in another dtype
+        assert pick(state=state.astype(mx.bfloat16)) is None
+        assert pick(mask=mask.astype(mx.float32)) is None
+        assert pick(qkv=mx.zeros((B, 1, C + 1))) is None
+    assert pick("ops") is None
+
+
+def test_patched_model_decode_is_one_launch_per_layer(monkeypatch):
+    """A patched mlx-lm model under the simulator: each decode step runs one kernel per linear
+    layer (counted by the simulator, which counts every metal_kernel launch) and it is the fused
+    launcher's; the prompt goes through the recurrent kernel. Logits equal the unpatched model's."""
+    seed = fresh_seed()
+    mx.random.seed(seed)
+    text = dict(model_type="qwen3_5_text", hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=61,
+                linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=64,
+                linear_value_head_dim=64, linear_conv_kernel_dim=4, full_attention_interval=4,
+                rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=256)
+    model = qwen3_5.Model(qwen3_5.ModelArgs.from_dict(dict(model_type="qwen3_5", text_config=text)))
+    mx.eval(model.parameters())
+    model.eval()
+    toks = mx.array(np.random.default_rng(seed).integers(0, 61, (2, 7)).astype(np.int32))
+
+    def run(m):
+        cache = make_prompt_cache(m)
+        outs = [m(toks[:, :4], cache=cache)]
+        for t in range(4, 7):
+            outs.append(m(toks[:, t : t + 1], cache=cache))
+            mx.eval(outs[-1])
+            yield outs
+
+    *_, ref = run(model)
+    ref = mx.concatenate(ref, axis=1)
+    fused_calls, recurrent_calls = [], []
+    real_step, real_run = decode_layer.decode_step, metal.run
+    monkeypatch.setattr(decode_layer, "decode_step", lambda *a, **k: fused_calls.append(a[0]) or real_step(*a, **k))
+    monkeypatch.setattr(metal, "run", lambda p, *a, **k: recurrent_calls.append(p.T) or real_run(p, *a, **k))
+    with simulated_metal():
+        assert mlx_gdn.patch(model, backend="metal") == 3
+        gen = run(model)
+        next(gen)  # prompt and first decode step
+        launches = []
+        for _ in range(2):
+            before = STATS["launches"], len(fused_calls), len(recurrent_calls)
+            outs = next(gen)
+            launches.append((STATS["launches"] - before[0], len(fused_calls) - before[1],
+                             len(recurrent_calls) - before[2]))
+    # Per decode step: 3 simulated launches, all three by the fused launcher, none recurrent.
+    assert launches == [(3, 3, 0)] * 2, (launches, seed)
+    assert recurrent_calls == [4] * 3 and fused_calls == ["metal"] * 9, (recurrent_calls, fused_calls, seed)
+    err = rel_error(mx.concatenate(outs, axis=1), ref)
+    assert err < TOL[mx.float32], f"logits rel error {err:.3g} (seed={seed})"
