@@ -397,7 +397,7 @@ def test_patch_rejects_unknown_backend():
 
 def test_patched_model_under_simulated_metal(monkeypatch):
     try:
-        from mlx_gdn import metal
+        from mlx_gdn import decode_layer, metal
         from mlx_gdn.sim import simulated_metal
     except ImportError as e:
         pytest.skip(f"the Metal backend or its simulator is not in this build yet ({e})")
@@ -409,6 +409,9 @@ def test_patched_model_under_simulated_metal(monkeypatch):
         return real_run(p, *args, **kwargs)
 
     monkeypatch.setattr(metal, "run", spy)
+    fused = []
+    real_step = decode_layer.decode_step
+    monkeypatch.setattr(decode_layer, "decode_step", lambda *a, **k: fused.append(a[0]) or real_step(*a, **k))
     seed = fresh_seed()
     model = tiny_model("qwen3_5", seed)
     toks = tokens(seed, (2, 7))
@@ -419,8 +422,10 @@ def test_patched_model_under_simulated_metal(monkeypatch):
         cache = make_prompt_cache(model)
         out = mx.concatenate([model(toks[:, :5], cache=cache)] + [model(toks[:, t : t + 1], cache=cache) for t in (5, 6)], 1)
         mx.eval(out)
-    # Three layers, each a prompt call and two decode calls, all through the Metal launcher.
-    assert sorted(t for t, _ in calls) == [1] * 6 + [5] * 3, calls
+    # Three layers, each a prompt call through the Metal recurrent launcher and two decode calls
+    # through the fused T=1 step (tests/test_decode_layer.py), none falling back to ops.
+    assert sorted(t for t, _ in calls) == [5] * 3, calls
+    assert fused == ["metal"] * 6, fused
     assert rel(out, ref) < F32_TOL, f"seed={seed}"
 
 
