@@ -9,6 +9,7 @@ reported in the messages.
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -44,8 +45,8 @@ def _args(Hk, Hv, Dk, Dv, K=4):
                            rms_norm_eps=1e-6)
 
 
-def _layers(kind, seed, dtype, Hk, Hv, Dk, Dv):
-    """(mlx-lm layer, mlx-gdn ops layer, mlx-gdn metal layer) sharing random weights; the output
+def _layers(kind, seed, dtype, Hk, Hv, Dk, Dv, backend="metal"):
+    """(mlx-lm layer, mlx-gdn ops layer, mlx-gdn `backend` layer) sharing random weights; the output
     norm and out_proj are identities, so each returns y [B, 1, Hv * Dv]."""
     mx.random.seed(seed)
     rng = np.random.default_rng(seed)
@@ -65,7 +66,7 @@ def _layers(kind, seed, dtype, Hk, Hv, Dk, Dv):
     ref.norm, ref.out_proj = _First(), _First()
     mx.eval(ref.parameters())
     ref.eval()
-    return ref, cls.from_layer(ref, backend="ops"), cls.from_layer(ref, backend="metal")
+    return ref, cls.from_layer(ref, backend="ops"), cls.from_layer(ref, backend=backend)
 
 
 def _projections(layer, x):
@@ -128,11 +129,14 @@ CASES = [  # kind, dtype, B, Hk, Hv, Dk, Dv, masked
 ]
 
 
-@pytest.mark.parametrize("kind,dtype,B,Hk,Hv,Dk,Dv,masked", CASES)
-def test_fused_steps_match_unfused_mlx_lm_and_reference(kind, dtype, B, Hk, Hv, Dk, Dv, masked, monkeypatch):
+def _check_steps(backend, kind, dtype, B, Hk, Hv, Dk, Dv, masked, monkeypatch):
+    """STEPS decode steps after a prefill on the fused path of `backend` ("metal" under the
+    simulator, or "cuda") against the reference, the unfused layer on the same backend, the ops
+    layer and mlx-lm's layer."""
     seed = fresh_seed()
     tol = TOL[dtype]
-    ref, ops, fused = _layers(kind, seed, dtype, Hk, Hv, Dk, Dv)
+    ref, ops, fused = _layers(kind, seed, dtype, Hk, Hv, Dk, Dv, backend)
+    context = simulated_metal if backend == "metal" else contextlib.nullcontext
     x = mx.random.normal((B, PREFILL + STEPS, HIDDEN)).astype(dtype)
     c_ref = _prefilled(ref, x, B)
     c_ops = _prefilled(ops, x, B)
@@ -153,10 +157,10 @@ def test_fused_steps_match_unfused_mlx_lm_and_reference(kind, dtype, B, Hk, Hv, 
             mask = mx.array(m[:, None])
         y_ref = ref(xt, mask, c_ref)
         y_ops = ops(xt, mask, c_ops)
-        with simulated_metal():
+        with context():
             y = fused(xt, mask, c_fused)
             mx.eval(y, c_fused.state)
-            # The same layer and backend with the fused step switched off: conv prep + the Metal
+            # The same layer and backend with the fused step switched off: conv prep + the
             # recurrent kernel.
             with monkeypatch.context() as m:
                 m.setattr(decode_layer, "fused_backend", lambda *a, **k: None)
@@ -166,14 +170,14 @@ def test_fused_steps_match_unfused_mlx_lm_and_reference(kind, dtype, B, Hk, Hv, 
         y64, conv64, state64 = _reference_step(ops, qkv, a, b, conv64, state64, mask)
         y64 = y64.reshape(y.shape)
 
-        where = f"seed={seed} step={step} {kind} {dtype} B={B} Hk={Hk} Hv={Hv} Dk={Dk} Dv={Dv} masked={masked}"
+        where = f"seed={seed} step={step} {backend} {kind} {dtype} B={B} Hk={Hk} Hv={Hv} Dk={Dk} Dv={Dv} masked={masked}"
         on = mx.array(np.arange(B)) if mask is None else mx.array(np.flatnonzero(np.asarray(mask)[:, 0]))
         assert y.dtype == dtype and c_fused[0].dtype == dtype and c_fused[1].dtype == mx.float32, where
         for name, out, want in [
             ("y vs reference", y, y64), ("conv state vs reference", c_fused[0], conv64),
             ("state vs reference", c_fused[1], state64),
-            ("y vs unfused metal layer", y, y_unf), ("conv state vs unfused metal layer", c_fused[0], c_unfused[0]),
-            ("state vs unfused metal layer", c_fused[1], c_unfused[1]),
+            ("y vs unfused layer", y, y_unf), ("conv state vs unfused layer", c_fused[0], c_unfused[0]),
+            ("state vs unfused layer", c_fused[1], c_unfused[1]),
             ("y vs ops layer", y, y_ops), ("conv state vs ops layer", c_fused[0], c_ops[0]),
             ("state vs ops layer", c_fused[1], c_ops[1]),
             # mlx-lm does not zero y on masked rows (mlx-gdn does, DESIGN.md section 1).
@@ -185,7 +189,29 @@ def test_fused_steps_match_unfused_mlx_lm_and_reference(kind, dtype, B, Hk, Hv, 
         if masked:
             off = ~np.asarray(mask)[:, 0]
             assert np.all(np.asarray(y.astype(mx.float32))[off] == 0), where
-    assert calls == ["metal"] * STEPS, (calls, seed)
+    assert calls == [backend] * STEPS, (calls, seed)
+
+
+@pytest.mark.parametrize("kind,dtype,B,Hk,Hv,Dk,Dv,masked", CASES)
+def test_fused_steps_match_unfused_mlx_lm_and_reference(kind, dtype, B, Hk, Hv, Dk, Dv, masked, monkeypatch):
+    _check_steps("metal", kind, dtype, B, Hk, Hv, Dk, Dv, masked, monkeypatch)
+
+
+def _has_cuda() -> bool:
+    try:
+        return bool(mx.cuda.is_available())
+    except AttributeError:
+        return False
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")
+@pytest.mark.parametrize("kind,dtype,B,Hk,Hv,Dk,Dv,masked", CASES + [
+    ("qwen3_5", mx.bfloat16, 4, 16, 32, 128, 128, False),  # Qwen3.5's layer sizes
+    ("qwen3_5", mx.bfloat16, 3, 16, 48, 128, 128, True),
+])
+def test_fused_steps_on_cuda(kind, dtype, B, Hk, Hv, Dk, Dv, masked, monkeypatch):
+    _check_steps("cuda", kind, dtype, B, Hk, Hv, Dk, Dv, masked, monkeypatch)
 
 
 def test_fused_step_without_cache_matches_unfused():
