@@ -52,10 +52,9 @@ class LaunchSpec:
     threadgroup: Tuple[int, int, int]
     output_shapes: Tuple[Tuple[int, ...], ...]
     output_dtypes: Tuple[mx.Dtype, ...]
-    # The recurrent bodies read every input through its *_strides, so False would pass views
-    # (e.g. slices of a fused projection at B > 1) uncopied. It stays True until that is tested:
-    # the simulator always hands kernels row-contiguous copies, so only a GPU run can check it.
-    ensure_row_contiguous: bool = True
+    # The recurrent bodies read every input through its *_strides, so views (e.g. slices of a
+    # fused projection at B > 1) go in uncopied: no copy launches before the kernel.
+    ensure_row_contiguous: bool = False
 
     def source(self) -> str:
         """The kernel body (text of kernels/<body>)."""

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import mlx_gdn
 from mlx_gdn import launch, metal, ops_backend, reference
 from mlx_gdn.testing import fresh_seed, random_inputs
-from mlx_gdn.validate import Problem, check_rule
+from mlx_gdn.validate import Problem, check_rule, check_update
 
 sim = pytest.importorskip("mlx_gdn.sim")
 simulated_metal = getattr(sim, "simulated_metal", None)
@@ -204,8 +204,8 @@ def _view(x: mx.array, how: str) -> mx.array:
 def test_strided_views(T, fused, no_ops):
     """Slices, transposes and broadcasts of every input give the same answer as contiguous ones.
 
-    (The simulator hands kernels row-contiguous copies, so this checks the launch path, not the
-    bodies' stride arithmetic on real views.)"""
+    (The simulator hands kernels row-contiguous copies, so this checks the launch path;
+    test_bodies_follow_strides checks the bodies' stride arithmetic.)"""
     seed = fresh_seed()
     gate = "scalar" if fused else "key"
     x = _inputs(2, T, 1, 2, 64, 32, F32, seed, gate=gate, mask=True)
@@ -224,6 +224,47 @@ def test_strided_views(T, fused, no_ops):
     else:
         y_ref, s_ref = reference.delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
     _check(y, s, y_ref, s_ref, F32, f"seed {seed}, T {T}, fused {fused}")
+
+
+def _interleaved(x: mx.array, junk) -> mx.array:
+    """x with a trailing axis of 2 holding junk: read as x, every stride is doubled."""
+    other = mx.full(x.shape, junk, dtype=x.dtype) if not isinstance(junk, mx.array) else junk
+    return mx.stack([x, other], axis=-1)
+
+
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_bodies_follow_strides(path, fused):
+    """The bodies index every input through its *_strides.
+
+    The simulator hands kernels row-contiguous buffers, so real views cannot reach it; instead
+    each input gets a trailing axis of 2 whose second slot is junk (NaN, or the inverted mask):
+    the body, reading axes 0..n-1 of it, sees every stride doubled, as for a strided view."""
+    seed = fresh_seed()
+    T = 3 if path == "decode" else 9
+    gate = "scalar" if fused else "key"
+    x = _inputs(2, T, 2, 4, 64, 40, F32, seed, gate=gate, mask=True)
+    nan = float("nan")
+    arrays = dict(q=_interleaved(x.q, nan), k=_interleaved(x.k, nan), v=_interleaved(x.v, nan),
+                  state_in=_interleaved(x.state, nan), mask=_interleaved(x.mask, mx.logical_not(x.mask)))
+    if fused:
+        p = check_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, x.mask, -2.0, True)
+        arrays.update(a=_interleaved(x.a, nan), b=_interleaved(x.b, nan), A_log=_interleaved(x.A_log, nan),
+                      dt_bias=_interleaved(x.dt_bias, nan), lower_bound=launch.lower_bound_array(-2.0))
+    else:
+        p = check_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
+        arrays.update(g=_interleaved(x.g, nan), beta=_interleaved(x.beta, nan))
+    spec = launch.recurrent_spec(p, lower=fused, neg=fused, path=path)
+    with simulated_metal():
+        y, s = metal.kernel(spec)(
+            inputs=spec.inputs(arrays), template=list(spec.template), grid=spec.grid,
+            threadgroup=spec.threadgroup, output_shapes=list(spec.output_shapes),
+            output_dtypes=list(spec.output_dtypes),
+        )
+        mx.eval(y, s)
+    y_ref, s_ref = ref_update(x, -2.0, True) if fused else reference.delta_rule(
+        x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
+    _check(y, s, y_ref, s_ref, F32, f"seed {seed}, path {path}, fused {fused}")
 
 
 def test_unsupported_shape_goes_to_ops(monkeypatch):
