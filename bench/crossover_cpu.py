@@ -64,19 +64,52 @@ def grad_step(rule):
     return lambda x: vg(x.q, x.k, x.v, x.g, x.beta, x.state)
 
 
+def profile(T, reps):
+    """Chunked time split: inputs to chunk layout, the batched intra-chunk part, the state pass."""
+    x = _inputs(T, 1)
+    s = SHAPE
+    B, Hk, Hv = s["B"], s["Hk"], s["Hv"]
+    R, C = Hv // Hk, oc._chunk_size(T)
+    N = -(-T // C)
+    f32 = mx.float32
+    q, k, v, g, beta = (t.astype(f32) for t in (x.q, x.k, x.v, x.g, x.beta))
+    lg = oc._log_gate(g)
+    qc, kc = (oc._to_chunks(t, B, N, C, Hk, 1) for t in (q, k))
+    vc, lgc, bc = (oc._to_chunks(t, B, N, C, Hk, R) for t in (v, lg, beta))
+    mx.eval(qc, kc, vc, lgc, bc)
+    full = _time(lambda x: oc.chunked_rule(x.q, x.k, x.v, x.g, x.beta, x.state), [x], reps)[0]
+    intra = _time(lambda _: oc._intra_scalar_c(qc, kc, vc, lgc, bc), [x], reps)[0]
+    ops = oc._intra_scalar_c(qc, kc, vc, lgc, bc)
+    mx.eval(ops)
+    WQ, Uv, Yv, Kd, gam_c = ops
+    S0 = x.state.reshape(B, Hk, R, s["Dv"], s["Dk"])
+
+    def state_pass(_):
+        S, ys = S0, []
+        for n in range(N):
+            y, S = oc._pass_c(S, WQ[:, :, :, n], Uv[:, :, :, n], Yv[:, :, :, n], Kd[:, :, :, n], gam_c[:, :, :, n])
+            ys.append(y)
+        return ys + [S]
+
+    sp = _time(state_pass, [x], reps)[0]
+    print(f"| {T} profile (min ms) | full {full * 1e3:.0f} | intra {intra * 1e3:.0f} | state pass {sp * 1e3:.0f} | "
+          f"rest {(full - intra - sp) * 1e3:.0f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[64, 512, 2048])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--grad", type=int, nargs="*", default=[])
-    ap.add_argument("--chunk", type=int, default=oc.CHUNK)
+    ap.add_argument("--chunk", type=int, default=oc.chunk_len())
     ap.add_argument("--only", nargs="*", default=None, help="contender names to run")
+    ap.add_argument("--profile", type=int, nargs="*", default=[], help="T: split chunked time into its parts")
     a = ap.parse_args()
-    oc.CHUNK = a.chunk
+    oc.CHUNK = {"cpu": a.chunk, "gpu": a.chunk}
     import mlx_lm
 
     print(f"device {mx.default_device()}, {platform.processor() or platform.machine()}, mlx {mx.__version__}, "
-          f"mlx-lm {mlx_lm.__version__}, chunk {oc.CHUNK}, shape {SHAPE}, float32, reps {a.reps}")
+          f"mlx-lm {mlx_lm.__version__}, chunk {a.chunk}, shape {SHAPE}, float32, reps {a.reps}")
     print("| T | contender | min ms | median ms | ms/token |")
     print("|---|---|---|---|---|")
     for T in a.T:
@@ -87,6 +120,8 @@ def main():
                 continue
             lo, med = _time(fn, sets, a.reps)
             print(f"| {T} | {name} | {lo * 1e3:.1f} | {med * 1e3:.1f} | {med * 1e3 / T:.3f} |", flush=True)
+    for T in a.profile:
+        profile(T, a.reps)
     for T in a.grad:
         sets = [_inputs(T, 1), _inputs(T, 2)]
         for name, rule in (("chunked", oc.chunked_rule), ("recurrent", recurrent_rule)):

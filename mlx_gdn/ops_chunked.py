@@ -21,14 +21,22 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-CHUNK = 64  # steps per chunk (bench/NOTES.md, "Chunked prefill")
+# Steps per chunk by device type. CPU: measured (bench/NOTES.md, "Chunked prefill"): the
+# intra-chunk work grows with C while the state pass does not shrink with it. GPU: 64, the
+# usual choice for fewer sequential steps; not measured here.
+CHUNK = {"cpu": 32, "gpu": 64}
 _BLOCK = 16  # diagonal blocks of (I + A) inverted by substitution before the block merges
 
 
+def chunk_len() -> int:
+    """Steps per chunk on the default device."""
+    return CHUNK["gpu" if mx.default_device().type == mx.gpu else "cpu"]
+
+
 def _chunk_size(T: int) -> int:
-    """Power of two: CHUNK, or less for short inputs so padding stays small."""
-    c = 1
-    while c < min(T, CHUNK):
+    """Power of two: chunk_len(), or less for short inputs so padding stays small."""
+    c, full = 1, chunk_len()
+    while c < min(T, full):
         c *= 2
     return c
 
@@ -173,7 +181,7 @@ def chunked_rule(
     state: mx.array,
     mask: Optional[mx.array] = None,
 ) -> Tuple[mx.array, mx.array]:
-    """Gated delta rule in chunks of up to CHUNK steps; same contract as `recurrent_rule`.
+    """Gated delta rule in chunks of up to chunk_len() steps; same contract as `recurrent_rule`.
 
     q, k: [B,T,Hk,Dk]; v: [B,T,Hv,Dv]; g: [B,T,Hv] or [B,T,Hv,Dk] in [0, 1]; beta: [B,T,Hv];
     state: [B,Hv,Dv,Dk] float32; mask: [B,T] bool/int or None (a masked step leaves the state

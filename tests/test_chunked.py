@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import mlx_gdn
 from mlx_gdn import crossover
-from mlx_gdn.ops_chunked import CHUNK, chunked_rule
+from mlx_gdn.ops_chunked import chunk_len, chunked_rule
 from mlx_gdn.ops_recurrent import recurrent_rule
 from mlx_gdn.reference import delta_rule, gates, rel_error, to_numpy
 from mlx_gdn.testing import fresh_seed, random_inputs
@@ -29,6 +29,7 @@ def _tf32() -> bool:
 F32_TOL = 2e-3 if _tf32() else 1e-4
 TOL = {mx.float32: F32_TOL, mx.float16: 2e-2, mx.bfloat16: 2e-2}
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+CHUNK = chunk_len()
 
 
 def run(x, g=None, **kw):
