@@ -4,7 +4,7 @@
 // lanes, lane j keeping state columns j, j + L, j + 2L, ... (Dk / L floats) in registers.
 // Per block, the threadgroup reads each token's k, q, gates and its rows' v from device memory
 // once, converted to float32, and every row then reads them from threadgroup memory (mlx-lm's
-// kernel re-reads k and q from device memory for every group of rows). The two per-token dot
+// kernels read k and q from device memory once per value row). The two per-token dot
 // products reduce over L lanes only: log2(L) shuffles each.
 //
 // Each lane's part of a dot product adds into 4 independent partial sums (acc), so its chain of

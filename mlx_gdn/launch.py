@@ -102,7 +102,8 @@ def supports_recurrent(p: Problem) -> bool:
         return False
     if p.B * p.Hv > 65535:  # grid z (CUDA's limit)
         return False
-    # Offsets are 32-bit ints in the bodies.
+    # Offsets in the bodies are 64-bit, but T is an int and arrays past 2**31 elements are
+    # untested, so those go to the ops path.
     sizes = (p.B * p.T * p.Hk * p.Dk, p.B * p.T * p.Hv * p.Dv, p.B * p.Hv * p.Dv * p.Dk)
     if p.gate == "key":
         sizes += (p.B * p.T * p.Hv * p.Dk,)
