@@ -463,3 +463,25 @@ def test_device_pointer_casts_and_vector_loads():
     np.testing.assert_allclose(o[:, 1], g[:, 2] + g[:, 3], rtol=1e-6)
     np.testing.assert_allclose(o[:, 2], g[:, 0] * 2, rtol=1e-6)
     np.testing.assert_array_equal(o[:, 3], g[:, 3])
+
+
+def test_ensure_row_contiguous_false_passes_the_real_layout():
+    """Like MLX, a non-contiguous input keeps its buffer and strides when contiguity is not forced."""
+    rng = np.random.default_rng()
+    base = mx.array(rng.standard_normal((6, 10)).astype(np.float32))
+    view = base.T[::2]  # shape (5, 6), strides (2, 10)
+    flat_read = "uint i = thread_position_in_grid.x; out[i] = inp[i];"
+    strided_read = (
+        "uint i = thread_position_in_grid.x; uint r = i / inp_shape[1], c = i % inp_shape[1];"
+        "out[i] = inp[r * inp_strides[0] + c * inp_strides[1]];"
+    )
+    run = lambda body, erc: sim.metal_kernel("layout", ["inp"], ["out"], body, ensure_row_contiguous=erc)(  # noqa: E731
+        inputs=[view], grid=(30, 1, 1), threadgroup=(30, 1, 1), output_shapes=[(30,)], output_dtypes=[mx.float32]
+    )[0]
+    want = np.array(view).reshape(-1)
+    np.testing.assert_array_equal(np.array(run(strided_read, False)), want)
+    np.testing.assert_array_equal(np.array(run(flat_read, True)), want)
+    # Ignoring the strides reads the underlying buffer in order, as on a GPU.
+    got = np.array(run(flat_read, False))
+    np.testing.assert_array_equal(got, np.array(base).reshape(-1)[:30])
+    assert not np.array_equal(got, want)

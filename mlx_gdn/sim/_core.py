@@ -326,6 +326,28 @@ def _to_numpy(a: mx.array) -> np.ndarray:
     return np.ascontiguousarray(np.array(a, copy=True))
 
 
+def _strided_input(a: mx.array):
+    """(flat buffer, element strides) of `a` as laid out in memory.
+
+    With ensure_row_contiguous=False MLX hands the kernel the array's own buffer and strides,
+    so a body that ignores `_strides` reads the wrong elements: the simulator must do the same.
+    Layouts it cannot express that way (negative strides) fall back to a contiguous copy.
+    """
+    mx.eval(a)
+    view = np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
+    item = view.itemsize
+    if view.ndim == 0 or view.size == 0 or any(st < 0 or st % item for st in view.strides):
+        flat = _to_numpy(a)
+        st = np.ones(max(a.ndim, 1), dtype=np.int64)
+        for d in range(a.ndim - 2, -1, -1):
+            st[d] = st[d + 1] * a.shape[d + 1]
+        return flat.reshape(-1), st[: a.ndim]
+    strides = np.array([st // item for st in view.strides], dtype=np.int64)
+    span = int(sum((n - 1) * st for n, st in zip(view.shape, strides))) + 1
+    flat = np.lib.stride_tricks.as_strided(view, shape=(span,), strides=(item,), writeable=False)
+    return np.array(flat, copy=True), strides
+
+
 def _from_numpy(x: np.ndarray, dtype) -> mx.array:
     if dtype == mx.bfloat16:
         return mx.array(x).view(mx.bfloat16)
@@ -533,16 +555,20 @@ class SimMetalKernel:
             else:
                 a = ins[i]
                 if i not in in_np:
-                    in_np[i] = _to_numpy(a)
+                    in_np[i] = (
+                        _strided_input(a) if not self.ensure_row_contiguous else (_to_numpy(a), None)
+                    )
                 base = self.input_names[i]
                 if kind == "in":
-                    arr, name, tname = in_np[i], base, _ctype(a.dtype)
+                    arr, name, tname = in_np[i][0], base, _ctype(a.dtype)
                 elif kind == "shape":
                     arr, name, tname = np.array(a.shape, dtype=np.int32), base + "_shape", "int"
                 elif kind == "strides":
-                    st = np.ones(a.ndim, dtype=np.int64)
-                    for d in range(a.ndim - 2, -1, -1):
-                        st[d] = st[d + 1] * a.shape[d + 1]
+                    st = in_np[i][1]
+                    if st is None:
+                        st = np.ones(a.ndim, dtype=np.int64)
+                        for d in range(a.ndim - 2, -1, -1):
+                            st[d] = st[d + 1] * a.shape[d + 1]
                     arr, name, tname = st, base + "_strides", "int64_t"
                 else:
                     arr, name, tname = np.array(a.ndim, dtype=np.int32), base + "_ndim", "int"
