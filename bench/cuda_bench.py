@@ -164,6 +164,30 @@ def main():
     env["copy_TBps_mlx_elementwise"] = round(2 * a.nbytes / (ms * 1e-3) / 1e12, 3)
     del a
 
+    # where a decode call's time goes: MLX's cost for a trivial kernel, the launcher alone,
+    # the public API (validation + dispatch + launch)
+    triv = mx.fast.cuda_kernel(name="gdn_probe_trivial", input_names=["x"], output_names=["o"],
+                               source="if (threadIdx.x == 0 && blockIdx.x == 0) o[0] = x[0];")
+    xs = [mx.ones((4,)) for _ in range(3)]
+    mx.eval(xs)
+    ms, n = wall_ms(lambda x: mx.eval(triv(inputs=[x], output_shapes=[(1,)], output_dtypes=[mx.float32],
+                                           grid=(32, 1, 1), threadgroup=(32, 1, 1))[0]), mlx_sync, xs, reps=300)
+    record("probe-trivial-cuda-kernel", 1, 1, "f32", ms, n)
+    sets = make_mlx_sets(1, 1, mx.bfloat16)
+    from mlx_gdn.gating import FusedGating
+    from mlx_gdn.validate import check_update
+    x0 = sets[0]
+    p0 = check_update(x0.q, x0.k, x0.v, x0.a, x0.b, x0.A_log, x0.dt_bias, x0.state, None, None, False)
+
+    def direct(x):
+        y, s = cuda.run_recurrent(p0, x.q, x.k, x.v, x.state, None,
+                                  gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias))
+        mx.eval(y, s)
+    ms, n = wall_ms(direct, mlx_sync, sets, reps=300)
+    record("probe-run_recurrent-direct", 1, 1, "bf16", ms, n)
+    ms, n = wall_ms(mlx_call("recurrent"), mlx_sync, sets, reps=300)
+    record("probe-api-update", 1, 1, "bf16", ms, n)
+
     checks = {}
     for dt in ("bf16", "f32"):
         checks[dt] = {k: v for k, v in check(1, 512, mx.bfloat16 if dt == "bf16" else mx.float32).items()}

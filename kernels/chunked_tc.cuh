@@ -147,15 +147,56 @@ __device__ __forceinline__ void zero(float (&acc)[NT][4]) {
     for (int i = 0; i < 4; ++i) acc[n][i] = 0.0f;
 }
 
+template <class A, class B>
+struct same_type {
+  static constexpr bool value = false;
+};
+template <class A>
+struct same_type<A, A> {
+  static constexpr bool value = true;
+};
+
+// 16-byte asynchronous copy global -> shared; with `valid` false the destination is zero-filled.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+
 // Copies C rows of D elements, row r from src + r * stride, into shared dst[r * LD + d] as ST;
-// rows at or past `rows` become zeros.
+// rows at or past `rows` become zeros. Same types go as 16-byte asynchronous copies, all in
+// flight at once (rows start 16-byte aligned: D, LD and strides are multiples of 8 elements);
+// the caller waits with cp_async_wait_all() and a barrier. Other types convert one by one.
 template <int D, int LD, class ST, class SRC>
-__device__ __forceinline__ void load_rows(ST* dst, const SRC* src, long stride, int rows, int tid, int nthreads) {
-  for (int idx = tid; idx < C * D; idx += nthreads) {
-    const int r = idx / D, d = idx - r * D;
-    const float x = r < rows ? f32(src[r * stride + d]) : 0.0f;
-    dst[r * LD + d] = cvt<ST>(x);
+__device__ __forceinline__ void load_rows(ST* dst, const SRC* src, long stride, int rows, int tid) {
+  if constexpr (same_type<ST, SRC>::value) {
+    constexpr int V = 16 / (int)sizeof(ST), VPR = D / V, TOTAL = C * VPR;
+    static_assert(D % V == 0 && (LD * sizeof(ST)) % 16 == 0, "rows must be whole 16-byte vectors");
+#pragma unroll
+    for (int it = 0; it < (TOTAL + NTHREADS - 1) / NTHREADS; ++it) {
+      const int idx = tid + it * NTHREADS;
+      if (TOTAL % NTHREADS == 0 || idx < TOTAL) {
+        const int r = idx / VPR, cv = idx - r * VPR;
+        const bool ok = r < rows;
+        cp_async16(dst + r * LD + cv * V, ok ? src + r * stride + cv * V : src, ok);
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int idx = tid; idx < C * D; idx += NTHREADS) {
+      const int r = idx / D, d = idx - r * D;
+      const float x = r < rows ? f32(src[r * stride + d]) : 0.0f;
+      dst[r * LD + d] = cvt<ST>(x);
+    }
   }
+}
+
+// Bytes of dynamic shared memory this launch got: a launcher that asked for too little traps
+// instead of writing past the end.
+__device__ __forceinline__ unsigned dynamic_smem_bytes() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+  return r;
 }
 
 __device__ __forceinline__ float softplus(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
@@ -177,7 +218,7 @@ __device__ __forceinline__ float scan64(float x, int tid, float* scratch) {
 
 // Shared memory (bytes) each launch needs; cuda.py mirrors these formulas.
 template <int Dk, int Dv, bool EXACT>
-constexpr int prep_smem() {
+__host__ __device__ constexpr int prep_smem() {
   using ST = typename Operand<EXACT>::T;
   constexpr int LK = Ld<ST, Dk>::value, LV = Ld<ST, Dv>::value;
   return (C * LK + C * (LK > LV ? LK : LV)) * (int)sizeof(ST) + (C * (C + 4) + 2 * C + 8) * 4;
@@ -195,6 +236,7 @@ __device__ void prep(const TI* q, const TI* k, const TI* v, const TGA* ga, const
   constexpr int LK = Ld<ST, Dk>::value, LV = Ld<ST, Dv>::value, LA = C + 4;
   constexpr int LX = LK > LV ? LK : LV;
   extern __shared__ float4 smem_prep[];
+  if (dynamic_smem_bytes() < (unsigned)prep_smem<Dk, Dv, EXACT>()) __trap();
   ST* sK = reinterpret_cast<ST*>(smem_prep);
   ST* sX = sK + C * LK;  // Q, later V
   float* sA = reinterpret_cast<float*>(sX + C * LX);
@@ -242,8 +284,9 @@ __device__ void prep(const TI* q, const TI* k, const TI* v, const TGA* ga, const
   const long qrow = (long)Hk * Dk;
   const TI* kc = k + (((long)b * T + t0) * Hk + hk) * Dk;
   const TI* qc = q + (((long)b * T + t0) * Hk + hk) * Dk;
-  load_rows<Dk, LK>(sK, kc, qrow, rows, tid, NTHREADS);
-  load_rows<Dk, LX>(sX, qc, qrow, rows, tid, NTHREADS);
+  load_rows<Dk, LK>(sK, kc, qrow, rows, tid);
+  load_rows<Dk, LX>(sX, qc, qrow, rows, tid);
+  cp_async_wait_all();
   __syncthreads();
 
   // A (strictly lower, into shared) and Aqk (lower with diagonal, to global). Warp w: rows 16w..16w+15.
@@ -323,11 +366,12 @@ __device__ void prep(const TI* q, const TI* k, const TI* v, const TGA* ga, const
 }
 
 template <int Dk, int BV, bool EXACT, bool SHARE_WQ>
-constexpr int state_smem() {
+__host__ __device__ constexpr int state_smem() {
   using ST = typename Operand<EXACT>::T;
   constexpr int LK = Ld<ST, Dk>::value;
-  return BV * (Dk + 4) * 4 + (SHARE_WQ ? 2 : 3) * C * LK * (int)sizeof(ST) + C * (BV + 4) * 4 + C * (C + 4) * 4 +
-         3 * C * 4;
+  constexpr int LA = Ld<ST, C>::value, LU = Ld<ST, BV>::value;
+  return BV * (Dk + 4) * 4 + (SHARE_WQ ? 2 : 3) * C * LK * (int)sizeof(ST) + C * (BV + 4) * 4 +
+         (C * LA + C * LU) * (int)sizeof(ST) + 3 * C * 4;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -337,17 +381,20 @@ template <int Dk, int Dv, int BV, bool EXACT, bool MASKED, bool SHARE_WQ, class 
 __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, const OT* Aqk, const float* Gc,
                            const float* S0, const TM* mask, int T, int Hk, int Hv, TI* y, float* S_out) {
   using ST = typename Operand<EXACT>::T;
-  constexpr int LK = Ld<ST, Dk>::value, LS = Dk + 4, LD = BV + 4, LA = C + 4;
+  static_assert(same_type<ST, OT>::value, "W, U, Aqk are stored in the operand type");
+  constexpr int LK = Ld<ST, Dk>::value, LS = Dk + 4, LD = BV + 4, LA = Ld<ST, C>::value, LU = Ld<ST, BV>::value;
   constexpr int MT = BV / 16, NB = Dk / 64;  // S-update work: MT row strips x NB column blocks
   static_assert(BV % 16 == 0 && Dk % 64 == 0, "BV multiple of 16, Dk multiple of 64");
   extern __shared__ float4 smem_state[];
+  if (dynamic_smem_bytes() < (unsigned)state_smem<Dk, BV, EXACT, SHARE_WQ>()) __trap();
   float* sS = reinterpret_cast<float*>(smem_state);  // [BV][LS]
   ST* sK = reinterpret_cast<ST*>(sS + BV * LS);       // [C][LK]
   ST* sW = sK + C * LK;
   ST* sQ = SHARE_WQ ? sW : sW + C * LK;
   float* sD = reinterpret_cast<float*>(sQ + C * LK);  // delta [C][LD]
-  float* sA = sD + C * LD;                            // Aqk [C][LA]
-  float* sG = sA + C * LA;
+  ST* sA = reinterpret_cast<ST*>(sD + C * LD);        // Aqk [C][LA]
+  ST* sU = sA + C * LA;                               // U slice [C][LU]
+  float* sG = reinterpret_cast<float*>(sU + C * LU);
   float* sE = sG + C;
   float* sM = sE + C;
 
@@ -368,20 +415,21 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
     const int t0 = c * C, rows = min(C, T - t0);
     __syncthreads();  // previous chunk done with sK, sQ, sD, sA
     const TI* kc = k + (((long)b * T + t0) * Hk + hk) * Dk;
-    load_rows<Dk, LK>(sK, kc, qrow, rows, tid, NTHREADS);
-    load_rows<Dk, LK>(sW, W + (bh * Tp + t0) * Dk, Dk, C, tid, NTHREADS);
+    load_rows<Dk, LK>(sK, kc, qrow, rows, tid);
+    load_rows<Dk, LK>(sW, W + (bh * Tp + t0) * Dk, Dk, C, tid);
     if constexpr (!SHARE_WQ) {
       const TI* qc = q + (((long)b * T + t0) * Hk + hk) * Dk;
-      load_rows<Dk, LK>(sQ, qc, qrow, rows, tid, NTHREADS);
+      load_rows<Dk, LK>(sQ, qc, qrow, rows, tid);
     }
-    const OT* ac = Aqk + (bh * NTc + c) * C * C;
-    for (int idx = tid; idx < C * C; idx += NTHREADS) sA[(idx / C) * LA + idx % C] = f32(ac[idx]);
+    load_rows<C, LA>(sA, Aqk + (bh * NTc + c) * C * C, C, C, tid);
+    load_rows<BV, LU>(sU, U + (bh * Tp + t0) * Dv + v0, Dv, C, tid);
     if (tid < C) {
       sG[tid] = Gc[bh * Tp + t0 + tid];
       bool live = tid < rows;
       if constexpr (MASKED) live = live && static_cast<bool>(mask[(long)b * T + t0 + min(tid, rows - 1)]);
       sM[tid] = live ? 1.0f : 0.0f;
     }
+    cp_async_wait_all();
     __syncthreads();
     const float Gl = sG[C - 1];
     if (tid < C) sE[tid] = expf(Gl - sG[tid]);
@@ -392,12 +440,12 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
     zero(dl);
     warp_mma<EXACT, Dk>(dl, [&](int r, int kk) { return f32(sW[(r0 + r) * LK + kk]); },
                         [&](int kk, int n) { return sS[n * LS + kk]; });
-    const OT* Uc = U + (bh * Tp + t0) * Dv + v0;
-    for_acc(dl, [&](int r, int j, float x) { sD[(r0 + r) * LD + j] = f32(Uc[(long)(r0 + r) * Dv + j]) - x; });
+    for_acc(dl, [&](int r, int j, float x) { sD[(r0 + r) * LD + j] = f32(sU[(r0 + r) * LU + j]) - x; });
     if constexpr (SHARE_WQ) {
       __syncthreads();  // every warp done with W
       const TI* qc = q + (((long)b * T + t0) * Hk + hk) * Dk;
-      load_rows<Dk, LK>(sQ, qc, qrow, rows, tid, NTHREADS);
+      load_rows<Dk, LK>(sQ, qc, qrow, rows, tid);
+      cp_async_wait_all();
       __syncthreads();
     }
     // y = diag(exp(G)) Q S^T + Aqk delta
@@ -417,7 +465,7 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
       }
     }
     __syncthreads();  // delta complete; every warp done reading S
-    warp_mma<EXACT, C>(yo, [&](int r, int kk) { return sA[(r0 + r) * LA + kk]; },
+    warp_mma<EXACT, C>(yo, [&](int r, int kk) { return f32(sA[(r0 + r) * LA + kk]); },
                        [&](int kk, int n) { return sD[kk * LD + n]; });
     TI* yc = y + (((long)b * T + t0) * Hv + h) * Dv + v0;
     for_acc(yo, [&](int r, int j, float x) {

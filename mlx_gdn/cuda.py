@@ -144,7 +144,7 @@ def state_smem(Dk: int, BV: int, exact: bool, share_wq: bool) -> int:
     es = 4 if exact else 2
     lk = _ld(exact, Dk)
     return (BV * (Dk + 4) * 4 + (2 if share_wq else 3) * CHUNK * lk * es + CHUNK * (BV + 4) * 4
-            + CHUNK * (CHUNK + 4) * 4 + 3 * CHUNK * 4)
+            + (CHUNK * _ld(exact, CHUNK) + CHUNK * _ld(exact, BV)) * es + 3 * CHUNK * 4)
 
 
 def _choose_bv(p: Problem) -> int:
