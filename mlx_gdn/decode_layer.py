@@ -42,6 +42,9 @@ def decode_spec(B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dt
         threadgroup=base.threadgroup,
         output_shapes=((B, 1, Hv, Dv), (B, K - 1, C), (B, Hv, Dv, Dk)),
         output_dtypes=(dtype, dtype, mx.float32),
+        # The body indexes every input as a row-contiguous array (qkv, conv state, the cache
+        # arrays it wrote itself and the projections' outputs already are: no copy then).
+        ensure_row_contiguous=True,
     )
 
 

@@ -302,3 +302,25 @@ def test_patched_model_decode_is_one_launch_per_layer(monkeypatch):
     assert recurrent_calls == [4] * 3 and fused_calls == ["metal"] * 9, (recurrent_calls, fused_calls, seed)
     err = rel_error(mx.concatenate(outs, axis=1), ref)
     assert err < TOL[mx.float32], f"logits rel error {err:.3g} (seed={seed})"
+
+
+def test_fused_step_takes_strided_views():
+    """Inputs that are views (every other row of larger arrays) give the same step as copies."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    B, Hk, Hv, Dk, Dv, K = 3, 2, 4, 64, 64, 4
+    C = 2 * Hk * Dk + Hv * Dv
+
+    def wide(*shape):  # the even rows of an array twice as long in its first axis
+        return mx.array(rng.standard_normal((2 * shape[0],) + shape[1:]).astype(np.float32))[::2]
+
+    qkv, conv, a, b, state = wide(B, 1, C), wide(B, K - 1, C), wide(B, 1, Hv), wide(B, 1, Hv), wide(B, Hv, Dv, Dk)
+    w, A_log, dt_bias = mx.array(rng.standard_normal((C, K, 1)).astype(np.float32)), mx.zeros((Hv,)), mx.zeros((Hv,))
+    args = (qkv, conv, w, a, b, A_log, dt_bias, state, None, Hk, Hv, Dk, Dv)
+    with simulated_metal():
+        views = decode_layer.decode_step("metal", *args)
+        copies = decode_layer.decode_step(
+            "metal", *[mx.array(np.ascontiguousarray(x)) if isinstance(x, mx.array) else x for x in args])
+        mx.eval(views, copies)
+    for name, v, c in zip(("y", "conv state", "state"), views, copies):
+        assert np.array_equal(np.asarray(v), np.asarray(c)), f"{name} (seed={seed})"
