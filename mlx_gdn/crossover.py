@@ -9,7 +9,9 @@ from __future__ import annotations
 from .validate import Problem
 
 # Backend -> smallest T at which the chunked form wins. None: never chosen automatically.
-CHUNKED_FROM_T = {"ops": None, "metal": None, "cuda": None}
+# "cuda": H100, bench/cuda_bench.py (bench/NOTES.md, "CUDA / H100"): chunked leads from T=128
+# at B=1 in bf16 and ties in float32.
+CHUNKED_FROM_T = {"ops": None, "metal": None, "cuda": 128}
 
 
 def prefers_chunked(backend: str, p: Problem) -> bool:
