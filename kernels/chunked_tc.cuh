@@ -162,6 +162,12 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
 
 // Copies C rows of D elements, row r from src + r * stride, into shared dst[r * LD + d] as ST;
 // rows at or past `rows` become zeros. Same types go as 16-byte asynchronous copies, all in
@@ -410,31 +416,46 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
   }
 
   const long qrow = (long)Hk * Dk;
+  // Loads run one phase ahead of their use, as two groups of asynchronous copies:
+  // W, Q, U slice and G of chunk c+1 are issued once chunk c no longer reads them (mid-step),
+  // K and Aqk of chunk c at the top of step c, landing while delta and Q S^T are computed.
+  auto issue_wqug = [&](int cc) {
+    const int tn = cc * C, rn = min(C, T - tn);
+    load_rows<Dk, LK>(sW, W + (bh * Tp + tn) * Dk, Dk, C, tid);
+    if constexpr (!SHARE_WQ) load_rows<Dk, LK>(sQ, q + (((long)b * T + tn) * Hk + hk) * Dk, qrow, rn, tid);
+    load_rows<BV, LU>(sU, U + (bh * Tp + tn) * Dv + v0, Dv, C, tid);
+    if (tid < C / 4) cp_async16(sG + 4 * tid, Gc + bh * Tp + tn + 4 * tid, true);
+    cp_async_commit();
+  };
+  auto issue_ka = [&](int cc) {
+    const int tn = cc * C, rn = min(C, T - tn);
+    load_rows<Dk, LK>(sK, k + (((long)b * T + tn) * Hk + hk) * Dk, qrow, rn, tid);
+    load_rows<C, LA>(sA, Aqk + (bh * NTc + cc) * C * C, C, C, tid);
+    cp_async_commit();
+  };
+  auto live_of = [&](int cc) {
+    const int tn = cc * C, rn = min(C, T - tn);
+    bool live = tid < rn;
+    if constexpr (MASKED) live = live && static_cast<bool>(mask[(long)b * T + tn + min(tid, rn - 1)]);
+    return live ? 1.0f : 0.0f;
+  };
+
+  issue_wqug(0);
+  float mlive = tid < C ? live_of(0) : 0.0f;
 #pragma unroll 1
   for (int c = 0; c < NTc; ++c) {
     const int t0 = c * C, rows = min(C, T - t0);
-    __syncthreads();  // previous chunk done with sK, sQ, sD, sA
-    const TI* kc = k + (((long)b * T + t0) * Hk + hk) * Dk;
-    load_rows<Dk, LK>(sK, kc, qrow, rows, tid);
-    load_rows<Dk, LK>(sW, W + (bh * Tp + t0) * Dk, Dk, C, tid);
-    if constexpr (!SHARE_WQ) {
-      const TI* qc = q + (((long)b * T + t0) * Hk + hk) * Dk;
-      load_rows<Dk, LK>(sQ, qc, qrow, rows, tid);
-    }
-    load_rows<C, LA>(sA, Aqk + (bh * NTc + c) * C * C, C, C, tid);
-    load_rows<BV, LU>(sU, U + (bh * Tp + t0) * Dv + v0, Dv, C, tid);
-    if (tid < C) {
-      sG[tid] = Gc[bh * Tp + t0 + tid];
-      bool live = tid < rows;
-      if constexpr (MASKED) live = live && static_cast<bool>(mask[(long)b * T + t0 + min(tid, rows - 1)]);
-      sM[tid] = live ? 1.0f : 0.0f;
-    }
-    cp_async_wait_all();
+    __syncthreads();  // previous step done with sK, sA, sD, sE, sM; its S update written
+    issue_ka(c);
+    if (tid < C) sM[tid] = mlive;
+    cp_async_wait_group<1>();  // W, Q, U, G of chunk c
     __syncthreads();
+    const int r0 = 16 * warp;
     const float Gl = sG[C - 1];
     if (tid < C) sE[tid] = expf(Gl - sG[tid]);
+    const int g8 = (tid & 31) >> 2;
+    const float e0 = expf(sG[r0 + g8]), e1 = expf(sG[r0 + g8 + 8]);
 
-    const int r0 = 16 * warp;
     // delta = U - W S^T (rows r0.., all BV columns)
     float dl[BV / 8][4];
     zero(dl);
@@ -442,10 +463,10 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
                         [&](int kk, int n) { return sS[n * LS + kk]; });
     for_acc(dl, [&](int r, int j, float x) { sD[(r0 + r) * LD + j] = f32(sU[(r0 + r) * LU + j]) - x; });
     if constexpr (SHARE_WQ) {
-      __syncthreads();  // every warp done with W
-      const TI* qc = q + (((long)b * T + t0) * Hk + hk) * Dk;
-      load_rows<Dk, LK>(sQ, qc, qrow, rows, tid);
-      cp_async_wait_all();
+      __syncthreads();  // every warp done with W, which Q replaces
+      load_rows<Dk, LK>(sQ, q + (((long)b * T + t0) * Hk + hk) * Dk, qrow, rows, tid);
+      cp_async_commit();
+      cp_async_wait_group<0>();
       __syncthreads();
     }
     // y = diag(exp(G)) Q S^T + Aqk delta
@@ -453,18 +474,22 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
     zero(yo);
     warp_mma<EXACT, Dk>(yo, [&](int r, int kk) { return f32(sQ[(r0 + r) * LK + kk]); },
                         [&](int kk, int n) { return sS[n * LS + kk]; });
-    {
-      const int lane = tid & 31, g = lane >> 2;
-      const float e0 = expf(sG[r0 + g]), e1 = expf(sG[r0 + g + 8]);
 #pragma unroll
-      for (int n = 0; n < BV / 8; ++n) {
-        yo[n][0] *= e0;
-        yo[n][1] *= e0;
-        yo[n][2] *= e1;
-        yo[n][3] *= e1;
-      }
+    for (int n = 0; n < BV / 8; ++n) {
+      yo[n][0] *= e0;
+      yo[n][1] *= e0;
+      yo[n][2] *= e1;
+      yo[n][3] *= e1;
     }
-    __syncthreads();  // delta complete; every warp done reading S
+    __syncthreads();  // delta complete; W, Q, U, G and S no longer read this step
+    if (c + 1 < NTc) {
+      issue_wqug(c + 1);
+      if (tid < C) mlive = live_of(c + 1);
+    } else {
+      cp_async_commit();  // an empty group keeps the wait counts uniform
+    }
+    cp_async_wait_group<1>();  // K, Aqk of chunk c
+    __syncthreads();
     warp_mma<EXACT, C>(yo, [&](int r, int kk) { return f32(sA[(r0 + r) * LA + kk]); },
                        [&](int kk, int n) { return sD[kk * LD + n]; });
     TI* yc = y + (((long)b * T + t0) * Hv + h) * Dv + v0;
