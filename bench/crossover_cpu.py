@@ -98,7 +98,7 @@ def profile(T, reps):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--T", type=int, nargs="+", default=[64, 512, 2048])
+    ap.add_argument("--T", type=int, nargs="*", default=[64, 512, 2048])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--grad", type=int, nargs="*", default=[])
     ap.add_argument("--chunk", type=int, default=oc.chunk_len())

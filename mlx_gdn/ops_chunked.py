@@ -219,9 +219,12 @@ def chunked_rule(
     intra = _intra_scalar_c if g.ndim == 3 else _intra_key_c
     WQ, Uv, Yv, Kd, gam_c = intra(qc, kc, vc, lgc, bc)
     S = state.reshape(B, Hk, R, Dv, Dk)
+    # Split once rather than index per chunk: the gradient of each index is a full-size
+    # scatter, which would make the backward pass quadratic in the number of chunks.
+    parts = [[p.squeeze(3) for p in mx.split(x, N, axis=3)] for x in (WQ, Uv, Yv, Kd, gam_c)]
     ys = []
     for n in range(N):
-        y, S = _pass_c(S, WQ[:, :, :, n], Uv[:, :, :, n], Yv[:, :, :, n], Kd[:, :, :, n], gam_c[:, :, :, n])
+        y, S = _pass_c(S, *(p[n] for p in parts))
         ys.append(y)
     y = mx.stack(ys, axis=3)  # [B,Hk,R,N,C,Dv]
     y = y.transpose(0, 3, 4, 1, 2, 5).reshape(B, N * C, Hv, Dv)[:, :T]
