@@ -20,8 +20,8 @@ def prefers_chunked(backend: str, p: Problem) -> bool:
     """True when the chunked form should run this problem on `backend`.
 
     Scalar gates only: the ops chunked form takes per-key gates exactly, but its pairwise
-    decay then has a Dk axis (C*C*Dk exponentials per chunk and head), which makes it slower
-    than the recurrence; a folded form (decay split between K and Q columns) overflows for
+    decay then has a Dk axis (C*C*Dk exponentials per chunk and head), and it measured slower
+    than the recurrence (bench/NOTES.md, "Chunked prefill"); a folded form (decay split between K and Q columns) overflows for
     gates near 0 unless they are bounded below.
     """
     t0 = CHUNKED_FROM_T.get(backend)
