@@ -10,10 +10,10 @@ from .validate import Problem
 
 # Backend -> smallest T at which the chunked form wins. None: never chosen automatically.
 # "ops": measured on the 2-core CPU with bench/crossover_cpu.py (bench/NOTES.md, "Chunked
-# prefill"): chunked, recurrent and mlx-lm's ops loop tie up to T=256, chunked leads from 512.
+# prefill"): with the machine quiet, chunked leads from T=8 on (ties or trails at T <= 4).
 # "metal": no Apple GPU to measure on; NOTES gives a model only. "cuda": H100, bench/cuda_bench.py
 # (bench/NOTES.md, "CUDA / H100"): chunked leads from T=128 at B=1 in bf16 and ties in float32.
-CHUNKED_FROM_T = {"ops": 512, "metal": None, "cuda": 128}
+CHUNKED_FROM_T = {"ops": 8, "metal": None, "cuda": 128}
 
 
 def prefers_chunked(backend: str, p: Problem) -> bool:
