@@ -226,3 +226,10 @@ def test_sweeps_and_shapes():
         configs([("x", (1, 1, 8, 8))], [1], [1], ["int8"])
     cs = configs([("x", (1, 1, 8, 8))], [4, 1], [64, 1], ["float32"])
     assert [(c.B, c.T) for c in cs] == [(1, 1), (1, 64), (4, 1), (4, 64)]
+
+
+def test_tolerance_is_configurable():
+    cfg = Config("t", 1, 4, 1, 2, 8, 4, "float32")
+    wrong, _ = _counting("off by 1e-3", transform_y=lambda y: y * 1.001)
+    assert not Checker(seed=5).check(wrong, cfg)["ok"]
+    assert Checker(seed=5, tolerance={"float32": 1e-2}).check(wrong, cfg)["ok"]

@@ -47,6 +47,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-reps", type=int, default=200)
     p.add_argument("--max-call", type=float, help="skip cells whose call is predicted slower (seconds)")
     p.add_argument("--sets", type=int, default=3, help="pre-generated input sets rotated among")
+    p.add_argument("--tol-f32", type=float, default=TOLERANCE["float32"],
+                   help="relative error a float32 run may have against the float64 reference")
+    p.add_argument("--tol-bf16", type=float, default=TOLERANCE["bfloat16"],
+                   help="relative error a bfloat16/float16 run may have")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--commit", help="record this commit when the checkout has no .git (a copy on another machine)")
     p.add_argument("--copy-mib", type=int, help="size of the copy-bandwidth probe")
@@ -90,6 +94,7 @@ def main(argv: Optional[List[str]] = None, extra_contenders: Optional[List[Conte
         min_reps=args.min_reps, max_reps=args.max_reps,
         max_call=args.max_call if args.max_call is not None else (10.0 if gpu else 5.0),
         sets=args.sets, seed=args.seed,
+        tolerance={"float32": args.tol_f32, "bfloat16": args.tol_bf16, "float16": args.tol_bf16},
     )
     env = environment()
     if args.commit and not env["git_commit"]:
@@ -107,7 +112,7 @@ def main(argv: Optional[List[str]] = None, extra_contenders: Optional[List[Conte
     record = {
         "schema": SCHEMA,
         "environment": env,
-        "settings": {**vars(settings), "tolerance": TOLERANCE, "quick": args.quick},
+        "settings": {**vars(settings), "quick": args.quick},
         "copy_bandwidth": copy,
         "contenders": [c.info() for c in found],
         "results": results,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gc
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+import mlx.core as mx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .check import Checker
@@ -24,6 +26,18 @@ class Settings:
     sets: int = 3  # input sets rotated among
     set_memory: float = 4e9  # bytes all rotated sets may take together
     seed: int = 0
+    tolerance: Optional[dict] = None  # dtype -> max relative error; None: check.TOLERANCE
+
+
+def release_memory() -> None:
+    """Hand cached device memory back between contenders, so one framework's cache (MLX's after a
+    long ops loop, say) does not starve the next contender or the other framework."""
+    clear = getattr(mx, "clear_cache", None)
+    if clear is not None:
+        clear()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _predicted(history: Dict[str, tuple], cont: Contender, cfg: Config) -> Optional[float]:
@@ -40,7 +54,7 @@ def run(configs: List[Config], contenders: List[Contender], settings: Settings,
         copy: Optional[dict] = None, progress: bool = True) -> List[dict]:
     """A result dict per (cell, contender), in order. Status is one of: ok (timed), wrong (failed
     the reference check), error (raised), unsupported, skipped (predicted too slow)."""
-    checker = Checker(settings.seed)
+    checker = Checker(settings.seed, settings.tolerance)
     history: Dict[tuple, tuple] = {}
     results: List[dict] = []
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -73,6 +87,7 @@ def run(configs: List[Config], contenders: List[Contender], settings: Settings,
                         if sets is None:
                             sets = [make_inputs(cfg, settings.seed + 1 + i) for i in range(n_sets)]
                         calls = None
+                        release_memory()
                         try:
                             calls = [cont.prepare(s) for s in sets]
                             t = time_calls(calls, cont.sync, budget=settings.budget, min_reps=settings.min_reps,
@@ -96,4 +111,5 @@ def run(configs: List[Config], contenders: List[Contender], settings: Settings,
             results.extend(cell)
             del sets
             gc.collect()
+            release_memory()
     return results
