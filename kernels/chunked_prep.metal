@@ -1,30 +1,36 @@
 // Chunked gated delta rule, part 1 of 2: everything inside one chunk that does not depend on
-// the state entering it. One threadgroup of NSG simdgroups per (chunk n, value head hv, batch b).
+// the state entering it. One threadgroup of NSG simdgroups per (chunk n, value head hv, batch bz).
 //
-// Inputs (float32, padded to Tp = N*C steps; masked and padded steps already have q = k = v = 0,
-// g = 1, beta = 0, which makes them identity steps with y = 0):
-//   q, k: [B, Tp, Hk, Dk]   v: [B, Tp, Hv, Dv]   g, beta: [B, Tp, Hv]
-// Outputs, per (b, hv, n):
+// Inputs as the public API takes them: q, k: [B, T, Hk, Dk], v: [B, T, Hv, Dv] (InT); gates
+// g, beta: [B, T, Hv] (GDN_FUSED 0), or a, b: [B, T, Hv], A_log, dt_bias: [Hv], lower_bound: [1]
+// (GDN_FUSED 1, template LOWER, NEG); mask: [B, T] (GDN_MASKED 1). Steps past T (the last chunk's
+// tail) and masked steps are identity steps: staged as q = k = v = 0, log-gate 0, beta 0, which
+// also makes their y exactly 0.
+// Outputs (float32), per (bz, hv, n), with N = ceil(T / C):
 //   wq: [B, Hv, N, 2C, Dk]  rows 0..C-1: -W = -T diag(beta*gamma) K; rows C..2C-1: Qe = diag(gamma) Q - P W
 //   uy: [B, Hv, N, 2C, Dv]  rows 0..C-1: Uv = T diag(beta) V;        rows C..2C-1: Yv = P Uv
 //   kd: [B, Hv, N, C, Dk]   (gamma_C / gamma_j) k_j
 //   gc: [B, Hv, N]          gamma_C
 // with T = (I + A)^-1, A_ij = beta_i (k_i.k_j) gamma_i/gamma_j (j < i), P_ij = (q_i.k_j) gamma_i/gamma_j (j <= i).
-// Template: C (chunk, multiple of 8), Dk, Dv (multiples of 8), Hk, Hv, NSG.
+// q, k, v are staged through threadgroup memory as float32 slabs of C x 8, the width of one
+// simdgroup matrix, so any input dtype feeds the float32 products.
+// Template: C (chunk, multiple of 8), Dk, Dv (multiples of 8), Hk, Hv, NSG, LOWER, NEG.
 
 const uint tid = thread_index_in_threadgroup;
 const uint sg = simdgroup_index_in_threadgroup;
-const uint NT = NSG * 32;
+constexpr uint NT = NSG * 32;
+constexpr uint TC = C / 8;
 const uint n = threadgroup_position_in_grid.x;
 const uint hv = threadgroup_position_in_grid.y;
-const uint b = threadgroup_position_in_grid.z;
+const uint bz = threadgroup_position_in_grid.z;
 const uint hk = hv / (Hv / Hk);
-const int Tp = q_shape[1];
-const int N = Tp / C;
+const int T = q_shape[1];
+const int N = (T + C - 1) / C;
 const int t0 = n * C;
 
-threadgroup float lgs[C];
+threadgroup float lgs[C];      // log-gate (0 for identity steps)
 threadgroup float bet[C];
+threadgroup float liv[C];      // 1 for a live step, 0 for masked or past T
 threadgroup float gam[C];
 threadgroup float endd[C];
 threadgroup float Am[C * C];   // A, then diag(gamma)
@@ -33,19 +39,34 @@ threadgroup float M1[C * C];   // -T diag(beta*gamma)
 threadgroup float M2[C * C];   // T diag(beta)
 threadgroup float PM1[C * C];  // P M1
 threadgroup float PM2[C * C];  // P M2
-
-// Row strides (in elements) of one head's rows of q/k and of v.
-const uint ks = Hk * Dk;
-const uint vs = Hv * Dv;
-const device float* kc = k + ((b * Tp + t0) * Hk + hk) * Dk;
-const device float* qc = q + ((b * Tp + t0) * Hk + hk) * Dk;
-const device float* vc = v + ((b * Tp + t0) * Hv + hv) * Dv;
+threadgroup float Xs[C * 8];   // staged slab of k (or v)
+threadgroup float Zs[C * 8];   // staged slab of q
 
 for (uint i = tid; i < C; i += NT) {
-  float gi = g[(b * Tp + t0 + i) * Hv + hv];
-  // log 0 = -inf: sums of -inf stay -inf and exp gives 0; no inf - inf ever forms.
-  lgs[i] = gi > 0.0f ? metal::log(gi) : -INFINITY;
-  bet[i] = beta[(b * Tp + t0 + i) * Hv + hv];
+  const int t = t0 + int(i);
+  bool live = t < T;
+#if GDN_MASKED
+  if (live) live = bool(mask[bz * T + t]);
+#endif
+  float lg = 0.0f, be = 0.0f;
+  if (live) {
+    const uint gi = (bz * T + t) * Hv + hv;
+#if GDN_FUSED
+    // The log of the decay directly: exact for decays that would underflow as exp().
+    float x = float(a[gi]) + float(dt_bias[hv]);
+    float rate = metal::exp(float(A_log[hv]));
+    lg = LOWER ? lower_bound[0] * gdn_sigmoid(rate * x) : -rate * gdn_softplus(x);
+    be = gdn_beta(float(b[gi]), NEG);
+#else
+    float gv = float(g[gi]);
+    // log 0 = -inf: sums of -inf stay -inf and exp gives 0; no inf - inf ever forms.
+    lg = gv > 0.0f ? metal::log(gv) : -INFINITY;
+    be = float(beta[gi]);
+#endif
+  }
+  lgs[i] = lg;
+  bet[i] = be;
+  liv[i] = live ? 1.0f : 0.0f;
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -58,24 +79,48 @@ for (uint i = tid; i < C; i += NT) {
   endd[i] = metal::exp(e);
 }
 
-// A = K K^T and P = Q K^T, lower-triangular 8x8 tiles only.
-constexpr uint TC = C / 8;
-for (uint t = sg; t < TC * TC; t += NSG) {
-  uint ti = t / TC, tj = t % TC;
-  simdgroup_float8x8 a = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-  simdgroup_float8x8 p = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-  if (tj <= ti) {
-    for (uint d = 0; d < Dk; d += 8) {
+// Rows of this chunk for one head: element (i, c) of a slab starting at column d.
+const device InT* kc = k + ((bz * T + t0) * Hk + hk) * Dk;
+const device InT* qc = q + ((bz * T + t0) * Hk + hk) * Dk;
+const device InT* vc = v + ((bz * T + t0) * Hv + hv) * Dv;
+
+// A = K K^T and P = Q K^T (lower-triangular 8x8 tiles), accumulated over slabs of Dk.
+constexpr uint NJ = (TC * TC + NSG - 1) / NSG;
+simdgroup_float8x8 acc_a[NJ];
+simdgroup_float8x8 acc_p[NJ];
+for (uint j = 0; j < NJ; ++j) {
+  acc_a[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  acc_p[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+}
+for (uint d = 0; d < Dk; d += 8) {
+  for (uint e = tid; e < C * 8; e += NT) {
+    uint i = e / 8, c = e % 8;
+    bool live = liv[i] != 0.0f;
+    Xs[e] = live ? float(kc[i * Hk * Dk + d + c]) : 0.0f;
+    Zs[e] = live ? float(qc[i * Hk * Dk + d + c]) : 0.0f;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint j = 0; j < NJ; ++j) {
+    uint t = sg + j * NSG;
+    uint ti = t / TC, tj = t % TC;
+    if (t < TC * TC && tj <= ti) {
       simdgroup_float8x8 kl, ql, kr;
-      simdgroup_load(kl, kc + ti * 8 * ks + d, ks);
-      simdgroup_load(ql, qc + ti * 8 * ks + d, ks);
-      simdgroup_load(kr, kc + tj * 8 * ks + d, ks, ulong2(0, 0), true);
-      simdgroup_multiply_accumulate(a, kl, kr, a);
-      simdgroup_multiply_accumulate(p, ql, kr, p);
+      simdgroup_load(kl, Xs + ti * 64, 8);
+      simdgroup_load(ql, Zs + ti * 64, 8);
+      simdgroup_load(kr, Xs + tj * 64, 8, ulong2(0, 0), true);
+      simdgroup_multiply_accumulate(acc_a[j], kl, kr, acc_a[j]);
+      simdgroup_multiply_accumulate(acc_p[j], ql, kr, acc_p[j]);
     }
   }
-  simdgroup_store(a, Am + ti * 8 * C + tj * 8, C);
-  simdgroup_store(p, Pm + ti * 8 * C + tj * 8, C);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+for (uint j = 0; j < NJ; ++j) {
+  uint t = sg + j * NSG;
+  if (t < TC * TC) {
+    uint ti = t / TC, tj = t % TC;
+    simdgroup_store(acc_a[j], Am + ti * 8 * C + tj * 8, C);
+    simdgroup_store(acc_p[j], Pm + ti * 8 * C + tj * 8, C);
+  }
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -133,49 +178,59 @@ for (uint t = sg; t < TC * TC; t += NSG) {
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
-const uint head = (b * Hv + hv) * N + n;
+const uint head = (bz * Hv + hv) * N + n;
 device float* wq_ = wq + head * (2 * C * Dk);
 device float* uy_ = uy + head * (2 * C * Dv);
 device float* kd_ = kd + head * (C * Dk);
 
-// -W = M1 K and Qe = diag(gamma) Q + (P M1) K: [C, Dk] each.
-for (uint t = sg; t < TC * (Dk / 8); t += NSG) {
-  uint ti = t / (Dk / 8), d = (t % (Dk / 8)) * 8;
-  simdgroup_float8x8 w = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-  simdgroup_float8x8 qe = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-  for (uint kk = 0; kk < TC; ++kk) {
-    simdgroup_float8x8 m1, pm1, dg, kr, qr;
-    simdgroup_load(m1, M1 + ti * 8 * C + kk * 8, C);
-    simdgroup_load(pm1, PM1 + ti * 8 * C + kk * 8, C);
-    simdgroup_load(dg, Am + ti * 8 * C + kk * 8, C);
-    simdgroup_load(kr, kc + kk * 8 * ks + d, ks);
-    simdgroup_load(qr, qc + kk * 8 * ks + d, ks);
-    simdgroup_multiply_accumulate(w, m1, kr, w);
-    simdgroup_multiply_accumulate(qe, pm1, kr, qe);
-    simdgroup_multiply_accumulate(qe, dg, qr, qe);
+// Per slab of Dk: -W = M1 K and Qe = diag(gamma) Q + (P M1) K, and Kd.
+for (uint d = 0; d < Dk; d += 8) {
+  for (uint e = tid; e < C * 8; e += NT) {
+    uint i = e / 8, c = e % 8;
+    bool live = liv[i] != 0.0f;
+    float kx = live ? float(kc[i * Hk * Dk + d + c]) : 0.0f;
+    Xs[e] = kx;
+    Zs[e] = live ? float(qc[i * Hk * Dk + d + c]) : 0.0f;
+    kd_[i * Dk + d + c] = endd[i] * kx;
   }
-  simdgroup_store(w, wq_ + ti * 8 * Dk + d, Dk);
-  simdgroup_store(qe, wq_ + (C + ti * 8) * Dk + d, Dk);
-}
-// Uv = M2 V and Yv = (P M2) V: [C, Dv] each.
-for (uint t = sg; t < TC * (Dv / 8); t += NSG) {
-  uint ti = t / (Dv / 8), d = (t % (Dv / 8)) * 8;
-  simdgroup_float8x8 u = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-  simdgroup_float8x8 yv = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-  for (uint kk = 0; kk < TC; ++kk) {
-    simdgroup_float8x8 m2, pm2, vr;
-    simdgroup_load(m2, M2 + ti * 8 * C + kk * 8, C);
-    simdgroup_load(pm2, PM2 + ti * 8 * C + kk * 8, C);
-    simdgroup_load(vr, vc + kk * 8 * vs + d, vs);
-    simdgroup_multiply_accumulate(u, m2, vr, u);
-    simdgroup_multiply_accumulate(yv, pm2, vr, yv);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint t = sg; t < 2 * TC; t += NSG) {
+    uint ti = t % TC;
+    simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    for (uint kk = 0; kk < TC; ++kk) {
+      simdgroup_float8x8 l, r;
+      simdgroup_load(r, Xs + kk * 64, 8);
+      simdgroup_load(l, (t < TC ? M1 : PM1) + ti * 8 * C + kk * 8, C);
+      simdgroup_multiply_accumulate(acc, l, r, acc);
+      if (t >= TC) {
+        simdgroup_load(r, Zs + kk * 64, 8);
+        simdgroup_load(l, Am + ti * 8 * C + kk * 8, C);
+        simdgroup_multiply_accumulate(acc, l, r, acc);
+      }
+    }
+    simdgroup_store(acc, wq_ + ((t < TC ? 0 : C) + ti * 8) * Dk + d, Dk);
   }
-  simdgroup_store(u, uy_ + ti * 8 * Dv + d, Dv);
-  simdgroup_store(yv, uy_ + (C + ti * 8) * Dv + d, Dv);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
 }
-for (uint e = tid; e < C * Dk; e += NT) {
-  uint i = e / Dk, d = e % Dk;
-  kd_[e] = endd[i] * kc[i * ks + d];
+// Per slab of Dv: Uv = M2 V and Yv = (P M2) V.
+for (uint d = 0; d < Dv; d += 8) {
+  for (uint e = tid; e < C * 8; e += NT) {
+    uint i = e / 8, c = e % 8;
+    Xs[e] = liv[i] != 0.0f ? float(vc[i * Hv * Dv + d + c]) : 0.0f;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint t = sg; t < 2 * TC; t += NSG) {
+    uint ti = t % TC;
+    simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    for (uint kk = 0; kk < TC; ++kk) {
+      simdgroup_float8x8 l, r;
+      simdgroup_load(r, Xs + kk * 64, 8);
+      simdgroup_load(l, (t < TC ? M2 : PM2) + ti * 8 * C + kk * 8, C);
+      simdgroup_multiply_accumulate(acc, l, r, acc);
+    }
+    simdgroup_store(acc, uy_ + ((t < TC ? 0 : C) + ti * 8) * Dv + d, Dv);
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
 }
 if (tid == 0) {
   gc[head] = gam[C - 1];

@@ -5,7 +5,8 @@
 //   Y = Yv + Qe S^T            [C, RV]  -> y
 //   S = gamma_C S + U^T Kd     [RV, Dk]
 // Inputs: wq [B, Hv, N, 2C, Dk], uy [B, Hv, N, 2C, Dv], kd [B, Hv, N, C, Dk], gc [B, Hv, N],
-// state_in [B, Hv, Dv, Dk] (float32). Outputs: y [B, N*C, Hv, Dv] (InT), state_out (float32).
+// state_in [B, Hv, Dv, Dk] (float32), steps [B, T, ...] (any array whose shape gives T; its data
+// is not read). Outputs: y [B, T, Hv, Dv] (InT; rows past T are not written), state_out (float32).
 // Template: InT, C, Dk, Dv, Hv, RV (rows per tile, multiple of 8 dividing Dv), NSG.
 
 const uint tid = thread_index_in_threadgroup;
@@ -15,7 +16,7 @@ const uint dv0 = threadgroup_position_in_grid.x * RV;
 const uint hv = threadgroup_position_in_grid.y;
 const uint b = threadgroup_position_in_grid.z;
 const int N = gc_shape[2];
-const int Tp = N * C;
+const int T = steps_shape[1];
 
 threadgroup float S[RV * Dk];
 threadgroup float Us[C * RV];
@@ -54,9 +55,10 @@ for (int n = 0; n < N; ++n) {
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   const float gcn = gc[head];
-  for (uint e = tid; e < C * RV; e += NT) {
+  const int rows = min(C, T - n * C);
+  for (uint e = tid; e < uint(rows) * RV; e += NT) {
     uint i = e / RV, c = e % RV;
-    y[((b * Tp + n * C + i) * Hv + hv) * Dv + dv0 + c] = static_cast<InT>(Ys[e]);
+    y[((b * T + n * C + i) * Hv + hv) * Dv + dv0 + c] = static_cast<InT>(Ys[e]);
   }
   for (uint e = tid; e < RV * Dk; e += NT) S[e] *= gcn;
   threadgroup_barrier(mem_flags::mem_threadgroup);

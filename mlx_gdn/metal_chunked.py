@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .launch import LaunchSpec
+from .launch import GATES_HEADER, LaunchSpec, lower_bound_array
 from .validate import Problem
 
 CHUNK = 32  # steps per chunk: six C x C float32 matrices must fit in threadgroup memory
@@ -36,17 +36,22 @@ def supports_chunked(p: Problem) -> bool:
     return max(sizes) <= _INT32_MAX and p.B <= 65535 and p.Hv <= 65535
 
 
-def _specs(p: Problem, N: int):
+def _specs(p: Problem, N: int, *, lower: bool = False, neg: bool = False):
     C, RV = CHUNK, _rows_per_tile(p.Dk, p.Dv)
     f32 = mx.float32
+    gate_names = ("a", "b", "A_log", "dt_bias", "lower_bound") if p.fused else ("g", "beta")
+    variant = ("update" if p.fused else "rule") + ("_masked" if p.masked else "")
     prep = LaunchSpec(
-        name="gdn_chunked_prep",
+        name=f"gdn_chunked_prep_{variant}",
         body="chunked_prep.metal",
-        headers=(),
-        defines=(),
-        input_names=("q", "k", "v", "g", "beta"),
+        headers=(GATES_HEADER,),
+        defines=(("GDN_FUSED", int(p.fused)), ("GDN_MASKED", int(p.masked))),
+        input_names=("q", "k", "v") + gate_names + (("mask",) if p.masked else ()),
         output_names=("wq", "uy", "kd", "gc"),
-        template=(("C", C), ("Dk", p.Dk), ("Dv", p.Dv), ("Hk", p.Hk), ("Hv", p.Hv), ("NSG", NSG)),
+        template=(
+            ("InT", p.dtype), ("C", C), ("Dk", p.Dk), ("Dv", p.Dv), ("Hk", p.Hk), ("Hv", p.Hv), ("NSG", NSG),
+            ("LOWER", bool(p.fused and lower)), ("NEG", bool(p.fused and neg)),
+        ),
         grid=(32 * NSG * N, p.Hv, p.B),
         threadgroup=(32 * NSG, 1, 1),
         output_shapes=(
@@ -56,19 +61,21 @@ def _specs(p: Problem, N: int):
             (p.B, p.Hv, N),
         ),
         output_dtypes=(f32, f32, f32, f32),
+        ensure_row_contiguous=True,  # the bodies index rows directly
     )
     state = LaunchSpec(
         name="gdn_chunked_state",
         body="chunked_state.metal",
         headers=(),
         defines=(),
-        input_names=("wq", "uy", "kd", "gc", "state_in"),
+        input_names=("wq", "uy", "kd", "gc", "state_in", "steps"),
         output_names=("y", "state_out"),
         template=(("InT", p.dtype), ("C", C), ("Dk", p.Dk), ("Dv", p.Dv), ("Hv", p.Hv), ("RV", RV), ("NSG", NSG)),
         grid=(32 * NSG * (p.Dv // RV), p.Hv, p.B),
         threadgroup=(32 * NSG, 1, 1),
-        output_shapes=((p.B, N * C, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)),
+        output_shapes=((p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)),
         output_dtypes=(p.dtype, f32),
+        ensure_row_contiguous=True,
     )
     return prep, state
 
@@ -87,32 +94,26 @@ def _launch(spec: LaunchSpec, arrays):
 
 
 def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None):
-    """(y [B,T,Hv,Dv] in p.dtype, state [B,Hv,Dv,Dk] float32) for validated inputs.
+    """(y [B,T,Hv,Dv] in p.dtype, state [B,Hv,Dv,Dk] float32) for validated inputs: two launches.
 
-    q, k: [B,T,Hk,Dk]; v: [B,T,Hv,Dv]; g, beta: [B,T,Hv] (or `gating`, a FusedGating);
-    state: [B,Hv,Dv,Dk] float32; mask: [B,T] or None. The kernels read float32 inputs padded
-    to whole chunks, with masked and padded steps turned into identity steps here
-    (q = k = v = 0, g = 1, beta = 0), which also makes their y exactly 0.
+    q, k: [B,T,Hk,Dk]; v: [B,T,Hv,Dv]; g, beta: [B,T,Hv] (or `gating`, a FusedGating, whose
+    gates the prep kernel computes); state: [B,Hv,Dv,Dk] float32; mask: [B,T] bool/int or None.
+    The kernels read the inputs as they come (any float dtype); the last chunk's tail and masked
+    steps are identity steps inside the prep kernel.
     """
-    if gating is not None:
-        g, beta = gating.compute()
-    f32 = mx.float32
-    q, k, v, g, beta = (x.astype(f32) for x in (q, k, v, g, beta))
-    if mask is not None:
-        m = mask.astype(mx.bool_)
-        mq = m[:, :, None, None]
-        q, k, v = (mx.where(mq, x, 0.0) for x in (q, k, v))
-        g = mx.where(m[:, :, None], g, 1.0)
-        beta = mx.where(m[:, :, None], beta, 0.0)
     N = -(-p.T // CHUNK)
-    pad = N * CHUNK - p.T
-    if pad:
-        widths = lambda x: [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)  # noqa: E731
-        q, k, v, beta = (mx.pad(x, widths(x)) for x in (q, k, v, beta))
-        g = mx.pad(g, widths(g), constant_values=1.0)
-    prep, st = _specs(p, N)
-    wq, uy, kd, gc = _launch(prep, {"q": q, "k": k, "v": v, "g": g, "beta": beta})
-    y, state = _launch(st, {"wq": wq, "uy": uy, "kd": kd, "gc": gc, "state_in": state})
-    if pad:
-        y = y[:, : p.T]
-    return y, state
+    lower = gating is not None and gating.lower_bound is not None
+    neg = gating is not None and bool(gating.allow_neg_eigval)
+    prep, st = _specs(p, N, lower=lower, neg=neg)
+    arrays = {"q": q, "k": k, "v": v}
+    if gating is not None:
+        arrays.update(a=gating.a, b=gating.b, A_log=gating.A_log, dt_bias=gating.dt_bias,
+                      lower_bound=lower_bound_array(gating.lower_bound))
+        steps = gating.b
+    else:
+        arrays.update(g=g, beta=beta)
+        steps = beta
+    if mask is not None:
+        arrays["mask"] = mask
+    wq, uy, kd, gc = _launch(prep, arrays)
+    return _launch(st, {"wq": wq, "uy": uy, "kd": kd, "gc": gc, "state_in": state, "steps": steps})

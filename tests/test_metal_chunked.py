@@ -112,7 +112,8 @@ def test_masked_steps_write_zeros(no_ops):
 
 
 def test_state_carried_and_no_initial_state(no_ops):
-    """Two chunked calls (split off a chunk boundary) equal one long call; state=None is zeros."""
+    """Two chunked calls (split off a chunk boundary) equal one long call; state=None is zeros.
+    The pieces are slices, so the kernels also see non-contiguous inputs."""
     seed = fresh_seed()
     T, cut = 2 * CHUNK + 5, CHUNK - 4
     x = inputs(T, seed, mask=True)
@@ -126,17 +127,22 @@ def test_state_carried_and_no_initial_state(no_ops):
     check(mx.concatenate([y1, y2], axis=1), s, y_all, s_all, mx.float32, seed)
 
 
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_fused_gating(no_ops, dtype):
+@pytest.mark.parametrize("dtype,lower_bound,neg", [(mx.float32, None, False), (mx.float32, -3.0, True), (mx.bfloat16, None, True)])
+def test_fused_gating(no_ops, dtype, lower_bound, neg):
+    """Gates computed in the prep kernel; an int mask; a few huge `a` whose decay underflows."""
     seed = fresh_seed()
     x = inputs(CHUNK + 3, seed, dtype, mask=True)
+    a = to_numpy(x.a)
+    a[:, 5] = 80.0
+    x.a = mx.array(a.astype(np.float32)).astype(x.a.dtype)
+    x.mask = x.mask.astype(mx.int32)
     with simulated_metal():
         y, s = mlx_gdn.gated_delta_update(
             x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, x.mask,
-            lower_bound=-3.0, allow_neg_eigval=True, backend="metal", algorithm="chunked",
+            lower_bound=lower_bound, allow_neg_eigval=neg, backend="metal", algorithm="chunked",
         )
         mx.eval(y, s)
-    g, beta = gates(x.a, x.b, x.A_log, x.dt_bias, -3.0, True)
+    g, beta = gates(x.a, x.b, x.A_log, x.dt_bias, lower_bound, neg)
     check(y, s, *delta_rule(x.q, x.k, x.v, g, beta, x.state, x.mask), dtype, seed)
 
 
