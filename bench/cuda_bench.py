@@ -185,6 +185,16 @@ def main():
         mx.eval(y, s)
     ms, n = wall_ms(direct, mlx_sync, sets, reps=300)
     record("probe-run_recurrent-direct", 1, 1, "bf16", ms, n)
+    from mlx_gdn import launch
+    spec = launch.recurrent_spec(p0)
+    kern = cuda._kernel(spec.name, spec.input_names, spec.output_names, spec.source(), cuda.recurrent_header(spec))
+    prepared = [spec.inputs(launch.recurrent_arrays(x.q, x.k, x.v, x.state, None,
+                                                    gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias)))
+                for x in sets]
+    kw = dict(template=list(spec.template), grid=spec.grid, threadgroup=spec.threadgroup,
+              output_shapes=list(spec.output_shapes), output_dtypes=list(spec.output_dtypes))
+    ms, n = wall_ms(lambda ins: mx.eval(*kern(inputs=ins, **kw)), mlx_sync, prepared, reps=300)
+    record("probe-kernel-object-only", 1, 1, "bf16", ms, n)
     ms, n = wall_ms(mlx_call("recurrent"), mlx_sync, sets, reps=300)
     record("probe-api-update", 1, 1, "bf16", ms, n)
 
