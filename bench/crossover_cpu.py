@@ -103,13 +103,16 @@ def main():
     ap.add_argument("--grad", type=int, nargs="*", default=[])
     ap.add_argument("--chunk", type=int, default=oc.chunk_len())
     ap.add_argument("--only", nargs="*", default=None, help="contender names to run")
+    ap.add_argument("--no-compile", action="store_true", help="run the chunked form without mx.compile")
     ap.add_argument("--profile", type=int, nargs="*", default=[], help="T: split chunked time into its parts")
     a = ap.parse_args()
     oc.CHUNK = {"cpu": a.chunk, "gpu": a.chunk}
+    if a.no_compile:
+        oc._intra_scalar_c, oc._intra_key_c, oc._pass_c = oc._intra_scalar, oc._intra_key, oc._pass
     import mlx_lm
 
     print(f"device {mx.default_device()}, {platform.processor() or platform.machine()}, mlx {mx.__version__}, "
-          f"mlx-lm {mlx_lm.__version__}, chunk {a.chunk}, shape {SHAPE}, float32, reps {a.reps}")
+          f"mlx-lm {mlx_lm.__version__}, chunk {a.chunk}, compiled {not a.no_compile}, shape {SHAPE}, float32, reps {a.reps}")
     print("| T | contender | min ms | median ms | ms/token |")
     print("|---|---|---|---|---|")
     for T in a.T:
