@@ -5,6 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import mlx_gdn
 from mlx_gdn import ops_backend
@@ -157,3 +159,21 @@ def test_unsupported_shapes_fall_back_to_ops():
     assert not supports_chunked(check_rule(xo.q, xo.k, xo.v, xo.g, xo.beta, xo.state, None))
     y, s = rule(xo)
     check(y, s, *delta_rule(xo.q, xo.k, xo.v, xo.g, xo.beta, xo.state), mx.float32, seed, "Dk=12")
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    B=st.integers(1, 2),
+    T=st.integers(1, 3 * CHUNK),
+    Hk=st.integers(1, 2),
+    ratio=st.integers(1, 3),
+    Dk=st.sampled_from([8, 16]),
+    Dv=st.sampled_from([8, 16]),
+    masked=st.booleans(),
+    decay=st.sampled_from(["mixed", "slow", "one"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_property_small_shapes(no_ops, B, T, Hk, ratio, Dk, Dv, masked, decay, seed):
+    x = random_inputs(B, T, Hk, Hk * ratio, Dk, Dv, seed=seed, mask=masked, decay=decay)
+    y, s = rule(x)
+    check(y, s, *delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask), mx.float32, seed)
