@@ -120,12 +120,14 @@ def _intra_key(q, k, v, lg, beta):
     C = q.shape[-2]
     strict, lower = _tri_masks(C)
     A_list, P_list = [], []
-    for n in range(q.shape[3]):
-        L = _pair_log_decay(lg[..., n, :, None, :], strict[..., None], axis=-3)  # [..., C, C, Dk]
+    N = q.shape[3]
+    # Split once (not index per chunk) so the backward pass stays linear in N.
+    for qn, kn, lgn in zip(*(mx.split(x, N, axis=3) for x in (q, k, lg))):
+        L = _pair_log_decay(lgn[..., 0, :, None, :], strict[..., None], axis=-3)  # [..., C, C, Dk]
         decay = mx.where(lower[..., None], mx.exp(L), 0.0)
-        kj = k[..., n, None, :, :]  # [..., 1, C, Dk]
-        A_list.append((k[..., n, :, None, :] * kj * decay).sum(-1))
-        P_list.append((q[..., n, :, None, :] * kj * decay).sum(-1))
+        kj = kn[..., 0, None, :, :]  # [..., 1, C, Dk]
+        A_list.append((kn[..., 0, :, None, :] * kj * decay).sum(-1))
+        P_list.append((qn[..., 0, :, None, :] * kj * decay).sum(-1))
     A = mx.stack(A_list, axis=3) * beta[..., None]
     P = mx.stack(P_list, axis=3)
     G = mx.cumsum(lg, axis=-2)
