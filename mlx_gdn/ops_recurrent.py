@@ -29,6 +29,11 @@ def _step(state, q_t, k_t, v_t, g_t, beta_t, m_t):
 _step_compiled = mx.compile(_step)
 
 
+def _steps(x: mx.array, T: int):
+    """x [B, T, ...] as T arrays [B, ...]."""
+    return [part.squeeze(1) for part in mx.split(x, T, axis=1)] if T > 0 else []
+
+
 def recurrent_rule(
     q: mx.array,
     k: mx.array,
@@ -55,10 +60,14 @@ def recurrent_rule(
         k = mx.repeat(k, Hv // Hk, axis=2)
     if mask is not None:
         mask = mask.astype(mx.bool_)
+    # Split each input into steps once: indexing x[:, t] per step would make the backward pass
+    # scatter a full-size gradient per step (quadratic in T).
+    steps = [_steps(x, T) for x in (q, k, v, g, beta)]
+    masks = _steps(mask, T) if mask is not None else [None] * T
     ys = []
     for t in range(T):
-        m_t = None if mask is None else mask[:, t]
-        y, state = _step_compiled(state, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], m_t)
+        q_t, k_t, v_t, g_t, beta_t = (s[t] for s in steps)
+        y, state = _step_compiled(state, q_t, k_t, v_t, g_t, beta_t, masks[t])
         ys.append(y)
     y = mx.stack(ys, axis=1) if ys else mx.zeros((B, 0, Hv, v.shape[3]), f32)
     return y.astype(out_dtype), state
