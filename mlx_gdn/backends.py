@@ -17,11 +17,20 @@ _MODULES = {"metal": "mlx_gdn.metal", "cuda": "mlx_gdn.cuda", "ops": "mlx_gdn.op
 _GPU_ORDER = ("metal", "cuda")
 
 
+# Backend name -> why its module could not be imported (reported when it is asked for).
+_IMPORT_ERRORS: dict = {}
+
+
 def module(name: str) -> ModuleType | None:
-    """The backend's module, or None where it is not part of this build."""
+    """The backend's module, or None where it cannot be imported here.
+
+    A backend whose module fails to import must not take the others down with it, so any
+    exception is kept and reported when that backend is asked for by name.
+    """
     try:
         return importlib.import_module(_MODULES[name])
-    except ImportError:
+    except Exception as exc:  # noqa: BLE001
+        _IMPORT_ERRORS[name] = f"{type(exc).__name__}: {exc}"
         return None
 
 
@@ -59,7 +68,7 @@ def resolve(backend: str, algorithm: str, p: Problem) -> Tuple[ModuleType, str]:
         name = backend
         mod = module(name)
         if mod is None or not mod.available():
-            reason = "" if mod is None else mod.unavailable_reason()
+            reason = _IMPORT_ERRORS.get(name, "") if mod is None else mod.unavailable_reason()
             raise ValueError(
                 f"backend {name!r} is not available on this machine"
                 + (f" ({reason})" if reason else "")

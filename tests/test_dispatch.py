@@ -101,3 +101,18 @@ def test_crossover_table(monkeypatch):
 
 def test_available_backends_always_has_ops():
     assert "ops" in mlx_gdn.available_backends()
+
+
+def test_backend_that_fails_to_import_is_reported_not_fatal(monkeypatch):
+    real_import = backends.importlib.import_module
+
+    def import_module(name):
+        if name == "mlx_gdn.cuda":
+            raise RuntimeError("driver library missing")
+        return real_import(name)
+
+    monkeypatch.setattr(backends.importlib, "import_module", import_module)
+    assert not backends.is_available("cuda")
+    assert backends.resolve("auto", "recurrent", problem())[0] is not None
+    with pytest.raises(ValueError, match=r"backend 'cuda' is not available on this machine \(RuntimeError: driver library missing\)"):
+        backends.resolve("cuda", "recurrent", problem())
