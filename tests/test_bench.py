@@ -233,3 +233,21 @@ def test_tolerance_is_configurable():
     wrong, _ = _counting("off by 1e-3", transform_y=lambda y: y * 1.001)
     assert not Checker(seed=5).check(wrong, cfg)["ok"]
     assert Checker(seed=5, tolerance={"float32": 1e-2}).check(wrong, cfg)["ok"]
+
+
+def test_stated_path_tolerance_applies_only_where_looser():
+    cfg = Config("t", 1, 4, 1, 2, 8, 4, "float32")
+    off, _ = _counting("off by 1e-3", transform_y=lambda y: y * 1.001)
+    off.meta["tolerance"] = {"float32": 2e-3}
+    v = Checker(seed=5).check(off, cfg)
+    assert v["ok"] and v["tol"] == 2e-3
+    off2, _ = _counting("off by 1e-3, tight statement", transform_y=lambda y: y * 1.001)
+    off2.meta["tolerance"] = {"float32": 1e-6}
+    assert Checker(seed=5).check(off2, cfg)["tol"] == 1e-4
+
+
+def test_chunked_ops_contender_states_its_float32_bound():
+    from mlx_gdn.ops_chunked import float32_tolerance
+
+    (c,) = [c for c in discover() if c.route == ("ops", "chunked") and c.gating == "fused"]
+    assert c.meta["tolerance"] == {"float32": float32_tolerance()}

@@ -4,7 +4,6 @@ Runs on mx.default_device(): on MLX's CUDA backend float32 matmuls use TF32 unle
 MLX_ENABLE_TF32=0, and the float32 tolerance is the one stated in ops_chunked's docstring.
 """
 
-import os
 
 import mlx.core as mx
 import numpy as np
@@ -14,19 +13,14 @@ from hypothesis import strategies as st
 
 import mlx_gdn
 from mlx_gdn import crossover
-from mlx_gdn.ops_chunked import chunk_len, chunked_rule
+from mlx_gdn.ops_chunked import chunk_len, chunked_rule, float32_tolerance
 from mlx_gdn.ops_recurrent import recurrent_rule
 from mlx_gdn.reference import delta_rule, gates, rel_error, to_numpy
 from mlx_gdn.testing import fresh_seed, random_inputs
 
 
-def _tf32() -> bool:
-    on_cuda = mx.default_device().type == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
-    return on_cuda and os.environ.get("MLX_ENABLE_TF32", "1") != "0"
-
-
 # float32 contract 1e-4; with TF32 products (10-bit mantissa) the stated bound is 2e-3.
-F32_TOL = 2e-3 if _tf32() else 1e-4
+F32_TOL = float32_tolerance()
 TOL = {mx.float32: F32_TOL, mx.float16: 2e-2, mx.bfloat16: 2e-2}
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 CHUNK = chunk_len()

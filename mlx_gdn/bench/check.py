@@ -44,6 +44,11 @@ class Checker:
         if key in self._verdicts:
             return self._verdicts[key]
         tol = self.tolerance[c.dtype]
+        # A path is held to the bound its own documentation states where that is looser
+        # (the chunked ops path under TF32 products); the verdict records which bound applied.
+        stated = cont.meta.get("tolerance", {}).get(c.dtype)
+        if stated is not None and stated > tol:
+            tol = stated
         v = {"ok": False, "tol": tol, "B": c.B, "T": c.T, "seed": self.seed}
         try:
             s, (y_ref, s_ref) = self._reference(c)

@@ -104,7 +104,17 @@ def _gdn_contender(backend: str, algorithm: str, gating: str) -> Contender:
         description=f"mlx_gdn.{api}(backend={backend!r}, algorithm={algorithm!r})",
         unsupported=unsupported,
         route=(backend, algorithm),
+        meta={"tolerance": _stated_tolerance(backend, algorithm)},
     )
+
+
+def _stated_tolerance(backend: str, algorithm: str) -> dict:
+    """dtype -> relative error bound a path documents where it differs from the package default."""
+    if (backend, algorithm) == ("ops", "chunked"):
+        from ..ops_chunked import float32_tolerance
+
+        return {"float32": float32_tolerance()}
+    return {}
 
 
 def usable_backends() -> List[str]:
