@@ -185,7 +185,11 @@ def _check_steps(backend, kind, dtype, B, Hk, Hv, Dk, Dv, masked, monkeypatch):
             ("state vs mlx-lm", c_fused[1], c_ref[1]),
         ]:
             err = rel_error(out, want)
-            assert err < tol, f"{name}: rel error {err:.3g} >= {tol} ({where})"
+            # Against the float64 reference the bf16 bound is the package's 2e-2. The ops layer and
+            # mlx-lm are other bf16 computations (mlx-lm rounds its gates to bf16), each within
+            # 2e-2 of the exact answer, so two of them may sit up to twice that apart.
+            bound = tol if (dtype == mx.float32 or "reference" in name or "unfused" in name) else 2 * tol
+            assert err < bound, f"{name}: rel error {err:.3g} >= {bound} ({where})"
         if masked:
             off = ~np.asarray(mask)[:, 0]
             assert np.all(np.asarray(y.astype(mx.float32))[off] == 0), where
