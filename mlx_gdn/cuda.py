@@ -100,20 +100,37 @@ def recurrent_header(spec: launch.LaunchSpec) -> str:
     return load(PRELUDE) + "\n" + spec.header()
 
 
+_RECURRENT: Dict[Tuple, Tuple] = {}
+
+
+def _recurrent(p: Problem, lower: bool, neg: bool, path):
+    # A decode step is dominated by per-call host work, so the spec and the kernel object are
+    # built once per problem shape and variant.
+    key = (p, lower, neg, path)
+    hit = _RECURRENT.get(key)
+    if hit is None:
+        if len(_RECURRENT) > 256:
+            _RECURRENT.clear()
+        spec = launch.recurrent_spec(p, lower=lower, neg=neg, path=path)
+        kern = _kernel(spec.name, spec.input_names, spec.output_names, spec.source(), recurrent_header(spec))
+        hit = (spec, kern, list(spec.template), list(spec.output_shapes), list(spec.output_dtypes))
+        _RECURRENT[key] = hit
+    return hit
+
+
 def run_recurrent(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, path=None):
     """(y, state) from one launch of a shared recurrent body; path "decode"/"prefill"/None."""
     lower = gating is not None and gating.lower_bound is not None
     neg = gating is not None and bool(gating.allow_neg_eigval)
-    spec = launch.recurrent_spec(p, lower=lower, neg=neg, path=path)
+    spec, kern, template, out_shapes, out_dtypes = _recurrent(p, lower, neg, path)
     arrays = launch.recurrent_arrays(q, k, v, state, mask, g=g, beta=beta, gating=gating)
-    kern = _kernel(spec.name, spec.input_names, spec.output_names, spec.source(), recurrent_header(spec))
     y, new_state = kern(
         inputs=spec.inputs(arrays),
-        template=list(spec.template),
+        template=template,
         grid=spec.grid,
         threadgroup=spec.threadgroup,
-        output_shapes=list(spec.output_shapes),
-        output_dtypes=list(spec.output_dtypes),
+        output_shapes=out_shapes,
+        output_dtypes=out_dtypes,
     )
     return y, new_state
 
