@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 from typing import Tuple
 
@@ -27,6 +28,9 @@ def module(name: str) -> ModuleType | None:
     A backend whose module fails to import must not take the others down with it, so any
     exception is kept and reported when that backend is asked for by name.
     """
+    mod = sys.modules.get(_MODULES[name])
+    if mod is not None:  # the per-call path: no import machinery once loaded
+        return mod
     try:
         return importlib.import_module(_MODULES[name])
     except Exception as exc:  # noqa: BLE001

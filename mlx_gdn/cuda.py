@@ -8,6 +8,7 @@ chunked_state.cu); scalar gates, masks, GQA, fused or precomputed gating.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Dict, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -97,42 +98,25 @@ def _kernel(kname: str, input_names: Sequence[str], output_names: Sequence[str],
 
 def recurrent_header(spec: launch.LaunchSpec) -> str:
     """Prelude, then the spec's variant macros and headers."""
-    return load(PRELUDE) + "\n" + spec.header()
+    return _with_prelude(spec.header())
 
 
-_RECURRENT: Dict[Tuple, Tuple] = {}
+@lru_cache(maxsize=None)
+def _with_prelude(header: str) -> str:
+    # Cached: the same text object each call keeps the kernel-cache key's hash precomputed.
+    return load(PRELUDE) + "\n" + header
 
 
-def _recurrent(p: Problem, lower: bool, neg: bool, path):
-    # A decode step is dominated by per-call host work, so the spec and the kernel object are
-    # built once per problem shape and variant.
-    key = (p, lower, neg, path)
-    hit = _RECURRENT.get(key)
-    if hit is None:
-        if len(_RECURRENT) > 256:
-            _RECURRENT.clear()
-        spec = launch.recurrent_spec(p, lower=lower, neg=neg, path=path)
-        kern = _kernel(spec.name, spec.input_names, spec.output_names, spec.source(), recurrent_header(spec))
-        hit = (spec, kern, list(spec.template), list(spec.output_shapes), list(spec.output_dtypes))
-        _RECURRENT[key] = hit
-    return hit
+def kernel_for_spec(spec: launch.LaunchSpec):
+    """The `mx.fast.cuda_kernel` object for a shared Metal-vocabulary body (prelude first)."""
+    return _kernel(spec.name, spec.input_names, spec.output_names, spec.source(), recurrent_header(spec))
 
 
 def run_recurrent(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, path=None):
     """(y, state) from one launch of a shared recurrent body; path "decode"/"prefill"/None."""
-    lower = gating is not None and gating.lower_bound is not None
-    neg = gating is not None and bool(gating.allow_neg_eigval)
-    spec, kern, template, out_shapes, out_dtypes = _recurrent(p, lower, neg, path)
-    arrays = launch.recurrent_arrays(q, k, v, state, mask, g=g, beta=beta, gating=gating)
-    y, new_state = kern(
-        inputs=spec.inputs(arrays),
-        template=template,
-        grid=spec.grid,
-        threadgroup=spec.threadgroup,
-        output_shapes=out_shapes,
-        output_dtypes=out_dtypes,
+    return launch.run_recurrent(
+        p, q, k, v, state, mask, kernel_for=kernel_for_spec, g=g, beta=beta, gating=gating, path=path
     )
-    return y, new_state
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def _kernel(backend: str, spec: launch.LaunchSpec):
         return metal.kernel(spec)
     from . import cuda
 
-    return cuda._kernel(spec.name, spec.input_names, spec.output_names, spec.source(), cuda.recurrent_header(spec))
+    return cuda.kernel_for_spec(spec)
 
 
 def fused_backend(backend: str, qkv, conv_state, w, a, b, state, mask, Hk: int, Hv: int, Dk: int, Dv: int) -> Optional[str]:
@@ -100,12 +100,5 @@ def decode_step(backend: str, qkv, conv_state, w, a, b, A_log, dt_bias, state, m
         state = mx.zeros((B, Hv, Dv, Dk), dtype=mx.float32)
     arrays = dict(qkv=qkv, conv_state=conv_state, w=w, a=a, b=b, A_log=A_log, dt_bias=dt_bias,
                   state_in=state, mask=mask)
-    y, conv_out, new_state = _kernel(backend, spec)(
-        inputs=spec.inputs(arrays),
-        template=list(spec.template),
-        grid=spec.grid,
-        threadgroup=spec.threadgroup,
-        output_shapes=list(spec.output_shapes),
-        output_dtypes=list(spec.output_dtypes),
-    )
+    y, conv_out, new_state = spec.launch(_kernel(backend, spec), arrays)
     return y, conv_out, new_state

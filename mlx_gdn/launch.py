@@ -68,6 +68,17 @@ class LaunchSpec:
         """The arrays in `input_names` order, from a name -> array dict."""
         return [arrays[n] for n in self.input_names]
 
+    def launch(self, kern, arrays: Dict[str, mx.array]) -> list:
+        """Run kernel object `kern` (metal_kernel or cuda_kernel) on `arrays`; its outputs."""
+        return kern(
+            inputs=self.inputs(arrays),
+            template=list(self.template),
+            grid=self.grid,
+            threadgroup=self.threadgroup,
+            output_shapes=list(self.output_shapes),
+            output_dtypes=list(self.output_dtypes),
+        )
+
 
 @lru_cache(maxsize=None)
 def _header(defines, headers) -> str:
@@ -199,3 +210,23 @@ def recurrent_arrays(q, k, v, state, mask, *, g=None, beta=None, gating=None) ->
     if mask is not None:
         arrays["mask"] = mask
     return arrays
+
+
+@lru_cache(maxsize=512)
+def _cached_recurrent_spec(p: Problem, lower: bool, neg: bool, path: Optional[str]) -> LaunchSpec:
+    # Decode steps repeat one problem shape; building the spec is pure, so it is built once.
+    return recurrent_spec(p, lower=lower, neg=neg, path=path)
+
+
+def run_recurrent(p: Problem, q, k, v, state, mask, *, kernel_for, g=None, beta=None, gating=None, path=None):
+    """(y [B,T,Hv,Dv] in p.dtype, state [B,Hv,Dv,Dk] float32) from one recurrent launch.
+
+    `kernel_for(spec)` gives the backend's kernel object (Metal or CUDA); path "decode",
+    "prefill" or None (by T).
+    """
+    lower = gating is not None and gating.lower_bound is not None
+    neg = gating is not None and bool(gating.allow_neg_eigval)
+    spec = _cached_recurrent_spec(p, lower, neg, path)
+    arrays = recurrent_arrays(q, k, v, state, mask, g=g, beta=beta, gating=gating)
+    y, new_state = spec.launch(kernel_for(spec), arrays)
+    return y, new_state

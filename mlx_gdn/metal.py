@@ -87,19 +87,7 @@ def kernel(spec: launch.LaunchSpec):
 
 def run_recurrent(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, path=None):
     """(y, state) from one recurrent kernel launch; path "decode"/"prefill" or None (by T)."""
-    lower = gating is not None and gating.lower_bound is not None
-    neg = gating is not None and bool(gating.allow_neg_eigval)
-    spec = launch.recurrent_spec(p, lower=lower, neg=neg, path=path)
-    arrays = launch.recurrent_arrays(q, k, v, state, mask, g=g, beta=beta, gating=gating)
-    y, new_state = kernel(spec)(
-        inputs=spec.inputs(arrays),
-        template=list(spec.template),
-        grid=spec.grid,
-        threadgroup=spec.threadgroup,
-        output_shapes=list(spec.output_shapes),
-        output_dtypes=list(spec.output_dtypes),
-    )
-    return y, new_state
+    return launch.run_recurrent(p, q, k, v, state, mask, kernel_for=kernel, g=g, beta=beta, gating=gating, path=path)
 
 
 def run(p: Problem, q, k, v, state, mask, *, algorithm, g=None, beta=None, gating=None):

@@ -83,14 +83,7 @@ def _specs(p: Problem, N: int, *, lower: bool = False, neg: bool = False):
 def _launch(spec: LaunchSpec, arrays):
     from .metal import kernel
 
-    return kernel(spec)(
-        inputs=spec.inputs(arrays),
-        template=list(spec.template),
-        grid=spec.grid,
-        threadgroup=spec.threadgroup,
-        output_shapes=list(spec.output_shapes),
-        output_dtypes=list(spec.output_dtypes),
-    )
+    return spec.launch(kernel(spec), arrays)
 
 
 def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None):

@@ -5,7 +5,7 @@ Used by the tests and by the benchmark to check every path before it is timed.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 

@@ -103,8 +103,56 @@ def _check_state_mask(state, mask, B, T, Hv, Dv, Dk):
             raise TypeError(f"mask must be bool (or integer 0/1), got {_name_dtype(mask.dtype)}")
 
 
+# Validation depends only on the inputs' shapes and dtypes (and the scalar options), so a
+# decode loop that calls with the same signature every step pays for it once.
+_VALID: dict = {}
+_VALID_MAX = 4096
+
+
+def _signature(arrays, options) -> Optional[tuple]:
+    """(shape, dtype) of each input, or None when one is not an mx.array (the full check reports it)."""
+    sig = []
+    for x in arrays:
+        if x is None:
+            sig.append(None)
+        elif type(x) is mx.array:
+            sig.append((x.shape, x.dtype))
+        else:
+            return None
+    try:
+        return (tuple(sig), options) if hash(options) is not None else None
+    except TypeError:
+        return None
+
+
+def _memoized(check, arrays, options):
+    key = _signature(arrays, options)
+    if key is None:
+        return check()
+    p = _VALID.get(key)
+    if p is None:
+        p = check()  # raises on bad input: only valid signatures are remembered
+        if len(_VALID) >= _VALID_MAX:
+            _VALID.clear()
+        _VALID[key] = p
+    return p
+
+
 def check_rule(q, k, v, g, beta, state, mask) -> Problem:
     """Validate the inputs of `gated_delta_rule`; return the call's Problem."""
+    return _memoized(lambda: _check_rule(q, k, v, g, beta, state, mask), (q, k, v, g, beta, state, mask), ("rule",))
+
+
+def check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval) -> Problem:
+    """Validate the inputs of `gated_delta_update`; return the call's Problem."""
+    return _memoized(
+        lambda: _check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval),
+        (q, k, v, a, b, A_log, dt_bias, state, mask),
+        ("update", type(lower_bound), lower_bound, type(allow_neg_eigval), allow_neg_eigval),
+    )
+
+
+def _check_rule(q, k, v, g, beta, state, mask) -> Problem:
     B, T, Hk, Dk, Hv, Dv = _check_qkv(q, k, v)
     _require_array("g", g)
     _require_float("g", g)
@@ -124,8 +172,7 @@ def check_rule(q, k, v, g, beta, state, mask) -> Problem:
     return Problem(B, T, Hk, Hv, Dk, Dv, q.dtype, gate, mask is not None, False)
 
 
-def check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval) -> Problem:
-    """Validate the inputs of `gated_delta_update`; return the call's Problem."""
+def _check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval) -> Problem:
     B, T, Hk, Dk, Hv, Dv = _check_qkv(q, k, v)
     for name, x in (("a", a), ("b", b)):
         _require_array(name, x)
