@@ -187,7 +187,7 @@ def main():
     record("probe-run_recurrent-direct", 1, 1, "bf16", ms, n)
     from mlx_gdn import launch
     spec = launch.recurrent_spec(p0)
-    kern = cuda._kernel(spec.name, spec.input_names, spec.output_names, spec.source(), cuda.recurrent_header(spec))
+    kern = cuda.kernel_for_spec(spec)
     prepared = [spec.inputs(launch.recurrent_arrays(x.q, x.k, x.v, x.state, None,
                                                     gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias)))
                 for x in sets]
