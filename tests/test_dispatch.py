@@ -1,5 +1,6 @@
 """The dispatch point: which backend and algorithm `auto` picks, and fallbacks."""
 
+import sys
 import types
 
 import mlx.core as mx
@@ -112,6 +113,7 @@ def test_backend_that_fails_to_import_is_reported_not_fatal(monkeypatch):
         return real_import(name)
 
     monkeypatch.setattr(backends.importlib, "import_module", import_module)
+    monkeypatch.delitem(sys.modules, "mlx_gdn.cuda", raising=False)
     assert not backends.is_available("cuda")
     assert backends.resolve("auto", "recurrent", problem())[0] is not None
     with pytest.raises(ValueError, match=r"backend 'cuda' is not available on this machine \(RuntimeError: driver library missing\)"):
