@@ -113,10 +113,26 @@ def _chunked_tu() -> str:
     return "".join(parts)
 
 
+def _decode_layer_tu() -> str:
+    """The fused T=1 layer step (kernels/decode_layer.metal) through the same prelude."""
+    from mlx_gdn import decode_layer
+
+    parts = [MLX_HEADER, cuda.load(cuda.PRELUDE)]
+    ndim = dict(qkv=3, conv_state=3, w=3, a=3, b=3, A_log=1, dt_bias=1, state_in=4, mask=2)
+    for i, (dt, Dk, Dv, masked) in enumerate([(mx.bfloat16, 128, 128, False), (mx.float32, 64, 64, True),
+                                              (mx.float16, 256, 192, True)]):
+        spec = decode_layer.decode_spec(2, 4, 2, 4, Dk, Dv, dt, masked)
+        inputs = [(n, {"state_in": mx.float32, "mask": mx.bool_}.get(n, dt), ndim[n]) for n in spec.input_names]
+        header = "#undef GDN_FUSED\n#undef GDN_MASKED\n" + spec.header()
+        parts.append(cuda.kernel_text(f"custom_kernel_{spec.name}_{i}", header, spec.source(), inputs,
+                                      list(zip(spec.output_names, spec.output_dtypes)), list(spec.template)))
+    return "".join(parts)
+
+
 def test_all_variants_compile():
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        jobs = {"recurrent": _recurrent_tu(), "chunked": _chunked_tu()}
+        jobs = {"recurrent": _recurrent_tu(), "chunked": _chunked_tu(), "decode_layer": _decode_layer_tu()}
         with ThreadPoolExecutor(max_workers=2) as pool:
             results = dict(zip(jobs, pool.map(lambda kv: _nvcc(kv[1], work, kv[0]), jobs.items())))
         for name, r in results.items():

@@ -47,3 +47,11 @@ def test_notebook(monkeypatch):
     # At least the ops paths were checked, and every check passed.
     assert len(checks) >= 3 and all(line.startswith("CHECK ok") for line in checks), text
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_patch_example_tiny_model():
+    """The mlx-lm example patches a tiny local Qwen3.5 and generates the same greedy tokens."""
+    p = subprocess.run([sys.executable, str(EXAMPLES / "patch_mlx_lm.py"), "--tiny", "--max-tokens", "8"],
+                       cwd=EXAMPLES, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "layers patched: 3" in p.stdout and "same tokens" in p.stdout, p.stdout
