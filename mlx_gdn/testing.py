@@ -86,3 +86,20 @@ def random_inputs(
 def fresh_seed() -> int:
     """A new seed per call, to be reported with any failure for reproduction."""
     return int(np.random.SeedSequence().entropy % (2**32))
+
+
+# The package's contract against the float64 reference (relative error).
+TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 2e-2}
+
+
+def assert_matches_reference(y, state, y_ref, state_ref, dtype, context: str = "", tol: Optional[float] = None) -> None:
+    """Assert one call's outputs meet the contract: y in `dtype`, a float32 state, all finite, and
+    relative errors of y and state against the float64 reference below `tol` (default: by dtype).
+    `context` (seed, shape, ...) goes into the failure message for reproduction."""
+    from .reference import rel_error, to_numpy
+
+    tol = TOLERANCE[dtype] if tol is None else tol
+    assert y.dtype == dtype and state.dtype == mx.float32, f"{context}: dtypes y {y.dtype}, state {state.dtype}"
+    assert np.isfinite(to_numpy(y)).all() and np.isfinite(to_numpy(state)).all(), f"{context}: non-finite output"
+    ey, es = rel_error(y, y_ref), rel_error(state, state_ref)
+    assert ey < tol and es < tol, f"{context}: relative error y {ey:.2e}, state {es:.2e} (bound {tol:.0e})"
