@@ -229,26 +229,10 @@ def test_bf16_model_as_close_to_float32_as_mlx_lm():
     assert rel(out, truth) < 1.25 * rel(ref, truth), f"seed={seed}: patched {rel(out, truth)}, mlx-lm {rel(ref, truth)}"
 
 
-def _left_padded_run(model, seqs, n_decode):
-    """Prefill `seqs` left-padded in one batch, then greedy-decode n_decode tokens; returns per
-    sequence (last prompt logits, decoded tokens, decode logits)."""
-    L = max(len(s) for s in seqs)
-    pad = [L - len(s) for s in seqs]
-    batch = mx.array([[0] * p + s for p, s in zip(pad, seqs)])
-    cache = [ArraysCache(2, left_padding=pad) if l.is_linear else BatchKVCache(pad) for l in model.layers]
-    logits = model(batch, cache=cache)[:, -1]
-    out_tok, out_logits = [], []
-    for _ in range(n_decode):
-        tok = mx.argmax(logits, axis=-1)
-        out_tok.append(tok)
-        logits = model(tok[:, None], cache=cache)[:, -1]
-        out_logits.append(logits)
-    return (mx.stack(out_tok, 1), mx.stack(out_logits, 1))
-
-
-def _single_run(model, seq, n_decode):
-    cache = make_prompt_cache(model)
-    logits = model(mx.array([seq]), cache=cache)[:, -1]
+def _greedy(model, prompt, cache, n_decode):
+    """Run `prompt` [B, L] through `model` with `cache`, then greedy-decode n_decode tokens;
+    returns (tokens [B, n], logits [B, n, vocab])."""
+    logits = model(prompt, cache=cache)[:, -1]
     out_tok, out_logits = [], []
     for _ in range(n_decode):
         tok = mx.argmax(logits, axis=-1)
@@ -256,6 +240,19 @@ def _single_run(model, seq, n_decode):
         logits = model(tok[:, None], cache=cache)[:, -1]
         out_logits.append(logits)
     return mx.stack(out_tok, 1), mx.stack(out_logits, 1)
+
+
+def _left_padded_run(model, seqs, n_decode):
+    """`seqs` left-padded into one batch, prefilled and greedy-decoded together."""
+    L = max(len(s) for s in seqs)
+    pad = [L - len(s) for s in seqs]
+    batch = mx.array([[0] * p + s for p, s in zip(pad, seqs)])
+    cache = [ArraysCache(2, left_padding=pad) if l.is_linear else BatchKVCache(pad) for l in model.layers]
+    return _greedy(model, batch, cache, n_decode)
+
+
+def _single_run(model, seq, n_decode):
+    return _greedy(model, mx.array([seq]), make_prompt_cache(model), n_decode)
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_next"])
