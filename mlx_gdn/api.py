@@ -11,12 +11,14 @@ from .gating import FusedGating
 from .validate import check_rule, check_update
 
 
-def _zeros_state(p) -> mx.array:
-    return mx.zeros((p.B, p.Hv, p.Dv, p.Dk), dtype=mx.float32)
-
-
-def _empty(p, state):
-    return mx.zeros((p.B, 0, p.Hv, p.Dv), dtype=p.dtype), state
+def _run(p, backend, algorithm, q, k, v, state, mask, **gates):
+    """Resolve the path for validated problem `p` and run it (state None means zeros)."""
+    mod, algo = backends.resolve(backend, algorithm, p)
+    if state is None:
+        state = mx.zeros((p.B, p.Hv, p.Dv, p.Dk), dtype=mx.float32)
+    if p.T == 0:
+        return mx.zeros((p.B, 0, p.Hv, p.Dv), dtype=p.dtype), state
+    return mod.run(p, q, k, v, state, mask, algorithm=algo, **gates)
 
 
 def gated_delta_rule(
@@ -41,11 +43,7 @@ def gated_delta_rule(
     backend: "auto", "metal", "cuda" or "ops"; algorithm: "auto", "recurrent" or "chunked".
     """
     p = check_rule(q, k, v, g, beta, state, mask)
-    mod, algo = backends.resolve(backend, algorithm, p)
-    state = _zeros_state(p) if state is None else state
-    if p.T == 0:
-        return _empty(p, state)
-    return mod.run(p, q, k, v, state, mask, algorithm=algo, g=g, beta=beta)
+    return _run(p, backend, algorithm, q, k, v, state, mask, g=g, beta=beta)
 
 
 def gated_delta_update(
@@ -73,9 +71,5 @@ def gated_delta_update(
     Returns y [B, T, Hv, Dv] in q's dtype and the new float32 state.
     """
     p = check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval)
-    mod, algo = backends.resolve(backend, algorithm, p)
-    state = _zeros_state(p) if state is None else state
-    if p.T == 0:
-        return _empty(p, state)
     gating = FusedGating(a, b, A_log, dt_bias, lower_bound, allow_neg_eigval)
-    return mod.run(p, q, k, v, state, mask, algorithm=algo, gating=gating)
+    return _run(p, backend, algorithm, q, k, v, state, mask, gating=gating)
