@@ -209,6 +209,7 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
         output_shapes=[(p.B, p.Hv, tp, p.Dk), (p.B, p.Hv, tp, p.Dv), (p.B, p.Hv, nt, CHUNK, CHUNK),
                        (p.B, p.Hv, tp)],
         output_dtypes=[ot, ot, ot, mx.float32],
+        **launch.launch_options(),
     )
 
     bv, share, ssmem = _state_config(p)
@@ -222,6 +223,7 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)],
         output_dtypes=[p.dtype, mx.float32],
+        **launch.launch_options(),
     )
     return y, new_state
 

@@ -37,6 +37,17 @@ GATES_HEADER = "recurrent_gates.h"
 _INT32_MAX = 2**31 - 1
 
 
+# Tests set this so every kernel output starts as NaN (MLX's `init_value`): an element a kernel
+# forgets to write then fails the reference comparison on a real GPU too, as it does in the
+# simulator, which poisons outputs by itself.
+POISON_OUTPUTS = False
+
+
+def launch_options() -> dict:
+    """Extra keyword arguments for a kernel call (`init_value` when outputs are poisoned)."""
+    return {"init_value": float("nan")} if POISON_OUTPUTS else {}
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     """One kernel launch minus its arrays. grid and threadgroup count threads."""
@@ -77,6 +88,7 @@ class LaunchSpec:
             threadgroup=self.threadgroup,
             output_shapes=list(self.output_shapes),
             output_dtypes=list(self.output_dtypes),
+            **launch_options(),
         )
 
 

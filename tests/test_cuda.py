@@ -32,6 +32,14 @@ TOL = {mx.float32: 1e-4, mx.bfloat16: 2e-2, mx.float16: 2e-2}
 DT = {"f32": mx.float32, "bf16": mx.bfloat16, "f16": mx.float16}
 
 
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every kernel output starts as NaN, so an element a kernel leaves unwritten fails the test."""
+    from mlx_gdn import launch
+
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+
+
 def _problem(x, fused, lower_bound, neg):
     if fused:
         return check_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, x.mask, lower_bound, neg)

@@ -370,3 +370,25 @@ def test_property_small_shapes(B, T, Hk, ratio, Dk, Dv, dtype, kind, masked, neg
         y, s = run_rule(x)
         y_ref, s_ref = reference.delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
     _check(y, s, y_ref, s_ref, dtype, f"seed {seed}, B{B} T{T} Hk{Hk} Hv{Hv} Dk{Dk} Dv{Dv} {dtype} {kind} mask={masked}")
+
+
+def test_poisoned_outputs_reach_the_kernel_call(monkeypatch):
+    """With launch.POISON_OUTPUTS (set by the GPU tests) every launch asks for NaN-filled outputs."""
+    seen = []
+
+    def kern(**kw):
+        seen.append(kw.get("init_value"))
+        return [mx.zeros(s, d) for s, d in zip(kw["output_shapes"], kw["output_dtypes"])]
+
+    seed = fresh_seed()
+    x = _inputs(1, 3, 1, 2, 32, 8, mx.float32, seed)
+    p = check_rule(x.q, x.k, x.v, x.g, x.beta, x.state, None)
+    spec = launch.recurrent_spec(p)
+    arrays = launch.recurrent_arrays(x.q, x.k, x.v, x.state, None, g=x.g, beta=x.beta)
+    spec.launch(kern, arrays)
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+    spec.launch(kern, arrays)
+    assert seen[0] is None and np.isnan(seen[1])
+    # The real launch path accepts it (the simulator honours init_value like MLX).
+    y, s = run_rule(x)
+    _check(y, s, *reference.delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state), mx.float32, f"seed {seed}")
