@@ -53,9 +53,8 @@ for (uint i = tid; i < C; i += NT) {
     const uint gi = (bz * T + t) * Hv + hv;
 #if GDN_FUSED
     // The log of the decay directly: exact for decays that would underflow as exp().
-    float x = float(a[gi]) + float(dt_bias[hv]);
-    float rate = metal::exp(float(A_log[hv]));
-    lg = LOWER ? lower_bound[0] * gdn_sigmoid(rate * x) : -rate * gdn_softplus(x);
+    float log_rate = float(A_log[hv]);
+    lg = gdn_log_decay(float(a[gi]), metal::exp(log_rate), log_rate, float(dt_bias[hv]), lower_bound[0], LOWER);
     be = gdn_beta(float(b[gi]), NEG);
 #else
     float gv = float(g[gi]);

@@ -208,6 +208,19 @@ __device__ __forceinline__ unsigned dynamic_smem_bytes() {
 __device__ __forceinline__ float softplus(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+// exp(A_log) overflows float32 above 88, and inf * 0 is NaN; past it rate * z is formed as
+// exp(A_log + log z). Below x = -20, log softplus(x) equals x to float precision.
+__device__ __forceinline__ float rate_softplus(float rate, float log_rate, float x) {
+  if (log_rate <= 88.0f) return rate * softplus(x);
+  return expf(log_rate + (x < -20.0f ? x : logf(softplus(x))));
+}
+__device__ __forceinline__ float rate_times(float rate, float log_rate, float x) {
+  if (log_rate <= 88.0f) return rate * x;
+  if (x == 0.0f) return 0.0f;
+  const float m = expf(log_rate + logf(fabsf(x)));
+  return x > 0.0f ? m : -m;
+}
+
 // Inclusive prefix sum of x over the 64 threads 0..63 (two warps), via `scratch[2]`.
 __device__ __forceinline__ float scan64(float x, int tid, float* scratch) {
   const int lane = tid & 31;
@@ -266,11 +279,12 @@ __device__ void prep(const TI* q, const TI* k, const TI* v, const TGA* ga, const
     if (live) {
       if constexpr (FUSED) {
         const float x = f32(ga[gi]) + f32(dt_bias[h]);
-        const float rate = expf(f32(A_log[h]));
+        const float log_rate = f32(A_log[h]);
+        const float rate = expf(log_rate);
         if constexpr (HAS_LB) {
-          gl = f32(lb[0]) * sigmoid(rate * x);
+          gl = f32(lb[0]) * sigmoid(rate_times(rate, log_rate, x));
         } else {
-          gl = -rate * softplus(x);
+          gl = -rate_softplus(rate, log_rate, x);
         }
         beta = sigmoid(f32(gb[gi]));
         if constexpr (NEG) beta *= 2.0f;

@@ -141,7 +141,8 @@ if (!on) {
   }
 } else {
   const int gi = bi * Hv + hv;
-  const float gt = gdn_decay(static_cast<float>(a[gi]), metal::exp(static_cast<float>(A_log[hv])),
+  const float log_rate = static_cast<float>(A_log[hv]);
+  const float gt = gdn_decay(static_cast<float>(a[gi]), metal::exp(log_rate), log_rate,
                              static_cast<float>(dt_bias[hv]), 0.0f, false);
   const float bt = gdn_beta(static_cast<float>(b[gi]), false);
 

@@ -61,7 +61,8 @@ for (int i = 0; i < PER; ++i) {
 }
 
 #if GDN_FUSED
-const float rate_h = metal::exp(static_cast<float>(A_log[hv * A_log_strides[0]]));
+const float log_rate_h = static_cast<float>(A_log[hv * A_log_strides[0]]);
+const float rate_h = metal::exp(log_rate_h);
 const float dt_bias_h = static_cast<float>(dt_bias[hv * dt_bias_strides[0]]);
 const float lower_bound_v = lower_bound[0];
 #endif
@@ -78,7 +79,7 @@ for (int t = 0; t < T; ++t) {
   }
 #endif
 #if GDN_FUSED
-  const float gt = gdn_decay(static_cast<float>(a[a0 + t * aT]), rate_h, dt_bias_h, lower_bound_v, LOWER);
+  const float gt = gdn_decay(static_cast<float>(a[a0 + t * aT]), rate_h, log_rate_h, dt_bias_h, lower_bound_v, LOWER);
   const float bt = gdn_beta(static_cast<float>(b[b0 + t * bT]), NEG);
 #else
   const float gt = KEYGATE ? 1.0f : static_cast<float>(g[g0 + t * gT]);

@@ -41,13 +41,37 @@ GDN_INLINE float gdn_softplus(float x) {
   return (x > 0.0f ? x : 0.0f) + l1p;
 }
 
-// Decay g in (0, 1] from the raw projection a (DESIGN.md section 1); rate = exp(A_log), computed
-// once per head by the caller.
-// lower: g = exp(lower_bound * sigmoid(rate * (a + dt_bias)));
-// else:  g = exp(-rate * softplus(a + dt_bias)).
-GDN_INLINE float gdn_decay(float a, float rate, float dt_bias, float lower_bound, bool lower) {
+// exp(A_log) overflows float32 above this, and inf * 0 is NaN; past it rate * z is formed as
+// exp(A_log + log z), which is finite (or a clean inf) wherever the true product is.
+#define GDN_LOG_RATE_MAX 88.0f
+
+// rate * softplus(x), with rate = exp(log_rate). Below x = -20, log softplus(x) equals x to float
+// precision, and using x keeps the product right where softplus itself underflows to 0.
+GDN_INLINE float gdn_rate_softplus(float rate, float log_rate, float x) {
+  if (log_rate <= GDN_LOG_RATE_MAX) return rate * gdn_softplus(x);
+  return metal::exp(log_rate + (x < -20.0f ? x : metal::log(gdn_softplus(x))));
+}
+
+// rate * x for x of either sign, rate = exp(log_rate).
+GDN_INLINE float gdn_rate_times(float rate, float log_rate, float x) {
+  if (log_rate <= GDN_LOG_RATE_MAX) return rate * x;
+  if (x == 0.0f) return 0.0f;
+  float m = metal::exp(log_rate + metal::log(metal::fabs(x)));
+  return x > 0.0f ? m : -m;
+}
+
+// Log of the decay g from the raw projection a (DESIGN.md section 1); log_rate = A_log and
+// rate = exp(A_log), computed once per head by the caller.
+// lower: log g = lower_bound * sigmoid(rate * (a + dt_bias));
+// else:  log g = -rate * softplus(a + dt_bias).
+GDN_INLINE float gdn_log_decay(float a, float rate, float log_rate, float dt_bias, float lower_bound, bool lower) {
   float x = a + dt_bias;
-  return lower ? metal::exp(lower_bound * gdn_sigmoid(rate * x)) : metal::exp(-rate * gdn_softplus(x));
+  return lower ? lower_bound * gdn_sigmoid(gdn_rate_times(rate, log_rate, x)) : -gdn_rate_softplus(rate, log_rate, x);
+}
+
+// Decay g in (0, 1]: exp of gdn_log_decay.
+GDN_INLINE float gdn_decay(float a, float rate, float log_rate, float dt_bias, float lower_bound, bool lower) {
+  return metal::exp(gdn_log_decay(a, rate, log_rate, dt_bias, lower_bound, lower));
 }
 
 // Write strength: sigmoid(b), doubled when negative eigenvalues are allowed.

@@ -80,7 +80,8 @@ for (int i = 0; i < PER; ++i) {
 }
 
 #if GDN_FUSED
-const float rate_h = metal::exp(static_cast<float>(A_log[hv * A_log_strides[0]]));
+const float log_rate_h = static_cast<float>(A_log[hv * A_log_strides[0]]);
+const float rate_h = metal::exp(log_rate_h);
 const float dt_bias_h = static_cast<float>(dt_bias[hv * dt_bias_strides[0]]);
 const float lower_bound_v = lower_bound[0];
 #endif
@@ -108,7 +109,7 @@ for (int t0 = 0; t0 < T; t0 += TB) {
   for (int i = tid; i < nb; i += NT) {
     const int t = t0 + i;
 #if GDN_FUSED
-    g_s[i] = gdn_decay(static_cast<float>(a[a0 + t * aT]), rate_h, dt_bias_h, lower_bound_v, LOWER);
+    g_s[i] = gdn_decay(static_cast<float>(a[a0 + t * aT]), rate_h, log_rate_h, dt_bias_h, lower_bound_v, LOWER);
     beta_s[i] = gdn_beta(static_cast<float>(b[b0 + t * bT]), NEG);
 #else
     if (!KEYGATE) {

@@ -13,16 +13,39 @@ def softplus(x: mx.array) -> mx.array:
     return mx.maximum(x, 0) + mx.log1p(mx.exp(-mx.abs(x)))
 
 
+# exp(A_log) overflows float32 above this, and inf * 0 is NaN; past it exp(A_log) * z is formed
+# as exp(A_log + log z). The unused branch of each `where` sees safe arguments so that its
+# gradient (masked to zero) stays finite.
+_LOG_RATE_MAX = 88.0
+
+
+def _rate_softplus(A_log, x):
+    """exp(A_log) * softplus(x); below x = -20, log softplus(x) equals x to float precision."""
+    big = A_log > _LOG_RATE_MAX
+    sp = softplus(x)
+    low = x < -20.0
+    log_sp = mx.where(low, x, mx.log(mx.where(low, 1.0, sp)))
+    return mx.where(big, mx.exp(mx.where(big, A_log, 0.0) + log_sp), mx.exp(mx.where(big, 0.0, A_log)) * sp)
+
+
+def _rate_times(A_log, x):
+    """exp(A_log) * x for x of either sign."""
+    big = (A_log > _LOG_RATE_MAX) & (x != 0)
+    ax = mx.where(big, mx.abs(x), 1.0)
+    scaled = mx.where(x > 0, 1.0, -1.0) * mx.exp(mx.where(big, A_log, 0.0) + mx.log(ax))
+    return mx.where(big, scaled, mx.exp(mx.minimum(A_log, _LOG_RATE_MAX)) * x)
+
+
 @partial(mx.compile, shapeless=True)
 def _decay(a, A_log, dt_bias):
     x = a.astype(mx.float32) + dt_bias.astype(mx.float32)
-    return mx.exp(-mx.exp(A_log.astype(mx.float32)) * softplus(x))
+    return mx.exp(-_rate_softplus(A_log.astype(mx.float32), x))
 
 
 @partial(mx.compile, shapeless=True)
 def _decay_bounded(a, A_log, dt_bias, lower_bound):
     x = a.astype(mx.float32) + dt_bias.astype(mx.float32)
-    return mx.exp(lower_bound * mx.sigmoid(mx.exp(A_log.astype(mx.float32)) * x))
+    return mx.exp(lower_bound * mx.sigmoid(_rate_times(A_log.astype(mx.float32), x)))
 
 
 @partial(mx.compile, shapeless=True)
