@@ -6,10 +6,12 @@ Every failure names the argument, what was expected and what came.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
+import numpy as np
 
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 BACKENDS = ("auto", "metal", "cuda", "ops")
@@ -183,7 +185,8 @@ def _check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow
         _require_float(name, x)
         _require_shape(name, x, (Hv,), "[Hv]")
     if lower_bound is not None:
-        if isinstance(lower_bound, bool) or not isinstance(lower_bound, (int, float)):
+        # Any real scalar (NumPy's included, as configs loaded with NumPy give them), never a bool.
+        if isinstance(lower_bound, (bool, np.bool_)) or not isinstance(lower_bound, numbers.Real):
             raise TypeError(f"lower_bound must be a float or None, got {type(lower_bound).__name__}")
         if not math.isfinite(lower_bound) or lower_bound > 0:
             # exp(lower_bound * sigmoid(.)) is a decay in (0, 1] only for a finite lower_bound <= 0.

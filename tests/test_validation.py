@@ -152,3 +152,13 @@ def test_empty_time_axis_returns_state_unchanged():
     y, s = rule(x)
     assert y.shape == (B, 0, HV, DV) and y.dtype == x.q.dtype
     assert mx.array_equal(s, x.state)
+
+
+def test_numpy_scalar_lower_bound_accepted(x):
+    import numpy as np
+
+    y1, s1 = update(x, lower_bound=np.float32(-2.0), backend="ops")
+    y2, s2 = update(x, lower_bound=-2.0, backend="ops")
+    assert mx.array_equal(y1, y2) and mx.array_equal(s1, s2)
+    with pytest.raises(TypeError, match="lower_bound"):
+        update(x, lower_bound=np.bool_(True))
