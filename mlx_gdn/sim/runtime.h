@@ -539,36 +539,30 @@ inline vec<bool, N> isnan(const vec<T, N>& v) {
 template <class T, int N>
 inline T length(const vec<T, N>& v) { return sqrt(dot(v, v)); }
 
+// precise:: and fast:: name the same functions: the simulator computes both in full precision.
+#define MSIM_MATH_BINARIES \
+  using metal::abs;        \
+  using metal::atan2;      \
+  using metal::divide;     \
+  using metal::fma;        \
+  using metal::fmax;       \
+  using metal::fmin;       \
+  using metal::fmod;       \
+  using metal::max;        \
+  using metal::min;        \
+  using metal::pow;        \
+  using metal::powr;
 namespace precise {
 #undef MSIM_UNARY
 #define MSIM_UNARY(name, ff, fd) using metal::name;
 MSIM_MATH_UNARIES
-using metal::abs;
-using metal::atan2;
-using metal::divide;
-using metal::fma;
-using metal::fmax;
-using metal::fmin;
-using metal::fmod;
-using metal::max;
-using metal::min;
-using metal::pow;
-using metal::powr;
+MSIM_MATH_BINARIES
 }  // namespace precise
 namespace fast {
 MSIM_MATH_UNARIES
-using metal::abs;
-using metal::atan2;
-using metal::divide;
-using metal::fma;
-using metal::fmax;
-using metal::fmin;
-using metal::fmod;
-using metal::max;
-using metal::min;
-using metal::pow;
-using metal::powr;
+MSIM_MATH_BINARIES
 }  // namespace fast
+#undef MSIM_MATH_BINARIES
 #undef MSIM_UNARY
 #undef MSIM_MATH_UNARIES
 
