@@ -485,3 +485,21 @@ def test_ensure_row_contiguous_false_passes_the_real_layout():
     got = np.array(run(flat_read, False))
     np.testing.assert_array_equal(got, np.array(base).reshape(-1)[:30])
     assert not np.array_equal(got, want)
+
+
+def test_threadgroup_memory_beyond_apple_limit_is_refused():
+    """32 KiB is all an Apple GPU threadgroup has: a body that declares more must not pass here."""
+    fits = """
+        uint t = thread_index_in_threadgroup;
+        threadgroup float a[4096];
+        threadgroup float b[4096];
+        a[t] = x[t]; b[t] = 2.0f * x[t];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        out[t] = a[t] + b[t];
+    """
+    x = rand(32)
+    o = np.array(run1(fits, [mx.array(x)], (32,), (32, 1, 1), (32, 1, 1)))
+    np.testing.assert_allclose(o, 3 * x, rtol=1e-6)
+    too_big = fits.replace("threadgroup float b[4096];", "threadgroup float b[4096];\n threadgroup float c[1];\n c[0] = 0.0f;")
+    with pytest.raises(SimKernelError, match="threadgroup memory of 32772 bytes exceeds"):
+        run1(too_big, [mx.array(x)], (32,), (32, 1, 1), (32, 1, 1))

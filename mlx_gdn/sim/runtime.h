@@ -1105,6 +1105,10 @@ inline T poison() {
 // threadgroup.  It is refilled with 0xff (NaN / -1) whenever a new
 // threadgroup first reaches it, so reading unwritten shared memory shows.
 static thread_local uint64_t t_tg_gen = 0;
+// Apple GPUs give a threadgroup at most 32 KiB of threadgroup memory; a body that declares more
+// cannot run there, so the simulator refuses it as well.
+constexpr size_t kThreadgroupMemoryLimit = 32768;
+static thread_local size_t t_tg_bytes = 0;
 template <class T, int Site>
 inline T& tg_var() {
   alignas(64) static thread_local unsigned char storage[sizeof(T)];
@@ -1112,6 +1116,10 @@ inline T& tg_var() {
   if (gen != t_tg_gen) {
     gen = t_tg_gen;
     std::memset(storage, 0xff, sizeof(T));
+    t_tg_bytes += sizeof(T);
+    if (t_tg_bytes > kThreadgroupMemoryLimit)
+      fail("threadgroup memory of %zu bytes exceeds the %zu bytes an Apple GPU threadgroup has", t_tg_bytes,
+           kThreadgroupMemoryLimit);
   }
   return *reinterpret_cast<T*>(storage);
 }
@@ -1163,6 +1171,7 @@ inline bool run_threadgroup(Launch* A, const uint32_t tgpos[3], std::vector<Lane
   uint32_t n = sz[0] * sz[1] * sz[2];
   uint32_t nsg = (n + 31) / 32;
   t_tg_gen++;
+  t_tg_bytes = 0;
   for (uint32_t i = 0; i < n; ++i) {
     Lane& L = lanes[i];
     uint32_t px = i % sz[0], py = (i / sz[0]) % sz[1], pz = i / (sz[0] * sz[1]);
