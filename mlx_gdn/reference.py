@@ -22,6 +22,11 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def _sigmoid(z):
+    # The tanh form never overflows, whatever the sign and size of z.
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
 def gates(a, b, A_log, dt_bias, lower_bound=None, allow_neg_eigval=False):
     """float64 (g, beta) [B,T,Hv] from the raw projections (DESIGN.md section 1)."""
     a, b, A_log, dt_bias = (to_numpy(x) for x in (a, b, A_log, dt_bias))
@@ -31,8 +36,8 @@ def gates(a, b, A_log, dt_bias, lower_bound=None, allow_neg_eigval=False):
         softplus = np.logaddexp(0.0, x)
         g = np.exp(-rate * softplus)
     else:
-        g = np.exp(lower_bound / (1.0 + np.exp(-rate * x)))
-    beta = 1.0 / (1.0 + np.exp(-b))
+        g = np.exp(lower_bound * _sigmoid(rate * x))
+    beta = _sigmoid(b)
     if allow_neg_eigval:
         beta = 2.0 * beta
     return g, beta
