@@ -20,10 +20,9 @@ from mlx_gdn.validate import check_rule, check_update
 
 
 def _has_cuda() -> bool:
-    try:
-        return bool(mx.cuda.is_available())
-    except AttributeError:
-        return False
+    from mlx_gdn.cuda import available
+
+    return available()
 
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")]

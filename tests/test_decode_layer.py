@@ -202,10 +202,9 @@ def test_fused_steps_match_unfused_mlx_lm_and_reference(kind, dtype, B, Hk, Hv, 
 
 
 def _has_cuda() -> bool:
-    try:
-        return bool(mx.cuda.is_available())
-    except AttributeError:
-        return False
+    from mlx_gdn.cuda import available
+
+    return available()
 
 
 @pytest.mark.cuda

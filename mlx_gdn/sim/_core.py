@@ -326,6 +326,14 @@ def _to_numpy(a: mx.array) -> np.ndarray:
     return np.ascontiguousarray(np.array(a, copy=True))
 
 
+def _row_strides(shape) -> np.ndarray:
+    """Element strides of a row-contiguous array of `shape` (int64, as MLX passes them)."""
+    st = np.ones(len(shape), dtype=np.int64)
+    for d in range(len(shape) - 2, -1, -1):
+        st[d] = st[d + 1] * shape[d + 1]
+    return st
+
+
 def _strided_input(a: mx.array):
     """(flat buffer, element strides) of `a` as laid out in memory.
 
@@ -337,11 +345,7 @@ def _strided_input(a: mx.array):
     view = np.asarray(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
     item = view.itemsize
     if view.ndim == 0 or view.size == 0 or any(st < 0 or st % item for st in view.strides):
-        flat = _to_numpy(a)
-        st = np.ones(max(a.ndim, 1), dtype=np.int64)
-        for d in range(a.ndim - 2, -1, -1):
-            st[d] = st[d + 1] * a.shape[d + 1]
-        return flat.reshape(-1), st[: a.ndim]
+        return _to_numpy(a).reshape(-1), _row_strides(a.shape)
     strides = np.array([st // item for st in view.strides], dtype=np.int64)
     span = int(sum((n - 1) * st for n, st in zip(view.shape, strides))) + 1
     flat = np.lib.stride_tricks.as_strided(view, shape=(span,), strides=(item,), writeable=False)
@@ -565,11 +569,8 @@ class SimMetalKernel:
                     arr, name, tname = np.array(a.shape, dtype=np.int32), base + "_shape", "int"
                 elif kind == "strides":
                     st = in_np[i][1]
-                    if st is None:
-                        st = np.ones(a.ndim, dtype=np.int64)
-                        for d in range(a.ndim - 2, -1, -1):
-                            st[d] = st[d + 1] * a.shape[d + 1]
-                    arr, name, tname = st, base + "_strides", "int64_t"
+                    arr = _row_strides(a.shape) if st is None else st
+                    name, tname = base + "_strides", "int64_t"
                 else:
                     arr, name, tname = np.array(a.ndim, dtype=np.int32), base + "_ndim", "int"
             arr = np.ascontiguousarray(arr)
