@@ -14,7 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from . import launch
-from .kernel_source import load
+from .kernel_source import compact, load
 from .validate import Problem
 
 name = "cuda"
@@ -96,20 +96,29 @@ def _kernel(kname: str, input_names: Sequence[str], output_names: Sequence[str],
     return kern
 
 
+def source_text(name: str) -> str:
+    """kernels/<name> as CUDA launches get it: without comments and indentation.
+
+    MLX's CUDA backend rebuilds and hashes each custom kernel's whole text on every call, so the
+    text's length is host time per launch (`kernel_source.compact`).
+    """
+    return compact(load(name))
+
+
 def recurrent_header(spec: launch.LaunchSpec) -> str:
-    """Prelude, then the spec's variant macros and headers."""
+    """Prelude, then the spec's variant macros and headers (compacted)."""
     return _with_prelude(spec.header())
 
 
 @lru_cache(maxsize=None)
 def _with_prelude(header: str) -> str:
     # Cached: the same text object each call keeps the kernel-cache key's hash precomputed.
-    return load(PRELUDE) + "\n" + header
+    return compact(load(PRELUDE) + "\n" + header)
 
 
 def kernel_for_spec(spec: launch.LaunchSpec):
     """The `mx.fast.cuda_kernel` object for a shared Metal-vocabulary body (prelude first)."""
-    return _kernel(spec.name, spec.input_names, spec.output_names, spec.source(), recurrent_header(spec))
+    return _kernel(spec.name, spec.input_names, spec.output_names, compact(spec.source()), recurrent_header(spec))
 
 
 def run_recurrent(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, path=None):
@@ -198,8 +207,8 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
     m = mask if masked else dummy
 
     psmem = prep_smem(p.Dk, p.Dv, exact)
-    prep = _kernel("gdn_cuda_chunked_prep", PREP_INPUTS, PREP_OUTPUTS, load("chunked_prep.cu"),
-                   load("chunked_tc.cuh"), psmem)
+    prep = _kernel("gdn_cuda_chunked_prep", PREP_INPUTS, PREP_OUTPUTS, source_text("chunked_prep.cu"),
+                   source_text("chunked_tc.cuh"), psmem)
     W, U, Aqk, G = prep(
         inputs=[q, k, v, gate_a, gate_b, a_log, dt_bias, lb, m],
         template=[("Dk", p.Dk), ("Dv", p.Dv), ("EXACT", exact), ("FUSED", fused), ("MASKED", masked),
@@ -213,8 +222,8 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
     )
 
     bv, share, ssmem = _state_config(p)
-    step = _kernel("gdn_cuda_chunked_state", STATE_INPUTS, STATE_OUTPUTS, load("chunked_state.cu"),
-                   load("chunked_tc.cuh"), ssmem)
+    step = _kernel("gdn_cuda_chunked_state", STATE_INPUTS, STATE_OUTPUTS, source_text("chunked_state.cu"),
+                   source_text("chunked_tc.cuh"), ssmem)
     y, new_state = step(
         inputs=[q, k, W, U, Aqk, G, state, m],
         template=[("Dk", p.Dk), ("Dv", p.Dv), ("BV", bv), ("EXACT", exact), ("MASKED", masked),

@@ -21,7 +21,7 @@ import pytest
 import mlx.core as mx
 
 from mlx_gdn import cuda, launch
-from mlx_gdn.kernel_source import load
+from mlx_gdn.kernel_source import compact
 from mlx_gdn.validate import Problem
 
 NVCC = shutil.which("nvcc")
@@ -53,7 +53,7 @@ def _nvcc(src: str, workdir: Path, name: str):
 
 
 def _recurrent_tu() -> str:
-    parts = [MLX_HEADER, cuda.load(cuda.PRELUDE)]
+    parts = [MLX_HEADER, cuda.source_text(cuda.PRELUDE)]
     i = 0
     for path in ("decode", "prefill"):
         rule = [(False, key, masked, False, False) for key, masked in itertools.product((False, True), repeat=2)]
@@ -70,15 +70,15 @@ def _recurrent_tu() -> str:
                       "dt_bias": mx.float32, "beta": mx.float32}
             inputs = [(n, dtypes.get(n, dt), ndim[n]) for n in spec.input_names]
             outputs = list(zip(spec.output_names, spec.output_dtypes))
-            header = "#undef GDN_FUSED\n#undef GDN_MASKED\n" + spec.header()
-            parts.append(cuda.kernel_text(f"custom_kernel_{spec.name}_{i}", header, spec.source(), inputs, outputs,
+            header = "#undef GDN_FUSED\n#undef GDN_MASKED\n" + compact(spec.header())
+            parts.append(cuda.kernel_text(f"custom_kernel_{spec.name}_{i}", header, compact(spec.source()), inputs, outputs,
                                           list(spec.template)))
             i += 1
     return "".join(parts)
 
 
 def _chunked_tu() -> str:
-    parts = [MLX_HEADER, load("chunked_tc.cuh")]
+    parts = [MLX_HEADER, cuda.source_text("chunked_tc.cuh")]
     prep_cases = [  # dtype, Dk, Dv, fused, masked, lower, neg
         (mx.bfloat16, 128, 128, False, False, False, False),
         (mx.float32, 256, 192, True, True, True, True),
@@ -93,7 +93,7 @@ def _chunked_tu() -> str:
         outputs = list(zip(cuda.PREP_OUTPUTS, (ot, ot, ot, mx.float32)))
         template = [("Dk", Dk), ("Dv", Dv), ("EXACT", exact), ("FUSED", fused), ("MASKED", masked),
                     ("HAS_LB", lower), ("NEG", neg)]
-        parts.append(cuda.kernel_text(f"custom_kernel_prep_{i}", "", load("chunked_prep.cu"), inputs, outputs, template))
+        parts.append(cuda.kernel_text(f"custom_kernel_prep_{i}", "", cuda.source_text("chunked_prep.cu"), inputs, outputs, template))
     state_cases = [  # dtype, Dk, Dv, masked
         (mx.bfloat16, 128, 128, False),
         (mx.float32, 256, 256, True),
@@ -109,7 +109,7 @@ def _chunked_tu() -> str:
                   ("state_in", mx.float32, 4), ("mask", mx.bool_ if masked else mx.float32, 2 if masked else 1)]
         outputs = [("y", dt), ("state_out", mx.float32)]
         template = [("Dk", Dk), ("Dv", Dv), ("BV", bv), ("EXACT", exact), ("MASKED", masked), ("SHARE_WQ", share)]
-        parts.append(cuda.kernel_text(f"custom_kernel_state_{i}", "", load("chunked_state.cu"), inputs, outputs, template))
+        parts.append(cuda.kernel_text(f"custom_kernel_state_{i}", "", cuda.source_text("chunked_state.cu"), inputs, outputs, template))
     return "".join(parts)
 
 
@@ -117,14 +117,14 @@ def _decode_layer_tu() -> str:
     """The fused T=1 layer step (kernels/decode_layer.metal) through the same prelude."""
     from mlx_gdn import decode_layer
 
-    parts = [MLX_HEADER, cuda.load(cuda.PRELUDE)]
+    parts = [MLX_HEADER, cuda.source_text(cuda.PRELUDE)]
     ndim = dict(qkv=3, conv_state=3, w=3, a=3, b=3, A_log=1, dt_bias=1, state_in=4, mask=2)
     for i, (dt, Dk, Dv, masked) in enumerate([(mx.bfloat16, 128, 128, False), (mx.float32, 64, 64, True),
                                               (mx.float16, 256, 192, True)]):
         spec = decode_layer.decode_spec(2, 4, 2, 4, Dk, Dv, dt, masked)
         inputs = [(n, {"state_in": mx.float32, "mask": mx.bool_}.get(n, dt), ndim[n]) for n in spec.input_names]
-        header = "#undef GDN_FUSED\n#undef GDN_MASKED\n" + spec.header()
-        parts.append(cuda.kernel_text(f"custom_kernel_{spec.name}_{i}", header, spec.source(), inputs,
+        header = "#undef GDN_FUSED\n#undef GDN_MASKED\n" + compact(spec.header())
+        parts.append(cuda.kernel_text(f"custom_kernel_{spec.name}_{i}", header, compact(spec.source()), inputs,
                                       list(zip(spec.output_names, spec.output_dtypes)), list(spec.template)))
     return "".join(parts)
 
@@ -141,7 +141,7 @@ def test_all_variants_compile():
 
 def test_broken_source_fails():
     """The harness itself must fail on bad CUDA: a body with a type error does not compile."""
-    src = cuda.kernel_text("custom_kernel_broken", cuda.load(cuda.PRELUDE),
+    src = cuda.kernel_text("custom_kernel_broken", cuda.source_text(cuda.PRELUDE),
                            "float x = simd_sum(1.0f); undefined_thing(x);", [("a", mx.float32, 1)],
                            [("out", mx.float32)], [])
     with tempfile.TemporaryDirectory() as d:
