@@ -188,8 +188,8 @@ def main():
     from mlx_gdn import launch
     spec = launch.recurrent_spec(p0)
     kern = cuda.kernel_for_spec(spec)
-    prepared = [spec.inputs(launch.recurrent_arrays(x.q, x.k, x.v, x.state, None,
-                                                    gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias)))
+    prepared = [launch.recurrent_inputs(x.q, x.k, x.v, x.state, None,
+                                                    gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias))
                 for x in sets]
     kw = dict(template=list(spec.template), grid=spec.grid, threadgroup=spec.threadgroup,
               output_shapes=list(spec.output_shapes), output_dtypes=list(spec.output_dtypes))

@@ -67,8 +67,8 @@ def decode_ladder(B):
     x0 = sets[0]
     p = check_update(x0.q, x0.k, x0.v, x0.a, x0.b, x0.A_log, x0.dt_bias, x0.state, None, None, False)
     spec = launch.recurrent_spec(p)
-    arrays = [spec.inputs(launch.recurrent_arrays(x.q, x.k, x.v, x.state, None,
-                                                  gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias))) for x in sets]
+    arrays = [launch.recurrent_inputs(x.q, x.k, x.v, x.state, None,
+                                                  gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias)) for x in sets]
     kw = dict(template=list(spec.template), grid=spec.grid, threadgroup=spec.threadgroup,
               output_shapes=list(spec.output_shapes), output_dtypes=list(spec.output_dtypes))
     tiny = "if (threadIdx.x == 0 && blockIdx.x == 0) { y[0] = q[0]; state_out[0] = state_in[0]; }"
@@ -96,7 +96,7 @@ def decode_ladder(B):
     record("decode kernel object, eval state only", wall_ms(lambda a: mx.eval(kern(inputs=a, **kw)[1]), arrays), B=B)
 
     def run_direct(x):
-        mx.eval(*cuda.run_recurrent(p, x.q, x.k, x.v, x.state, None, gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias)))
+        mx.eval(*cuda.run_recurrent(p, x.q, x.k, x.v, x.state, None, gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias))
     record("cuda.run_recurrent", wall_ms(run_direct, sets), B=B)
 
     def api(x):

@@ -13,7 +13,7 @@ from .validate import check_rule, check_update
 
 def _run(p, backend, algorithm, q, k, v, state, mask, **gates):
     """Resolve the path for validated problem `p` and run it (state None means zeros)."""
-    mod, algo = backends.resolve(backend, algorithm, p)
+    mod, algo = backends.route(backend, algorithm, p)
     if state is None:
         state = mx.zeros((p.B, p.Hv, p.Dv, p.Dk), dtype=mx.float32)
     if p.T == 0:

@@ -9,6 +9,7 @@ from typing import Tuple
 
 import mlx.core as mx
 
+from .crossover import CHUNKED_FROM_T
 from .validate import ALGORITHMS, BACKENDS, Problem, check_choice
 
 # Each backend module provides: available(), unavailable_reason(), supports(p, algorithm),
@@ -86,3 +87,27 @@ def resolve(backend: str, algorithm: str, p: Problem) -> Tuple[ModuleType, str]:
     if ops.supports(p, algo):
         return ops, algo
     raise ValueError(f"algorithm {algo!r} is not available for this input (backend {name!r})")
+
+
+# (problem, backend, algorithm, default device type, crossover table) -> resolve's answer. Within one
+# process that answer depends on nothing else (backend availability does not change), so a
+# decode loop resolves once. Errors are not remembered: a bad request raises every time.
+_ROUTES: dict = {}
+_ROUTES_MAX = 4096
+
+
+def route(backend: str, algorithm: str, p: Problem) -> Tuple[ModuleType, str]:
+    """`resolve`, remembered per problem, default device type and crossover table."""
+    key = (p, backend, algorithm, mx.default_device().type, tuple(CHUNKED_FROM_T.items()))
+    hit = _ROUTES.get(key)
+    if hit is None:
+        hit = resolve(backend, algorithm, p)
+        if len(_ROUTES) >= _ROUTES_MAX:
+            _ROUTES.clear()
+        _ROUTES[key] = hit
+    return hit
+
+
+def clear_routes() -> None:
+    """Forget remembered routes (after replacing a backend module, as tests do)."""
+    _ROUTES.clear()

@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from . import launch
 from .kernel_source import compact, load
+from .crossover import prefers_chunked
 from .validate import Problem
 
 name = "cuda"
@@ -73,8 +74,6 @@ def supports(p: Problem, algorithm: str) -> bool:
 
 def choose_algorithm(p: Problem) -> str:
     """Chunked from the measured crossover T on (mlx_gdn.crossover), recurrent below it."""
-    from .crossover import prefers_chunked
-
     return "chunked" if prefers_chunked("cuda", p) and supports_chunked(p) else "recurrent"
 
 

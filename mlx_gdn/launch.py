@@ -79,17 +79,19 @@ class LaunchSpec:
         """The arrays in `input_names` order, from a name -> array dict."""
         return [arrays[n] for n in self.input_names]
 
-    def launch(self, kern, arrays: Dict[str, mx.array]) -> list:
-        """Run kernel object `kern` (metal_kernel or cuda_kernel) on `arrays`; its outputs."""
-        return kern(
-            inputs=self.inputs(arrays),
+    def call_kwargs(self) -> dict:
+        """Everything a kernel call takes besides `inputs` (and `init_value`, see `launch_options`)."""
+        return dict(
             template=list(self.template),
             grid=self.grid,
             threadgroup=self.threadgroup,
             output_shapes=list(self.output_shapes),
             output_dtypes=list(self.output_dtypes),
-            **launch_options(),
         )
+
+    def launch(self, kern, arrays: Dict[str, mx.array]) -> list:
+        """Run kernel object `kern` (metal_kernel or cuda_kernel) on `arrays`; its outputs."""
+        return kern(inputs=self.inputs(arrays), **self.call_kwargs(), **launch_options())
 
 
 @lru_cache(maxsize=None)
@@ -211,23 +213,26 @@ def lower_bound_array(lower_bound: Optional[float]) -> mx.array:
     return arr
 
 
-def recurrent_arrays(q, k, v, state, mask, *, g=None, beta=None, gating=None) -> Dict[str, mx.array]:
-    """name -> array for `LaunchSpec.inputs`, from the backend `run` arguments."""
-    arrays = {"q": q, "k": k, "v": v, "state_in": state}
+def recurrent_inputs(q, k, v, state, mask, *, g=None, beta=None, gating=None) -> list:
+    """The recurrent kernel's inputs in the order of `recurrent_spec`'s input_names."""
     if gating is not None:
-        arrays.update(a=gating.a, b=gating.b, A_log=gating.A_log, dt_bias=gating.dt_bias,
-                      lower_bound=lower_bound_array(gating.lower_bound))
+        ins = [q, k, v, gating.a, gating.b, gating.A_log, gating.dt_bias, lower_bound_array(gating.lower_bound), state]
     else:
-        arrays.update(g=g, beta=beta)
+        ins = [q, k, v, g, beta, state]
     if mask is not None:
-        arrays["mask"] = mask
-    return arrays
+        ins.append(mask)
+    return ins
 
 
 @lru_cache(maxsize=512)
-def _cached_recurrent_spec(p: Problem, lower: bool, neg: bool, path: Optional[str]) -> LaunchSpec:
-    # Decode steps repeat one problem shape; building the spec is pure, so it is built once.
-    return recurrent_spec(p, lower=lower, neg=neg, path=path)
+def recurrent_launcher(p: Problem, lower: bool, neg: bool, path: Optional[str], kernel_for):
+    """(spec, kernel object, call keyword arguments) for one problem, built once.
+
+    A decode loop repeats one problem every step; everything here is a pure function of it, so
+    a step's host work is the input list and the kernel call.
+    """
+    spec = recurrent_spec(p, lower=lower, neg=neg, path=path)
+    return spec, kernel_for(spec), spec.call_kwargs()
 
 
 def run_recurrent(p: Problem, q, k, v, state, mask, *, kernel_for, g=None, beta=None, gating=None, path=None):
@@ -236,9 +241,11 @@ def run_recurrent(p: Problem, q, k, v, state, mask, *, kernel_for, g=None, beta=
     `kernel_for(spec)` gives the backend's kernel object (Metal or CUDA); path "decode",
     "prefill" or None (by T).
     """
-    lower = gating is not None and gating.lower_bound is not None
-    neg = gating is not None and bool(gating.allow_neg_eigval)
-    spec = _cached_recurrent_spec(p, lower, neg, path)
-    arrays = recurrent_arrays(q, k, v, state, mask, g=g, beta=beta, gating=gating)
-    y, new_state = spec.launch(kernel_for(spec), arrays)
+    if gating is None:
+        lower = neg = False
+    else:
+        lower, neg = gating.lower_bound is not None, bool(gating.allow_neg_eigval)
+    _, kern, kw = recurrent_launcher(p, lower, neg, path, kernel_for)
+    ins = recurrent_inputs(q, k, v, state, mask, g=g, beta=beta, gating=gating)
+    y, new_state = kern(inputs=ins, **kw, **launch_options()) if POISON_OUTPUTS else kern(inputs=ins, **kw)
     return y, new_state

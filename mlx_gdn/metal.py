@@ -11,6 +11,7 @@ from typing import Dict, Tuple
 import mlx.core as mx
 
 from . import launch
+from .crossover import prefers_chunked
 from .validate import Problem
 
 name = "metal"
@@ -61,8 +62,6 @@ def supports(p: Problem, algorithm: str) -> bool:
 
 def choose_algorithm(p: Problem) -> str:
     """Chunked from the measured crossover T on (mlx_gdn.crossover), recurrent below it."""
-    from .crossover import prefers_chunked
-
     return "chunked" if prefers_chunked("metal", p) and _supports_chunked(p) else "recurrent"
 
 

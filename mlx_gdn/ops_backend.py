@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .crossover import prefers_chunked
 from .validate import Problem
 
 name = "ops"
@@ -28,8 +29,6 @@ def supports(p: Problem, algorithm: str) -> bool:
 
 def choose_algorithm(p: Problem) -> str:
     """Recurrent below the measured crossover T, chunked above (bench/NOTES.md)."""
-    from .crossover import prefers_chunked
-
     return "chunked" if prefers_chunked("ops", p) and supports(p, "chunked") else "recurrent"
 
 

@@ -384,7 +384,7 @@ def test_poisoned_outputs_reach_the_kernel_call(monkeypatch):
     x = _inputs(1, 3, 1, 2, 32, 8, mx.float32, seed)
     p = check_rule(x.q, x.k, x.v, x.g, x.beta, x.state, None)
     spec = launch.recurrent_spec(p)
-    arrays = launch.recurrent_arrays(x.q, x.k, x.v, x.state, None, g=x.g, beta=x.beta)
+    arrays = dict(zip(spec.input_names, launch.recurrent_inputs(x.q, x.k, x.v, x.state, None, g=x.g, beta=x.beta)))
     spec.launch(kern, arrays)
     monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
     spec.launch(kern, arrays)
