@@ -62,53 +62,58 @@ def sets_for(B, T, n=3):
     return out
 
 
+def interleaved_ms(variants, reps=400, warm=5):
+    """Median ms per variant, timed round-robin (one call of each in turn) so that a host whose
+    speed drifts during the run shifts every variant alike."""
+    for name, fn, data in variants:
+        for i in range(warm):
+            fn(data[i % len(data)])
+            mx.synchronize()
+    times = {name: [] for name, _, _ in variants}
+    for i in range(reps):
+        for name, fn, data in variants:
+            t0 = time.perf_counter()
+            fn(data[i % len(data)])
+            mx.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
 def decode_ladder(B):
     sets = sets_for(B, 1)
     x0 = sets[0]
     p = check_update(x0.q, x0.k, x0.v, x0.a, x0.b, x0.A_log, x0.dt_bias, x0.state, None, None, False)
     spec = launch.recurrent_spec(p)
-    arrays = [launch.recurrent_inputs(x.q, x.k, x.v, x.state, None,
-                                                  gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias)) for x in sets]
-    kw = dict(template=list(spec.template), grid=spec.grid, threadgroup=spec.threadgroup,
-              output_shapes=list(spec.output_shapes), output_dtypes=list(spec.output_dtypes))
+    arrays = [launch.recurrent_inputs(x.q, x.k, x.v, x.state, None, gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias))
+              for x in sets]
+    kw = spec.call_kwargs()
     tiny = "if (threadIdx.x == 0 && blockIdx.x == 0) { y[0] = q[0]; state_out[0] = state_in[0]; }"
-
     one = mx.fast.cuda_kernel(name="probe_one", input_names=["x"], output_names=["o"],
                               source="if (threadIdx.x == 0 && blockIdx.x == 0) o[0] = x[0];")
     xs = [mx.ones((4,)) for _ in range(3)]
     mx.eval(xs)
-    record("trivial 1 in / 1 out", wall_ms(lambda x: mx.eval(one(
-        inputs=[x], output_shapes=[(1,)], output_dtypes=[mx.float32], grid=(32, 1, 1), threadgroup=(32, 1, 1))[0]), xs), B=B)
-
     io = mx.fast.cuda_kernel(name="probe_io", input_names=list(spec.input_names), output_names=["y", "state_out"],
-                             source=tiny)
-    record("trivial body, decode's inputs/outputs", wall_ms(lambda a: mx.eval(*io(inputs=a, **kw)), arrays), B=B)
-    from mlx_gdn.kernel_source import load
-    for what, header in (("compacted", cuda.recurrent_header(spec)), ("as written", load(cuda.PRELUDE) + spec.header())):
-        io_long = mx.fast.cuda_kernel(name="probe_io_long", input_names=list(spec.input_names),
-                                      output_names=["y", "state_out"], source=tiny, header=header)
-        record(f"same + decode header text {what}", wall_ms(lambda a: mx.eval(*io_long(inputs=a, **kw)), arrays),
-               B=B, header_chars=len(header))
-
+                             source=tiny, header=cuda.recurrent_header(spec))
     kern = cuda.kernel_for_spec(spec)
-    record("decode kernel object", wall_ms(lambda a: mx.eval(*kern(inputs=a, **kw)), arrays), B=B,
-           source_chars=len(cuda.recurrent_header(spec)) + len(spec.source()))
-    record("decode kernel object, eval state only", wall_ms(lambda a: mx.eval(kern(inputs=a, **kw)[1]), arrays), B=B)
-
-    def run_direct(x):
-        mx.eval(*cuda.run_recurrent(p, x.q, x.k, x.v, x.state, None, gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias))
-    record("cuda.run_recurrent", wall_ms(run_direct, sets), B=B)
 
     def api(x):
         mx.eval(*mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, backend="cuda"))
-    record("public gated_delta_update", wall_ms(api, sets), B=B)
 
-    # host-only part: build the graph, no evaluation (timed per call over many calls)
-    for name, fn in (("graph build only: kernel object", lambda a: kern(inputs=a, **kw)),
-                     ("graph build only: public call",
-                      lambda x: mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state,
-                                                           backend="cuda"))):
-        src = arrays if "object" in name else sets
+    variants = [
+        ("trivial kernel, 1 in / 1 out", lambda x: mx.eval(one(inputs=[x], output_shapes=[(1,)], output_dtypes=[mx.float32],
+                                                                grid=(32, 1, 1), threadgroup=(32, 1, 1))[0]), xs),
+        ("trivial body, decode's header, inputs and outputs", lambda a: mx.eval(*io(inputs=a, **kw)), arrays),
+        ("decode kernel object", lambda a: mx.eval(*kern(inputs=a, **kw)), arrays),
+        ("public gated_delta_update", api, sets),
+    ]
+    for name, ms in interleaved_ms(variants).items():
+        record(name, ms, B=B, interleaved=True)
+
+    # host-only part: build the graph, no evaluation
+    for name, fn, src in (("graph build only: kernel object", lambda a: kern(inputs=a, **kw), arrays),
+                          ("graph build only: public call",
+                           lambda x: mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state,
+                                                                backend="cuda"), sets)):
         t = []
         for i in range(2000):
             t0 = time.perf_counter()
@@ -116,19 +121,20 @@ def decode_ladder(B):
             t.append(time.perf_counter() - t0)
         record(name, 1e3 * statistics.median(t), B=B)
 
-    # GPU time per step: a chain of steps (state feeds the next), evaluated once
-    n = 64
-    def chain(a):
-        st = a[spec.input_names.index("state_in")]
-        ins = list(a)
-        for _ in range(n):
-            ins[spec.input_names.index("state_in")] = st
-            _, st = kern(inputs=ins, **kw)
-        mx.eval(st)
-    ms = wall_ms(chain, arrays, warm=2, reps=20)
-    record(f"chain of {n} decode launches, per launch", ms / n, B=B)
-    st_bytes = 2 * B * HV * D * D * 4
-    ROWS[-1]["state_GBps_if_gpu_bound"] = round(st_bytes / (ms / n * 1e-3) / 1e9, 1)
+    # GPU time per step: chains of n steps (state feeds the next) evaluated once; the slope
+    # between two chain lengths removes the per-evaluation cost
+    def chain(n):
+        def run(a):
+            ins = list(a)
+            st_i = spec.input_names.index("state_in")
+            for _ in range(n):
+                _, ins[st_i] = kern(inputs=ins, **kw)
+            mx.eval(ins[st_i])
+        return run
+    res = interleaved_ms([("chain 8", chain(8), arrays), ("chain 40", chain(40), arrays)], reps=30, warm=2)
+    per = (res["chain 40"] - res["chain 8"]) / 32
+    record("decode launch in a chain, per launch (slope 8 -> 40)", per, B=B,
+           state_GBps_if_gpu_bound=round(2 * B * HV * D * D * 4 / (per * 1e-3) / 1e9, 1))
 
 
 def chunked_split(B, T=4096):

@@ -2,12 +2,25 @@
 # On the GPU machine, from the repo root, after .device/b/device-b.sh was sourced:
 #   bash bench/cuda_run.sh test    -> GPU pytest output in $OUT/cuda_tests_h100.txt
 #   bash bench/cuda_run.sh bench   -> $OUT/cuda_h100.json/.png, bench CLI output
+# The GPU tests spend most of their time compiling kernel variants (NVRTC, one CPU core each),
+# so they run as SHARDS parallel pytest processes over disjoint test ids.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 mode=${1:-test}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/gpu.txt
 if [ "$mode" = test ]; then
-  timeout ${TEST_TIMEOUT:-420} python3 -m pytest -p no:cacheprovider -rA -q tests/test_cuda.py ${EXTRA_TESTS} 2>&1 | tee $OUT/cuda_tests_h100.txt | grep -v "^PASSED\|^SKIPPED" | tail -60
+  files=${TEST_FILES:-tests/test_cuda.py tests/test_decode_layer.py}
+  shards=${SHARDS:-8}
+  python3 -m pytest -p no:cacheprovider --collect-only -q $files -k "${TEST_K:-cuda or gpu or Cuda}" 2>/dev/null \
+    | grep "::" > $OUT/test_ids.txt
+  echo "$(wc -l < $OUT/test_ids.txt) GPU test ids in $shards shards"
+  split -n r/$shards -d $OUT/test_ids.txt $OUT/shard_
+  for f in $OUT/shard_*; do
+    timeout ${TEST_TIMEOUT:-420} python3 -m pytest -p no:cacheprovider -rA -q $(cat $f) > $f.log 2>&1 &
+  done
+  wait
+  cat $OUT/shard_*.log > $OUT/cuda_tests_h100.txt
+  grep -hE "^(FAILED|ERROR)|passed|failed|error" $OUT/shard_*.log | tail -40
 else
   python3 bench/cuda_bench.py --out $OUT ${BENCH_ARGS} 2>&1 | tee $OUT/cuda_bench_log.txt | tail -80
 fi

@@ -82,22 +82,74 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// Operand views for warp_mma. An A operand is indexed (row, k), a B operand (k, col). A view
+// gives one element as float (operator(), the tf32 path) and, for bf16 products, `pair`: the
+// elements k and k + 1 packed as bf16 (low half first). Where k is the contiguous index of a
+// bf16 tile the pair is one 32-bit shared load; elsewhere it is packed from two elements.
+__device__ __forceinline__ unsigned pair_at(const __nv_bfloat16* p) { return *reinterpret_cast<const unsigned*>(p); }
+__device__ __forceinline__ unsigned pair_at(const float* p) {
+  const float2 v = *reinterpret_cast<const float2*>(p);
+  return pack_bf16(v.x, v.y);
+}
+__device__ __forceinline__ unsigned pair_of(const __nv_bfloat16* lo, const __nv_bfloat16* hi) {
+  return (unsigned)*reinterpret_cast<const unsigned short*>(lo) |
+         ((unsigned)*reinterpret_cast<const unsigned short*>(hi) << 16);
+}
+__device__ __forceinline__ unsigned pair_of(const float* lo, const float* hi) { return pack_bf16(*lo, *hi); }
+
+template <class ST>
+struct ARows {  // A(r, k) = p[r * ld + k]
+  const ST* p;
+  int ld;
+  __device__ __forceinline__ float operator()(int r, int k) const { return f32(p[r * ld + k]); }
+  __device__ __forceinline__ unsigned pair(int r, int k) const { return pair_at(p + r * ld + k); }
+};
+template <class ST>
+struct BCols {  // B(k, n) = p[n * ld + k]
+  const ST* p;
+  int ld;
+  __device__ __forceinline__ float operator()(int k, int n) const { return f32(p[n * ld + k]); }
+  __device__ __forceinline__ unsigned pair(int k, int n) const { return pair_at(p + n * ld + k); }
+};
+template <class ST>
+struct BRows {  // B(k, n) = p[k * ld + n]
+  const ST* p;
+  int ld;
+  __device__ __forceinline__ float operator()(int k, int n) const { return f32(p[k * ld + n]); }
+  __device__ __forceinline__ unsigned pair(int k, int n) const { return pair_of(p + k * ld + n, p + (k + 1) * ld + n); }
+};
+template <class F>
+struct AFn {  // A(r, k) = f(r, k)
+  F f;
+  __device__ __forceinline__ float operator()(int r, int k) const { return f(r, k); }
+  __device__ __forceinline__ unsigned pair(int r, int k) const { return pack_bf16(f(r, k), f(r, k + 1)); }
+};
+template <class F>
+struct BFn {  // B(k, n) = f(k, n)
+  F f;
+  __device__ __forceinline__ float operator()(int k, int n) const { return f(k, n); }
+  __device__ __forceinline__ unsigned pair(int k, int n) const { return pack_bf16(f(k, n), f(k + 1, n)); }
+};
+template <class F>
+__device__ __forceinline__ AFn<F> a_fn(F f) { return AFn<F>{f}; }
+template <class F>
+__device__ __forceinline__ BFn<F> b_fn(F f) { return BFn<F>{f}; }
+
 // One warp: acc[n] (16 x 8 tile n) += sum_k a(r, k) * b(k, 8n + c) for r < 16, k < K.
 // Accumulator element i of tile n sits at row g + 8 (i >> 1), column 8n + 2t + (i & 1),
 // with g = lane / 4, t = lane % 4 (PTX's m16n8 C layout).
 template <bool EXACT, int K, int NT, class FA, class FB>
-__device__ __forceinline__ void warp_mma(float (&acc)[NT][4], FA a, FB b) {
+__device__ __forceinline__ void warp_mma(float (&acc)[NT][4], const FA& a, const FB& b) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll 2
   for (int k0 = 0; k0 < K; k0 += 16) {
     if constexpr (!EXACT) {
       const int ka = k0 + 2 * t;
-      unsigned ra[4] = {pack_bf16(a(g, ka), a(g, ka + 1)), pack_bf16(a(g + 8, ka), a(g + 8, ka + 1)),
-                        pack_bf16(a(g, ka + 8), a(g, ka + 9)), pack_bf16(a(g + 8, ka + 8), a(g + 8, ka + 9))};
+      unsigned ra[4] = {a.pair(g, ka), a.pair(g + 8, ka), a.pair(g, ka + 8), a.pair(g + 8, ka + 8)};
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
         const int c = 8 * n + g;
-        unsigned rb[2] = {pack_bf16(b(ka, c), b(ka + 1, c)), pack_bf16(b(ka + 8, c), b(ka + 9, c))};
+        unsigned rb[2] = {b.pair(ka, c), b.pair(ka + 8, c)};
         mma_bf16(acc[n], ra, rb);
       }
     } else {
@@ -137,6 +189,26 @@ __device__ __forceinline__ void for_acc(float (&acc)[NT][4], F f) {
   for (int n = 0; n < NT; ++n)
 #pragma unroll
     for (int i = 0; i < 4; ++i) f(g + 8 * (i >> 1), 8 * n + 2 * t + (i & 1), acc[n][i]);
+}
+
+// Calls f(row, col, x0, x1) for each pair of adjacent accumulator elements (col even).
+template <int NT, class F>
+__device__ __forceinline__ void for_acc_pairs(float (&acc)[NT][4], F f) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    f(g, 8 * n + 2 * t, acc[n][0], acc[n][1]);
+    f(g + 8, 8 * n + 2 * t, acc[n][2], acc[n][3]);
+  }
+}
+
+// Stores two adjacent elements with one access (p even-aligned).
+__device__ __forceinline__ void store_pair(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
+__device__ __forceinline__ void store_pair(__nv_bfloat16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+__device__ __forceinline__ void store_pair(__half* p, float a, float b) {
+  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
 }
 
 template <int NT>
@@ -240,7 +312,69 @@ template <int Dk, int Dv, bool EXACT>
 __host__ __device__ constexpr int prep_smem() {
   using ST = typename Operand<EXACT>::T;
   constexpr int LK = Ld<ST, Dk>::value, LV = Ld<ST, Dv>::value;
-  return (C * LK + C * (LK > LV ? LK : LV)) * (int)sizeof(ST) + (C * (C + 4) + 2 * C + 8) * 4;
+  return (C * LK + C * (LK > LV ? LK : LV)) * (int)sizeof(ST) + (2 * C * (C + 4) + 3 * C + 8) * 4;
+}
+
+// T = (I + A)^-1 for A strictly lower [C][LA] in shared memory (C = 64), into sT; sA is
+// overwritten. Blocked in 16 x 16 tiles so that no thread runs a long dependent chain:
+// diagonal tiles by forward substitution (one column per thread, 16 rows), then
+// M_ik = T_ii A_ik for every tile below the diagonal, then tile diagonals d = 1, 2, 3 in order:
+// T_ij = -sum_{k=j}^{i-1} M_ik T_kj. All 128 threads; ends with a barrier.
+template <int LA>
+__device__ __forceinline__ void invert_unit_lower(float* sA, float* sT, int tid) {
+  constexpr int BT = 16;
+  if (tid < 4 * BT) {
+    const int d = tid / BT, c = tid % BT, o = d * BT;
+    float x[BT];
+#pragma unroll
+    for (int i = 0; i < BT; ++i) {
+      float acc = i == c ? 1.0f : 0.0f;
+#pragma unroll
+      for (int j = 0; j < i; ++j) acc = fmaf(-sA[(o + i) * LA + o + j], x[j], acc);
+      x[i] = acc;
+    }
+#pragma unroll
+    for (int i = 0; i < BT; ++i) sT[(o + i) * LA + o + c] = x[i];
+  } else {
+    // Tiles above the diagonal are zero.
+    for (int e = tid - 4 * BT; e < 6 * BT * BT; e += NTHREADS - 4 * BT) {
+      const int blk = e / (BT * BT), r = (e / BT) % BT, c = e % BT;
+      const int bi = blk < 3 ? 0 : (blk < 5 ? 1 : 2), bj = blk < 3 ? blk + 1 : (blk < 5 ? blk - 1 : 3);
+      sT[(bi * BT + r) * LA + bj * BT + c] = 0.0f;
+    }
+  }
+  __syncthreads();
+  // Tiles below the diagonal, (i, k) = (1,0) (2,0) (3,0) (2,1) (3,1) (3,2): M_ik = T_ii A_ik.
+  constexpr int PER = 6 * BT * BT / NTHREADS;
+  float m[PER];
+#pragma unroll
+  for (int q = 0; q < PER; ++q) {
+    const int e = tid + q * NTHREADS, blk = e / (BT * BT), r = (e / BT) % BT, c = e % BT;
+    const int bi = blk < 3 ? blk + 1 : (blk < 5 ? blk - 1 : 3), bk = blk < 3 ? 0 : (blk < 5 ? 1 : 2);
+    float acc = 0.0f;
+#pragma unroll
+    for (int j = 0; j < BT; ++j) acc = fmaf(sT[(bi * BT + r) * LA + bi * BT + j], sA[(bi * BT + j) * LA + bk * BT + c], acc);
+    m[q] = acc;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int q = 0; q < PER; ++q) {
+    const int e = tid + q * NTHREADS, blk = e / (BT * BT), r = (e / BT) % BT, c = e % BT;
+    const int bi = blk < 3 ? blk + 1 : (blk < 5 ? blk - 1 : 3), bk = blk < 3 ? 0 : (blk < 5 ? 1 : 2);
+    sA[(bi * BT + r) * LA + bk * BT + c] = m[q];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int dist = 1; dist < 4; ++dist) {
+    const int n = (4 - dist) * BT * BT;
+    for (int e = tid; e < n; e += NTHREADS) {
+      const int j = e / (BT * BT), i = j + dist, r = (e / BT) % BT, c = e % BT;
+      float acc = 0.0f;
+      for (int kk = j * BT; kk < i * BT; ++kk) acc = fmaf(sA[(i * BT + r) * LA + kk], sT[kk * LA + j * BT + c], acc);
+      sT[(i * BT + r) * LA + j * BT + c] = -acc;
+    }
+    __syncthreads();
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -259,9 +393,11 @@ __device__ void prep(const TI* q, const TI* k, const TI* v, const TGA* ga, const
   ST* sK = reinterpret_cast<ST*>(smem_prep);
   ST* sX = sK + C * LK;  // Q, later V
   float* sA = reinterpret_cast<float*>(sX + C * LX);
-  float* sG = sA + C * LA;
-  float* sBeta = sG + C;
-  float* scratch = sBeta + C;
+  float* sT = sA + C * LA;
+  float* sG = sT + C * LA;
+  float* sBeta = sG + C;  // beta: U = T diag(beta) V
+  float* sBw = sBeta + C;  // beta exp(G): W = T diag(beta exp(G)) K
+  float* scratch = sBw + C;
 
   const int tid = threadIdx.x, warp = tid >> 5;
   const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -269,6 +405,13 @@ __device__ void prep(const TI* q, const TI* k, const TI* v, const TGA* ga, const
   const int hk = h / (Hv / Hk);
   const int t0 = c * C;
   const int rows = min(C, T - t0);
+
+  const long qrow = (long)Hk * Dk;
+  const TI* kc = k + (((long)b * T + t0) * Hk + hk) * Dk;
+  const TI* qc = q + (((long)b * T + t0) * Hk + hk) * Dk;
+  load_rows<Dk, LK>(sK, kc, qrow, rows, tid);
+  load_rows<Dk, LX>(sX, qc, qrow, rows, tid);
+  cp_async_commit();
 
   // Gates: log-decay and beta per step; masked and padding steps are identity steps.
   float gl = 0.0f, beta = 0.0f;
@@ -298,14 +441,9 @@ __device__ void prep(const TI* q, const TI* k, const TI* v, const TGA* ga, const
   if (tid < C) {
     sG[tid] = G;
     sBeta[tid] = beta;
+    sBw[tid] = beta * expf(G);
     Gout[((long)b * Hv + h) * Tp + t0 + tid] = G;
   }
-
-  const long qrow = (long)Hk * Dk;
-  const TI* kc = k + (((long)b * T + t0) * Hk + hk) * Dk;
-  const TI* qc = q + (((long)b * T + t0) * Hk + hk) * Dk;
-  load_rows<Dk, LK>(sK, kc, qrow, rows, tid);
-  load_rows<Dk, LX>(sX, qc, qrow, rows, tid);
   cp_async_wait_all();
   __syncthreads();
 
@@ -314,73 +452,48 @@ __device__ void prep(const TI* q, const TI* k, const TI* v, const TGA* ga, const
     const int r0 = 16 * warp;
     float acc[8][4];
     zero(acc);
-    warp_mma<EXACT, Dk>(acc, [&](int r, int kk) { return f32(sK[(r0 + r) * LK + kk]); },
-                        [&](int kk, int n) { return f32(sK[n * LK + kk]); });
+    warp_mma<EXACT, Dk>(acc, ARows<ST>{sK + r0 * LK, LK}, BCols<ST>{sK, LK});
     for_acc(acc, [&](int r, int j, float x) {
       const int i = r0 + r;
       sA[i * LA + j] = i > j ? sBeta[i] * x * expf(sG[i] - sG[j]) : 0.0f;
     });
     zero(acc);
-    warp_mma<EXACT, Dk>(acc, [&](int r, int kk) { return f32(sX[(r0 + r) * LX + kk]); },
-                        [&](int kk, int n) { return f32(sK[n * LK + kk]); });
+    warp_mma<EXACT, Dk>(acc, ARows<ST>{sX + r0 * LX, LX}, BCols<ST>{sK, LK});
     OT* aq = Aqk + (((long)b * Hv + h) * NTc + c) * C * C;
-    for_acc(acc, [&](int r, int j, float x) {
+    for_acc_pairs(acc, [&](int r, int j, float x0, float x1) {
       const int i = r0 + r;
-      aq[i * C + j] = cvt<OT>(i >= j ? x * expf(sG[i] - sG[j]) : 0.0f);
+      store_pair(aq + i * C + j, i >= j ? x0 * expf(sG[i] - sG[j]) : 0.0f,
+                 i >= j + 1 ? x1 * expf(sG[i] - sG[j + 1]) : 0.0f);
     });
   }
+  __syncthreads();  // Q no longer read: V takes its place while T is solved
+  const TI* vc = v + (((long)b * T + t0) * Hv + h) * Dv;
+  load_rows<Dv, LX>(sX, vc, (long)Hv * Dv, rows, tid);
+  cp_async_commit();
+  invert_unit_lower<LA>(sA, sT, tid);
+  cp_async_wait_all();
   __syncthreads();
 
-  // T = (I + A)^-1 by forward substitution, one column per thread (threads 0..63), while
-  // threads 64..127 bring V (scaled by beta) into sX.
-  float col[C];
-  if (tid < C) {
-#pragma unroll
-    for (int i = 0; i < C; ++i) {
-      float s = i == tid ? 1.0f : 0.0f;
-#pragma unroll
-      for (int j = 0; j < i; ++j) s = fmaf(-sA[i * LA + j], col[j], s);
-      col[i] = s;
-    }
-  } else {
-    const TI* vc = v + (((long)b * T + t0) * Hv + h) * Dv;
-    for (int idx = tid - C; idx < C * Dv; idx += NTHREADS - C) {
-      const int r = idx / Dv, d = idx - r * Dv;
-      const float x = r < rows ? f32(vc[(long)r * Hv * Dv + d]) * sBeta[r] : 0.0f;
-      sX[r * LX + d] = cvt<ST>(x);
-    }
-  }
-  __syncthreads();  // every column solved before T overwrites A
-  if (tid < C) {
-#pragma unroll
-    for (int i = 0; i < C; ++i) sA[i * LA + tid] = col[i];
-  }
-  // K rows scaled by beta * exp(G) for W.
-  for (int idx = tid; idx < C * Dk; idx += NTHREADS) {
-    const int r = idx / Dk, d = idx - r * Dk;
-    sK[r * LK + d] = cvt<ST>(f32(sK[r * LK + d]) * sBeta[r] * expf(sG[r]));
-  }
-  __syncthreads();
-
-  // W = T K', U = T V', in column blocks of 64.
+  // W = T diag(beta exp(G)) K, U = T diag(beta) V, in column blocks of 64.
   {
     const int r0 = 16 * warp;
-    auto ta = [&](int r, int kk) { return sA[(r0 + r) * LA + kk]; };
     OT* Wc = W + (((long)b * Hv + h) * Tp + t0) * Dk;
     OT* Uc = U + (((long)b * Hv + h) * Tp + t0) * Dv;
+    const auto tw = a_fn([&](int r, int kk) { return sT[(r0 + r) * LA + kk] * sBw[kk]; });
+    const auto tu = a_fn([&](int r, int kk) { return sT[(r0 + r) * LA + kk] * sBeta[kk]; });
 #pragma unroll 1
     for (int n0 = 0; n0 < Dk; n0 += 64) {
       float acc[8][4];
       zero(acc);
-      warp_mma<EXACT, C>(acc, ta, [&](int kk, int n) { return f32(sK[kk * LK + n0 + n]); });
-      for_acc(acc, [&](int r, int j, float x) { Wc[(long)(r0 + r) * Dk + n0 + j] = cvt<OT>(x); });
+      warp_mma<EXACT, C>(acc, tw, BRows<ST>{sK + n0, LK});
+      for_acc_pairs(acc, [&](int r, int j, float x0, float x1) { store_pair(Wc + (long)(r0 + r) * Dk + n0 + j, x0, x1); });
     }
 #pragma unroll 1
     for (int n0 = 0; n0 < Dv; n0 += 64) {
       float acc[8][4];
       zero(acc);
-      warp_mma<EXACT, C>(acc, ta, [&](int kk, int n) { return f32(sX[kk * LX + n0 + n]); });
-      for_acc(acc, [&](int r, int j, float x) { Uc[(long)(r0 + r) * Dv + n0 + j] = cvt<OT>(x); });
+      warp_mma<EXACT, C>(acc, tu, BRows<ST>{sX + n0, LX});
+      for_acc_pairs(acc, [&](int r, int j, float x0, float x1) { store_pair(Uc + (long)(r0 + r) * Dv + n0 + j, x0, x1); });
     }
   }
 }
@@ -473,8 +586,7 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
     // delta = U - W S^T (rows r0.., all BV columns)
     float dl[BV / 8][4];
     zero(dl);
-    warp_mma<EXACT, Dk>(dl, [&](int r, int kk) { return f32(sW[(r0 + r) * LK + kk]); },
-                        [&](int kk, int n) { return sS[n * LS + kk]; });
+    warp_mma<EXACT, Dk>(dl, ARows<ST>{sW + r0 * LK, LK}, BCols<float>{sS, LS});
     for_acc(dl, [&](int r, int j, float x) { sD[(r0 + r) * LD + j] = f32(sU[(r0 + r) * LU + j]) - x; });
     if constexpr (SHARE_WQ) {
       __syncthreads();  // every warp done with W, which Q replaces
@@ -486,8 +598,7 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
     // y = diag(exp(G)) Q S^T + Aqk delta
     float yo[BV / 8][4];
     zero(yo);
-    warp_mma<EXACT, Dk>(yo, [&](int r, int kk) { return f32(sQ[(r0 + r) * LK + kk]); },
-                        [&](int kk, int n) { return sS[n * LS + kk]; });
+    warp_mma<EXACT, Dk>(yo, ARows<ST>{sQ + r0 * LK, LK}, BCols<float>{sS, LS});
 #pragma unroll
     for (int n = 0; n < BV / 8; ++n) {
       yo[n][0] *= e0;
@@ -504,12 +615,12 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
     }
     cp_async_wait_group<1>();  // K, Aqk of chunk c
     __syncthreads();
-    warp_mma<EXACT, C>(yo, [&](int r, int kk) { return f32(sA[(r0 + r) * LA + kk]); },
-                       [&](int kk, int n) { return sD[kk * LD + n]; });
+    warp_mma<EXACT, C>(yo, ARows<ST>{sA + r0 * LA, LA}, BRows<float>{sD, LD});
     TI* yc = y + (((long)b * T + t0) * Hv + h) * Dv + v0;
-    for_acc(yo, [&](int r, int j, float x) {
+    for_acc_pairs(yo, [&](int r, int j, float x0, float x1) {
       const int i = r0 + r;
-      if (i < rows) yc[(long)i * Hv * Dv + j] = cvt<TI>(sM[i] != 0.0f ? x : 0.0f);
+      const bool on = sM[i] != 0.0f;
+      if (i < rows) store_pair(yc + (long)i * Hv * Dv + j, on ? x0 : 0.0f, on ? x1 : 0.0f);
     });
 
     // S <- exp(G_last) S + (delta * exp(G_last - G))^T K
@@ -519,8 +630,8 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
       const int m0 = 16 * (item % MT), n0 = 64 * (item / MT);
       float acc[8][4];
       for_acc(acc, [&](int r, int j, float& x) { x = eG * sS[(m0 + r) * LS + n0 + j]; });
-      warp_mma<EXACT, C>(acc, [&](int r, int kk) { return sD[kk * LD + m0 + r] * sE[kk]; },
-                         [&](int kk, int n) { return f32(sK[kk * LK + n0 + n]); });
+      warp_mma<EXACT, C>(acc, a_fn([&](int r, int kk) { return sD[kk * LD + m0 + r] * sE[kk]; }),
+                         BRows<ST>{sK + n0, LK});
       for_acc(acc, [&](int r, int j, float x) { sS[(m0 + r) * LS + n0 + j] = x; });
     }
   }

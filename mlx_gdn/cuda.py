@@ -145,7 +145,7 @@ def prep_smem(Dk: int, Dv: int, exact: bool) -> int:
     """Bytes of shared memory of the prep launch (gdn_tc::prep_smem)."""
     es = 4 if exact else 2
     lk, lv = _ld(exact, Dk), _ld(exact, Dv)
-    return (CHUNK * lk + CHUNK * max(lk, lv)) * es + (CHUNK * (CHUNK + 4) + 2 * CHUNK + 8) * 4
+    return (CHUNK * lk + CHUNK * max(lk, lv)) * es + (2 * CHUNK * (CHUNK + 4) + 3 * CHUNK + 8) * 4
 
 
 def state_smem(Dk: int, BV: int, exact: bool, share_wq: bool) -> int:
