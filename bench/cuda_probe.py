@@ -105,6 +105,8 @@ def decode_ladder(B):
         ("trivial body, decode's header, inputs and outputs", lambda a: mx.eval(*io(inputs=a, **kw)), arrays),
         ("decode kernel object", lambda a: mx.eval(*kern(inputs=a, **kw)), arrays),
         ("public gated_delta_update", api, sets),
+        ("decode kernel object (second in the rotation)", lambda a: mx.eval(*kern(inputs=a, **kw)), arrays),
+        ("public gated_delta_update (second in the rotation)", api, sets),
     ]
     for name, ms in interleaved_ms(variants).items():
         record(name, ms, B=B, interleaved=True)

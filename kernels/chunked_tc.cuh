@@ -5,7 +5,7 @@
 //         G = within-chunk cumulative log-decay, A = strict_tril(diag(beta) K K^T * exp(G_i - G_j)),
 //         T = (I + A)^-1, W = T diag(beta exp(G)) K, U = T diag(beta) V,
 //         Aqk = tril(Q K^T * exp(G_i - G_j)) (diagonal included).
-//   state (one block per batch, value head, slice of BV value rows; chunks in order):
+//   state (one block of 4 NH warps per batch, value head, slice of BV value rows; chunks in order):
 //         delta = U - W S^T, y = diag(exp(G)) Q S^T + Aqk delta,
 //         S <- exp(G_last) S + (delta * exp(G_last - G))^T K.
 // Masked and padding steps get log-decay 0 and beta 0, which makes them leave S alone;
@@ -23,7 +23,6 @@
 namespace gdn_tc {
 
 constexpr int C = 64;         // tokens per chunk
-constexpr int NWARPS = 4;     // warps per block
 constexpr int NTHREADS = 128;
 
 __device__ __forceinline__ float f32(float x) { return x; }
@@ -245,15 +244,15 @@ __device__ __forceinline__ void cp_async_wait_group() {
 // rows at or past `rows` become zeros. Same types go as 16-byte asynchronous copies, all in
 // flight at once (rows start 16-byte aligned: D, LD and strides are multiples of 8 elements);
 // the caller waits with cp_async_wait_all() and a barrier. Other types convert one by one.
-template <int D, int LD, class ST, class SRC>
+template <int D, int LD, int NTH = NTHREADS, class ST, class SRC>
 __device__ __forceinline__ void load_rows(ST* dst, const SRC* src, long stride, int rows, int tid) {
   if constexpr (same_type<ST, SRC>::value) {
     constexpr int V = 16 / (int)sizeof(ST), VPR = D / V, TOTAL = C * VPR;
     static_assert(D % V == 0 && (LD * sizeof(ST)) % 16 == 0, "rows must be whole 16-byte vectors");
 #pragma unroll
-    for (int it = 0; it < (TOTAL + NTHREADS - 1) / NTHREADS; ++it) {
-      const int idx = tid + it * NTHREADS;
-      if (TOTAL % NTHREADS == 0 || idx < TOTAL) {
+    for (int it = 0; it < (TOTAL + NTH - 1) / NTH; ++it) {
+      const int idx = tid + it * NTH;
+      if (TOTAL % NTH == 0 || idx < TOTAL) {
         const int r = idx / VPR, cv = idx - r * VPR;
         const bool ok = r < rows;
         cp_async16(dst + r * LD + cv * V, ok ? src + r * stride + cv * V : src, ok);
@@ -261,7 +260,7 @@ __device__ __forceinline__ void load_rows(ST* dst, const SRC* src, long stride, 
     }
   } else {
 #pragma unroll 4
-    for (int idx = tid; idx < C * D; idx += NTHREADS) {
+    for (int idx = tid; idx < C * D; idx += NTH) {
       const int r = idx / D, d = idx - r * D;
       const float x = r < rows ? f32(src[r * stride + d]) : 0.0f;
       dst[r * LD + d] = cvt<ST>(x);
@@ -510,14 +509,16 @@ __host__ __device__ constexpr int state_smem() {
 // ---------------------------------------------------------------------------------------
 // Launch 2: per (value slice, value head, batch) block; walks the chunks in order.
 // ---------------------------------------------------------------------------------------
-template <int Dk, int Dv, int BV, bool EXACT, bool MASKED, bool SHARE_WQ, class TI, class OT, class TM>
+template <int Dk, int Dv, int BV, bool EXACT, bool MASKED, bool SHARE_WQ, int NH, class TI, class OT, class TM>
 __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, const OT* Aqk, const float* Gc,
                            const float* S0, const TM* mask, int T, int Hk, int Hv, TI* y, float* S_out) {
   using ST = typename Operand<EXACT>::T;
   static_assert(same_type<ST, OT>::value, "W, U, Aqk are stored in the operand type");
   constexpr int LK = Ld<ST, Dk>::value, LS = Dk + 4, LD = BV + 4, LA = Ld<ST, C>::value, LU = Ld<ST, BV>::value;
   constexpr int MT = BV / 16, NB = Dk / 64;  // S-update work: MT row strips x NB column blocks
-  static_assert(BV % 16 == 0 && Dk % 64 == 0, "BV multiple of 16, Dk multiple of 64");
+  // 4 NH warps: warp w takes token strip w % 4 and value columns [cv, cv + BV / NH), cv = (w / 4) BV / NH.
+  constexpr int NW = 4 * NH, NTH = 32 * NW, BVW = BV / NH;
+  static_assert(BV % 16 == 0 && Dk % 64 == 0 && BVW % 8 == 0, "BV multiple of 16 (8 per warp), Dk multiple of 64");
   extern __shared__ float4 smem_state[];
   if (dynamic_smem_bytes() < (unsigned)state_smem<Dk, BV, EXACT, SHARE_WQ>()) __trap();
   float* sS = reinterpret_cast<float*>(smem_state);  // [BV][LS]
@@ -537,7 +538,7 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
   const int NTc = (T + C - 1) / C, Tp = NTc * C;
   const long bh = (long)b * Hv + h;
 
-  for (int idx = tid; idx < BV * Dk; idx += NTHREADS) {
+  for (int idx = tid; idx < BV * Dk; idx += NTH) {
     const int r = idx / Dk, d = idx - r * Dk;
     sS[r * LS + d] = S0[(bh * Dv + v0 + r) * Dk + d];
   }
@@ -548,16 +549,16 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
   // K and Aqk of chunk c at the top of step c, landing while delta and Q S^T are computed.
   auto issue_wqug = [&](int cc) {
     const int tn = cc * C, rn = min(C, T - tn);
-    load_rows<Dk, LK>(sW, W + (bh * Tp + tn) * Dk, Dk, C, tid);
-    if constexpr (!SHARE_WQ) load_rows<Dk, LK>(sQ, q + (((long)b * T + tn) * Hk + hk) * Dk, qrow, rn, tid);
-    load_rows<BV, LU>(sU, U + (bh * Tp + tn) * Dv + v0, Dv, C, tid);
+    load_rows<Dk, LK, NTH>(sW, W + (bh * Tp + tn) * Dk, Dk, C, tid);
+    if constexpr (!SHARE_WQ) load_rows<Dk, LK, NTH>(sQ, q + (((long)b * T + tn) * Hk + hk) * Dk, qrow, rn, tid);
+    load_rows<BV, LU, NTH>(sU, U + (bh * Tp + tn) * Dv + v0, Dv, C, tid);
     if (tid < C / 4) cp_async16(sG + 4 * tid, Gc + bh * Tp + tn + 4 * tid, true);
     cp_async_commit();
   };
   auto issue_ka = [&](int cc) {
     const int tn = cc * C, rn = min(C, T - tn);
-    load_rows<Dk, LK>(sK, k + (((long)b * T + tn) * Hk + hk) * Dk, qrow, rn, tid);
-    load_rows<C, LA>(sA, Aqk + (bh * NTc + cc) * C * C, C, C, tid);
+    load_rows<Dk, LK, NTH>(sK, k + (((long)b * T + tn) * Hk + hk) * Dk, qrow, rn, tid);
+    load_rows<C, LA, NTH>(sA, Aqk + (bh * NTc + cc) * C * C, C, C, tid);
     cp_async_commit();
   };
   auto live_of = [&](int cc) {
@@ -577,30 +578,30 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
     if (tid < C) sM[tid] = mlive;
     cp_async_wait_group<1>();  // W, Q, U, G of chunk c
     __syncthreads();
-    const int r0 = 16 * warp;
+    const int r0 = 16 * (warp & 3), cv = (warp >> 2) * BVW;
     const float Gl = sG[C - 1];
     if (tid < C) sE[tid] = expf(Gl - sG[tid]);
     const int g8 = (tid & 31) >> 2;
     const float e0 = expf(sG[r0 + g8]), e1 = expf(sG[r0 + g8 + 8]);
 
-    // delta = U - W S^T (rows r0.., all BV columns)
-    float dl[BV / 8][4];
+    // delta = U - W S^T (rows r0.., columns cv..)
+    float dl[BVW / 8][4];
     zero(dl);
-    warp_mma<EXACT, Dk>(dl, ARows<ST>{sW + r0 * LK, LK}, BCols<float>{sS, LS});
-    for_acc(dl, [&](int r, int j, float x) { sD[(r0 + r) * LD + j] = f32(sU[(r0 + r) * LU + j]) - x; });
+    warp_mma<EXACT, Dk>(dl, ARows<ST>{sW + r0 * LK, LK}, BCols<float>{sS + cv * LS, LS});
+    for_acc(dl, [&](int r, int j, float x) { sD[(r0 + r) * LD + cv + j] = f32(sU[(r0 + r) * LU + cv + j]) - x; });
     if constexpr (SHARE_WQ) {
       __syncthreads();  // every warp done with W, which Q replaces
-      load_rows<Dk, LK>(sQ, q + (((long)b * T + t0) * Hk + hk) * Dk, qrow, rows, tid);
+      load_rows<Dk, LK, NTH>(sQ, q + (((long)b * T + t0) * Hk + hk) * Dk, qrow, rows, tid);
       cp_async_commit();
       cp_async_wait_group<0>();
       __syncthreads();
     }
     // y = diag(exp(G)) Q S^T + Aqk delta
-    float yo[BV / 8][4];
+    float yo[BVW / 8][4];
     zero(yo);
-    warp_mma<EXACT, Dk>(yo, ARows<ST>{sQ + r0 * LK, LK}, BCols<float>{sS, LS});
+    warp_mma<EXACT, Dk>(yo, ARows<ST>{sQ + r0 * LK, LK}, BCols<float>{sS + cv * LS, LS});
 #pragma unroll
-    for (int n = 0; n < BV / 8; ++n) {
+    for (int n = 0; n < BVW / 8; ++n) {
       yo[n][0] *= e0;
       yo[n][1] *= e0;
       yo[n][2] *= e1;
@@ -615,8 +616,8 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
     }
     cp_async_wait_group<1>();  // K, Aqk of chunk c
     __syncthreads();
-    warp_mma<EXACT, C>(yo, ARows<ST>{sA + r0 * LA, LA}, BRows<float>{sD, LD});
-    TI* yc = y + (((long)b * T + t0) * Hv + h) * Dv + v0;
+    warp_mma<EXACT, C>(yo, ARows<ST>{sA + r0 * LA, LA}, BRows<float>{sD + cv, LD});
+    TI* yc = y + (((long)b * T + t0) * Hv + h) * Dv + v0 + cv;
     for_acc_pairs(yo, [&](int r, int j, float x0, float x1) {
       const int i = r0 + r;
       const bool on = sM[i] != 0.0f;
@@ -626,7 +627,7 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
     // S <- exp(G_last) S + (delta * exp(G_last - G))^T K
     const float eG = expf(Gl);
 #pragma unroll 1
-    for (int item = warp; item < MT * NB; item += NWARPS) {
+    for (int item = warp; item < MT * NB; item += NW) {
       const int m0 = 16 * (item % MT), n0 = 64 * (item / MT);
       float acc[8][4];
       for_acc(acc, [&](int r, int j, float& x) { x = eG * sS[(m0 + r) * LS + n0 + j]; });
@@ -636,7 +637,7 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
     }
   }
   __syncthreads();
-  for (int idx = tid; idx < BV * Dk; idx += NTHREADS) {
+  for (int idx = tid; idx < BV * Dk; idx += NTH) {
     const int r = idx / Dk, d = idx - r * Dk;
     S_out[(bh * Dv + v0 + r) * Dk + d] = sS[r * LS + d];
   }

@@ -22,7 +22,7 @@ name = "cuda"
 
 PRELUDE = "cuda_prelude.h"
 CHUNK = 64  # tokens per chunk (gdn_tc::C)
-THREADS = 128  # threads per block of both chunked launches (gdn_tc::NTHREADS)
+THREADS = 128  # threads per block of the prep launch (gdn_tc::NTHREADS); the state launch has 128 NH
 SMEM_LIMIT = 232448  # dynamic shared memory one block may use on Hopper (227 KiB)
 CHUNKED_DIMS = (64, 128, 192, 256)
 # Value rows per block of the state pass: None picks by parallelism (`_choose_bv`);
@@ -156,10 +156,17 @@ def state_smem(Dk: int, BV: int, exact: bool, share_wq: bool) -> int:
             + (CHUNK * _ld(exact, CHUNK) + CHUNK * _ld(exact, BV)) * es + 3 * CHUNK * 4)
 
 
+def state_nh(bv: int) -> int:
+    """Warp groups of the state launch: a 128-row slice gets 8 warps (two per token strip)."""
+    return 2 if bv >= 128 else 1
+
+
 def _choose_bv(p: Problem) -> int:
+    # The widest slice that still gives about one block per SM: each block walks the chunks in
+    # order, so blocks beyond one wave run a second full chain.
     if CHUNK_BV is not None and p.Dv % CHUNK_BV == 0:
         return CHUNK_BV
-    for bv in (64, 32, 16):
+    for bv in (128, 64, 32, 16):
         if p.Dv % bv == 0 and p.B * p.Hv * (p.Dv // bv) >= MIN_STATE_BLOCKS:
             return bv
     return 16
@@ -169,7 +176,7 @@ def _state_config(p: Problem):
     """(BV, SHARE_WQ, smem) for the state launch, or None when nothing fits in shared memory."""
     exact = p.dtype == mx.float32
     first = _choose_bv(p)
-    for bv in [first] + [b for b in (32, 16) if b < first]:
+    for bv in [first] + [b for b in (64, 32, 16) if b < first]:
         for share in (False, True):
             smem = state_smem(p.Dk, bv, exact, share)
             if smem <= SMEM_LIMIT:
@@ -226,9 +233,9 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
     y, new_state = step(
         inputs=[q, k, W, U, Aqk, G, state, m],
         template=[("Dk", p.Dk), ("Dv", p.Dv), ("BV", bv), ("EXACT", exact), ("MASKED", masked),
-                  ("SHARE_WQ", share)],
-        grid=(p.Dv // bv * THREADS, p.Hv, p.B),
-        threadgroup=(THREADS, 1, 1),
+                  ("SHARE_WQ", share), ("NH", state_nh(bv))],
+        grid=(p.Dv // bv * THREADS * state_nh(bv), p.Hv, p.B),
+        threadgroup=(THREADS * state_nh(bv), 1, 1),
         output_shapes=[(p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)],
         output_dtypes=[p.dtype, mx.float32],
         **launch.launch_options(),

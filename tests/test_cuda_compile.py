@@ -94,13 +94,15 @@ def _chunked_tu() -> str:
         template = [("Dk", Dk), ("Dv", Dv), ("EXACT", exact), ("FUSED", fused), ("MASKED", masked),
                     ("HAS_LB", lower), ("NEG", neg)]
         parts.append(cuda.kernel_text(f"custom_kernel_prep_{i}", "", cuda.source_text("chunked_prep.cu"), inputs, outputs, template))
-    state_cases = [  # dtype, Dk, Dv, masked
-        (mx.bfloat16, 128, 128, False),
-        (mx.float32, 256, 256, True),
-        (mx.float16, 192, 64, True),
+    state_cases = [  # dtype, Dk, Dv, masked, B (B=4 takes 128-row slices on 8 warps)
+        (mx.bfloat16, 128, 128, False, 1),
+        (mx.bfloat16, 128, 128, True, 4),
+        (mx.float32, 256, 256, True, 1),
+        (mx.float32, 128, 128, False, 4),
+        (mx.float16, 192, 64, True, 1),
     ]
-    for i, (dt, Dk, Dv, masked) in enumerate(state_cases):
-        p = Problem(1, 256, 1, 2, Dk, Dv, dt, "scalar", masked, False)
+    for i, (dt, Dk, Dv, masked, B) in enumerate(state_cases):
+        p = Problem(B, 256, 16, 32, Dk, Dv, dt, "scalar", masked, False)
         bv, share, smem = cuda._state_config(p)
         assert smem <= cuda.SMEM_LIMIT
         exact = dt == mx.float32
@@ -108,7 +110,8 @@ def _chunked_tu() -> str:
         inputs = [("q", dt, 4), ("k", dt, 4), ("W", ot, 4), ("U", ot, 4), ("Aqk", ot, 5), ("G", mx.float32, 3),
                   ("state_in", mx.float32, 4), ("mask", mx.bool_ if masked else mx.float32, 2 if masked else 1)]
         outputs = [("y", dt), ("state_out", mx.float32)]
-        template = [("Dk", Dk), ("Dv", Dv), ("BV", bv), ("EXACT", exact), ("MASKED", masked), ("SHARE_WQ", share)]
+        template = [("Dk", Dk), ("Dv", Dv), ("BV", bv), ("EXACT", exact), ("MASKED", masked), ("SHARE_WQ", share),
+                    ("NH", cuda.state_nh(bv))]
         parts.append(cuda.kernel_text(f"custom_kernel_state_{i}", "", cuda.source_text("chunked_state.cu"), inputs, outputs, template))
     return "".join(parts)
 
