@@ -214,7 +214,7 @@ def main():
             ms, n = wall_ms(mlx_call(algo), mlx_sync, sets, reps=300 if T == 1 else 100)
             record(f"mlx_gdn-cuda-{algo}", B, T, "bf16", ms, n)
         if T >= 64:
-            for bv in (16, 32, 64):
+            for bv in (32, 64, 128):
                 cuda.CHUNK_BV = bv
                 ms, n = wall_ms(mlx_call("chunked"), mlx_sync, sets, reps=60)
                 record(f"mlx_gdn-cuda-chunked-BV{bv}", B, T, "bf16", ms, n)

@@ -314,6 +314,32 @@ __host__ __device__ constexpr int prep_smem() {
   return (C * LK + C * (LK > LV ? LK : LV)) * (int)sizeof(ST) + (2 * C * (C + 4) + 3 * C + 8) * 4;
 }
 
+// Tiles T_ij with i - j = DIST of the blocked inverse below (sA holds M_ik = T_ii A_ik):
+// T_ij = -sum_{k=j}^{i-1} M_ik T_kj. Each thread's elements are independent sums of a
+// compile-time length, interleaved so that their loads and multiply-adds overlap.
+template <int DIST, int LA>
+__device__ __forceinline__ void solve_tiles(const float* sA, float* sT, int tid) {
+  constexpr int BT = 16, PER = (4 - DIST) * BT * BT / NTHREADS;
+  static_assert((4 - DIST) * BT * BT % NTHREADS == 0, "whole elements per thread");
+  int arow[PER], tcol[PER], kk0[PER];
+  float acc[PER];
+#pragma unroll
+  for (int q = 0; q < PER; ++q) {
+    const int e = tid + q * NTHREADS, j = e / (BT * BT), r = (e / BT) % BT, c = e % BT;
+    arow[q] = ((j + DIST) * BT + r) * LA;
+    tcol[q] = j * BT + c;
+    kk0[q] = j * BT;
+    acc[q] = 0.0f;
+  }
+#pragma unroll
+  for (int kk = 0; kk < DIST * BT; ++kk)
+#pragma unroll
+    for (int q = 0; q < PER; ++q) acc[q] = fmaf(sA[arow[q] + kk0[q] + kk], sT[(kk0[q] + kk) * LA + tcol[q]], acc[q]);
+#pragma unroll
+  for (int q = 0; q < PER; ++q) sT[arow[q] + tcol[q]] = -acc[q];
+  __syncthreads();
+}
+
 // T = (I + A)^-1 for A strictly lower [C][LA] in shared memory (C = 64), into sT; sA is
 // overwritten. Blocked in 16 x 16 tiles so that no thread runs a long dependent chain:
 // diagonal tiles by forward substitution (one column per thread, 16 rows), then
@@ -363,17 +389,9 @@ __device__ __forceinline__ void invert_unit_lower(float* sA, float* sT, int tid)
     sA[(bi * BT + r) * LA + bk * BT + c] = m[q];
   }
   __syncthreads();
-#pragma unroll
-  for (int dist = 1; dist < 4; ++dist) {
-    const int n = (4 - dist) * BT * BT;
-    for (int e = tid; e < n; e += NTHREADS) {
-      const int j = e / (BT * BT), i = j + dist, r = (e / BT) % BT, c = e % BT;
-      float acc = 0.0f;
-      for (int kk = j * BT; kk < i * BT; ++kk) acc = fmaf(sA[(i * BT + r) * LA + kk], sT[kk * LA + j * BT + c], acc);
-      sT[(i * BT + r) * LA + j * BT + c] = -acc;
-    }
-    __syncthreads();
-  }
+  solve_tiles<1, LA>(sA, sT, tid);
+  solve_tiles<2, LA>(sA, sT, tid);
+  solve_tiles<3, LA>(sA, sT, tid);
 }
 
 // ---------------------------------------------------------------------------------------

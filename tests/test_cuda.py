@@ -137,6 +137,16 @@ def test_chunked(case):
     _check("chunked", B, T, Hk, Hv, Dk, Dv, dt, "scalar", masked, fused, lb, neg)
 
 
+@pytest.mark.parametrize("bv", [16, 32, 64, 128])
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_chunked_state_slice_widths(bv, dtype, monkeypatch):
+    """Every value-slice width of the state launch (128 runs 8 warps, two per token strip)."""
+    from mlx_gdn import cuda
+
+    monkeypatch.setattr(cuda, "CHUNK_BV", bv)
+    _check("chunked", 2, 150, 2, 4, 128, 128, dtype, "scalar", True, True, None, False)
+
+
 @pytest.mark.parametrize("decay", ["one", "slow"])
 @pytest.mark.parametrize("algorithm", ["recurrent", "chunked"])
 def test_decay_extremes(algorithm, decay):
