@@ -141,13 +141,18 @@ def decode_ladder(B):
 
 def chunked_split(B, T=4096):
     sets = sets_for(B, T, n=2)
-    for bv in (None, 16, 32, 64):
-        cuda.CHUNK_BV = bv
+    nh2_default = cuda.STATE_NH2_FROM
+    for bv, nh2_from in ((None, nh2_default), (32, 32), (32, 128), (64, 32), (64, 128), (128, 128)):
+        cuda.CHUNK_BV, cuda.STATE_NH2_FROM = bv, nh2_from
+
         def full(x):
             mx.eval(*mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state,
                                                 backend="cuda", algorithm="chunked"))
-        record("chunked full call", wall_ms(full, sets, reps=60), B=B, T=T, BV=bv)
-    cuda.CHUNK_BV = None
+        record("chunked full call", wall_ms(full, sets, reps=60), B=B, T=T, BV=bv,
+               warps=4 * cuda.state_nh(bv or cuda._choose_bv(check_update(
+                   sets[0].q, sets[0].k, sets[0].v, sets[0].a, sets[0].b, sets[0].A_log, sets[0].dt_bias,
+                   sets[0].state, None, None, False))))
+    cuda.CHUNK_BV, cuda.STATE_NH2_FROM = None, nh2_default
     # prep alone: evaluate only the prep outputs (the state pass is not in the graph)
     captured = {}
     real = cuda._kernel

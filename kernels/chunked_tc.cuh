@@ -520,7 +520,7 @@ __host__ __device__ constexpr int state_smem() {
   using ST = typename Operand<EXACT>::T;
   constexpr int LK = Ld<ST, Dk>::value;
   constexpr int LA = Ld<ST, C>::value, LU = Ld<ST, BV>::value;
-  return BV * (Dk + 4) * 4 + (SHARE_WQ ? 2 : 3) * C * LK * (int)sizeof(ST) + C * (BV + 4) * 4 +
+  return BV * (Dk + 8) * 4 + (SHARE_WQ ? 2 : 3) * C * LK * (int)sizeof(ST) + C * (BV + 4) * 4 +
          (C * LA + C * LU) * (int)sizeof(ST) + 3 * C * 4;
 }
 
@@ -532,10 +532,14 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
                            const float* S0, const TM* mask, int T, int Hk, int Hv, TI* y, float* S_out) {
   using ST = typename Operand<EXACT>::T;
   static_assert(same_type<ST, OT>::value, "W, U, Aqk are stored in the operand type");
-  constexpr int LK = Ld<ST, Dk>::value, LS = Dk + 4, LD = BV + 4, LA = Ld<ST, C>::value, LU = Ld<ST, BV>::value;
-  constexpr int MT = BV / 16, NB = Dk / 64;  // S-update work: MT row strips x NB column blocks
+  constexpr int LK = Ld<ST, Dk>::value, LS = Dk + 8, LD = BV + 4, LA = Ld<ST, C>::value, LU = Ld<ST, BV>::value;
+  // S rows are padded by 8 floats so that the 8-byte B-fragment loads of S^T meet no bank twice.
+  constexpr int MT = BV / 16;
   // 4 NH warps: warp w takes token strip w % 4 and value columns [cv, cv + BV / NH), cv = (w / 4) BV / NH.
   constexpr int NW = 4 * NH, NTH = 32 * NW, BVW = BV / NH;
+  // S-update work: MT row strips x NB column blocks of UN columns, narrower when that keeps
+  // every warp busy.
+  constexpr int UN = MT * (Dk / 64) >= NW ? 64 : 32, NB = Dk / UN;
   static_assert(BV % 16 == 0 && Dk % 64 == 0 && BVW % 8 == 0, "BV multiple of 16 (8 per warp), Dk multiple of 64");
   extern __shared__ float4 smem_state[];
   if (dynamic_smem_bytes() < (unsigned)state_smem<Dk, BV, EXACT, SHARE_WQ>()) __trap();
@@ -646,8 +650,8 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
     const float eG = expf(Gl);
 #pragma unroll 1
     for (int item = warp; item < MT * NB; item += NW) {
-      const int m0 = 16 * (item % MT), n0 = 64 * (item / MT);
-      float acc[8][4];
+      const int m0 = 16 * (item % MT), n0 = UN * (item / MT);
+      float acc[UN / 8][4];
       for_acc(acc, [&](int r, int j, float& x) { x = eG * sS[(m0 + r) * LS + n0 + j]; });
       warp_mma<EXACT, C>(acc, a_fn([&](int r, int kk) { return sD[kk * LD + m0 + r] * sE[kk]; }),
                          BRows<ST>{sK + n0, LK});

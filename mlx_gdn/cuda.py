@@ -30,6 +30,8 @@ CHUNKED_DIMS = (64, 128, 192, 256)
 CHUNK_BV: Optional[int] = None
 # Aim for at least this many state-pass blocks (H100: 132 SMs) before narrowing the slice.
 MIN_STATE_BLOCKS = 128
+# Value-slice width from which the state launch runs 8 warps instead of 4 (`state_nh`).
+STATE_NH2_FROM = 32
 
 _KERNELS: Dict[Tuple, object] = {}
 _DUMMY: Dict[str, mx.array] = {}
@@ -152,13 +154,14 @@ def state_smem(Dk: int, BV: int, exact: bool, share_wq: bool) -> int:
     """Bytes of shared memory of the state launch (gdn_tc::state_smem)."""
     es = 4 if exact else 2
     lk = _ld(exact, Dk)
-    return (BV * (Dk + 4) * 4 + (2 if share_wq else 3) * CHUNK * lk * es + CHUNK * (BV + 4) * 4
+    return (BV * (Dk + 8) * 4 + (2 if share_wq else 3) * CHUNK * lk * es + CHUNK * (BV + 4) * 4
             + (CHUNK * _ld(exact, CHUNK) + CHUNK * _ld(exact, BV)) * es + 3 * CHUNK * 4)
 
 
 def state_nh(bv: int) -> int:
-    """Warp groups of the state launch: a 128-row slice gets 8 warps (two per token strip)."""
-    return 2 if bv >= 128 else 1
+    """Warp groups of the state launch: slices of 32 rows or more get 8 warps (two per token
+    strip); the chain of chunk steps is latency-bound, and more warps hide more of it."""
+    return 2 if bv >= STATE_NH2_FROM else 1
 
 
 def _choose_bv(p: Problem) -> int:
