@@ -81,6 +81,15 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+template <class A, class B>
+struct same_type {
+  static constexpr bool value = false;
+};
+template <class A>
+struct same_type<A, A> {
+  static constexpr bool value = true;
+};
+
 // Operand views for warp_mma. An A operand is indexed (row, k), a B operand (k, col). A view
 // gives one element as float (operator(), the tf32 path) and, for bf16 products, `pair`: the
 // elements k and k + 1 packed as bf16 (low half first). Where k is the contiguous index of a
@@ -96,6 +105,7 @@ __device__ __forceinline__ unsigned pair_of(const __nv_bfloat16* lo, const __nv_
 }
 __device__ __forceinline__ unsigned pair_of(const float* lo, const float* hi) { return pack_bf16(*lo, *hi); }
 
+// B views with `ldm` true also give two adjacent 8-column tiles' fragments at once (`frag2`).
 template <class ST>
 struct ARows {  // A(r, k) = p[r * ld + k]
   const ST* p;
@@ -105,6 +115,7 @@ struct ARows {  // A(r, k) = p[r * ld + k]
 };
 template <class ST>
 struct BCols {  // B(k, n) = p[n * ld + k]
+  static constexpr bool ldm = false;
   const ST* p;
   int ld;
   __device__ __forceinline__ float operator()(int k, int n) const { return f32(p[n * ld + k]); }
@@ -112,10 +123,21 @@ struct BCols {  // B(k, n) = p[n * ld + k]
 };
 template <class ST>
 struct BRows {  // B(k, n) = p[k * ld + n]
+  // bf16 tiles: one ldmatrix.trans brings 4 fragments (rows 16-byte aligned: ld, n multiples of 8).
+  static constexpr bool ldm = same_type<ST, __nv_bfloat16>::value;
   const ST* p;
   int ld;
   __device__ __forceinline__ float operator()(int k, int n) const { return f32(p[k * ld + n]); }
   __device__ __forceinline__ unsigned pair(int k, int n) const { return pair_of(p + k * ld + n, p + (k + 1) * ld + n); }
+  // r[0], r[1]: the B fragment of columns n0..n0+7 for k0..k0+15; r[2], r[3]: columns n0+8..n0+15.
+  __device__ __forceinline__ void frag2(int k0, int n0, unsigned (&r)[4]) const {
+    const int lane = threadIdx.x & 31, m = lane >> 3;
+    const ST* row = p + (k0 + (m & 1) * 8 + (lane & 7)) * ld + n0 + (m >> 1) * 8;
+    const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  }
 };
 template <class F>
 struct AFn {  // A(r, k) = f(r, k)
@@ -125,6 +147,7 @@ struct AFn {  // A(r, k) = f(r, k)
 };
 template <class F>
 struct BFn {  // B(k, n) = f(k, n)
+  static constexpr bool ldm = false;
   F f;
   __device__ __forceinline__ float operator()(int k, int n) const { return f(k, n); }
   __device__ __forceinline__ unsigned pair(int k, int n) const { return pack_bf16(f(k, n), f(k + 1, n)); }
@@ -145,11 +168,22 @@ __device__ __forceinline__ void warp_mma(float (&acc)[NT][4], const FA& a, const
     if constexpr (!EXACT) {
       const int ka = k0 + 2 * t;
       unsigned ra[4] = {a.pair(g, ka), a.pair(g + 8, ka), a.pair(g, ka + 8), a.pair(g + 8, ka + 8)};
+      if constexpr (FB::ldm && NT % 2 == 0) {
 #pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        const int c = 8 * n + g;
-        unsigned rb[2] = {b.pair(ka, c), b.pair(ka + 8, c)};
-        mma_bf16(acc[n], ra, rb);
+        for (int n = 0; n < NT; n += 2) {
+          unsigned rb[4];
+          b.frag2(k0, 8 * n, rb);
+          const unsigned b0[2] = {rb[0], rb[1]}, b1[2] = {rb[2], rb[3]};
+          mma_bf16(acc[n], ra, b0);
+          mma_bf16(acc[n + 1], ra, b1);
+        }
+      } else {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          const int c = 8 * n + g;
+          unsigned rb[2] = {b.pair(ka, c), b.pair(ka + 8, c)};
+          mma_bf16(acc[n], ra, rb);
+        }
       }
     } else {
 #pragma unroll
@@ -217,15 +251,6 @@ __device__ __forceinline__ void zero(float (&acc)[NT][4]) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[n][i] = 0.0f;
 }
-
-template <class A, class B>
-struct same_type {
-  static constexpr bool value = false;
-};
-template <class A>
-struct same_type<A, A> {
-  static constexpr bool value = true;
-};
 
 // 16-byte asynchronous copy global -> shared; with `valid` false the destination is zero-filled.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
