@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tol-bf16", type=float, default=TOLERANCE["bfloat16"],
                    help="relative error a bfloat16/float16 run may have")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--commit", help="record this commit when the checkout has no .git (a copy on another machine)")
+    p.add_argument("--commit", help="record this commit (for a copy on another machine, whose git metadata may be stale or absent)")
     p.add_argument("--copy-mib", type=int, help="size of the copy-bandwidth probe")
     p.add_argument("--json", metavar="PATH", help="write environment and every measurement")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of time vs T per contender")
@@ -97,8 +97,8 @@ def main(argv: Optional[List[str]] = None, extra_contenders: Optional[List[Conte
         tolerance={"float32": args.tol_f32, "bfloat16": args.tol_bf16, "float16": args.tol_bf16},
     )
     env = environment()
-    if args.commit and not env["git_commit"]:
-        env["git_commit"] = args.commit
+    if args.commit:  # a copy on another machine may carry stale or no git metadata
+        env["git_commit"], env["git_dirty"] = args.commit, False
     console.print(f"[bold]mlx-gdn bench[/] on {env['device']} (mlx {env['versions']['mlx']}); "
                   f"{len(cells)} cells x {len(found)} contenders")
     copy_mib = args.copy_mib or (512 if gpu else 64)
