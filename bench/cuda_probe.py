@@ -29,25 +29,15 @@ from mlx_gdn.gating import FusedGating  # noqa: E402
 from mlx_gdn.testing import random_inputs  # noqa: E402
 from mlx_gdn.validate import check_update  # noqa: E402
 
+import cuda_bench  # noqa: E402  (bench/, this script's folder)
+
 HK, HV, D = 16, 32, 128
 ROWS = []
 
 
 def wall_ms(call, sets, warm=5, reps=300, max_s=3.0):
-    for i in range(warm):
-        call(sets[i % len(sets)])
-        mx.synchronize()
-    times = []
-    t_end = time.perf_counter() + max_s
-    for i in range(reps):
-        s = sets[i % len(sets)]
-        t0 = time.perf_counter()
-        call(s)
-        mx.synchronize()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() > t_end and len(times) >= 5:
-            break
-    return 1e3 * statistics.median(times)
+    """Median ms per call, as bench/cuda_bench.py times (evaluation + synchronise after each)."""
+    return cuda_bench.wall_ms(call, mx.synchronize, sets, warm=warm, reps=reps, max_s=max_s)[0]
 
 
 def record(name, ms, **kw):
