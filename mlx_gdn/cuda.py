@@ -14,8 +14,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from . import launch
-from .kernel_source import compact, load
 from .crossover import prefers_chunked
+from .kernel_source import compact, load
 from .validate import Problem
 
 name = "cuda"
@@ -160,7 +160,9 @@ def state_smem(Dk: int, BV: int, exact: bool, share_wq: bool) -> int:
 
 def state_nh(bv: int) -> int:
     """Warp groups of the state launch: slices of 32 rows or more get 8 warps (two per token
-    strip); the chain of chunk steps is latency-bound, and more warps hide more of it."""
+    strip). A 128-row slice needs them (4 warps would hold twice the accumulators each). On the
+    H100, 64-row slices ran faster on 8 warps; 32-row slices ran even at B=1 (where they are
+    chosen) and slower at B=4 (where 128 is chosen) (bench/cuda_probe_4535974.txt)."""
     return 2 if bv >= STATE_NH2_FROM else 1
 
 
@@ -231,14 +233,15 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
     )
 
     bv, share, ssmem = _state_config(p)
+    threads = THREADS * state_nh(bv)
     step = _kernel("gdn_cuda_chunked_state", STATE_INPUTS, STATE_OUTPUTS, source_text("chunked_state.cu"),
                    source_text("chunked_tc.cuh"), ssmem)
     y, new_state = step(
         inputs=[q, k, W, U, Aqk, G, state, m],
         template=[("Dk", p.Dk), ("Dv", p.Dv), ("BV", bv), ("EXACT", exact), ("MASKED", masked),
                   ("SHARE_WQ", share), ("NH", state_nh(bv))],
-        grid=(p.Dv // bv * THREADS * state_nh(bv), p.Hv, p.B),
-        threadgroup=(THREADS * state_nh(bv), 1, 1),
+        grid=(p.Dv // bv * threads, p.Hv, p.B),
+        threadgroup=(threads, 1, 1),
         output_shapes=[(p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)],
         output_dtypes=[p.dtype, mx.float32],
         **launch.launch_options(),
