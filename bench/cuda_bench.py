@@ -25,7 +25,7 @@ import mlx.core as mx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mlx_gdn  # noqa: E402
 from mlx_gdn import cuda  # noqa: E402
-from mlx_gdn.reference import delta_rule, rel_error, to_numpy  # noqa: E402
+from mlx_gdn.reference import delta_rule, rel_error  # noqa: E402
 from mlx_gdn.testing import random_inputs  # noqa: E402
 
 HK, HV, D = 16, 32, 128
@@ -191,8 +191,7 @@ def main():
     prepared = [launch.recurrent_inputs(x.q, x.k, x.v, x.state, None,
                                                     gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias))
                 for x in sets]
-    kw = dict(template=list(spec.template), grid=spec.grid, threadgroup=spec.threadgroup,
-              output_shapes=list(spec.output_shapes), output_dtypes=list(spec.output_dtypes))
+    kw = spec.call_kwargs()
     ms, n = wall_ms(lambda ins: mx.eval(*kern(inputs=ins, **kw)), mlx_sync, prepared, reps=300)
     record("probe-kernel-object-only", 1, 1, "bf16", ms, n)
     ms, n = wall_ms(mlx_call("recurrent"), mlx_sync, sets, reps=300)

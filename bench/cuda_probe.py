@@ -132,6 +132,8 @@ def decode_ladder(B):
 def chunked_split(B, T=4096):
     sets = sets_for(B, T, n=2)
     nh2_default = cuda.STATE_NH2_FROM
+    x0 = sets[0]
+    p0 = check_update(x0.q, x0.k, x0.v, x0.a, x0.b, x0.A_log, x0.dt_bias, x0.state, None, None, False)
     for bv, nh2_from in ((None, nh2_default), (32, 32), (32, 128), (64, 32), (64, 128), (128, 128)):
         cuda.CHUNK_BV, cuda.STATE_NH2_FROM = bv, nh2_from
 
@@ -139,9 +141,7 @@ def chunked_split(B, T=4096):
             mx.eval(*mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state,
                                                 backend="cuda", algorithm="chunked"))
         record("chunked full call", wall_ms(full, sets, reps=60), B=B, T=T, BV=bv,
-               warps=4 * cuda.state_nh(bv or cuda._choose_bv(check_update(
-                   sets[0].q, sets[0].k, sets[0].v, sets[0].a, sets[0].b, sets[0].A_log, sets[0].dt_bias,
-                   sets[0].state, None, None, False))))
+               warps=4 * cuda.state_nh(cuda._state_config(p0)[0]))
     cuda.CHUNK_BV, cuda.STATE_NH2_FROM = None, nh2_default
     # prep alone: evaluate only the prep outputs (the state pass is not in the graph)
     captured = {}

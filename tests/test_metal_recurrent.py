@@ -256,11 +256,7 @@ def test_bodies_follow_strides(path, fused):
         arrays.update(g=_interleaved(x.g, nan), beta=_interleaved(x.beta, nan))
     spec = launch.recurrent_spec(p, lower=fused, neg=fused, path=path)
     with simulated_metal():
-        y, s = metal.kernel(spec)(
-            inputs=spec.inputs(arrays), template=list(spec.template), grid=spec.grid,
-            threadgroup=spec.threadgroup, output_shapes=list(spec.output_shapes),
-            output_dtypes=list(spec.output_dtypes),
-        )
+        y, s = metal.kernel(spec)(inputs=spec.inputs(arrays), **spec.call_kwargs())
         mx.eval(y, s)
     y_ref, s_ref = ref_update(x, -2.0, True) if fused else reference.delta_rule(
         x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
