@@ -64,7 +64,11 @@ for (int i = 0; i < PER; ++i) {
 const float log_rate_h = static_cast<float>(A_log[hv * A_log_strides[0]]);
 const float rate_h = metal::exp(log_rate_h);
 const float dt_bias_h = static_cast<float>(dt_bias[hv * dt_bias_strides[0]]);
+#if GDN_LOWER
 const float lower_bound_v = lower_bound[0];
+#else
+const float lower_bound_v = 0.0f;  // unused: LOWER is false
+#endif
 #endif
 
 for (int t = 0; t < T; ++t) {

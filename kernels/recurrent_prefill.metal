@@ -13,7 +13,7 @@
 //
 // Inputs (names set by mlx_gdn/launch.py):
 //   q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; state_in [B, Hv, Dv, Dk] float32;
-//   GDN_FUSED:  a, b [B, T, Hv]; A_log, dt_bias [Hv]; lower_bound [1] float32
+//   GDN_FUSED:  a, b [B, T, Hv]; A_log, dt_bias [Hv]; lower_bound [1] float32 only with GDN_LOWER
 //   otherwise:  g [B, T, Hv] (KEYGATE false) or [B, T, Hv, Dk] (KEYGATE true); beta [B, T, Hv]
 //   GDN_MASKED: mask [B, T] (bool or integer; false/0 = skip the step, y = 0)
 // Inputs may be strided views (read through *_strides); outputs are row-contiguous.
@@ -83,7 +83,11 @@ for (int i = 0; i < PER; ++i) {
 const float log_rate_h = static_cast<float>(A_log[hv * A_log_strides[0]]);
 const float rate_h = metal::exp(log_rate_h);
 const float dt_bias_h = static_cast<float>(dt_bias[hv * dt_bias_strides[0]]);
+#if GDN_LOWER
 const float lower_bound_v = lower_bound[0];
+#else
+const float lower_bound_v = 0.0f;  // unused: LOWER is false
+#endif
 #endif
 
 for (int t0 = 0; t0 < T; t0 += TB) {

@@ -8,12 +8,12 @@ import mlx.core as mx
 
 from . import backends
 from .gating import FusedGating
-from .validate import check_rule, check_update
+from .validate import check_rule, check_update, rule_key, update_key
 
 
-def _run(p, backend, algorithm, q, k, v, state, mask, **gates):
-    """Resolve the path for validated problem `p` and run it (state None means zeros)."""
-    mod, algo = backends.route(backend, algorithm, p)
+def _run(plan, q, k, v, state, mask, **gates):
+    """Run a call's plan, (problem, backend module, algorithm), on its inputs (state None means zeros)."""
+    p, mod, algo = plan
     if state is None:
         state = mx.zeros((p.B, p.Hv, p.Dv, p.Dk), dtype=mx.float32)
     if p.T == 0:
@@ -42,8 +42,10 @@ def gated_delta_rule(
     Returns y [B, T, Hv, Dv] in q's dtype and the new float32 state.
     backend: "auto", "metal", "cuda" or "ops"; algorithm: "auto", "recurrent" or "chunked".
     """
-    p = check_rule(q, k, v, g, beta, state, mask)
-    return _run(p, backend, algorithm, q, k, v, state, mask, g=g, beta=beta)
+    plan = backends.plan(
+        backend, algorithm, rule_key(q, k, v, g, beta, state, mask), lambda: check_rule(q, k, v, g, beta, state, mask)
+    )
+    return _run(plan, q, k, v, state, mask, g=g, beta=beta)
 
 
 def gated_delta_update(
@@ -70,6 +72,11 @@ def gated_delta_update(
     state: [B, Hv, Dv, Dk] float32 or None; mask: [B, T] bool or None.
     Returns y [B, T, Hv, Dv] in q's dtype and the new float32 state.
     """
-    p = check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval)
+    plan = backends.plan(
+        backend,
+        algorithm,
+        update_key(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval),
+        lambda: check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval),
+    )
     gating = FusedGating(a, b, A_log, dt_bias, lower_bound, allow_neg_eigval)
-    return _run(p, backend, algorithm, q, k, v, state, mask, gating=gating)
+    return _run(plan, q, k, v, state, mask, gating=gating)

@@ -89,25 +89,34 @@ def resolve(backend: str, algorithm: str, p: Problem) -> Tuple[ModuleType, str]:
     raise ValueError(f"algorithm {algo!r} is not available for this input (backend {name!r})")
 
 
-# (problem, backend, algorithm, default device type, crossover table) -> resolve's answer. Within one
-# process that answer depends on nothing else (backend availability does not change), so a
-# decode loop resolves once. Errors are not remembered: a bad request raises every time.
-_ROUTES: dict = {}
-_ROUTES_MAX = 4096
+# (input signature, backend, algorithm, default device type, crossover table) -> (problem,
+# backend module, algorithm). Within one process that answer depends on nothing else (backend
+# availability does not change), so a decode loop validates and resolves once: each step pays
+# for building its signature and one lookup. Errors are not remembered: bad input raises every time.
+_PLANS: dict = {}
+_PLANS_MAX = 4096
 
 
-def route(backend: str, algorithm: str, p: Problem) -> Tuple[ModuleType, str]:
-    """`resolve`, remembered per problem, default device type and crossover table."""
-    key = (p, backend, algorithm, mx.default_device().type, tuple(CHUNKED_FROM_T.items()))
-    hit = _ROUTES.get(key)
+def plan(backend: str, algorithm: str, key, check) -> Tuple[Problem, ModuleType, str]:
+    """(problem, backend module, algorithm) of a call.
+
+    key: the inputs' signature (`validate.rule_key` / `update_key`; None is never remembered);
+    check: validates the inputs and returns their Problem (raising on bad input).
+    """
+    if key is None:
+        p = check()
+        return (p,) + resolve(backend, algorithm, p)
+    full = (key, backend, algorithm, mx.default_device().type, tuple(CHUNKED_FROM_T.items()))
+    hit = _PLANS.get(full)
     if hit is None:
-        hit = resolve(backend, algorithm, p)
-        if len(_ROUTES) >= _ROUTES_MAX:
-            _ROUTES.clear()
-        _ROUTES[key] = hit
+        p = check()
+        hit = (p,) + resolve(backend, algorithm, p)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[full] = hit
     return hit
 
 
-def clear_routes() -> None:
-    """Forget remembered routes (after replacing a backend module, as tests do)."""
-    _ROUTES.clear()
+def clear_plans() -> None:
+    """Forget remembered plans (after replacing a backend module, as tests do)."""
+    _PLANS.clear()

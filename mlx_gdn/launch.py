@@ -149,8 +149,8 @@ def recurrent_spec(
 ) -> LaunchSpec:
     """Launch spec of the recurrent kernel for problem `p`.
 
-    p.fused selects the fused-gating inputs (a, b, A_log, dt_bias, lower_bound) over (g, beta);
-    `lower` and `neg` are the fused options (lower_bound given, allow_neg_eigval).
+    p.fused selects the fused-gating inputs (a, b, A_log, dt_bias, and lower_bound when `lower`)
+    over (g, beta); `lower` and `neg` are the fused options (lower_bound given, allow_neg_eigval).
     path: "decode", "prefill" or None (by T, see `choose_path`).
     """
     path = path or choose_path(p)
@@ -163,8 +163,10 @@ def recurrent_spec(
     threads = R * L
     groups = -(-p.Dv // R)
 
+    lower = bool(p.fused and lower)
     if p.fused:
-        gate_names: Sequence[str] = ("a", "b", "A_log", "dt_bias", "lower_bound")
+        # lower_bound is an input only where it is used: every array costs MLX host time per call.
+        gate_names: Sequence[str] = ("a", "b", "A_log", "dt_bias") + (("lower_bound",) if lower else ())
     else:
         gate_names = ("g", "beta")
     names = ("q", "k", "v") + tuple(gate_names) + ("state_in",) + (("mask",) if p.masked else ())
@@ -180,14 +182,14 @@ def recurrent_spec(
     ]
     if path == "prefill":
         template.append(("TB", _block_tokens(p.Dk, R, key_gate)))
-    template += [("KEYGATE", key_gate), ("LOWER", bool(p.fused and lower)), ("NEG", bool(p.fused and neg))]
+    template += [("KEYGATE", key_gate), ("LOWER", lower), ("NEG", bool(p.fused and neg))]
 
     variant = ("update" if p.fused else "rule") + ("_masked" if p.masked else "")
     return LaunchSpec(
         name=f"gdn_recurrent_{path}_{variant}",
         body=f"recurrent_{path}.metal",
         headers=(GATES_HEADER,),
-        defines=(("GDN_FUSED", int(p.fused)), ("GDN_MASKED", int(p.masked))),
+        defines=(("GDN_FUSED", int(p.fused)), ("GDN_MASKED", int(p.masked)), ("GDN_LOWER", int(lower))),
         input_names=names,
         output_names=("y", "state_out"),
         template=tuple(template),
@@ -216,7 +218,10 @@ def lower_bound_array(lower_bound: Optional[float]) -> mx.array:
 def recurrent_inputs(q, k, v, state, mask, *, g=None, beta=None, gating=None) -> list:
     """The recurrent kernel's inputs in the order of `recurrent_spec`'s input_names."""
     if gating is not None:
-        ins = [q, k, v, gating.a, gating.b, gating.A_log, gating.dt_bias, lower_bound_array(gating.lower_bound), state]
+        ins = [q, k, v, gating.a, gating.b, gating.A_log, gating.dt_bias]
+        if gating.lower_bound is not None:
+            ins.append(lower_bound_array(gating.lower_bound))
+        ins.append(state)
     else:
         ins = [q, k, v, g, beta, state]
     if mask is not None:

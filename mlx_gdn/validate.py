@@ -111,24 +111,41 @@ _VALID: dict = {}
 _VALID_MAX = 4096
 
 
-def _signature(arrays, options) -> Optional[tuple]:
-    """(shape, dtype) of each input, or None when one is not an mx.array (the full check reports it)."""
+def signature(arrays, options) -> Optional[tuple]:
+    """Flat tuple of each input's (shape, dtype) and the options; None when an input is not an
+    mx.array or an option is unhashable (the full check then reports it)."""
     sig = []
+    add = sig.append
     for x in arrays:
         if x is None:
-            sig.append(None)
+            add(None)
         elif type(x) is mx.array:
-            sig.append((x.shape, x.dtype))
+            add(x.shape)
+            add(x.dtype)
         else:
             return None
+    add(options)
     try:
-        return (tuple(sig), options) if hash(options) is not None else None
+        hash(options)
     except TypeError:
         return None
+    return tuple(sig)
 
 
-def _memoized(check, arrays, options):
-    key = _signature(arrays, options)
+def rule_key(q, k, v, g, beta, state, mask) -> Optional[tuple]:
+    """`signature` of a `gated_delta_rule` call: equal keys validate alike."""
+    return signature((q, k, v, g, beta, state, mask), ("rule",))
+
+
+def update_key(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval) -> Optional[tuple]:
+    """`signature` of a `gated_delta_update` call: equal keys validate alike."""
+    return signature(
+        (q, k, v, a, b, A_log, dt_bias, state, mask),
+        ("update", type(lower_bound), lower_bound, type(allow_neg_eigval), allow_neg_eigval),
+    )
+
+
+def _memoized(check, key):
     if key is None:
         return check()
     p = _VALID.get(key)
@@ -142,15 +159,14 @@ def _memoized(check, arrays, options):
 
 def check_rule(q, k, v, g, beta, state, mask) -> Problem:
     """Validate the inputs of `gated_delta_rule`; return the call's Problem."""
-    return _memoized(lambda: _check_rule(q, k, v, g, beta, state, mask), (q, k, v, g, beta, state, mask), ("rule",))
+    return _memoized(lambda: _check_rule(q, k, v, g, beta, state, mask), rule_key(q, k, v, g, beta, state, mask))
 
 
 def check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval) -> Problem:
     """Validate the inputs of `gated_delta_update`; return the call's Problem."""
     return _memoized(
         lambda: _check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval),
-        (q, k, v, a, b, A_log, dt_bias, state, mask),
-        ("update", type(lower_bound), lower_bound, type(allow_neg_eigval), allow_neg_eigval),
+        update_key(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval),
     )
 
 

@@ -52,6 +52,11 @@ def _nvcc(src: str, workdir: Path, name: str):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
+def _undefine(spec) -> str:
+    # One translation unit holds many variants: each one's macros must not leak into the next.
+    return "".join(f"#undef {name}\n" for name, _ in spec.defines)
+
+
 def _recurrent_tu() -> str:
     parts = [MLX_HEADER, cuda.source_text(cuda.PRELUDE)]
     i = 0
@@ -70,7 +75,7 @@ def _recurrent_tu() -> str:
                       "dt_bias": mx.float32, "beta": mx.float32}
             inputs = [(n, dtypes.get(n, dt), ndim[n]) for n in spec.input_names]
             outputs = list(zip(spec.output_names, spec.output_dtypes))
-            header = "#undef GDN_FUSED\n#undef GDN_MASKED\n" + compact(spec.header())
+            header = _undefine(spec) + compact(spec.header())
             parts.append(cuda.kernel_text(f"custom_kernel_{spec.name}_{i}", header, compact(spec.source()), inputs, outputs,
                                           list(spec.template)))
             i += 1
@@ -126,7 +131,7 @@ def _decode_layer_tu() -> str:
                                               (mx.float16, 256, 192, True)]):
         spec = decode_layer.decode_spec(2, 4, 2, 4, Dk, Dv, dt, masked)
         inputs = [(n, {"state_in": mx.float32, "mask": mx.bool_}.get(n, dt), ndim[n]) for n in spec.input_names]
-        header = "#undef GDN_FUSED\n#undef GDN_MASKED\n" + compact(spec.header())
+        header = _undefine(spec) + compact(spec.header())
         parts.append(cuda.kernel_text(f"custom_kernel_{spec.name}_{i}", header, compact(spec.source()), inputs,
                                       list(zip(spec.output_names, spec.output_dtypes)), list(spec.template)))
     return "".join(parts)
