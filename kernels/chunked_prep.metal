@@ -2,7 +2,7 @@
 // the state entering it. One threadgroup of NSG simdgroups per (chunk n, value head hv, batch bz).
 //
 // Inputs as the public API takes them: q, k: [B, T, Hk, Dk], v: [B, T, Hv, Dv] (InT); gates
-// g, beta: [B, T, Hv] (GDN_FUSED 0), or a, b: [B, T, Hv], A_log, dt_bias: [Hv], lower_bound: [1]
+// g, beta: [B, T, Hv] (GDN_FUSED 0), or a, b: [B, T, Hv], A_log, dt_bias: [Hv], lower_bound: [4] (element 0 used)
 // (GDN_FUSED 1, template LOWER, NEG); mask: [B, T] (GDN_MASKED 1). Steps past T (the last chunk's
 // tail) and masked steps are identity steps: staged as q = k = v = 0, log-gate 0, beta 0, which
 // also makes their y exactly 0.

@@ -13,7 +13,7 @@
 //
 // Inputs (names set by mlx_gdn/launch.py):
 //   q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; state_in [B, Hv, Dv, Dk] float32;
-//   GDN_FUSED:  a, b [B, T, Hv]; A_log, dt_bias [Hv]; lower_bound [1] float32 only with GDN_LOWER
+//   GDN_FUSED:  a, b [B, T, Hv]; A_log, dt_bias [Hv]; lower_bound [4] float32 (element 0 used) only with GDN_LOWER
 //   otherwise:  g [B, T, Hv] (KEYGATE false) or [B, T, Hv, Dk] (KEYGATE true); beta [B, T, Hv]
 //   GDN_MASKED: mask [B, T] (bool or integer; false/0 = skip the step, y = 0)
 // Inputs may be strided views (read through *_strides); outputs are row-contiguous.

@@ -201,16 +201,21 @@ def recurrent_spec(
 
 
 _LOWER_BOUND_ARRAYS: Dict[float, mx.array] = {}
+# Kernels read element 0. Four elements, not one: MLX's CUDA allocator serves arrays of at most
+# 8 bytes from a managed pool that is mapped for the GPU rather than moved to it
+# (cudaMemAdviseSetAccessedBy in mlx/backend/cuda/allocator.cpp), so a value written from the host
+# stays in host memory and every read crosses the bus; larger arrays move to the GPU on first use.
+_LOWER_BOUND_SIZE = 4
 
 
 def lower_bound_array(lower_bound: Optional[float]) -> mx.array:
-    """float32 [1] holding lower_bound (0 when None), cached per value so no op runs per call."""
+    """float32 [4] holding lower_bound (0 when None), cached per value so no op runs per call."""
     key = 0.0 if lower_bound is None else float(lower_bound)
     arr = _LOWER_BOUND_ARRAYS.get(key)
     if arr is None:
         if len(_LOWER_BOUND_ARRAYS) > 64:
             _LOWER_BOUND_ARRAYS.clear()
-        arr = mx.array([key], dtype=mx.float32)
+        arr = mx.array([key] * _LOWER_BOUND_SIZE, dtype=mx.float32)  # a constant: safe under mx.compile too
         _LOWER_BOUND_ARRAYS[key] = arr
     return arr
 
