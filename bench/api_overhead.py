@@ -2,11 +2,13 @@
 
 The kernel is replaced by a stub returning existing arrays, so what is timed is the Python work a
 decode step pays on top of MLX's own launch. Usage:
-    PYTHONPATH=. python bench/api_overhead.py [--reps N] [--path ops|cuda]
+    PYTHONPATH=. python bench/api_overhead.py [--reps N] [--path ops|cuda|layer]
 
 --path ops stubs the ops backend's `run` (validation and dispatch only); --path cuda pretends a
 CUDA device is present and stubs `mx.fast.cuda_kernel`'s kernel object, so the CUDA launcher's
-own work (launch spec, argument lists) is timed too.
+own work (launch spec, argument lists) is timed too. --path layer does the same for the drop-in
+layer's fused T=1 step (`decode_layer.fused_backend` then `decode_step`, as the layer's `mix`
+calls them for every layer at every decode step).
 """
 
 import argparse
@@ -16,25 +18,43 @@ import time
 import mlx.core as mx
 
 import mlx_gdn
-from mlx_gdn import cuda, ops_backend
+from mlx_gdn import backends, cuda, decode_layer, ops_backend
 from mlx_gdn.testing import random_inputs
+
+
+def layer_step():
+    """The layer's T=1 fused step at the Qwen3.5 shape (conv kernel 4), with the kernel stubbed."""
+    B, K, Hk, Hv, Dk, Dv = 1, 4, 16, 32, 128, 128
+    C = 2 * Hk * Dk + Hv * Dv
+    qkv, conv = mx.zeros((B, 1, C), dtype=mx.bfloat16), mx.zeros((B, K - 1, C), dtype=mx.bfloat16)
+    w, ab = mx.zeros((C, K, 1), dtype=mx.bfloat16), mx.zeros((B, 1, Hv), dtype=mx.bfloat16)
+    A_log, dt_bias, state = mx.zeros((Hv,)), mx.zeros((Hv,)), mx.zeros((B, Hv, Dv, Dk))
+    backends._default_is_gpu = lambda: True  # as on a GPU machine, where "auto" picks the GPU
+
+    def step():
+        fused = decode_layer.fused_backend("auto", qkv, conv, w, ab, ab, state, None, Hk, Hv, Dk, Dv)
+        return decode_layer.decode_step(fused, qkv, conv, w, ab, ab, A_log, dt_bias, state, None, Hk, Hv, Dk, Dv)
+    assert decode_layer.fused_backend("auto", qkv, conv, w, ab, ab, state, None, Hk, Hv, Dk, Dv) == "cuda"
+    return step
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=20000)
-    ap.add_argument("--path", choices=("ops", "cuda"), default="cuda")
+    ap.add_argument("--path", choices=("ops", "cuda", "layer"), default="cuda")
     args = ap.parse_args()
     x = random_inputs(1, 1, 16, 32, 128, 128, seed=0, dtype=mx.bfloat16)
     mx.eval(x.q, x.k, x.v, x.a, x.b, x.state)
     if args.path == "ops":
         ops_backend.run = lambda p, q, k, v, state, mask, **kw: (v, state)  # no kernel: host work only
     else:
-        outs = [x.v, x.state]
+        outs = [x.v, x.v, x.state] if args.path == "layer" else [x.v, x.state]  # the kernel's outputs
         cuda.available = lambda: True
         mx.fast.cuda_kernel = lambda **kw: (lambda **call: outs)
     call = lambda: mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state,  # noqa: E731
                                               backend=args.path)
+    if args.path == "layer":
+        call = layer_step()
     for _ in range(1000):
         call()
     rounds = []
@@ -43,7 +63,8 @@ def main():
         for _ in range(args.reps):
             call()
         rounds.append((time.perf_counter() - t) / args.reps * 1e6)
-    print(f"gated_delta_update host overhead (--path {args.path}), B=1 T=1 Qwen3.5 shape: median "
+    what = "fused layer step" if args.path == "layer" else "gated_delta_update"
+    print(f"{what} host overhead (--path {args.path}), B=1 T=1 Qwen3.5 shape: median "
           f"{statistics.median(rounds):.1f} us (rounds: {', '.join(f'{r:.1f}' for r in rounds)})")
 
 

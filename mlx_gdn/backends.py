@@ -89,12 +89,28 @@ def resolve(backend: str, algorithm: str, p: Problem) -> Tuple[ModuleType, str]:
     raise ValueError(f"algorithm {algo!r} is not available for this input (backend {name!r})")
 
 
-# (input signature, backend, algorithm, default device type, crossover table) -> (problem,
-# backend module, algorithm). Within one process that answer depends on nothing else (backend
-# availability does not change), so a decode loop validates and resolves once: each step pays
-# for building its signature and one lookup. Errors are not remembered: bad input raises every time.
+# What a call runs, remembered: (key, default device type) -> answer. Within one process the
+# answers depend on nothing else but which backends are available, and that changes only when the
+# Metal simulator is entered or left (`mlx_gdn.sim` then calls `clear_plans`). So a decode loop
+# validates and resolves once, and each step pays for its key and one lookup. Errors are not
+# remembered: bad input raises every time.
 _PLANS: dict = {}
 _PLANS_MAX = 4096
+_MISSING = object()
+# Caches of other modules that hold answers or kernel objects made under the same conditions.
+_CLEARERS: list = [_PLANS.clear]
+
+
+def remembered(key, make, *args):
+    """make(*args), remembered under `key` and the default device type until `clear_plans`."""
+    full = (key, mx.default_device().type)
+    hit = _PLANS.get(full, _MISSING)
+    if hit is _MISSING:
+        hit = make(*args)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[full] = hit
+    return hit
 
 
 def plan(backend: str, algorithm: str, key, check) -> Tuple[Problem, ModuleType, str]:
@@ -104,19 +120,23 @@ def plan(backend: str, algorithm: str, key, check) -> Tuple[Problem, ModuleType,
     check: validates the inputs and returns their Problem (raising on bad input).
     """
     if key is None:
-        p = check()
-        return (p,) + resolve(backend, algorithm, p)
-    full = (key, backend, algorithm, mx.default_device().type, tuple(CHUNKED_FROM_T.items()))
-    hit = _PLANS.get(full)
-    if hit is None:
-        p = check()
-        hit = (p,) + resolve(backend, algorithm, p)
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        _PLANS[full] = hit
-    return hit
+        return _make_plan(backend, algorithm, check)
+    return remembered((key, backend, algorithm, tuple(CHUNKED_FROM_T.items())), _make_plan, backend, algorithm, check)
+
+
+def _make_plan(backend, algorithm, check):
+    p = check()
+    return (p,) + resolve(backend, algorithm, p)
+
+
+def on_clear(clear):
+    """Register `clear()` to run with `clear_plans` (for caches that depend on the same things)."""
+    _CLEARERS.append(clear)
+    return clear
 
 
 def clear_plans() -> None:
-    """Forget remembered plans (after replacing a backend module, as tests do)."""
-    _PLANS.clear()
+    """Forget everything remembered about routes and launches (backend availability changed, or
+    a test replaced a backend module)."""
+    for clear in _CLEARERS:
+        clear()

@@ -17,6 +17,7 @@ from . import backends, launch
 from .validate import Problem
 
 BODY = "decode_layer.metal"
+INPUT_NAMES = ("qkv", "conv_state", "w", "a", "b", "A_log", "dt_bias", "state_in")  # then "mask" if masked
 OUTPUT_NAMES = ("y", "conv_out", "state_out")
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
@@ -27,7 +28,7 @@ def decode_spec(B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dt
     p = Problem(B, 1, Hk, Hv, Dk, Dv, dtype, "scalar", masked, True)
     base = launch.recurrent_spec(p, path="decode")
     tmpl = dict(base.template)
-    names = ("qkv", "conv_state", "w", "a", "b", "A_log", "dt_bias", "state_in") + (("mask",) if masked else ())
+    names = INPUT_NAMES + (("mask",) if masked else ())
     C = 2 * Hk * Dk + Hv * Dv
     return launch.LaunchSpec(
         name="gdn_decode_layer" + ("_masked" if masked else ""),
@@ -65,6 +66,15 @@ def fused_backend(backend: str, qkv, conv_state, w, a, b, state, mask, Hk: int, 
     qkv [B, 1, C]; conv_state [B, K-1, C] in qkv's dtype; w [C, K, 1]; a, b [B, 1, Hv];
     state [B, Hv, Dv, Dk] float32 or None; mask [B, 1] bool or None.
     """
+    # The answer depends only on what is read here (shapes, dtypes, sizes, backend): a decode
+    # loop asks the same question for every layer at every step.
+    key = ("decode_layer", backend, qkv.shape, qkv.dtype, conv_state.shape, conv_state.dtype, w.shape, a.shape,
+           b.shape, None if state is None else (state.shape, state.dtype),
+           None if mask is None else (mask.shape, mask.dtype), Hk, Hv, Dk, Dv)
+    return backends.remembered(key, _fused_backend, backend, qkv, conv_state, w, a, b, state, mask, Hk, Hv, Dk, Dv)
+
+
+def _fused_backend(backend, qkv, conv_state, w, a, b, state, mask, Hk, Hv, Dk, Dv) -> Optional[str]:
     if qkv.ndim != 3 or qkv.shape[1] != 1 or qkv.dtype not in _FLOATS:
         return None
     B, _, C = qkv.shape
@@ -89,16 +99,28 @@ def fused_backend(backend: str, qkv, conv_state, w, a, b, state, mask, Hk: int, 
     return mod.name
 
 
+@backends.on_clear
+def _clear_launchers():
+    _launcher.cache_clear()
+
+
+@lru_cache(maxsize=256)
+def _launcher(backend: str, B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool):
+    # (kernel object, call keyword arguments): a pure function of its arguments
+    spec = decode_spec(B, K, Hk, Hv, Dk, Dv, dtype, masked)
+    return _kernel(backend, spec), spec.call_kwargs()
+
+
 def decode_step(backend: str, qkv, conv_state, w, a, b, A_log, dt_bias, state, mask,
                 Hk: int, Hv: int, Dk: int, Dv: int) -> Tuple[mx.array, mx.array, mx.array]:
     """(y [B,1,Hv,Dv] in qkv's dtype, new conv state [B,K-1,C] in qkv's dtype, new state [B,Hv,Dv,Dk]
     float32) from one launch; backend "metal" or "cuda", inputs as accepted by `fused_backend`."""
     B = qkv.shape[0]
-    K = w.shape[1]
-    spec = decode_spec(B, K, Hk, Hv, Dk, Dv, qkv.dtype, mask is not None)
+    kern, kw = _launcher(backend, B, w.shape[1], Hk, Hv, Dk, Dv, qkv.dtype, mask is not None)
     if state is None:
         state = mx.zeros((B, Hv, Dv, Dk), dtype=mx.float32)
-    arrays = dict(qkv=qkv, conv_state=conv_state, w=w, a=a, b=b, A_log=A_log, dt_bias=dt_bias,
-                  state_in=state, mask=mask)
-    y, conv_out, new_state = spec.launch(_kernel(backend, spec), arrays)
+    ins = [qkv, conv_state, w, a, b, A_log, dt_bias, state]  # INPUT_NAMES' order
+    if mask is not None:
+        ins.append(mask)
+    y, conv_out, new_state = kern(inputs=ins, **kw, **launch.launch_options())
     return y, conv_out, new_state

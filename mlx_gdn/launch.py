@@ -16,6 +16,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
+from . import backends
 from .kernel_source import load
 from .validate import Problem
 
@@ -232,6 +233,11 @@ def recurrent_inputs(q, k, v, state, mask, *, g=None, beta=None, gating=None) ->
     if mask is not None:
         ins.append(mask)
     return ins
+
+
+@backends.on_clear
+def _clear_launchers():
+    recurrent_launcher.cache_clear()
 
 
 @lru_cache(maxsize=512)

@@ -118,3 +118,62 @@ def test_backend_that_fails_to_import_is_reported_not_fatal(monkeypatch):
     assert backends.resolve("auto", "recurrent", problem())[0] is not None
     with pytest.raises(ValueError, match=r"backend 'cuda' is not available on this machine \(RuntimeError: driver library missing\)"):
         backends.resolve("cuda", "recurrent", problem())
+
+
+def _pretend_metal_gpu(monkeypatch):
+    """Make this process look like a Mac: a Metal device and a kernel factory that records the
+    kernels it runs (returning zeros of the requested shapes)."""
+    calls = []
+
+    def factory(**spec):
+        def kern(**call):
+            calls.append(spec["name"])
+            return [mx.zeros(s, dtype=d) for s, d in zip(call["output_shapes"], call["output_dtypes"])]
+        return kern
+
+    monkeypatch.setattr(mx.fast, "metal_kernel", factory)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    return calls
+
+
+def test_entering_and_leaving_the_simulator_reroutes():
+    """Routes remembered for a decode loop follow the simulator: ops outside it, Metal inside,
+    ops again after, within one process and for one input signature."""
+    from mlx_gdn.sim import STATS, simulated_metal
+
+    x = random_inputs(1, 1, 1, 2, 32, 32, seed=3)
+
+    def launches():
+        before = STATS["launches"]
+        mx.eval(*mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state))
+        return STATS["launches"] - before
+
+    if mx.metal.is_available():
+        pytest.skip("a real Metal device answers outside the simulator")
+    assert launches() == 0
+    with simulated_metal():
+        assert launches() == 1
+    assert launches() == 0
+
+
+def test_kernels_made_in_the_simulator_are_not_reused_after_it(monkeypatch):
+    """On a machine with a Metal GPU, a process that ran the simulator must launch the GPU's kernel
+    objects afterwards, not the simulator's (public call and the fused decode-layer step)."""
+    from mlx_gdn import decode_layer
+    from mlx_gdn.sim import simulated_metal
+
+    x = random_inputs(1, 1, 1, 2, 32, 32, seed=4)
+    B, K, Hk, Hv, Dk, Dv = 1, 4, 1, 2, 32, 32
+    C = 2 * Hk * Dk + Hv * Dv
+    layer_args = (mx.zeros((B, 1, C)), mx.zeros((B, K - 1, C)), mx.zeros((C, K, 1)), mx.zeros((B, 1, Hv)),
+                  mx.zeros((B, 1, Hv)), mx.zeros((Hv,)), mx.zeros((Hv,)), None, None, Hk, Hv, Dk, Dv)
+
+    def update():
+        return mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, backend="metal")
+
+    with simulated_metal():
+        mx.eval(*update(), *decode_layer.decode_step("metal", *layer_args))
+    calls = _pretend_metal_gpu(monkeypatch)
+    update()
+    decode_layer.decode_step("metal", *layer_args)
+    assert calls == ["gdn_recurrent_decode_update", "gdn_decode_layer"]

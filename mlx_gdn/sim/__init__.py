@@ -61,6 +61,7 @@ def simulated_metal():
         if _depth == 0:
             _original = mx.fast.metal_kernel
             mx.fast.metal_kernel = metal_kernel
+            _availability_changed()
         _depth += 1
     try:
         yield metal_kernel
@@ -70,3 +71,12 @@ def simulated_metal():
             if _depth == 0:
                 mx.fast.metal_kernel = _original
                 _original = None
+                _availability_changed()
+
+
+def _availability_changed():
+    # The Metal backend appears or disappears: routes and kernel objects remembered by the
+    # package (mlx_gdn.backends) were chosen for the other state.
+    from mlx_gdn import backends
+
+    backends.clear_plans()
