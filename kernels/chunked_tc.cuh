@@ -17,8 +17,13 @@
 #ifndef GDN_CHUNKED_TC_CUH
 #define GDN_CHUNKED_TC_CUH
 
+// GDN_CUDA_SIM: compiled on the CPU by mlx_gdn.sim.simulated_cuda() (mlx_gdn/sim/cuda_vocab.h
+// provides the CUDA names); the PTX below then has CPU equivalents of the same semantics.
+#ifndef GDN_CUDA_SIM
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#define GDN_EXTERN_SMEM(T, name) extern __shared__ T name[]
+#endif
 
 namespace gdn_tc {
 
@@ -60,25 +65,37 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 }
 
 __device__ __forceinline__ unsigned tf32(float x) {
+#ifdef GDN_CUDA_SIM
+  return cuda_sim::tf32(x);
+#else
   unsigned r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
   return r;
+#endif
 }
 
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+#ifdef GDN_CUDA_SIM
+  cuda_sim::mma_bf16(d, a, b);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+#ifdef GDN_CUDA_SIM
+  cuda_sim::mma_tf32(d, a, b);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 template <class A, class B>
@@ -133,10 +150,14 @@ struct BRows {  // B(k, n) = p[k * ld + n]
   __device__ __forceinline__ void frag2(int k0, int n0, unsigned (&r)[4]) const {
     const int lane = threadIdx.x & 31, m = lane >> 3;
     const ST* row = p + (k0 + (m & 1) * 8 + (lane & 7)) * ld + n0 + (m >> 1) * 8;
+#ifdef GDN_CUDA_SIM
+    cuda_sim::ldmatrix_x4_trans(r, row);
+#else
     const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
+#endif
   }
 };
 template <class F>
@@ -253,6 +274,13 @@ __device__ __forceinline__ void zero(float (&acc)[NT][4]) {
 }
 
 // 16-byte asynchronous copy global -> shared; with `valid` false the destination is zero-filled.
+#ifdef GDN_CUDA_SIM
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) { cuda_sim::cp_async16(dst, src, valid); }
+__device__ __forceinline__ void cp_async_wait_all() {}
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {}
+#else
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0));
@@ -264,6 +292,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait_group() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+#endif
 
 // Copies C rows of D elements, row r from src + r * stride, into shared dst[r * LD + d] as ST;
 // rows at or past `rows` become zeros. Same types go as 16-byte asynchronous copies, all in
@@ -296,9 +325,13 @@ __device__ __forceinline__ void load_rows(ST* dst, const SRC* src, long stride, 
 // Bytes of dynamic shared memory this launch got: a launcher that asked for too little traps
 // instead of writing past the end.
 __device__ __forceinline__ unsigned dynamic_smem_bytes() {
+#ifdef GDN_CUDA_SIM
+  return GDN_SIM_SMEM;
+#else
   unsigned r;
   asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
   return r;
+#endif
 }
 
 __device__ __forceinline__ float softplus(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
@@ -430,7 +463,7 @@ __device__ void prep(const TI* q, const TI* k, const TI* v, const TGA* ga, const
   using ST = typename Operand<EXACT>::T;
   constexpr int LK = Ld<ST, Dk>::value, LV = Ld<ST, Dv>::value, LA = C + 4;
   constexpr int LX = LK > LV ? LK : LV;
-  extern __shared__ float4 smem_prep[];
+  GDN_EXTERN_SMEM(float4, smem_prep);
   if (dynamic_smem_bytes() < (unsigned)prep_smem<Dk, Dv, EXACT>()) __trap();
   ST* sK = reinterpret_cast<ST*>(smem_prep);
   ST* sX = sK + C * LK;  // Q, later V
@@ -566,7 +599,7 @@ __device__ void state_pass(const TI* q, const TI* k, const OT* W, const OT* U, c
   // every warp busy.
   constexpr int UN = MT * (Dk / 64) >= NW ? 64 : 32, NB = Dk / UN;
   static_assert(BV % 16 == 0 && Dk % 64 == 0 && BVW % 8 == 0, "BV multiple of 16 (8 per warp), Dk multiple of 64");
-  extern __shared__ float4 smem_state[];
+  GDN_EXTERN_SMEM(float4, smem_state);
   if (dynamic_smem_bytes() < (unsigned)state_smem<Dk, BV, EXACT, SHARE_WQ>()) __trap();
   float* sS = reinterpret_cast<float*>(smem_state);  // [BV][LS]
   ST* sK = reinterpret_cast<ST*>(sS + BV * LS);       // [C][LK]

@@ -37,12 +37,25 @@ _KERNELS: Dict[Tuple, object] = {}
 _DUMMY: Dict[str, mx.array] = {}
 
 
-def available() -> bool:
-    """MLX was built with CUDA and sees a CUDA device."""
+def simulated() -> bool:
+    """True inside `mlx_gdn.sim.simulated_cuda()`."""
+    try:
+        from . import sim
+    except ImportError:
+        return False
+    return bool(sim.cuda_active())
+
+
+def _device() -> bool:
     try:
         return bool(mx.cuda.is_available())
     except AttributeError:
         return False
+
+
+def available() -> bool:
+    """MLX was built with CUDA and sees a CUDA device, or the CUDA simulator is active."""
+    return _device() or simulated()
 
 
 def unavailable_reason() -> str:
@@ -50,7 +63,7 @@ def unavailable_reason() -> str:
         return ""
     if not hasattr(mx, "cuda"):
         return "this MLX build has no CUDA backend (install mlx[cuda13])"
-    return "no CUDA device (mx.cuda.is_available() is False)"
+    return "no CUDA device (mx.cuda.is_available() is False) and mlx_gdn.sim.simulated_cuda() is not active"
 
 
 def supports_chunked(p: Problem) -> bool:
@@ -81,10 +94,11 @@ def choose_algorithm(p: Problem) -> str:
 
 def _kernel(kname: str, input_names: Sequence[str], output_names: Sequence[str], source: str, header: str,
             smem: int = 0):
-    key = (kname, header, source, smem)
+    factory = mx.fast.cuda_kernel  # the simulator's inside simulated_cuda()
+    key = (factory, kname, header, source, smem)
     kern = _KERNELS.get(key)
     if kern is None:
-        kern = mx.fast.cuda_kernel(
+        kern = factory(
             name=kname,
             input_names=list(input_names),
             output_names=list(output_names),

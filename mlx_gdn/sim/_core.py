@@ -18,6 +18,7 @@ import numpy as np
 
 _HERE = Path(__file__).resolve().parent
 _RUNTIME = _HERE / "runtime.h"
+_CUDA_VOCAB = _HERE / "cuda_vocab.h"
 # Bump when the generated code or the C ABI changes in a way the runtime
 # header's hash does not capture.
 _ABI_VERSION = "1"
@@ -404,6 +405,7 @@ class SimMetalKernel:
         ensure_row_contiguous=True,
         atomic_outputs=False,
         compile_options=None,
+        raw_pointers=False,
     ):
         if not output_names:
             raise ValueError("[metal_kernel] Must specify at least one output.")
@@ -416,6 +418,8 @@ class SimMetalKernel:
         self.header = header or ""
         self.ensure_row_contiguous = ensure_row_contiguous
         self.compile_options = compile_options
+        # CUDA bodies pass their arguments on as plain pointers (cuda_kernel): no bounds checks.
+        self.raw_pointers = raw_pointers
         self._shape_infos = [
             (n + "_shape" in source, n + "_strides" in source, n + "_ndim" in source)
             for n in self.input_names
@@ -425,6 +429,13 @@ class SimMetalKernel:
         counter = [0]
         self._header_cpp = _rewrite(self.header, counter)
         self._source_cpp = _rewrite(source, counter)
+
+    def _ptr(self, t: str) -> str:
+        return f"{t}*" if self.raw_pointers else f"::metal_sim::dptr<{t}>"
+
+    def _arg(self, t: str, k: int) -> str:
+        raw = f"static_cast<{t}*>(A->c->bufs[{k}].data)"
+        return raw if self.raw_pointers else f"::metal_sim::dptr<{t}>({raw}, &A->bufs[{k}])"
 
     def _generate(self, inputs, output_dtypes, template):
         lines = ['#include "runtime.h"', "", self._header_cpp, ""]
@@ -456,21 +467,19 @@ class SimMetalKernel:
                 args.append(f"*static_cast<const {t}*>(A->c->bufs[{k}].data)")
                 bufs.append(("in", i))
                 continue
-            params.append(f"  ::metal_sim::dptr<const {t}> {n}")
-            args.append(f"::metal_sim::dptr<const {t}>(static_cast<const {t}*>(A->c->bufs[{k}].data), &A->bufs[{k}])")
+            params.append(f"  {self._ptr('const ' + t)} {n}")
+            args.append(self._arg("const " + t, k))
             bufs.append(("in", i))
             sh, st, nd = self._shape_infos[i]
             if sh:
                 k = len(bufs)
-                params.append(f"  ::metal_sim::dptr<const int> {n}_shape")
-                args.append(f"::metal_sim::dptr<const int>(static_cast<const int*>(A->c->bufs[{k}].data), &A->bufs[{k}])")
+                params.append(f"  {self._ptr('const int')} {n}_shape")
+                args.append(self._arg("const int", k))
                 bufs.append(("shape", i))
             if st:
                 k = len(bufs)
-                params.append(f"  ::metal_sim::dptr<const int64_t> {n}_strides")
-                args.append(
-                    f"::metal_sim::dptr<const int64_t>(static_cast<const int64_t*>(A->c->bufs[{k}].data), &A->bufs[{k}])"
-                )
+                params.append(f"  {self._ptr('const int64_t')} {n}_strides")
+                args.append(self._arg("const int64_t", k))
                 bufs.append(("strides", i))
             if nd:
                 k = len(bufs)
@@ -480,8 +489,8 @@ class SimMetalKernel:
         for j, (n, dt) in enumerate(zip(self.output_names, output_dtypes)):
             t = _ctype(dt)
             k = len(bufs)
-            params.append(f"  ::metal_sim::dptr<{t}> {n}")
-            args.append(f"::metal_sim::dptr<{t}>(static_cast<{t}*>(A->c->bufs[{k}].data), &A->bufs[{k}])")
+            params.append(f"  {self._ptr(t)} {n}")
+            args.append(self._arg(t, k))
             bufs.append(("out", j))
         for attr, ty, expr in self._attributes:
             params.append(f"  {ty} {attr}")
@@ -628,4 +637,40 @@ def metal_kernel(
         ensure_row_contiguous=ensure_row_contiguous,
         atomic_outputs=atomic_outputs,
         compile_options=compile_options,
+    )
+
+
+def cuda_kernel(
+    name,
+    input_names,
+    output_names,
+    source,
+    header="",
+    ensure_row_contiguous=True,
+    atomic_outputs=False,
+    shared_memory=0,
+):
+    """Drop-in for ``mx.fast.cuda_kernel`` that runs a CUDA kernel on the CPU.
+
+    For kernels written in CUDA (kernels/chunked_tc.cuh): threads, blocks, warps, shared memory
+    and the PTX the kernels use are given CPU meanings by cuda_vocab.h (see there). Bodies in
+    Metal's vocabulary (the recurrent kernels, through the CUDA prelude) are simulated with
+    ``simulated_metal()`` instead. Grids count threads, as for MLX's CUDA kernels; launchers keep
+    them whole multiples of the block.
+    """
+    if "GDN_CUDA_PRELUDE_H" in header:
+        raise SimError(
+            f"[cuda_kernel sim] kernel '{name}' is a Metal-vocabulary body behind the CUDA prelude; "
+            "simulate it with simulated_metal()"
+        )
+    vocab = f"#define GDN_SIM_SMEM {int(shared_memory)}\n" + _CUDA_VOCAB.read_text()
+    return SimMetalKernel(
+        name,
+        input_names,
+        output_names,
+        source,
+        header=vocab + "\n" + header,
+        ensure_row_contiguous=ensure_row_contiguous,
+        atomic_outputs=atomic_outputs,
+        raw_pointers=True,
     )

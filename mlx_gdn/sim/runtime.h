@@ -796,12 +796,12 @@ static const char* const op_names[] = {
     "simd_prefix_inclusive_product", "simd_prefix_exclusive_product", "simd_shuffle",
     "simd_shuffle_xor", "simd_shuffle_up", "simd_shuffle_down", "simd_broadcast",
     "simd_broadcast_first", "simdgroup_barrier", "simdgroup_multiply", "simd_ballot",
-    "simd_shuffle_rotate_up", "simd_shuffle_rotate_down", "simd_is_first"};
+    "simd_shuffle_rotate_up", "simd_shuffle_rotate_down", "simd_is_first", "mma.sync", "ldmatrix"};
 enum : int {
   OP_SUM = 1, OP_PRODUCT, OP_MAX, OP_MIN, OP_AND, OP_OR, OP_XOR, OP_ALL, OP_ANY, OP_PINC_SUM,
   OP_PEXC_SUM, OP_PINC_PROD, OP_PEXC_PROD, OP_SHUFFLE, OP_SHUFFLE_XOR, OP_SHUFFLE_UP,
   OP_SHUFFLE_DOWN, OP_BROADCAST, OP_BROADCAST_FIRST, OP_SG_BARRIER, OP_MATMUL, OP_BALLOT,
-  OP_ROT_UP, OP_ROT_DOWN, OP_IS_FIRST
+  OP_ROT_UP, OP_ROT_DOWN, OP_IS_FIRST, OP_MMA, OP_LDMATRIX  // the last two: CUDA warp operations (cuda_vocab.h)
 };
 
 // Fiber stacks are aligned blocks of g_stack_block bytes whose first word
