@@ -21,7 +21,7 @@ from collections import defaultdict
 import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mlx_gdn import launch  # noqa: E402
+from mlx_gdn import cuda, launch  # noqa: E402
 
 import cuda_bench  # noqa: E402  (bench/, this script's folder)
 
@@ -116,6 +116,10 @@ def main():
         else:
             sb = None
             timed("mlx-gdn chunked", cuda_bench.mlx_call("chunked"), mx.synchronize, sets, args.reps, **shape)
+            cuda.STATE_REGS = True  # the state pass with S in registers, in place of the shared-memory one
+            timed("mlx-gdn chunked, state in registers", cuda_bench.mlx_call("chunked"), mx.synchronize, sets,
+                  args.reps, **shape)
+            cuda.STATE_REGS = False
         tsets = cuda_bench.torch_sets(sets)
         if T == 1:
             timed("torch state copy (clone)", lambda x: x["h0"].clone(), torch.cuda.synchronize, tsets, args.reps,

@@ -32,6 +32,12 @@ CHUNK_BV: Optional[int] = None
 MIN_STATE_BLOCKS = 128
 # Value-slice width from which the state launch runs 8 warps instead of 4 (`state_nh`).
 STATE_NH2_FROM = 32
+# The state pass with S in registers (gdn_tc::state_pass_regs) for bf16/f16 and Dk <= 128, in
+# place of the shared-memory one. Verified in the CUDA simulator; off until an H100 run times it
+# against the shared-memory pass (bench/cuda_kernel_times.py compares both).
+STATE_REGS = False
+# Warps per block of that launch: None picks by parallelism (`_regs_config`); tests set it.
+STATE_REGS_NW: Optional[int] = None
 
 _KERNELS: Dict[Tuple, object] = {}
 _DUMMY: Dict[str, mx.array] = {}
@@ -203,6 +209,26 @@ def _state_config(p: Problem):
     return None
 
 
+def state_regs_smem(Dk: int, BV: int) -> int:
+    """Bytes of shared memory of the register-state launch (gdn_tc::state_regs_smem): two stages of
+    W, Q, K rows, Aqk, the U slice (bf16) and G."""
+    lk, la, lu = _ld(False, Dk), _ld(False, CHUNK), _ld(False, BV)
+    return 2 * ((3 * CHUNK * lk + CHUNK * la + CHUNK * lu) * 2 + CHUNK * 4)
+
+
+def _regs_config(p: Problem):
+    """(warps, smem) of the register-state launch, or None where it does not apply. Each warp
+    owns 16 value rows; blocks of up to 8 warps, as wide as still gives MIN_STATE_BLOCKS blocks."""
+    if not STATE_REGS or p.dtype == mx.float32 or p.Dk not in (64, 128):
+        return None
+    for nw in (8, 4, 2, 1) if STATE_REGS_NW is None else (STATE_REGS_NW,):
+        bv = 16 * nw
+        if p.Dv % bv == 0 and (p.B * p.Hv * (p.Dv // bv) >= MIN_STATE_BLOCKS or nw == 1 or STATE_REGS_NW):
+            smem = state_regs_smem(p.Dk, bv)
+            return (nw, smem) if smem <= SMEM_LIMIT else None
+    return None
+
+
 def _dummy() -> mx.array:
     arr = _DUMMY.get("f32")
     if arr is None:
@@ -245,6 +271,22 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
         output_dtypes=[ot, ot, ot, mx.float32],
         **launch.launch_options(),
     )
+
+    regs = _regs_config(p)
+    if regs is not None:
+        nw, rsmem = regs
+        step = _kernel("gdn_cuda_chunked_state_regs", STATE_INPUTS, STATE_OUTPUTS, source_text("chunked_state_regs.cu"),
+                       source_text("chunked_tc.cuh"), rsmem)
+        y, new_state = step(
+            inputs=[q, k, W, U, Aqk, G, state, m],
+            template=[("Dk", p.Dk), ("Dv", p.Dv), ("NW", nw), ("MASKED", masked)],
+            grid=(p.Dv // (16 * nw) * 32 * nw, p.Hv, p.B),
+            threadgroup=(32 * nw, 1, 1),
+            output_shapes=[(p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)],
+            output_dtypes=[p.dtype, mx.float32],
+            **launch.launch_options(),
+        )
+        return y, new_state
 
     bv, share, ssmem = _state_config(p)
     threads = THREADS * state_nh(bv)

@@ -102,3 +102,13 @@ CHUNKED = [
     # The benchmark's check instance (B=2, T=67, precomputed bf16 gates) once gave NaN here.
     (2, 67, 16, 32, 128, 128, "bf16", False, False, None, False),
 ]
+
+
+# The chunked cases the register-state pass takes (bf16 / f16 operands, Dk <= 128), and more of
+# its own: f16, Dv of 64 and 192, a single short chunk, lower bound and negative eigenvalues.
+CHUNKED_REGS = [c for c in CHUNKED if c[6] != "f32" and c[4] <= 128] + [
+    (3, 70, 2, 2, 64, 64, "f16", True, True, None, True),
+    (1, 1, 1, 1, 128, 192, "bf16", False, True, -2.0, False),
+    (2, 200, 1, 3, 128, 64, "f16", False, False, None, False),
+    (1, 191, 2, 2, 64, 192, "bf16", True, True, -1.0, True),
+]

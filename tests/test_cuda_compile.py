@@ -118,6 +118,20 @@ def _chunked_tu() -> str:
         template = [("Dk", Dk), ("Dv", Dv), ("BV", bv), ("EXACT", exact), ("MASKED", masked), ("SHARE_WQ", share),
                     ("NH", cuda.state_nh(bv))]
         parts.append(cuda.kernel_text(f"custom_kernel_state_{i}", "", cuda.source_text("chunked_state.cu"), inputs, outputs, template))
+    regs_cases = [  # dtype, Dk, Dv, masked, warps: the state pass with S in registers
+        (mx.bfloat16, 128, 128, False, 8),
+        (mx.bfloat16, 64, 192, True, 4),
+        (mx.float16, 128, 64, True, 1),
+    ]
+    for i, (dt, Dk, Dv, masked, nw) in enumerate(regs_cases):
+        assert cuda.state_regs_smem(Dk, 16 * nw) <= cuda.SMEM_LIMIT
+        inputs = [("q", dt, 4), ("k", dt, 4), ("W", mx.bfloat16, 4), ("U", mx.bfloat16, 4), ("Aqk", mx.bfloat16, 5),
+                  ("G", mx.float32, 3), ("state_in", mx.float32, 4),
+                  ("mask", mx.bool_ if masked else mx.float32, 2 if masked else 1)]
+        outputs = [("y", dt), ("state_out", mx.float32)]
+        template = [("Dk", Dk), ("Dv", Dv), ("NW", nw), ("MASKED", masked)]
+        parts.append(cuda.kernel_text(f"custom_kernel_state_regs_{i}", "", cuda.source_text("chunked_state_regs.cu"),
+                                      inputs, outputs, template))
     return "".join(parts)
 
 
