@@ -1,10 +1,12 @@
-"""Cases and the check shared by the GPU tests (test_cuda.py) and the CUDA simulator's
-(test_cuda_sim.py): every output against the float64 reference, with dispatch checked to have
-reached the CUDA backend (no silent fallback to the ops backend)."""
+"""Cases, the check and the chunked tests shared by the GPU tests (test_cuda.py) and the CUDA
+simulator's (test_cuda_sim.py), which import the test functions so that each runs them in its own
+setting: every output against the float64 reference, with dispatch checked to have reached the
+CUDA backend (no silent fallback to the ops backend)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import mlx.core as mx
 
@@ -112,3 +114,42 @@ CHUNKED_REGS = [c for c in CHUNKED if c[6] != "f32" and c[4] <= 128] + [
     (2, 200, 1, 3, 128, 64, "f16", False, False, None, False),
     (1, 191, 2, 2, 64, 192, "bf16", True, True, -1.0, True),
 ]
+
+
+# Chunked tests, collected by the modules that import them.
+
+
+@pytest.mark.parametrize("case", CHUNKED, ids=lambda c: "-".join(map(str, c)))
+def test_chunked(case):
+    B, T, Hk, Hv, Dk, Dv, dt, masked, fused, lb, neg = case
+    check_case("chunked", B, T, Hk, Hv, Dk, Dv, dt, "scalar", masked, fused, lb, neg)
+
+
+@pytest.mark.parametrize("bv", [16, 32, 64, 128])
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_chunked_state_slice_widths(bv, dtype, monkeypatch):
+    """Every value-slice width of the state launch (128 runs 8 warps, two per token strip)."""
+    from mlx_gdn import cuda
+
+    monkeypatch.setattr(cuda, "CHUNK_BV", bv)
+    check_case("chunked", 2, 150, 2, 4, 128, 128, dtype, "scalar", True, True, None, False)
+
+
+@pytest.mark.parametrize("case", CHUNKED_REGS, ids=lambda c: "-".join(map(str, c)))
+def test_chunked_state_in_registers(case, monkeypatch):
+    """The state pass with S in registers (cuda.STATE_REGS) on the chunked cases it takes."""
+    from mlx_gdn import cuda
+
+    monkeypatch.setattr(cuda, "STATE_REGS", True)
+    B, T, Hk, Hv, Dk, Dv, dt, masked, fused, lb, neg = case
+    check_case("chunked", B, T, Hk, Hv, Dk, Dv, dt, "scalar", masked, fused, lb, neg)
+
+
+@pytest.mark.parametrize("nw", [1, 2, 4, 8])
+def test_chunked_state_in_registers_warps(nw, monkeypatch):
+    """Every block width of the register-state pass (16 value rows per warp)."""
+    from mlx_gdn import cuda
+
+    monkeypatch.setattr(cuda, "STATE_REGS", True)
+    monkeypatch.setattr(cuda, "STATE_REGS_NW", nw)
+    check_case("chunked", 2, 150, 2, 4, 64, 128, "bf16", "scalar", True, True, None, False)

@@ -17,7 +17,13 @@ from mlx_gdn.reference import rel_error
 from mlx_gdn.testing import fresh_seed, random_inputs
 from mlx_gdn.validate import check_rule
 
-from cuda_cases import CHUNKED, CHUNKED_REGS, DT, RECURRENT, TOL, _reference, check_case
+from cuda_cases import DT, RECURRENT, TOL, _reference, check_case
+from cuda_cases import (  # noqa: F401  (collected here: the chunked tests, run on the GPU)
+    test_chunked,
+    test_chunked_state_in_registers,
+    test_chunked_state_in_registers_warps,
+    test_chunked_state_slice_widths,
+)
 
 
 def _has_cuda() -> bool:
@@ -41,42 +47,6 @@ def poisoned_outputs(monkeypatch):
 def test_recurrent(case):
     B, T, Hk, Hv, Dk, Dv, dt, gate, masked, fused, lb, neg = case
     check_case("recurrent", B, T, Hk, Hv, Dk, Dv, dt, gate, masked, fused, lb, neg)
-
-
-@pytest.mark.parametrize("case", CHUNKED, ids=lambda c: "-".join(map(str, c)))
-def test_chunked(case):
-    B, T, Hk, Hv, Dk, Dv, dt, masked, fused, lb, neg = case
-    check_case("chunked", B, T, Hk, Hv, Dk, Dv, dt, "scalar", masked, fused, lb, neg)
-
-
-@pytest.mark.parametrize("bv", [16, 32, 64, 128])
-@pytest.mark.parametrize("dtype", ["f32", "bf16"])
-def test_chunked_state_slice_widths(bv, dtype, monkeypatch):
-    """Every value-slice width of the state launch (128 runs 8 warps, two per token strip)."""
-    from mlx_gdn import cuda
-
-    monkeypatch.setattr(cuda, "CHUNK_BV", bv)
-    check_case("chunked", 2, 150, 2, 4, 128, 128, dtype, "scalar", True, True, None, False)
-
-
-@pytest.mark.parametrize("case", CHUNKED_REGS, ids=lambda c: "-".join(map(str, c)))
-def test_chunked_state_in_registers(case, monkeypatch):
-    """The state pass with S in registers (cuda.STATE_REGS) on the chunked cases it takes."""
-    from mlx_gdn import cuda
-
-    monkeypatch.setattr(cuda, "STATE_REGS", True)
-    B, T, Hk, Hv, Dk, Dv, dt, masked, fused, lb, neg = case
-    check_case("chunked", B, T, Hk, Hv, Dk, Dv, dt, "scalar", masked, fused, lb, neg)
-
-
-@pytest.mark.parametrize("nw", [1, 2, 4, 8])
-def test_chunked_state_in_registers_warps(nw, monkeypatch):
-    """Every block width of the register-state pass (16 value rows per warp)."""
-    from mlx_gdn import cuda
-
-    monkeypatch.setattr(cuda, "STATE_REGS", True)
-    monkeypatch.setattr(cuda, "STATE_REGS_NW", nw)
-    check_case("chunked", 2, 150, 2, 4, 64, 128, "bf16", "scalar", True, True, None, False)
 
 
 @pytest.mark.parametrize("decay", ["one", "slow"])

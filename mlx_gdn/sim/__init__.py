@@ -46,72 +46,54 @@ __all__ = [
 ]
 
 _state_lock = threading.RLock()
-_depth = 0
-_original = None
+# Factory name in mx.fast -> (open contexts, the factory it replaced)
+_depth = {"metal_kernel": 0, "cuda_kernel": 0}
+_original: dict = {}
 
 
 def active() -> bool:
     """True while at least one ``simulated_metal()`` context is open."""
-    return _depth > 0
-
-
-@contextlib.contextmanager
-def simulated_metal():
-    """Context manager routing ``mx.fast.metal_kernel`` to the CPU simulator.
-
-    Nests safely; the original function is restored when the outermost context
-    exits, also on exceptions.
-    """
-    global _depth, _original
-    with _state_lock:
-        if _depth == 0:
-            _original = mx.fast.metal_kernel
-            mx.fast.metal_kernel = metal_kernel
-            _availability_changed()
-        _depth += 1
-    try:
-        yield metal_kernel
-    finally:
-        with _state_lock:
-            _depth -= 1
-            if _depth == 0:
-                mx.fast.metal_kernel = _original
-                _original = None
-                _availability_changed()
-
-
-_cuda_depth = 0
-_cuda_original = None
+    return _depth["metal_kernel"] > 0
 
 
 def cuda_active() -> bool:
     """True while at least one ``simulated_cuda()`` context is open."""
-    return _cuda_depth > 0
+    return _depth["cuda_kernel"] > 0
 
 
 @contextlib.contextmanager
-def simulated_cuda():
-    """Context manager routing ``mx.fast.cuda_kernel`` to the CPU simulator (`cuda_kernel`); the
-    package's "cuda" backend counts as available inside it. Nests; restores on exit."""
-    global _cuda_depth, _cuda_original
+def _routed(factory: str, replacement):
+    # Nests; the original factory comes back when the outermost context exits, also on exceptions.
     with _state_lock:
-        if _cuda_depth == 0:
-            _cuda_original = getattr(mx.fast, "cuda_kernel", None)
-            mx.fast.cuda_kernel = cuda_kernel
+        if _depth[factory] == 0:
+            _original[factory] = getattr(mx.fast, factory, None)
+            setattr(mx.fast, factory, replacement)
             _availability_changed()
-        _cuda_depth += 1
+        _depth[factory] += 1
     try:
-        yield cuda_kernel
+        yield replacement
     finally:
         with _state_lock:
-            _cuda_depth -= 1
-            if _cuda_depth == 0:
-                if _cuda_original is None:
-                    del mx.fast.cuda_kernel
+            _depth[factory] -= 1
+            if _depth[factory] == 0:
+                original = _original.pop(factory)
+                if original is None:
+                    delattr(mx.fast, factory)
                 else:
-                    mx.fast.cuda_kernel = _cuda_original
-                _cuda_original = None
+                    setattr(mx.fast, factory, original)
                 _availability_changed()
+
+
+def simulated_metal():
+    """Context manager routing ``mx.fast.metal_kernel`` to the CPU simulator; the package's
+    "metal" backend counts as available inside it. Nests safely."""
+    return _routed("metal_kernel", metal_kernel)
+
+
+def simulated_cuda():
+    """Context manager routing ``mx.fast.cuda_kernel`` to the CPU simulator (`cuda_kernel`); the
+    package's "cuda" backend counts as available inside it. Nests safely."""
+    return _routed("cuda_kernel", cuda_kernel)
 
 
 def _availability_changed():
