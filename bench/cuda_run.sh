@@ -2,6 +2,7 @@
 # On the GPU machine, from the repo root, after .device/b/device-b.sh was sourced:
 #   bash bench/cuda_run.sh test    -> GPU pytest output in $OUT/cuda_tests_h100.txt
 #   bash bench/cuda_run.sh bench   -> $OUT/cuda_h100.json/.png, bench CLI output
+#   bash bench/cuda_run.sh times   -> $OUT/cuda_kernel_times.json and its log (GPU time per kernel)
 # The GPU tests spend most of their time compiling kernel variants (NVRTC, one CPU core each),
 # so they run as SHARDS parallel pytest processes over disjoint test ids.
 set -o pipefail
@@ -21,6 +22,8 @@ if [ "$mode" = test ]; then
   wait
   cat $OUT/shard_*.log > $OUT/cuda_tests_h100.txt
   grep -hE "^(FAILED|ERROR)|passed|failed|error" $OUT/shard_*.log | tail -40
+elif [ "$mode" = times ]; then
+  python3 bench/cuda_kernel_times.py --out $OUT 2>&1 | tee $OUT/cuda_kernel_times_log.txt | tail -80
 else
   python3 bench/cuda_bench.py --out $OUT ${BENCH_ARGS} 2>&1 | tee $OUT/cuda_bench_log.txt | tail -80
 fi
