@@ -90,8 +90,8 @@ def resolve(backend: str, algorithm: str, p: Problem) -> Tuple[ModuleType, str]:
 
 
 # What a call runs, remembered: (key, default device type) -> answer. Within one process the
-# answers depend on nothing else but which backends are available, and that changes only when the
-# Metal simulator is entered or left (`mlx_gdn.sim` then calls `clear_plans`). So a decode loop
+# answers depend on nothing else but which backends are available, and that changes only when a
+# simulator is entered or left (`mlx_gdn.sim` then calls `clear_plans`). So a decode loop
 # validates and resolves once, and each step pays for its key and one lookup. Errors are not
 # remembered: bad input raises every time.
 _PLANS: dict = {}

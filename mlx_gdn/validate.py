@@ -106,11 +106,8 @@ def _check_state_mask(state, mask, B, T, Hv, Dv, Dk):
 
 
 # Validation depends only on the inputs' shapes and dtypes (and the scalar options), so a
-# decode loop that calls with the same signature every step pays for it once.
-_VALID: dict = {}
-_VALID_MAX = 4096
-
-
+# decode loop that calls with the same signature every step validates once: the public
+# functions remember each signature's plan (`backends.plan`) under these keys.
 def signature(arrays, options) -> Optional[tuple]:
     """Flat tuple of each input's (shape, dtype) and the options; None when an input is not an
     mx.array or an option is unhashable (the full check then reports it)."""
@@ -145,32 +142,8 @@ def update_key(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_ne
     )
 
 
-def _memoized(check, key):
-    if key is None:
-        return check()
-    p = _VALID.get(key)
-    if p is None:
-        p = check()  # raises on bad input: only valid signatures are remembered
-        if len(_VALID) >= _VALID_MAX:
-            _VALID.clear()
-        _VALID[key] = p
-    return p
-
-
 def check_rule(q, k, v, g, beta, state, mask) -> Problem:
     """Validate the inputs of `gated_delta_rule`; return the call's Problem."""
-    return _memoized(lambda: _check_rule(q, k, v, g, beta, state, mask), rule_key(q, k, v, g, beta, state, mask))
-
-
-def check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval) -> Problem:
-    """Validate the inputs of `gated_delta_update`; return the call's Problem."""
-    return _memoized(
-        lambda: _check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval),
-        update_key(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval),
-    )
-
-
-def _check_rule(q, k, v, g, beta, state, mask) -> Problem:
     B, T, Hk, Dk, Hv, Dv = _check_qkv(q, k, v)
     _require_array("g", g)
     _require_float("g", g)
@@ -190,7 +163,8 @@ def _check_rule(q, k, v, g, beta, state, mask) -> Problem:
     return Problem(B, T, Hk, Hv, Dk, Dv, q.dtype, gate, mask is not None, False)
 
 
-def _check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval) -> Problem:
+def check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval) -> Problem:
+    """Validate the inputs of `gated_delta_update`; return the call's Problem."""
     B, T, Hk, Dk, Hv, Dv = _check_qkv(q, k, v)
     for name, x in (("a", a), ("b", b)):
         _require_array(name, x)
