@@ -221,12 +221,10 @@ def _regs_config(p: Problem):
     owns 16 value rows; blocks of up to 8 warps, as wide as still gives MIN_STATE_BLOCKS blocks."""
     if not STATE_REGS or p.dtype == mx.float32 or p.Dk not in (64, 128):
         return None
-    for nw in (8, 4, 2, 1) if STATE_REGS_NW is None else (STATE_REGS_NW,):
-        bv = 16 * nw
-        if p.Dv % bv == 0 and (p.B * p.Hv * (p.Dv // bv) >= MIN_STATE_BLOCKS or nw == 1 or STATE_REGS_NW):
-            smem = state_regs_smem(p.Dk, bv)
-            return (nw, smem) if smem <= SMEM_LIMIT else None
-    return None
+    nw = STATE_REGS_NW or next(
+        (w for w in (8, 4, 2) if p.Dv % (16 * w) == 0 and p.B * p.Hv * (p.Dv // (16 * w)) >= MIN_STATE_BLOCKS), 1)
+    smem = state_regs_smem(p.Dk, 16 * nw)
+    return (nw, smem) if p.Dv % (16 * nw) == 0 and smem <= SMEM_LIMIT else None
 
 
 def _dummy() -> mx.array:
@@ -273,30 +271,20 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
     )
 
     regs = _regs_config(p)
-    if regs is not None:
-        nw, rsmem = regs
-        step = _kernel("gdn_cuda_chunked_state_regs", STATE_INPUTS, STATE_OUTPUTS, source_text("chunked_state_regs.cu"),
-                       source_text("chunked_tc.cuh"), rsmem)
-        y, new_state = step(
-            inputs=[q, k, W, U, Aqk, G, state, m],
-            template=[("Dk", p.Dk), ("Dv", p.Dv), ("NW", nw), ("MASKED", masked)],
-            grid=(p.Dv // (16 * nw) * 32 * nw, p.Hv, p.B),
-            threadgroup=(32 * nw, 1, 1),
-            output_shapes=[(p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)],
-            output_dtypes=[p.dtype, mx.float32],
-            **launch.launch_options(),
-        )
-        return y, new_state
-
-    bv, share, ssmem = _state_config(p)
-    threads = THREADS * state_nh(bv)
-    step = _kernel("gdn_cuda_chunked_state", STATE_INPUTS, STATE_OUTPUTS, source_text("chunked_state.cu"),
-                   source_text("chunked_tc.cuh"), ssmem)
+    if regs is not None:  # S in registers: 16 value rows per warp
+        nw, smem = regs
+        kname, body, threads, rows = "gdn_cuda_chunked_state_regs", "chunked_state_regs.cu", 32 * nw, 16 * nw
+        template = [("Dk", p.Dk), ("Dv", p.Dv), ("NW", nw), ("MASKED", masked)]
+    else:
+        rows, share, smem = _state_config(p)
+        kname, body, threads = "gdn_cuda_chunked_state", "chunked_state.cu", THREADS * state_nh(rows)
+        template = [("Dk", p.Dk), ("Dv", p.Dv), ("BV", rows), ("EXACT", exact), ("MASKED", masked),
+                    ("SHARE_WQ", share), ("NH", state_nh(rows))]
+    step = _kernel(kname, STATE_INPUTS, STATE_OUTPUTS, source_text(body), source_text("chunked_tc.cuh"), smem)
     y, new_state = step(
         inputs=[q, k, W, U, Aqk, G, state, m],
-        template=[("Dk", p.Dk), ("Dv", p.Dv), ("BV", bv), ("EXACT", exact), ("MASKED", masked),
-                  ("SHARE_WQ", share), ("NH", state_nh(bv))],
-        grid=(p.Dv // bv * threads, p.Hv, p.B),
+        template=template,
+        grid=(p.Dv // rows * threads, p.Hv, p.B),
         threadgroup=(threads, 1, 1),
         output_shapes=[(p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)],
         output_dtypes=[p.dtype, mx.float32],
