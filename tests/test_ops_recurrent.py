@@ -57,6 +57,22 @@ def test_gates_match_reference():
     assert np.isfinite(to_numpy(g)).all() and (to_numpy(g) >= 0).all()
 
 
+def test_reference_gates_keep_relative_precision_in_the_tails():
+    """The float64 reference's beta = sigmoid(b) and lower-bound decay hold their relative precision
+    far into the negative tail, where every path's float32 value is still accurate (a reference
+    wrong there fails correct kernels on inputs that drive beta towards 0)."""
+    import math
+
+    b = np.array([[[-700.0, -60.0, -30.0, -5.0, 0.0, 5.0, 30.0, 700.0]]])
+    exact = np.array([1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z)) for z in b.ravel()])
+    zeros = np.zeros((1, 1, 8))
+    _, beta = gates(zeros, b, np.zeros(8), np.zeros(8))
+    assert np.all(np.abs(beta.ravel() - exact) <= 4 * np.finfo(np.float64).eps * exact), (beta.ravel(), exact)
+    # lower-bound gate: g = exp(lower_bound * sigmoid(rate * (a + dt_bias))), here with rate = 1
+    g, _ = gates(b, zeros, np.zeros(8), np.zeros(8), lower_bound=-2.0)
+    assert np.all(np.abs(g.ravel() - np.exp(-2.0 * exact)) <= 4 * np.finfo(np.float64).eps * np.exp(-2.0 * exact))
+
+
 def test_masked_steps_keep_state_and_write_zeros():
     seed = fresh_seed()
     x = random_inputs(2, 6, 1, 2, 16, 8, seed=seed, mask=True)
