@@ -276,10 +276,12 @@ __device__ __forceinline__ void zero(float (&acc)[NT][4]) {
 // 16-byte asynchronous copy global -> shared; with `valid` false the destination is zero-filled.
 #ifdef GDN_CUDA_SIM
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) { cuda_sim::cp_async16(dst, src, valid); }
-__device__ __forceinline__ void cp_async_wait_all() {}
-__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_wait_all() { cuda_sim::cp_async_wait_all(); }
+__device__ __forceinline__ void cp_async_commit() { cuda_sim::cp_async_commit(); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait_group() {}
+__device__ __forceinline__ void cp_async_wait_group() {
+  cuda_sim::cp_async_wait_group(N);
+}
 #else
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));

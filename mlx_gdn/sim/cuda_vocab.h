@@ -10,7 +10,7 @@
 //                                            fragments, then each lane forms its accumulator
 //                                            elements from PTX's fragment layouts (float32 sums)
 //   ldmatrix .x4 .trans                      `ldmatrix_x4_trans`: one exchange of row addresses
-//   cp.async                                 an immediate copy (the waits have nothing to do)
+//   cp.async                                 per-lane queues that land at the wait (see below)
 //   extern __shared__                        `dynamic_smem<T>()`: GDN_SIM_SMEM bytes per block,
 //                                            filled with 0xff for each block so reads of unwritten
 //                                            shared memory show
@@ -19,6 +19,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <unordered_map>
+#include <vector>
 
 #ifndef GDN_SIM_SMEM
 #define GDN_SIM_SMEM 0
@@ -135,12 +137,54 @@ inline void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) {
   }
 }
 
-inline void cp_async16(void* dst, const void* src, bool valid) {
-  if (valid) {
-    std::memcpy(dst, src, 16);
-  } else {
-    std::memset(dst, 0, 16);
+// cp.async: each lane's copies wait in its own queue, grouped by commit, and land only when a
+// wait_group / wait_all releases them: the latest the hardware may deliver them. A kernel that
+// reads a copy's target before waiting for it reads the block's 0xff fill (NaN) instead.
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+struct CopyQueue {
+  std::vector<PendingCopy> open;
+  std::vector<std::vector<PendingCopy>> groups;
+};
+inline CopyQueue& copy_queue() {
+  // Lanes of one block share an OS thread (runtime.h): one table per thread, emptied per block.
+  static thread_local std::unordered_map<const void*, CopyQueue> queues;
+  static thread_local uint64_t gen = 0;
+  if (gen != ::metal_sim::t_tg_gen) {
+    gen = ::metal_sim::t_tg_gen;
+    queues.clear();
   }
+  return queues[::metal_sim::cur_lane()];
+}
+inline void land(const std::vector<PendingCopy>& group) {
+  for (const PendingCopy& c : group) {
+    if (c.valid) {
+      std::memcpy(c.dst, c.src, 16);
+    } else {
+      std::memset(c.dst, 0, 16);
+    }
+  }
+}
+inline void cp_async16(void* dst, const void* src, bool valid) { copy_queue().open.push_back({dst, src, valid}); }
+inline void cp_async_commit() {
+  CopyQueue& q = copy_queue();
+  q.groups.push_back(std::move(q.open));
+  q.open.clear();
+}
+// Lands all but the `pending` most recently committed groups.
+inline void cp_async_wait_group(int pending) {
+  CopyQueue& q = copy_queue();
+  while ((int)q.groups.size() > pending) {
+    land(q.groups.front());
+    q.groups.erase(q.groups.begin());
+  }
+}
+inline void cp_async_wait_all() {
+  cp_async_commit();
+  cp_async_wait_group(0);
 }
 
 // One buffer per OS thread: a block runs on one OS thread from start to end (runtime.h).
