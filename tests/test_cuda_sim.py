@@ -44,3 +44,23 @@ def test_metal_vocabulary_bodies_are_refused():
     spec = launch.recurrent_spec(Problem(1, 1, 1, 2, 64, 64, mx.float32, "scalar", False, False))
     with pytest.raises(SimError, match="simulated_metal"):
         cuda.kernel_for_spec(spec)
+
+
+def test_writes_outside_a_buffer_are_reported():
+    """CUDA kernels get plain pointers; a write past a buffer's end lands in a guard and is
+    reported, while in-bounds results come back unchanged."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_gdn.sim import SimOutOfBoundsError
+
+    body = "int i = threadIdx.x; o[i] = x[i] * 2.0f; if (OOB && i == 0) o[64] = 1.0f;"
+    kern = mx.fast.cuda_kernel(name="guarded", input_names=["x"], output_names=["o"], source=body)
+
+    def run(oob):
+        return kern(inputs=[mx.arange(64).astype(mx.float32)], template=[("OOB", oob)], output_shapes=[(64,)],
+                    output_dtypes=[mx.float32], grid=(64, 1, 1), threadgroup=(64, 1, 1))[0]
+
+    assert np.array_equal(np.array(run(False)), 2 * np.arange(64, dtype=np.float32))
+    with pytest.raises(SimOutOfBoundsError, match="outside buffer 'o'"):
+        run(True)

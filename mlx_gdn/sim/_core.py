@@ -418,7 +418,7 @@ class SimMetalKernel:
         self.header = header or ""
         self.ensure_row_contiguous = ensure_row_contiguous
         self.compile_options = compile_options
-        # CUDA bodies pass their arguments on as plain pointers (cuda_kernel): no bounds checks.
+        # CUDA bodies pass their arguments on as plain pointers (cuda_kernel): buffers are guarded instead.
         self.raw_pointers = raw_pointers
         self._shape_infos = [
             (n + "_shape" in source, n + "_strides" in source, n + "_ndim" in source)
@@ -554,6 +554,7 @@ class SimMetalKernel:
         fn = _build(src, self.name)
 
         keep = []
+        guards = []  # raw pointers: (guarded copy, output to fill from it)
         cbufs = (_Buf * max(1, len(bufs)))()
         outs_np = [
             _poisoned(tuple(int(s) for s in shp), dt, init_value)
@@ -585,6 +586,10 @@ class SimMetalKernel:
             arr = np.ascontiguousarray(arr)
             if arr.size == 0:
                 arr = np.empty(1, dtype=arr.dtype)[:0]
+            if self.raw_pointers:
+                guard = _Guarded(arr, name)
+                guards.append((guard, outs_np[i] if kind == "out" else None))
+                arr = guard.data
             bname = name.encode()
             btype = tname.encode()
             keep.extend([arr, bname, btype])
@@ -613,8 +618,33 @@ class SimMetalKernel:
                 msg = errbuf.value.decode(errors="replace")
                 cls = SimOutOfBoundsError if launch.errkind == 1 else SimKernelError
                 raise cls(f"[metal_kernel sim] kernel '{self.name}': {msg}")
+        for guard, out in guards:
+            guard.check(self.name)
+            if out is not None:
+                np.copyto(out, guard.data)
         del keep
         return [_from_numpy(o, dt) for o, dt in zip(outs_np, output_dtypes)]
+
+
+class _Guarded:
+    """A buffer's bytes between two canary-filled pads, for kernels given plain pointers (no
+    bounds checks of their own): a write outside the buffer lands in a pad and is reported."""
+
+    PAD = 65536
+    CANARY = 0x5A
+
+    def __init__(self, arr: np.ndarray, name: str):
+        self.name = name
+        n = arr.nbytes
+        self.raw = np.full(2 * self.PAD + n + 64, self.CANARY, dtype=np.uint8)
+        off = self.PAD + (-self.raw.ctypes.data - self.PAD) % 64  # data 64-byte aligned
+        self.lo, self.hi = off, off + n
+        self.data = self.raw[self.lo:self.hi].view(arr.dtype).reshape(arr.shape)
+        np.copyto(self.data, arr)
+
+    def check(self, kernel: str):
+        if (self.raw[: self.lo] != self.CANARY).any() or (self.raw[self.hi :] != self.CANARY).any():
+            raise SimOutOfBoundsError(f"[cuda_kernel sim] kernel '{kernel}' wrote outside buffer '{self.name}'")
 
 
 def metal_kernel(

@@ -14,7 +14,8 @@
 //   extern __shared__                        `dynamic_smem<T>()`: GDN_SIM_SMEM bytes per block,
 //                                            filled with 0xff for each block so reads of unwritten
 //                                            shared memory show
-// Kernel arguments are plain pointers (no bounds checks on them).
+// Kernel arguments are plain pointers: each buffer sits between canary pads (sim/_core.py, _Guarded)
+// and a write outside it is reported after the launch.
 #pragma once
 
 #include <cmath>
