@@ -144,6 +144,11 @@ class _GatedDeltaBase(nn.Module):
     def _project(self, inputs: mx.array):
         raise NotImplementedError
 
+    # The per-call paths read submodules and arrays as items of the Module's dict, where
+    # nn.Module keeps them: `self.name` reaches them only after Python's attribute lookup fails
+    # (0.8 us each on the 2-core CI CPU, against 0.05 us), and a decode step pays that for every
+    # layer at every token.
+
     def __call__(self, inputs: mx.array, mask: Optional[mx.array] = None, cache: Optional[Any] = None) -> mx.array:
         """inputs [B, S, hidden]; mask [B, S] bool or None; cache: mlx-lm ArraysCache(size=2) or None.
         Returns [B, S, hidden] in the inputs' dtype; updates the cache in place."""
@@ -154,8 +159,8 @@ class _GatedDeltaBase(nn.Module):
             inputs = sum_gradients(self.sharding_group)(inputs)
         qkv, z, b, a = self._project(inputs)
         out = self.mix(qkv, a, b, mask, cache)
-        out = self.norm(out, z)
-        out = self.out_proj(out.reshape(B, S, -1))
+        out = self["norm"](out, z)
+        out = self["out_proj"](out.reshape(B, S, -1))
         if self.sharding_group is not None:
             out = mx.distributed.all_sum(out, group=self.sharding_group)
         return out
@@ -178,13 +183,13 @@ class _GatedDeltaBase(nn.Module):
         backend = "ops" if self.training else self.backend
 
         if S == 1 and not self.training and lengths is None:
-            w = self.conv1d.weight
+            w = self["conv1d"]["weight"]
             sizes = (self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim)
             fused = decode_layer.fused_backend(backend, qkv, conv_state, w, a, b, state, mask, *sizes)
             if fused is not None:
                 # One kernel from the projections to y and both new states.
                 out, new_conv, state = decode_layer.decode_step(
-                    fused, qkv, conv_state, w, a, b, self.A_log, self.dt_bias, state, mask, *sizes
+                    fused, qkv, conv_state, w, a, b, self["A_log"], self["dt_bias"], state, mask, *sizes
                 )
                 if cache is not None:
                     cache[0], cache[1] = new_conv, state
@@ -192,7 +197,7 @@ class _GatedDeltaBase(nn.Module):
                 return out
             prep = _decode_prep(self.conv_kernel_size, self.num_k_heads, self.head_k_dim, mask is not None)
             extra = () if mask is None else (mask,)
-            q, k, v, new_conv = prep(conv_state, qkv, self.conv1d.weight, *extra)
+            q, k, v, new_conv = prep(conv_state, qkv, w, *extra)
             v = v.reshape(B, 1, self.num_v_heads, self.head_v_dim)
             if cache is not None:
                 cache[0] = new_conv
@@ -216,7 +221,7 @@ class _GatedDeltaBase(nn.Module):
             q, k = normalize_qk(q, k, eps=_QK_EPS)
 
         out, state = gated_delta_update(
-            q, k, v, a, b, self.A_log, self.dt_bias, state, mask, backend=backend
+            q, k, v, a, b, self["A_log"], self["dt_bias"], state, mask, backend=backend
         )
         if cache is not None:
             cache[1] = state
@@ -243,9 +248,9 @@ class GatedDeltaNet(_GatedDeltaBase):
 
     def _project(self, inputs):
         B, S, _ = inputs.shape
-        qkv = self.in_proj_qkv(inputs)
-        z = self.in_proj_z(inputs).reshape(B, S, self.num_v_heads, self.head_v_dim)
-        return qkv, z, self.in_proj_b(inputs), self.in_proj_a(inputs)
+        qkv = self["in_proj_qkv"](inputs)
+        z = self["in_proj_z"](inputs).reshape(B, S, self.num_v_heads, self.head_v_dim)
+        return qkv, z, self["in_proj_b"](inputs), self["in_proj_a"](inputs)
 
 
 class Qwen3NextGatedDeltaNet(_GatedDeltaBase):
@@ -277,7 +282,7 @@ class Qwen3NextGatedDeltaNet(_GatedDeltaBase):
 
     def _project(self, inputs):
         B, S, _ = inputs.shape
-        q, k, v, z, b, a = self.fix_query_key_value_ordering(self.in_proj_qkvz(inputs), self.in_proj_ba(inputs))
+        q, k, v, z, b, a = self.fix_query_key_value_ordering(self["in_proj_qkvz"](inputs), self["in_proj_ba"](inputs))
         qkv = mx.concatenate([q.reshape(B, S, -1), k.reshape(B, S, -1), v.reshape(B, S, -1)], axis=-1)
         return qkv, z, b, a
 
