@@ -41,7 +41,7 @@ class RMSNormGated(nn.Module):
         self.weight = mx.ones(hidden_size)
 
     def __call__(self, hidden_states: mx.array, gate: Optional[mx.array] = None) -> mx.array:
-        x = mx.fast.rms_norm(hidden_states, self.weight, self.eps)
+        x = mx.fast.rms_norm(hidden_states, self["weight"], self.eps)  # item access: see _GatedDeltaBase
         if gate is None:
             return x.astype(hidden_states.dtype)
         return _silu_gate(hidden_states, gate, x)
