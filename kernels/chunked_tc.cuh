@@ -178,6 +178,21 @@ __device__ __forceinline__ AFn<F> a_fn(F f) { return AFn<F>{f}; }
 template <class F>
 __device__ __forceinline__ BFn<F> b_fn(F f) { return BFn<F>{f}; }
 
+// acc[n] (n < NT, NT even) += A B over k0..k0+15 for the bf16 A fragments ra and a B view with
+// `frag2` (two adjacent 8-column tiles per ldmatrix).
+template <int NT, class FB>
+__device__ __forceinline__ void mma_bf16_frag2(float (&acc)[NT][4], const unsigned (&ra)[4], const FB& b, int k0) {
+  static_assert(NT % 2 == 0, "tiles come in pairs");
+#pragma unroll
+  for (int n = 0; n < NT; n += 2) {
+    unsigned rb[4];
+    b.frag2(k0, 8 * n, rb);
+    const unsigned b0[2] = {rb[0], rb[1]}, b1[2] = {rb[2], rb[3]};
+    mma_bf16(acc[n], ra, b0);
+    mma_bf16(acc[n + 1], ra, b1);
+  }
+}
+
 // One warp: acc[n] (16 x 8 tile n) += sum_k a(r, k) * b(k, 8n + c) for r < 16, k < K.
 // Accumulator element i of tile n sits at row g + 8 (i >> 1), column 8n + 2t + (i & 1),
 // with g = lane / 4, t = lane % 4 (PTX's m16n8 C layout).
@@ -190,14 +205,7 @@ __device__ __forceinline__ void warp_mma(float (&acc)[NT][4], const FA& a, const
       const int ka = k0 + 2 * t;
       unsigned ra[4] = {a.pair(g, ka), a.pair(g + 8, ka), a.pair(g, ka + 8), a.pair(g + 8, ka + 8)};
       if constexpr (FB::ldm && NT % 2 == 0) {
-#pragma unroll
-        for (int n = 0; n < NT; n += 2) {
-          unsigned rb[4];
-          b.frag2(k0, 8 * n, rb);
-          const unsigned b0[2] = {rb[0], rb[1]}, b1[2] = {rb[2], rb[3]};
-          mma_bf16(acc[n], ra, b0);
-          mma_bf16(acc[n + 1], ra, b1);
-        }
+        mma_bf16_frag2(acc, ra, b, k0);
       } else {
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
@@ -901,14 +909,7 @@ __device__ void state_pass_regs(const TI* q, const TI* k, const __nv_bfloat16* W
     for (int k16 = 0; k16 < C / 16; ++k16) {
       unsigned ra[4];
       acc_a_frag(dT, k16, ra);
-#pragma unroll
-      for (int j = 0; j < KT; j += 2) {
-        unsigned rb[4];
-        kv.frag2(16 * k16, 8 * j, rb);
-        const unsigned b0[2] = {rb[0], rb[1]}, b1[2] = {rb[2], rb[3]};
-        mma_bf16(s[j], ra, b0);
-        mma_bf16(s[j + 1], ra, b1);
-      }
+      mma_bf16_frag2(s, ra, kv, 16 * k16);
     }
     __syncthreads();  // every warp done with this stage before step c + 1 refills it
   }
