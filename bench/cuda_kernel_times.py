@@ -115,11 +115,12 @@ def main():
                   state_bytes=sb, **shape)
         else:
             sb = None
+            cuda.STATE_REGS = False
             timed("mlx-gdn chunked", cuda_bench.mlx_call("chunked"), mx.synchronize, sets, args.reps, **shape)
-            cuda.STATE_REGS = True  # the state pass with S in registers, in place of the shared-memory one
+            cuda.STATE_REGS = True  # the state pass with S in registers, whatever the shape rule chooses
             timed("mlx-gdn chunked, state in registers", cuda_bench.mlx_call("chunked"), mx.synchronize, sets,
                   args.reps, **shape)
-            cuda.STATE_REGS = False
+            cuda.STATE_REGS = None
         tsets = cuda_bench.torch_sets(sets)
         if T == 1:
             timed("torch state copy (clone)", lambda x: x["h0"].clone(), torch.cuda.synchronize, tsets, args.reps,

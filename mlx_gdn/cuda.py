@@ -32,10 +32,15 @@ CHUNK_BV: Optional[int] = None
 MIN_STATE_BLOCKS = 128
 # Value-slice width from which the state launch runs 8 warps instead of 4 (`state_nh`).
 STATE_NH2_FROM = 32
-# The state pass with S in registers (gdn_tc::state_pass_regs) for bf16/f16 and Dk <= 128, in
-# place of the shared-memory one. Verified in the CUDA simulator; off until an H100 run times it
-# against the shared-memory pass (bench/cuda_kernel_times.py compares both).
-STATE_REGS = False
+# The state pass with S in registers (gdn_tc::state_pass_regs, bf16/f16, Dk <= 128) in place of
+# the shared-memory one: None chooses by shape (`_regs_config`), True takes it wherever it
+# applies, False never. Every block of it loads whole chunks for its 16 value rows per warp, so
+# it pays where blocks are wide: on the H100 (bench/cuda_host_split_709d9c8.json, Qwen3.5 shape,
+# T=4096) it ran the B=4 call in 0.91 ms of GPU wait against 1.13 (8 warps), B=2 in 0.58 against
+# 0.66 (4 warps), and lost at B=1 (2 warps: 0.58 against 0.44).
+STATE_REGS: Optional[bool] = None
+# The narrowest block the shape-chosen register pass runs (`STATE_REGS = None`).
+STATE_REGS_MIN_WARPS = 4
 # Warps per block of that launch: None picks by parallelism (`_regs_config`); tests set it.
 STATE_REGS_NW: Optional[int] = None
 
@@ -217,12 +222,15 @@ def state_regs_smem(Dk: int, BV: int) -> int:
 
 
 def _regs_config(p: Problem):
-    """(warps, smem) of the register-state launch, or None where it does not apply. Each warp
-    owns 16 value rows; blocks of up to 8 warps, as wide as still gives MIN_STATE_BLOCKS blocks."""
-    if not STATE_REGS or p.dtype == mx.float32 or p.Dk not in (64, 128):
+    """(warps, smem) of the register-state launch, or None where the shared-memory pass runs.
+    Each warp owns 16 value rows; blocks of up to 8 warps, as wide as still gives
+    MIN_STATE_BLOCKS blocks. By shape (STATE_REGS None) only blocks of STATE_REGS_MIN_WARPS or more."""
+    if STATE_REGS is False or p.dtype == mx.float32 or p.Dk not in (64, 128):
         return None
     nw = STATE_REGS_NW or next(
         (w for w in (8, 4, 2) if p.Dv % (16 * w) == 0 and p.B * p.Hv * (p.Dv // (16 * w)) >= MIN_STATE_BLOCKS), 1)
+    if STATE_REGS is None and nw < STATE_REGS_MIN_WARPS:
+        return None
     smem = state_regs_smem(p.Dk, 16 * nw)
     return (nw, smem) if p.Dv % (16 * nw) == 0 and smem <= SMEM_LIMIT else None
 

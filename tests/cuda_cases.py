@@ -132,6 +132,7 @@ def test_chunked_state_slice_widths(bv, dtype, monkeypatch):
     from mlx_gdn import cuda
 
     monkeypatch.setattr(cuda, "CHUNK_BV", bv)
+    monkeypatch.setattr(cuda, "STATE_REGS", False)  # the shared-memory pass, whatever the shape rule
     check_case("chunked", 2, 150, 2, 4, 128, 128, dtype, "scalar", True, True, None, False)
 
 

@@ -177,3 +177,23 @@ def test_kernels_made_in_the_simulator_are_not_reused_after_it(monkeypatch):
     update()
     decode_layer.decode_step("metal", *layer_args)
     assert calls == ["gdn_recurrent_decode_update", "gdn_decode_layer"]
+
+
+def test_chunked_state_pass_choice(monkeypatch):
+    """The CUDA chunked call takes the register-state pass where its blocks are wide (as timed on
+    the H100) and the shared-memory pass elsewhere; STATE_REGS forces either."""
+    from mlx_gdn import cuda
+
+    def qwen(B, dtype=mx.bfloat16, Dk=128):
+        return Problem(B, 4096, 16, 32, Dk, 128, dtype, "scalar", False, True)
+
+    monkeypatch.setattr(cuda, "STATE_REGS", None)
+    assert cuda._regs_config(qwen(1)) is None  # 2-warp blocks: the shared-memory pass
+    assert cuda._regs_config(qwen(2))[0] == 4
+    assert cuda._regs_config(qwen(4))[0] == 8
+    assert cuda._regs_config(qwen(4, mx.float32)) is None  # 3xTF32 runs the shared-memory pass
+    assert cuda._regs_config(qwen(4, Dk=256)) is None  # S of 256 columns does not fit in registers
+    monkeypatch.setattr(cuda, "STATE_REGS", True)
+    assert cuda._regs_config(qwen(1))[0] == 2
+    monkeypatch.setattr(cuda, "STATE_REGS", False)
+    assert cuda._regs_config(qwen(4)) is None
