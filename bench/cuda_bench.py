@@ -3,7 +3,9 @@
     PYTHONUNBUFFERED=1 python bench/cuda_bench.py --out DIR [--quick]
 
 Method (DESIGN.md section 7): each call is followed by evaluation and a device synchronise
-(mx.eval + mx.synchronize; torch.cuda.synchronize for fla), timed with a host clock; warm-up
+(mx.async_eval + mx.synchronize, as torch.cuda.synchronize for fla: mx.eval would add MLX's
+event wait, 0.03-0.12 ms beyond the stream's end on the H100, bench/cuda_host_split_709d9c8.json),
+timed with a host clock; warm-up
 calls excluded; median over many calls; three input sets rotated. Writes DIR/cuda_h100.json,
 DIR/cuda_h100.png and prints a table.
 """
@@ -60,7 +62,7 @@ def mlx_call(algorithm, backend="cuda"):
     def call(x):
         y, s = mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state,
                                           backend=backend, algorithm=algorithm)
-        mx.eval(y, s)
+        mx.async_eval(y, s)
         return y, s
     return call
 
@@ -72,7 +74,7 @@ def mlx_lm_call():
         g = mlx_gdn.compute_g(x.a, x.A_log, x.dt_bias)
         beta = mlx_gdn.compute_beta(x.b)
         y, s = gated_delta_ops(x.q, x.k, x.v, g, beta, x.state)
-        mx.eval(y, s)
+        mx.async_eval(y, s)
         return y, s
     return call
 
@@ -160,7 +162,7 @@ def main():
     # copy bandwidth (bytes read + written) through MLX
     a = mx.random.normal((256 * 1024 * 1024 // 4,))
     mx.eval(a)
-    ms, _ = wall_ms(lambda _: mx.eval(mx.array(a + 0)), mlx_sync, [0], reps=20)
+    ms, _ = wall_ms(lambda _: mx.async_eval(mx.array(a + 0)), mlx_sync, [0], reps=20)
     env["copy_TBps_mlx_elementwise"] = round(2 * a.nbytes / (ms * 1e-3) / 1e12, 3)
     del a
 
@@ -170,7 +172,7 @@ def main():
                                source="if (threadIdx.x == 0 && blockIdx.x == 0) o[0] = x[0];")
     xs = [mx.ones((4,)) for _ in range(3)]
     mx.eval(xs)
-    ms, n = wall_ms(lambda x: mx.eval(triv(inputs=[x], output_shapes=[(1,)], output_dtypes=[mx.float32],
+    ms, n = wall_ms(lambda x: mx.async_eval(triv(inputs=[x], output_shapes=[(1,)], output_dtypes=[mx.float32],
                                            grid=(32, 1, 1), threadgroup=(32, 1, 1))[0]), mlx_sync, xs, reps=300)
     record("probe-trivial-cuda-kernel", 1, 1, "f32", ms, n)
     sets = make_mlx_sets(1, 1, mx.bfloat16)
@@ -182,7 +184,7 @@ def main():
     def direct(x):
         y, s = cuda.run_recurrent(p0, x.q, x.k, x.v, x.state, None,
                                   gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias))
-        mx.eval(y, s)
+        mx.async_eval(y, s)
     ms, n = wall_ms(direct, mlx_sync, sets, reps=300)
     record("probe-run_recurrent-direct", 1, 1, "bf16", ms, n)
     from mlx_gdn import launch
@@ -192,7 +194,7 @@ def main():
                                                     gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias))
                 for x in sets]
     kw = spec.call_kwargs()
-    ms, n = wall_ms(lambda ins: mx.eval(*kern(inputs=ins, **kw)), mlx_sync, prepared, reps=300)
+    ms, n = wall_ms(lambda ins: mx.async_eval(*kern(inputs=ins, **kw)), mlx_sync, prepared, reps=300)
     record("probe-kernel-object-only", 1, 1, "bf16", ms, n)
     ms, n = wall_ms(mlx_call("recurrent"), mlx_sync, sets, reps=300)
     record("probe-api-update", 1, 1, "bf16", ms, n)

@@ -11,15 +11,10 @@ from .. import backends
 from ..validate import Problem
 from .inputs import InputSet, mx_dtype
 from .shapes import Config
+from .timing import mlx_sync
 
 ALGORITHMS = ("recurrent", "chunked")
 GATINGS = ("fused", "precomputed")
-
-
-def mlx_sync(out) -> None:
-    """Finish the work behind an MLX result before the clock stops."""
-    mx.eval(out)
-    mx.synchronize()
 
 
 def _always(cfg: Config) -> Optional[str]:
