@@ -67,7 +67,8 @@ def record(case, build, sets, reps, wait="async", **kw):
 
 def compiled_launch(sets, reps, shape):
     """The decode kernel object called bare, and through mx.compile: what graph building costs
-    without the package's Python, and whether a compiled launch removes MLX's per-call source work."""
+    without the package's Python, and whether a compiled launch removes MLX's per-call source work;
+    then the public call with its launch not compiled (cuda.COMPILE_LAUNCHES off)."""
     from mlx_gdn import launch
 
     seen = []
@@ -84,7 +85,8 @@ def compiled_launch(sets, reps, shape):
         mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, backend="cuda")
     finally:
         launch.recurrent_launcher = orig
-    spec, kern, kw = seen[-1]
+    spec = seen[-1][0]
+    kern, kw = cuda.kernel_for_spec(spec), spec.call_kwargs()
     print("decode inputs", spec.input_names, flush=True)
 
     def bare(x):
@@ -102,6 +104,12 @@ def compiled_launch(sets, reps, shape):
                                                                  x.state), sets, reps, same=same, **shape)
     except Exception as e:
         print("mx.compile of the kernel call failed:", type(e).__name__, e, flush=True)
+    cuda.COMPILE_LAUNCHES = False
+    launch.recurrent_launcher.cache_clear()
+    record("gated_delta_update, launch not compiled", lambda x: mlx_gdn.gated_delta_update(
+        x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, backend="cuda"), sets, reps, **shape)
+    cuda.COMPILE_LAUNCHES = True
+    launch.recurrent_launcher.cache_clear()
 
 
 

@@ -90,3 +90,45 @@ def test_bad_input_raises_before_launch():
     x = random_inputs(1, 4, 1, 2, 64, 64, seed=fresh_seed())
     with pytest.raises(ValueError, match="state"):
         mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, mx.zeros((1, 2, 64, 32)), backend="cuda")
+
+
+@pytest.mark.parametrize("poison", [True, False])
+def test_compiled_launches_equal_plain(poison, monkeypatch):
+    """Launches through mx.compile (cuda.COMPILE_LAUNCHES, `launch.bind`) give the plain launch's
+    outputs bit for bit: recurrent decode (fused and precomputed gates, masked) and the fused
+    layer step. With `poison` off the unpoisoned compiled launch is the one compared."""
+    import numpy as np
+
+    from mlx_gdn import cuda, decode_layer, launch
+
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", poison)
+    seed = fresh_seed()
+    x = random_inputs(3, 2, 2, 4, 128, 64, dtype=mx.bfloat16, seed=seed, mask=True)
+    B, Hk, Hv, Dk, Dv, K = 3, 2, 4, 128, 64, 4
+    C = 2 * Hk * Dk + Hv * Dv
+    rng = np.random.default_rng(seed)
+    qkv = mx.array(rng.standard_normal((B, 1, C)), dtype=mx.bfloat16)
+    conv = mx.array(rng.standard_normal((B, K - 1, C)), dtype=mx.bfloat16)
+    w = mx.array(0.3 * rng.standard_normal((C, K, 1)), dtype=mx.bfloat16)
+
+    def outputs():
+        backends.clear_plans()
+        one = [x.q[:, :1], x.k[:, :1], x.v[:, :1]]
+        return [
+            *mlx_gdn.gated_delta_update(*one, x.a[:, :1], x.b[:, :1], x.A_log, x.dt_bias, x.state, backend="cuda"),
+            *mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, x.mask,
+                                        lower_bound=-3.0, backend="cuda", algorithm="recurrent"),
+            *mlx_gdn.gated_delta_rule(*one, x.g[:, :1], x.beta[:, :1], x.state, backend="cuda"),
+            *decode_layer.decode_step("cuda", qkv, conv, w, x.a[:, :1], x.b[:, :1], x.A_log, x.dt_bias, x.state,
+                                      None, Hk, Hv, Dk, Dv),
+        ]
+
+    monkeypatch.setattr(cuda, "COMPILE_LAUNCHES", True)
+    fast = outputs()
+    monkeypatch.setattr(cuda, "COMPILE_LAUNCHES", False)
+    plain = outputs()
+    mx.eval(fast, plain)
+    for i, (f, p) in enumerate(zip(fast, plain)):
+        assert f.shape == p.shape and f.dtype == p.dtype, i
+        assert bool(mx.array_equal(f, p)), f"output {i} differs (seed={seed})"
+        assert not bool(mx.any(mx.isnan(f.astype(mx.float32)))), f"output {i} has NaN (seed={seed})"
