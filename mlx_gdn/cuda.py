@@ -44,7 +44,7 @@ STATE_REGS_MIN_WARPS = 4
 # Warps per block of that launch: None picks by parallelism (`_regs_config`); tests set it.
 STATE_REGS_NW: Optional[int] = None
 
-# Recurrent and fused-step launches through mx.compile (`launch.bind`); the GPU tests compare
+# Recurrent and fused-step launches through mx.compile (`launch.BoundLaunch`); the GPU tests compare
 # both ways bit for bit.
 COMPILE_LAUNCHES = True
 
@@ -152,7 +152,7 @@ def kernel_for_spec(spec: launch.LaunchSpec):
 
 
 def compiled_launches() -> bool:
-    """Whether recurrent and fused-step launches go through mx.compile (`launch.bind`): on a
+    """Whether recurrent and fused-step launches go through mx.compile (`launch.BoundLaunch`): on a
     CUDA device when COMPILE_LAUNCHES; never in the simulator, whose kernels run in Python."""
     return COMPILE_LAUNCHES and not simulated()
 

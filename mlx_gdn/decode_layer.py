@@ -107,9 +107,9 @@ def _clear_launchers():
 @lru_cache(maxsize=256)
 def _launcher(backend: str, B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool,
               compiled: bool):
-    # the launch, inputs -> outputs (`launch.bind`): a pure function of the arguments
+    # the launch, inputs -> outputs: a pure function of the arguments
     spec = decode_spec(B, K, Hk, Hv, Dk, Dv, dtype, masked)
-    return launch.bind(_kernel(backend, spec), spec.call_kwargs(), compiled)
+    return launch.BoundLaunch(_kernel(backend, spec), spec.call_kwargs(), compiled)
 
 
 def _compiled(backend: str) -> bool:

@@ -235,34 +235,38 @@ def recurrent_inputs(q, k, v, state, mask, *, g=None, beta=None, gating=None) ->
     return ins
 
 
-def bind(kern, kw: dict, compiled: bool) -> Callable[[list], list]:
-    """The launch of kernel object `kern` with fixed call arguments `kw`, as inputs -> outputs.
+class BoundLaunch:
+    """The launch of kernel object `kern` with fixed call arguments `kw`: `launch(inputs)` ->
+    outputs.
 
     With `compiled` the call goes through `mx.compile`: MLX traces it once per input signature
     and afterwards replays the recorded launch, where a plain call rebuilds and hashes the
-    kernel's text and converts every argument again (on the H100's host: 15.0 -> 11.2 us of
-    graph building for the decode launch, bench/cuda_host_split_709d9c8.json). Outputs are the
-    same arrays either way; POISON_OUTPUTS is honoured per call.
+    kernel's text and converts every argument again (on the H100's host: 15.9 -> 7.5 us of
+    graph building for the bare decode launch, bench/cuda_host_split_284a83c.json). Outputs are
+    the same arrays either way; POISON_OUTPUTS is honoured per call. If MLX cannot trace the
+    call, `fallback` holds why and the plain launch serves from then on.
     """
-    def plain(ins):
-        return kern(inputs=ins, **kw, **launch_options()) if POISON_OUTPUTS else kern(inputs=ins, **kw)
 
-    if not compiled:
-        return plain
-    fast = mx.compile(lambda *ins: kern(inputs=list(ins), **kw))
-    poisoned = mx.compile(lambda *ins: kern(inputs=list(ins), **kw, init_value=float("nan")))
-    failed = []
+    def __init__(self, kern, kw: dict, compiled: bool):
+        self.kern, self.kw = kern, kw
+        self.fallback: Optional[str] = None
+        self.compiled = compiled
+        if compiled:
+            self._fast = mx.compile(lambda *ins: kern(inputs=list(ins), **kw))
+            self._poisoned = mx.compile(lambda *ins: kern(inputs=list(ins), **kw, init_value=float("nan")))
 
-    def go(ins):
-        if not failed:
+    def plain(self, ins: list) -> list:
+        if POISON_OUTPUTS:
+            return self.kern(inputs=ins, **self.kw, **launch_options())
+        return self.kern(inputs=ins, **self.kw)
+
+    def __call__(self, ins: list) -> list:
+        if self.compiled:
             try:
-                return (poisoned if POISON_OUTPUTS else fast)(*ins)
-            except (ValueError, RuntimeError):
-                # an MLX that cannot trace this kernel call: the plain launch computes the same
-                failed.append(True)
-        return plain(ins)
-
-    return go
+                return (self._poisoned if POISON_OUTPUTS else self._fast)(*ins)
+            except (ValueError, RuntimeError) as e:
+                self.compiled, self.fallback = False, f"{type(e).__name__}: {e}"
+        return self.plain(ins)
 
 
 @backends.on_clear
@@ -272,13 +276,13 @@ def _clear_launchers():
 
 @lru_cache(maxsize=512)
 def recurrent_launcher(p: Problem, lower: bool, neg: bool, path: Optional[str], kernel_for, compiled: bool = False):
-    """(spec, launch: inputs -> outputs) for one problem, built once (`bind`).
+    """(spec, BoundLaunch) for one problem, built once.
 
     A decode loop repeats one problem every step; everything here is a pure function of it, so
     a step's host work is the input list and the kernel call.
     """
     spec = recurrent_spec(p, lower=lower, neg=neg, path=path)
-    return spec, bind(kernel_for(spec), spec.call_kwargs(), compiled)
+    return spec, BoundLaunch(kernel_for(spec), spec.call_kwargs(), compiled)
 
 
 def run_recurrent(p: Problem, q, k, v, state, mask, *, kernel_for, g=None, beta=None, gating=None, path=None,
@@ -286,7 +290,7 @@ def run_recurrent(p: Problem, q, k, v, state, mask, *, kernel_for, g=None, beta=
     """(y [B,T,Hv,Dv] in p.dtype, state [B,Hv,Dv,Dk] float32) from one recurrent launch.
 
     `kernel_for(spec)` gives the backend's kernel object (Metal or CUDA); path "decode",
-    "prefill" or None (by T); `compiled`: launch through mx.compile (`bind`).
+    "prefill" or None (by T); `compiled`: launch through mx.compile (`BoundLaunch`).
     """
     if gating is None:
         lower = neg = False

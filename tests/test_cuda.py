@@ -94,7 +94,7 @@ def test_bad_input_raises_before_launch():
 
 @pytest.mark.parametrize("poison", [True, False])
 def test_compiled_launches_equal_plain(poison, monkeypatch):
-    """Launches through mx.compile (cuda.COMPILE_LAUNCHES, `launch.bind`) give the plain launch's
+    """Launches through mx.compile (cuda.COMPILE_LAUNCHES, `launch.BoundLaunch`) give the plain launch's
     outputs bit for bit: recurrent decode (fused and precomputed gates, masked) and the fused
     layer step. With `poison` off the unpoisoned compiled launch is the one compared."""
     import numpy as np
@@ -123,10 +123,24 @@ def test_compiled_launches_equal_plain(poison, monkeypatch):
                                       None, Hk, Hv, Dk, Dv),
         ]
 
+    made = []
+    real = launch.BoundLaunch.__init__
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(launch.BoundLaunch, "__init__", spy)
     monkeypatch.setattr(cuda, "COMPILE_LAUNCHES", True)
     fast = outputs()
+    mx.eval(fast)
+    assert len(made) == 4, len(made)
+    for b in made:  # every launch really went through mx.compile
+        assert b.compiled and b.fallback is None, b.fallback
+    made.clear()
     monkeypatch.setattr(cuda, "COMPILE_LAUNCHES", False)
     plain = outputs()
+    assert len(made) == 4 and not any(b.compiled for b in made)
     mx.eval(fast, plain)
     for i, (f, p) in enumerate(zip(fast, plain)):
         assert f.shape == p.shape and f.dtype == p.dtype, i
