@@ -67,8 +67,9 @@ def record(case, build, sets, reps, wait="async", **kw):
 
 def compiled_launch(sets, reps, shape):
     """The decode kernel object called bare, and through mx.compile: what graph building costs
-    without the package's Python, and whether a compiled launch removes MLX's per-call source work;
-    then the public call with its launch not compiled (cuda.COMPILE_LAUNCHES off)."""
+    without the package's Python, and whether a compiled launch removes MLX's per-call source work.
+    (Launching the package's calls through mx.compile was tried at 284a83c-6794fc7 and measured
+    no faster in alternating rounds, bench/cuda_compile_ab_6794fc7.json; it was taken out.)"""
     from mlx_gdn import launch
 
     seen = []
@@ -85,9 +86,7 @@ def compiled_launch(sets, reps, shape):
         mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, backend="cuda")
     finally:
         launch.recurrent_launcher = orig
-    spec, bound = seen[-1]
-    print("public call's launch: compiled", bound.compiled, "fallback", bound.fallback, flush=True)
-    kern, kw = cuda.kernel_for_spec(spec), spec.call_kwargs()
+    spec, kern, kw = seen[-1]
     print("decode inputs", spec.input_names, flush=True)
 
     def bare(x):
@@ -105,60 +104,15 @@ def compiled_launch(sets, reps, shape):
                                                                  x.state), sets, reps, same=same, **shape)
     except Exception as e:
         print("mx.compile of the kernel call failed:", type(e).__name__, e, flush=True)
-    cuda.COMPILE_LAUNCHES = False
-    launch.recurrent_launcher.cache_clear()
-    record("gated_delta_update, launch not compiled", lambda x: mlx_gdn.gated_delta_update(
-        x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, backend="cuda"), sets, reps, **shape)
-    cuda.COMPILE_LAUNCHES = True
-    launch.recurrent_launcher.cache_clear()
 
 
-
-
-def compile_ab(rounds=8, reps=200):
-    """The public decode call with its launch compiled and not (cuda.COMPILE_LAUNCHES), in
-    alternating rounds so that drift of the host hits both arms alike; per arm the median of the
-    rounds' medians (build, launch, wait, total)."""
-    from mlx_gdn import launch
-
-    for B in (1, 16):
-        sets = cuda_bench.make_mlx_sets(B, 1, mx.bfloat16, n=2)
-        for x in sets:
-            mx.eval(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state)
-
-        def public(x):
-            return mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, backend="cuda")
-
-        arms = {True: [], False: []}
-        for _ in range(rounds):
-            for on in (True, False):
-                cuda.COMPILE_LAUNCHES = on
-                launch.recurrent_launcher.cache_clear()
-                arms[on].append(split_us(public, sets, reps))
-        cuda.COMPILE_LAUNCHES = True
-        launch.recurrent_launcher.cache_clear()
-        for on, rows in arms.items():
-            med = [round(statistics.median(r[k] for r in rows), 1) for k in range(4)]
-            row = dict(case=f"gated_delta_update, launch {'compiled' if on else 'not compiled'} (A/B rounds)",
-                       B=B, T=1, build_us=med[0], launch_us=med[1], wait_us=med[2], total_us=med[3],
-                       rounds_total_us=[r[3] for r in rows])
-            ROWS.append(row)
-            print(row, flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
-    ap.add_argument("--compile-ab", action="store_true", help="only the compiled/plain A/B rounds")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    if args.compile_ab:
-        compile_ab()
-        with open(os.path.join(args.out, "cuda_compile_ab.json"), "w") as f:
-            json.dump(dict(env=dict(mlx=mx.__version__, commit=os.environ.get("GDN_COMMIT", "?"),
-                                    command="python bench/cuda_host_split.py --compile-ab --out $OUT"),
-                           rows=ROWS), f, indent=1)
-        return
     env = dict(mlx=mx.__version__, commit=os.environ.get("GDN_COMMIT", "?"),
                command="PYTHONUNBUFFERED=1 python bench/cuda_host_split.py --out $OUT")
     print(env, flush=True)

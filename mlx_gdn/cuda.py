@@ -44,10 +44,6 @@ STATE_REGS_MIN_WARPS = 4
 # Warps per block of that launch: None picks by parallelism (`_regs_config`); tests set it.
 STATE_REGS_NW: Optional[int] = None
 
-# Recurrent and fused-step launches through mx.compile (`launch.BoundLaunch`); the GPU tests compare
-# both ways bit for bit.
-COMPILE_LAUNCHES = True
-
 _KERNELS: Dict[Tuple, object] = {}
 _DUMMY: Dict[str, mx.array] = {}
 
@@ -151,17 +147,10 @@ def kernel_for_spec(spec: launch.LaunchSpec):
     return _kernel(spec.name, spec.input_names, spec.output_names, compact(spec.source()), recurrent_header(spec))
 
 
-def compiled_launches() -> bool:
-    """Whether recurrent and fused-step launches go through mx.compile (`launch.BoundLaunch`): on a
-    CUDA device when COMPILE_LAUNCHES; never in the simulator, whose kernels run in Python."""
-    return COMPILE_LAUNCHES and not simulated()
-
-
 def run_recurrent(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, path=None):
     """(y, state) from one launch of a shared recurrent body; path "decode"/"prefill"/None."""
     return launch.run_recurrent(
-        p, q, k, v, state, mask, kernel_for=kernel_for_spec, g=g, beta=beta, gating=gating, path=path,
-        compiled=compiled_launches(),
+        p, q, k, v, state, mask, kernel_for=kernel_for_spec, g=g, beta=beta, gating=gating, path=path
     )
 
 

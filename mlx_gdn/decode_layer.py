@@ -105,19 +105,10 @@ def _clear_launchers():
 
 
 @lru_cache(maxsize=256)
-def _launcher(backend: str, B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool,
-              compiled: bool):
-    # the launch, inputs -> outputs: a pure function of the arguments
+def _launcher(backend: str, B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool):
+    # (kernel object, call keyword arguments): a pure function of its arguments
     spec = decode_spec(B, K, Hk, Hv, Dk, Dv, dtype, masked)
-    return launch.BoundLaunch(_kernel(backend, spec), spec.call_kwargs(), compiled)
-
-
-def _compiled(backend: str) -> bool:
-    if backend != "cuda":
-        return False
-    from . import cuda
-
-    return cuda.compiled_launches()
+    return _kernel(backend, spec), spec.call_kwargs()
 
 
 def decode_step(backend: str, qkv, conv_state, w, a, b, A_log, dt_bias, state, mask,
@@ -125,11 +116,11 @@ def decode_step(backend: str, qkv, conv_state, w, a, b, A_log, dt_bias, state, m
     """(y [B,1,Hv,Dv] in qkv's dtype, new conv state [B,K-1,C] in qkv's dtype, new state [B,Hv,Dv,Dk]
     float32) from one launch; backend "metal" or "cuda", inputs as accepted by `fused_backend`."""
     B = qkv.shape[0]
-    go = _launcher(backend, B, w.shape[1], Hk, Hv, Dk, Dv, qkv.dtype, mask is not None, _compiled(backend))
+    kern, kw = _launcher(backend, B, w.shape[1], Hk, Hv, Dk, Dv, qkv.dtype, mask is not None)
     if state is None:
         state = mx.zeros((B, Hv, Dv, Dk), dtype=mx.float32)
     ins = [qkv, conv_state, w, a, b, A_log, dt_bias, state]  # INPUT_NAMES' order
     if mask is not None:
         ins.append(mask)
-    y, conv_out, new_state = go(ins)
+    y, conv_out, new_state = kern(inputs=ins, **kw, **launch.launch_options())
     return y, conv_out, new_state

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -235,67 +235,33 @@ def recurrent_inputs(q, k, v, state, mask, *, g=None, beta=None, gating=None) ->
     return ins
 
 
-class BoundLaunch:
-    """The launch of kernel object `kern` with fixed call arguments `kw`: `launch(inputs)` ->
-    outputs.
-
-    With `compiled` the call goes through `mx.compile`: MLX traces it once per input signature
-    and afterwards replays the recorded launch, where a plain call rebuilds and hashes the
-    kernel's text and converts every argument again (on the H100's host: 15.9 -> 7.5 us of
-    graph building for the bare decode launch, bench/cuda_host_split_284a83c.json). Outputs are
-    the same arrays either way; POISON_OUTPUTS is honoured per call. If MLX cannot trace the
-    call, `fallback` holds why and the plain launch serves from then on.
-    """
-
-    def __init__(self, kern, kw: dict, compiled: bool):
-        self.kern, self.kw = kern, kw
-        self.fallback: Optional[str] = None
-        self.compiled = compiled
-        if compiled:
-            self._fast = mx.compile(lambda *ins: kern(inputs=list(ins), **kw))
-            self._poisoned = mx.compile(lambda *ins: kern(inputs=list(ins), **kw, init_value=float("nan")))
-
-    def plain(self, ins: list) -> list:
-        if POISON_OUTPUTS:
-            return self.kern(inputs=ins, **self.kw, **launch_options())
-        return self.kern(inputs=ins, **self.kw)
-
-    def __call__(self, ins: list) -> list:
-        if self.compiled:
-            try:
-                return (self._poisoned if POISON_OUTPUTS else self._fast)(*ins)
-            except (ValueError, RuntimeError) as e:
-                self.compiled, self.fallback = False, f"{type(e).__name__}: {e}"
-        return self.plain(ins)
-
-
 @backends.on_clear
 def _clear_launchers():
     recurrent_launcher.cache_clear()
 
 
 @lru_cache(maxsize=512)
-def recurrent_launcher(p: Problem, lower: bool, neg: bool, path: Optional[str], kernel_for, compiled: bool = False):
-    """(spec, BoundLaunch) for one problem, built once.
+def recurrent_launcher(p: Problem, lower: bool, neg: bool, path: Optional[str], kernel_for):
+    """(spec, kernel object, call keyword arguments) for one problem, built once.
 
     A decode loop repeats one problem every step; everything here is a pure function of it, so
     a step's host work is the input list and the kernel call.
     """
     spec = recurrent_spec(p, lower=lower, neg=neg, path=path)
-    return spec, BoundLaunch(kernel_for(spec), spec.call_kwargs(), compiled)
+    return spec, kernel_for(spec), spec.call_kwargs()
 
 
-def run_recurrent(p: Problem, q, k, v, state, mask, *, kernel_for, g=None, beta=None, gating=None, path=None,
-                  compiled: bool = False):
+def run_recurrent(p: Problem, q, k, v, state, mask, *, kernel_for, g=None, beta=None, gating=None, path=None):
     """(y [B,T,Hv,Dv] in p.dtype, state [B,Hv,Dv,Dk] float32) from one recurrent launch.
 
     `kernel_for(spec)` gives the backend's kernel object (Metal or CUDA); path "decode",
-    "prefill" or None (by T); `compiled`: launch through mx.compile (`BoundLaunch`).
+    "prefill" or None (by T).
     """
     if gating is None:
         lower = neg = False
     else:
         lower, neg = gating.lower_bound is not None, bool(gating.allow_neg_eigval)
-    _, go = recurrent_launcher(p, lower, neg, path, kernel_for, compiled)
-    y, new_state = go(recurrent_inputs(q, k, v, state, mask, g=g, beta=beta, gating=gating))
+    _, kern, kw = recurrent_launcher(p, lower, neg, path, kernel_for)
+    ins = recurrent_inputs(q, k, v, state, mask, g=g, beta=beta, gating=gating)
+    y, new_state = kern(inputs=ins, **kw, **launch_options()) if POISON_OUTPUTS else kern(inputs=ins, **kw)
     return y, new_state
