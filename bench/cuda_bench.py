@@ -50,6 +50,23 @@ def wall_ms(call, sync, sets, warm=5, reps=100, max_s=4.0):
     return 1e3 * statistics.median(times), len(times)
 
 
+def interleaved_ms(entries, rounds=8, reps=40):
+    """{name: (median ms, calls)} for (name, call, sync, sets) entries timed in alternating rounds
+    of `reps` calls each, so that a host's drift within the run hits every entry alike (decode is
+    host-bound, and hosts drift by tens of microseconds within a run)."""
+    times = {name: [] for name, *_ in entries}
+    for name, call, sync, sets in entries:  # warm-up
+        wall_ms(call, sync, sets, warm=5, reps=5)
+    for _ in range(rounds):
+        for name, call, sync, sets in entries:
+            for i in range(reps):
+                t0 = time.perf_counter()
+                call(sets[i % len(sets)])
+                sync()
+                times[name].append(time.perf_counter() - t0)
+    return {name: (1e3 * statistics.median(t), len(t)) for name, t in times.items()}
+
+
 def mlx_sync():
     mx.synchronize()
 
@@ -140,6 +157,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--decode", action="store_true",
+                    help="only decode (T=1, B=1/4/16), mlx-gdn and fla in alternating rounds, with the "
+                         "trivial kernel; writes cuda_decode_h100.json")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import torch
@@ -150,7 +170,7 @@ def main():
         fla_version = repr(e)
     env = dict(device=torch.cuda.get_device_name(0), mlx=mx.__version__, torch=torch.__version__, fla=fla_version,
                python=platform.python_version(), commit=os.environ.get("GDN_COMMIT", "?"),
-               command="PYTHONUNBUFFERED=1 python bench/cuda_bench.py --out $OUT")
+               command="PYTHONUNBUFFERED=1 python bench/cuda_bench.py --out $OUT" + (" --decode" if args.decode else ""))
     print(env, flush=True)
     rows = []
 
@@ -158,6 +178,24 @@ def main():
         row = dict(contender=name, B=B, T=T, dtype=dtype, ms=round(ms, 4), reps=n, **kw)
         rows.append(row)
         print(f"{name:28s} B={B:<3d} T={T:<5d} {dtype:5s} {ms:9.4f} ms  (n={n})", flush=True)
+
+    if args.decode:
+        triv = mx.fast.cuda_kernel(name="gdn_probe_trivial", input_names=["x"], output_names=["o"],
+                                   source="if (threadIdx.x == 0 && blockIdx.x == 0) o[0] = x[0];")
+        xs = [mx.ones((4,)) for _ in range(3)]
+        mx.eval(xs)
+        trivial = ("probe-trivial-cuda-kernel", lambda x: mx.async_eval(triv(
+            inputs=[x], output_shapes=[(1,)], output_dtypes=[mx.float32], grid=(32, 1, 1),
+            threadgroup=(32, 1, 1))[0]), mlx_sync, xs)
+        for B in (1, 4, 16):
+            sets = make_mlx_sets(B, 1, mx.bfloat16)
+            res = interleaved_ms([trivial, ("mlx_gdn-cuda-recurrent", mlx_call("recurrent"), mlx_sync, sets),
+                                  ("fla-recurrent", fla_call("recurrent"), torch_sync, torch_sets(sets))])
+            for name, (ms, n) in res.items():
+                record(name, B, 1, "f32" if name.startswith("probe") else "bf16", ms, n, method="interleaved")
+        with open(os.path.join(args.out, "cuda_decode_h100.json"), "w") as f:
+            json.dump(dict(env=env, rows=rows), f, indent=1, default=str)
+        return
 
     # copy bandwidth (bytes read + written) through MLX
     a = mx.random.normal((256 * 1024 * 1024 // 4,))
