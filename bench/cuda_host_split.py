@@ -35,7 +35,8 @@ def split_us(build, sets, reps=200, warm=5, wait="async"):
     """Median (build, launch, wait, total) microseconds over `reps` calls; inputs rotated.
 
     wait: "async" = mx.async_eval then mx.synchronize (launch is the async_eval);
-    "eval" = mx.eval then mx.synchronize (cuda_bench.py's method; launch holds the eval's wait)."""
+    "eval" = mx.eval then mx.synchronize (the benchmarks' method before a44e28f; launch then holds
+    the eval's wait)."""
     for i in range(warm):
         mx.eval(build(sets[i % len(sets)]))
         mx.synchronize()
@@ -106,8 +107,6 @@ def compiled_launch(sets, reps, shape):
         print("mx.compile of the kernel call failed:", type(e).__name__, e, flush=True)
 
 
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -121,6 +120,7 @@ def main():
                               source="if (threadIdx.x == 0 && blockIdx.x == 0) o[0] = x[0];")
     xs = [mx.ones((4,))]
     mx.eval(xs)
+
     def trivial(x):
         return one(inputs=[x], output_shapes=[(1,)], output_dtypes=[mx.float32], grid=(32, 1, 1),
                    threadgroup=(32, 1, 1))
