@@ -187,9 +187,19 @@ def main():
         trivial = ("probe-trivial-cuda-kernel", lambda x: mx.async_eval(triv(
             inputs=[x], output_shapes=[(1,)], output_dtypes=[mx.float32], grid=(32, 1, 1),
             threadgroup=(32, 1, 1))[0]), mlx_sync, xs)
+        base = mlx_call("recurrent")
+
+        def elementwise(x):  # the decode body's state one 4-byte access per column (no GDN_VEC4)
+            cuda.DECODE_VEC4 = False
+            try:
+                return base(x)
+            finally:
+                cuda.DECODE_VEC4 = True
+
         for B in (1, 4, 16):
             sets = make_mlx_sets(B, 1, mx.bfloat16)
-            res = interleaved_ms([trivial, ("mlx_gdn-cuda-recurrent", mlx_call("recurrent"), mlx_sync, sets),
+            res = interleaved_ms([trivial, ("mlx_gdn-cuda-recurrent", base, mlx_sync, sets),
+                                  ("mlx_gdn-cuda-recurrent-elementwise", elementwise, mlx_sync, sets),
                                   ("fla-recurrent", fla_call("recurrent"), torch_sync, torch_sets(sets))])
             for name, (ms, n) in res.items():
                 record(name, B, 1, "f32" if name.startswith("probe") else "bf16", ms, n, method="interleaved")

@@ -77,13 +77,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--decode", action="store_true", help="only the decode cells (T=1)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import torch
 
     env = dict(mlx=mx.__version__, torch=torch.__version__, gpu=torch.cuda.get_device_name(),
                commit=os.environ.get("GDN_COMMIT", "?"),
-               command="PYTHONUNBUFFERED=1 python bench/cuda_kernel_times.py --out $OUT")
+               command="PYTHONUNBUFFERED=1 python bench/cuda_kernel_times.py --out $OUT" + (" --decode" if args.decode else ""))
     print(env, flush=True)
     H, D = cuda_bench.HV, cuda_bench.D
 
@@ -96,7 +97,7 @@ def main():
           mx.synchronize, xs, args.reps)
 
     default_per_lane = launch.DECODE_STATE_PER_LANE
-    for B, T in ((1, 1), (16, 1), (1, 4096), (4, 4096)):
+    for B, T in ((1, 1), (16, 1)) + (() if args.decode else ((1, 4096), (4, 4096))):
         sets = cuda_bench.make_mlx_sets(B, T, mx.bfloat16, n=2)
         for x in sets:
             mx.eval(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state)
@@ -110,6 +111,11 @@ def main():
                 timed(f"mlx-gdn recurrent, {per} state columns per lane", cuda_bench.mlx_call("recurrent"),
                       mx.synchronize, sets, args.reps, state_bytes=sb, **shape)
             launch.DECODE_STATE_PER_LANE = default_per_lane
+            cuda.DECODE_VEC4 = False  # each column its own 4-byte access, as before GDN_VEC4
+            launch.recurrent_launcher.cache_clear()
+            timed(f"mlx-gdn recurrent, {default_per_lane} columns per lane, element-wise",
+                  cuda_bench.mlx_call("recurrent"), mx.synchronize, sets, args.reps, state_bytes=sb, **shape)
+            cuda.DECODE_VEC4 = True
             launch.recurrent_launcher.cache_clear()
             timed("MLX state copy (x * 1)", lambda x: mx.eval(x.state * 1.0), mx.synchronize, sets, args.reps,
                   state_bytes=sb, **shape)

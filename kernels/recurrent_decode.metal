@@ -17,6 +17,17 @@
 
 constexpr int PER = Dk / L;  // state columns per lane
 
+// Which columns lane j keeps. GDN_VEC4 = 0: j, j + L, j + 2L, ... (a row's L lanes read L
+// adjacent floats per load). GDN_VEC4 = 1 (PER a multiple of 4): groups of four adjacent
+// columns, 4j + 4L m + c, so that on CUDA a lane moves its state in 16-byte loads and stores.
+// The launcher sets it; either way each lane holds PER distinct columns and the row's L lanes
+// hold all Dk.
+#ifndef GDN_VEC4
+#define GDN_VEC4 0
+#endif
+#define GDN_COL(i) (GDN_VEC4 ? (4 * L * ((i) >> 2) + ((i) & 3)) : (L * (i)))
+constexpr int LANE_COL = GDN_VEC4 ? 4 : 1;  // lane j's first column is LANE_COL * j
+
 const int T = q_shape[1];
 const int tid = static_cast<int>(thread_position_in_threadgroup.x);
 const int n = static_cast<int>(threadgroup_position_in_grid.z);  // bi * Hv + hv
@@ -31,18 +42,19 @@ const int row_c = live ? row : 0;  // rows past Dv compute on row 0's inputs and
 
 // Inputs are read through their strides (in elements), so views need no copy: X0 is the
 // offset of token 0 of this sequence and head (and of this lane's first column), XT the step
-// between tokens, XC the step between this lane's columns (L columns apart).
-const int64_t q0 = bi * q_strides[0] + hk * q_strides[2] + j * q_strides[3];
-const int64_t qT = q_strides[1], qC = L * q_strides[3];
-const int64_t k0 = bi * k_strides[0] + hk * k_strides[2] + j * k_strides[3];
-const int64_t kT = k_strides[1], kC = L * k_strides[3];
+// between tokens, XC the element step of one column (this lane's i-th column is GDN_COL(i)
+// columns past its first).
+const int64_t q0 = bi * q_strides[0] + hk * q_strides[2] + LANE_COL * j * q_strides[3];
+const int64_t qT = q_strides[1], qC = q_strides[3];
+const int64_t k0 = bi * k_strides[0] + hk * k_strides[2] + LANE_COL * j * k_strides[3];
+const int64_t kT = k_strides[1], kC = k_strides[3];
 const int64_t v0 = bi * v_strides[0] + hv * v_strides[2] + row_c * v_strides[3], vT = v_strides[1];
 #if GDN_FUSED
 const int64_t a0 = bi * a_strides[0] + hv * a_strides[2], aT = a_strides[1];
 const int64_t b0 = bi * b_strides[0] + hv * b_strides[2], bT = b_strides[1];
 #else
-const int64_t g0 = bi * g_strides[0] + hv * g_strides[2] + (KEYGATE ? j * g_strides[3] : 0);
-const int64_t gT = g_strides[1], gC = KEYGATE ? L * g_strides[3] : 0;
+const int64_t g0 = bi * g_strides[0] + hv * g_strides[2] + (KEYGATE ? LANE_COL * j * g_strides[3] : 0);
+const int64_t gT = g_strides[1], gC = KEYGATE ? g_strides[3] : 0;
 const int64_t beta0 = bi * beta_strides[0] + hv * beta_strides[2], betaT = beta_strides[1];
 #endif
 #if GDN_MASKED
@@ -53,11 +65,35 @@ const int64_t y0 = (static_cast<int64_t>(bi) * T * Hv + hv) * Dv + row;
 
 float s[PER];
 const int64_t s_in = bi * state_in_strides[0] + hv * state_in_strides[1] +
-                     row_c * state_in_strides[2] + j * state_in_strides[3];
-const int64_t s_inC = L * state_in_strides[3];
-GDN_UNROLL
-for (int i = 0; i < PER; ++i) {
-  s[i] = live ? state_in[s_in + i * s_inC] : 0.0f;
+                     row_c * state_in_strides[2] + LANE_COL * j * state_in_strides[3];
+const int64_t s_inC = state_in_strides[3];
+#if GDN_VEC4 && defined(GDN_CUDA_PRELUDE_H)
+// 16-byte loads where this lane's groups of four are adjacent and aligned (any row-contiguous
+// state MLX allocated); other views take the element loads below.
+const bool vec_in = s_inC == 1 && (reinterpret_cast<size_t>(state_in + s_in) & 15) == 0;
+#else
+const bool vec_in = false;
+#endif
+if (vec_in) {
+#if GDN_VEC4 && defined(GDN_CUDA_PRELUDE_H)
+  GDN_UNROLL
+  for (int m = 0; m < PER / 4; ++m) {
+    float4 f;
+    f.x = f.y = f.z = f.w = 0.0f;
+    if (live) {
+      f = *reinterpret_cast<const float4*>(state_in + s_in + 4 * L * m);
+    }
+    s[4 * m] = f.x;
+    s[4 * m + 1] = f.y;
+    s[4 * m + 2] = f.z;
+    s[4 * m + 3] = f.w;
+  }
+#endif
+} else {
+  GDN_UNROLL
+  for (int i = 0; i < PER; ++i) {
+    s[i] = live ? state_in[s_in + GDN_COL(i) * s_inC] : 0.0f;
+  }
 }
 
 #if GDN_FUSED
@@ -94,10 +130,10 @@ for (int t = 0; t < T; ++t) {
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   GDN_UNROLL
   for (int i = 0; i < PER; ++i) {
-    kr[i] = static_cast<float>(k[kt + i * kC]);
+    kr[i] = static_cast<float>(k[kt + GDN_COL(i) * kC]);
 #if !GDN_FUSED
     if (KEYGATE) {
-      s[i] *= static_cast<float>(g[g0 + t * gT + i * gC]);
+      s[i] *= static_cast<float>(g[g0 + t * gT + GDN_COL(i) * gC]);
     } else {
       s[i] *= gt;
     }
@@ -115,7 +151,7 @@ for (int t = 0; t < T; ++t) {
   GDN_UNROLL
   for (int i = 0; i < PER; ++i) {
     s[i] += kr[i] * delta;
-    acc[i & 3] += s[i] * static_cast<float>(q[qt + i * qC]);
+    acc[i & 3] += s[i] * static_cast<float>(q[qt + GDN_COL(i) * qC]);
   }
   float out = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   for (int o = 1; o < L; o <<= 1) {
@@ -127,9 +163,22 @@ for (int t = 0; t < T; ++t) {
 }
 
 if (live) {
-  const int64_t s_out = (static_cast<int64_t>(n) * Dv + row) * Dk + j;
+  const int64_t s_out = (static_cast<int64_t>(n) * Dv + row) * Dk + LANE_COL * j;
+#if GDN_VEC4 && defined(GDN_CUDA_PRELUDE_H)
+  // state_out is MLX's own row-contiguous allocation: every group of four is 16-byte aligned.
+  GDN_UNROLL
+  for (int m = 0; m < PER / 4; ++m) {
+    float4 f;
+    f.x = s[4 * m];
+    f.y = s[4 * m + 1];
+    f.z = s[4 * m + 2];
+    f.w = s[4 * m + 3];
+    *reinterpret_cast<float4*>(state_out + s_out + 4 * L * m) = f;
+  }
+#else
   GDN_UNROLL
   for (int i = 0; i < PER; ++i) {
-    state_out[s_out + i * L] = s[i];
+    state_out[s_out + GDN_COL(i)] = s[i];
   }
+#endif
 }

@@ -44,6 +44,11 @@ STATE_REGS_MIN_WARPS = 4
 # Warps per block of that launch: None picks by parallelism (`_regs_config`); tests set it.
 STATE_REGS_NW: Optional[int] = None
 
+# The decode body's state in groups of four columns per lane, moved in 16-byte loads and stores
+# (GDN_VEC4, `launch.recurrent_spec`). The decode kernel at B=16 moved its 67 MB of state at
+# 2.0 TB/s with one 4-byte access per column (bench/cuda_kernel_times_709d9c8.json).
+DECODE_VEC4 = True
+
 _KERNELS: Dict[Tuple, object] = {}
 _DUMMY: Dict[str, mx.array] = {}
 
@@ -150,7 +155,8 @@ def kernel_for_spec(spec: launch.LaunchSpec):
 def run_recurrent(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, path=None):
     """(y, state) from one launch of a shared recurrent body; path "decode"/"prefill"/None."""
     return launch.run_recurrent(
-        p, q, k, v, state, mask, kernel_for=kernel_for_spec, g=g, beta=beta, gating=gating, path=path
+        p, q, k, v, state, mask, kernel_for=kernel_for_spec, g=g, beta=beta, gating=gating, path=path,
+        vec4=DECODE_VEC4,
     )
 
 

@@ -147,12 +147,15 @@ def recurrent_spec(
     lower: bool = False,
     neg: bool = False,
     path: Optional[str] = None,
+    vec4: bool = False,
 ) -> LaunchSpec:
     """Launch spec of the recurrent kernel for problem `p`.
 
     p.fused selects the fused-gating inputs (a, b, A_log, dt_bias, and lower_bound when `lower`)
     over (g, beta); `lower` and `neg` are the fused options (lower_bound given, allow_neg_eigval).
-    path: "decode", "prefill" or None (by T, see `choose_path`).
+    path: "decode", "prefill" or None (by T, see `choose_path`). vec4: the decode body keeps each
+    lane's state columns in groups of four adjacent ones (GDN_VEC4), where a lane has a multiple
+    of four; the CUDA backend asks for it (16-byte state loads and stores).
     """
     path = path or choose_path(p)
     if path not in ("decode", "prefill"):
@@ -185,12 +188,14 @@ def recurrent_spec(
         template.append(("TB", _block_tokens(p.Dk, R, key_gate)))
     template += [("KEYGATE", key_gate), ("LOWER", lower), ("NEG", bool(p.fused and neg))]
 
-    variant = ("update" if p.fused else "rule") + ("_masked" if p.masked else "")
+    vec4 = bool(vec4 and path == "decode" and (p.Dk // L) % 4 == 0)
+    variant = ("update" if p.fused else "rule") + ("_masked" if p.masked else "") + ("_v4" if vec4 else "")
     return LaunchSpec(
         name=f"gdn_recurrent_{path}_{variant}",
         body=f"recurrent_{path}.metal",
         headers=(GATES_HEADER,),
-        defines=(("GDN_FUSED", int(p.fused)), ("GDN_MASKED", int(p.masked)), ("GDN_LOWER", int(lower))),
+        defines=(("GDN_FUSED", int(p.fused)), ("GDN_MASKED", int(p.masked)), ("GDN_LOWER", int(lower)),
+                 ("GDN_VEC4", int(vec4))),
         input_names=names,
         output_names=("y", "state_out"),
         template=tuple(template),
@@ -241,27 +246,28 @@ def _clear_launchers():
 
 
 @lru_cache(maxsize=512)
-def recurrent_launcher(p: Problem, lower: bool, neg: bool, path: Optional[str], kernel_for):
+def recurrent_launcher(p: Problem, lower: bool, neg: bool, path: Optional[str], kernel_for, vec4: bool = False):
     """(spec, kernel object, call keyword arguments) for one problem, built once.
 
     A decode loop repeats one problem every step; everything here is a pure function of it, so
     a step's host work is the input list and the kernel call.
     """
-    spec = recurrent_spec(p, lower=lower, neg=neg, path=path)
+    spec = recurrent_spec(p, lower=lower, neg=neg, path=path, vec4=vec4)
     return spec, kernel_for(spec), spec.call_kwargs()
 
 
-def run_recurrent(p: Problem, q, k, v, state, mask, *, kernel_for, g=None, beta=None, gating=None, path=None):
+def run_recurrent(p: Problem, q, k, v, state, mask, *, kernel_for, g=None, beta=None, gating=None, path=None,
+                  vec4: bool = False):
     """(y [B,T,Hv,Dv] in p.dtype, state [B,Hv,Dv,Dk] float32) from one recurrent launch.
 
     `kernel_for(spec)` gives the backend's kernel object (Metal or CUDA); path "decode",
-    "prefill" or None (by T).
+    "prefill" or None (by T); vec4: see `recurrent_spec`.
     """
     if gating is None:
         lower = neg = False
     else:
         lower, neg = gating.lower_bound is not None, bool(gating.allow_neg_eigval)
-    _, kern, kw = recurrent_launcher(p, lower, neg, path, kernel_for)
+    _, kern, kw = recurrent_launcher(p, lower, neg, path, kernel_for, vec4)
     ins = recurrent_inputs(q, k, v, state, mask, g=g, beta=beta, gating=gating)
     y, new_state = kern(inputs=ins, **kw, **launch_options()) if POISON_OUTPUTS else kern(inputs=ins, **kw)
     return y, new_state

@@ -16,6 +16,11 @@ from .validate import Problem
 
 name = "metal"
 
+# The decode body's state columns in groups of four per lane (GDN_VEC4, `launch.recurrent_spec`).
+# Off on Metal, whose layout is unmeasured on Apple GPUs; the simulator tests switch it on to
+# check the column arithmetic that CUDA's 16-byte loads rely on.
+DECODE_VEC4 = False
+
 # (kernel factory, name, header, source) -> kernel object. The factory is part of the key so a
 # kernel built under the simulator is never reused outside it (and the other way round);
 # MLX itself compiles each kernel once per template instantiation.
@@ -86,7 +91,8 @@ def kernel(spec: launch.LaunchSpec):
 
 def run_recurrent(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, path=None):
     """(y, state) from one recurrent kernel launch; path "decode"/"prefill" or None (by T)."""
-    return launch.run_recurrent(p, q, k, v, state, mask, kernel_for=kernel, g=g, beta=beta, gating=gating, path=path)
+    return launch.run_recurrent(p, q, k, v, state, mask, kernel_for=kernel, g=g, beta=beta, gating=gating, path=path,
+                                vec4=DECODE_VEC4)
 
 
 def run(p: Problem, q, k, v, state, mask, *, algorithm, g=None, beta=None, gating=None):

@@ -90,3 +90,22 @@ def test_bad_input_raises_before_launch():
     x = random_inputs(1, 4, 1, 2, 64, 64, seed=fresh_seed())
     with pytest.raises(ValueError, match="state"):
         mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, mx.zeros((1, 2, 64, 32)), backend="cuda")
+
+
+@pytest.mark.parametrize("offset", [0, 4, 1])
+def test_decode_state_views(offset):
+    """Decode with the state a view into a wider NaN-padded array: rows that start 16-byte aligned
+    (offsets 0 and 4: the 16-byte state loads) or not (offset 1: the element-wise loads)."""
+    seed = fresh_seed()
+    B, Hk, Hv, D = 2, 2, 4, 128
+    x = random_inputs(B, 1, Hk, Hv, D, D, dtype=mx.bfloat16, seed=seed)
+    nan = float("nan")
+    wide = mx.concatenate([mx.full((B, Hv, D, offset), nan), x.state, mx.full((B, Hv, D, 12 - offset), nan)],
+                          axis=-1)
+    mx.eval(wide)
+    state = wide[..., offset:offset + D]
+    y, s = mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, state, backend="cuda")
+    yr, sr = _reference(x, True)
+    ey, es = rel_error(y, yr), rel_error(s, sr)
+    tol = TOL[mx.bfloat16]
+    assert ey < tol and es < tol, f"y err {ey:.2e}, state err {es:.2e}, offset {offset}, seed={seed}"

@@ -68,7 +68,9 @@ def _recurrent_tu() -> str:
             dt = DTYPES[i % len(DTYPES)]
             T = 1 if path == "decode" else 64
             p = Problem(2, T, 2, 4, Dk, Dv, dt, "key" if key else "scalar", masked, fused)
-            spec = launch.recurrent_spec(p, lower=lower, neg=neg, path=path)
+            # decode: CUDA's grouped columns (16-byte state moves) and, every other variant, the
+            # element-wise layout it falls back to
+            spec = launch.recurrent_spec(p, lower=lower, neg=neg, path=path, vec4=i % 2 == 0)
             ndim = {"q": 4, "k": 4, "v": 4, "state_in": 4, "mask": 2, "g": 4 if key else 3, "beta": 3,
                     "a": 3, "b": 3, "A_log": 1, "dt_bias": 1, "lower_bound": 1}
             dtypes = {"state_in": mx.float32, "mask": mx.bool_, "lower_bound": mx.float32, "A_log": mx.float32,

@@ -161,6 +161,29 @@ def test_every_lanes_per_row(L, monkeypatch, no_ops):
         _check(y, s, y_ref, s_ref, F32, f"seed {seed + T}, L {L}, T {T}")
 
 
+@pytest.mark.parametrize("L", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("gate", ["scalar", "key"])
+def test_decode_columns_in_fours(L, gate, monkeypatch, no_ops):
+    """The decode body with GDN_VEC4 (CUDA's layout: each lane keeps groups of four adjacent state
+    columns) at each lanes-per-row width that leaves a lane a multiple of four columns. Here the
+    columns are moved one element at a time (the 16-byte moves are CUDA's); what is checked is
+    that every column is read, updated and written exactly once, through every input's strides."""
+    monkeypatch.setattr(metal, "DECODE_VEC4", True)
+    monkeypatch.setattr(launch, "lanes_per_row", lambda Dk, per_lane: L)
+    seed = fresh_seed()
+    for T, fused in ((1, True), (3, False)):
+        x = _inputs(2, T, 1, 2, 64, 40, F32, seed + T, gate="scalar" if fused else gate, mask=True)
+        p = check_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
+        assert launch.recurrent_spec(p, path="decode", vec4=True).name.endswith("_v4")
+        if fused:
+            y, s = run_update(x, -1.0, True)
+            y_ref, s_ref = ref_update(x, -1.0, True)
+        else:
+            y, s = run_rule(x)
+            y_ref, s_ref = reference.delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
+        _check(y, s, y_ref, s_ref, F32, f"seed {seed + T}, L {L}, T {T}, gate {gate}")
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_decode_after_prefill_equals_one_call(fused, no_ops):
     """State carried across calls (prefill 9 tokens, then 2 single-token steps) equals one call."""
@@ -232,7 +255,7 @@ def _interleaved(x: mx.array, junk) -> mx.array:
     return mx.stack([x, other], axis=-1)
 
 
-@pytest.mark.parametrize("path", ["decode", "prefill"])
+@pytest.mark.parametrize("path", ["decode", "prefill", "decode-vec4"])
 @pytest.mark.parametrize("fused", [False, True])
 def test_bodies_follow_strides(path, fused):
     """The bodies index every input through its *_strides.
@@ -241,6 +264,7 @@ def test_bodies_follow_strides(path, fused):
     each input gets a trailing axis of 2 whose second slot is junk (NaN, or the inverted mask):
     the body, reading axes 0..n-1 of it, sees every stride doubled, as for a strided view."""
     seed = fresh_seed()
+    path, vec4 = path.split("-")[0], path.endswith("vec4")
     T = 3 if path == "decode" else 9
     gate = "scalar" if fused else "key"
     x = _inputs(2, T, 2, 4, 64, 40, F32, seed, gate=gate, mask=True)
@@ -254,7 +278,8 @@ def test_bodies_follow_strides(path, fused):
     else:
         p = check_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
         arrays.update(g=_interleaved(x.g, nan), beta=_interleaved(x.beta, nan))
-    spec = launch.recurrent_spec(p, lower=fused, neg=fused, path=path)
+    spec = launch.recurrent_spec(p, lower=fused, neg=fused, path=path, vec4=vec4)
+    assert spec.name.endswith("_v4") == vec4
     with simulated_metal():
         y, s = metal.kernel(spec)(inputs=spec.inputs(arrays), **spec.call_kwargs())
         mx.eval(y, s)
