@@ -45,8 +45,9 @@ STATE_REGS_MIN_WARPS = 4
 STATE_REGS_NW: Optional[int] = None
 
 # The decode body's state in groups of four columns per lane, moved in 16-byte loads and stores
-# (GDN_VEC4, `launch.recurrent_spec`). The decode kernel at B=16 moved its 67 MB of state at
-# 2.0 TB/s with one 4-byte access per column (bench/cuda_kernel_times_709d9c8.json).
+# (GDN_VEC4, `launch.recurrent_spec`). On the H100 at B=16: 31.1 us of GPU time against 33.0 with
+# one 4-byte access per column (bench/cuda_kernel_times_d0c164d.json); the calls are even within
+# noise (bench/cuda_decode_h100_d0c164d.json).
 DECODE_VEC4 = True
 
 _KERNELS: Dict[Tuple, object] = {}
