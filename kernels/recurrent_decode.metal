@@ -27,6 +27,13 @@ constexpr int PER = Dk / L;  // state columns per lane
 #endif
 #define GDN_COL(i) (GDN_VEC4 ? (4 * L * ((i) >> 2) + ((i) & 3)) : (L * (i)))
 constexpr int LANE_COL = GDN_VEC4 ? 4 : 1;  // lane j's first column is LANE_COL * j
+// The 16-byte moves themselves are CUDA's (the Metal layout is unmeasured on Apple GPUs).
+#undef GDN_VEC4_MOVES
+#if GDN_VEC4 && defined(GDN_CUDA_PRELUDE_H)
+#define GDN_VEC4_MOVES 1
+#else
+#define GDN_VEC4_MOVES 0
+#endif
 
 const int T = q_shape[1];
 const int tid = static_cast<int>(thread_position_in_threadgroup.x);
@@ -67,15 +74,10 @@ float s[PER];
 const int64_t s_in = bi * state_in_strides[0] + hv * state_in_strides[1] +
                      row_c * state_in_strides[2] + LANE_COL * j * state_in_strides[3];
 const int64_t s_inC = state_in_strides[3];
-#if GDN_VEC4 && defined(GDN_CUDA_PRELUDE_H)
+#if GDN_VEC4_MOVES
 // 16-byte loads where this lane's groups of four are adjacent and aligned (any row-contiguous
 // state MLX allocated); other views take the element loads below.
-const bool vec_in = s_inC == 1 && (reinterpret_cast<size_t>(state_in + s_in) & 15) == 0;
-#else
-const bool vec_in = false;
-#endif
-if (vec_in) {
-#if GDN_VEC4 && defined(GDN_CUDA_PRELUDE_H)
+if (s_inC == 1 && (reinterpret_cast<size_t>(state_in + s_in) & 15) == 0) {
   GDN_UNROLL
   for (int m = 0; m < PER / 4; ++m) {
     float4 f;
@@ -88,8 +90,9 @@ if (vec_in) {
     s[4 * m + 2] = f.z;
     s[4 * m + 3] = f.w;
   }
+} else
 #endif
-} else {
+{
   GDN_UNROLL
   for (int i = 0; i < PER; ++i) {
     s[i] = live ? state_in[s_in + GDN_COL(i) * s_inC] : 0.0f;
@@ -164,7 +167,7 @@ for (int t = 0; t < T; ++t) {
 
 if (live) {
   const int64_t s_out = (static_cast<int64_t>(n) * Dv + row) * Dk + LANE_COL * j;
-#if GDN_VEC4 && defined(GDN_CUDA_PRELUDE_H)
+#if GDN_VEC4_MOVES
   // state_out is MLX's own row-contiguous allocation: every group of four is 16-byte aligned.
   GDN_UNROLL
   for (int m = 0; m < PER / 4; ++m) {
