@@ -216,17 +216,27 @@ def test_bf16_layer_matches_mlx_lm_prompt_and_decode():
 def test_bf16_model_as_close_to_float32_as_mlx_lm():
     """A whole bf16 model drifts from its float32 computation by a few percent through the layers
     mlx-gdn does not touch, so the patched bf16 model is held to mlx-lm's own bf16 drift (same
-    weights, float32 computation as the reference) rather than to a fixed bound."""
+    weights, float32 computation as the reference) rather than to a fixed bound.
+
+    Summed over four weight draws: per layer the two bf16 computations are equally far from
+    float32 (within a few percent of each other), but how their different roundings grow through
+    the model varies by draw, so one draw's ratio spreads from about 0.8 to 1.4 around a median
+    of 1.0 and exceeded the bound for about 1 draw in 20."""
     seed = fresh_seed()
-    bf = tiny_model("qwen3_5", seed, mx.bfloat16)
-    f32 = tiny_model("qwen3_5", seed)
-    f32.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in tree_flatten(bf.parameters())]))
-    toks = tokens(seed, (2, 11))
-    truth, ref = f32(toks), bf(toks)
-    mlx_gdn.patch(bf)
-    out = bf(toks)
-    assert out.dtype == mx.bfloat16
-    assert rel(out, truth) < 1.25 * rel(ref, truth), f"seed={seed}: patched {rel(out, truth)}, mlx-lm {rel(ref, truth)}"
+    seeds = [(seed + i) % 2**32 for i in range(4)]
+    patched, mlx_lm_bf16 = [], []
+    for s in seeds:
+        bf = tiny_model("qwen3_5", s, mx.bfloat16)
+        f32 = tiny_model("qwen3_5", s)
+        f32.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in tree_flatten(bf.parameters())]))
+        toks = tokens(s, (2, 11))
+        truth, ref = f32(toks), bf(toks)
+        mlx_gdn.patch(bf)
+        out = bf(toks)
+        assert out.dtype == mx.bfloat16
+        patched.append(rel(out, truth))
+        mlx_lm_bf16.append(rel(ref, truth))
+    assert sum(patched) < 1.25 * sum(mlx_lm_bf16), f"seeds={seeds}: patched {patched}, mlx-lm {mlx_lm_bf16}"
 
 
 def _greedy(model, prompt, cache, n_decode):
