@@ -218,13 +218,15 @@ def test_bf16_model_as_close_to_float32_as_mlx_lm():
     mlx-gdn does not touch, so the patched bf16 model is held to mlx-lm's own bf16 drift (same
     weights, float32 computation as the reference) rather than to a fixed bound.
 
-    Summed over four weight draws: per layer the two bf16 computations are equally far from
-    float32 (within a few percent of each other), but how their different roundings grow through
-    the model varies by draw, so one draw's ratio spreads from about 0.8 to 1.4 around a median
-    of 1.0 and exceeded the bound for about 1 draw in 20."""
+    The bound holds for the median over nine weight draws. Fed the same bf16 input, each patched
+    layer is as close to float32 as mlx-lm's (within a few percent of each other). But two bf16
+    computations that round at different places diverge through the rest of the model by an
+    amount that varies from draw to draw: one draw's ratio centres on 1.0, exceeded 1.25 in about
+    1 draw in 15 and reached 1.76. A patched model that is worse in general still moves the
+    median."""
     seed = fresh_seed()
-    seeds = [(seed + i) % 2**32 for i in range(4)]
-    patched, mlx_lm_bf16 = [], []
+    seeds = [(seed + i) % 2**32 for i in range(9)]
+    ratios = []
     for s in seeds:
         bf = tiny_model("qwen3_5", s, mx.bfloat16)
         f32 = tiny_model("qwen3_5", s)
@@ -234,9 +236,8 @@ def test_bf16_model_as_close_to_float32_as_mlx_lm():
         mlx_gdn.patch(bf)
         out = bf(toks)
         assert out.dtype == mx.bfloat16
-        patched.append(rel(out, truth))
-        mlx_lm_bf16.append(rel(ref, truth))
-    assert sum(patched) < 1.25 * sum(mlx_lm_bf16), f"seeds={seeds}: patched {patched}, mlx-lm {mlx_lm_bf16}"
+        ratios.append(rel(out, truth) / rel(ref, truth))
+    assert float(np.median(ratios)) < 1.25, f"seeds={seeds}: patched / mlx-lm error ratios {ratios}"
 
 
 def _greedy(model, prompt, cache, n_decode):
