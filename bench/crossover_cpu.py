@@ -17,8 +17,8 @@ import time
 
 import mlx.core as mx
 
-import mlx_gdn.ops_chunked as oc
-from mlx_gdn.ops_recurrent import recurrent_rule
+import mlx_gdn.ops.chunked as oc
+from mlx_gdn.ops.recurrent import recurrent_rule
 from mlx_gdn.testing import random_inputs
 
 SHAPE = dict(B=1, Hk=16, Hv=32, Dk=128, Dv=128)

@@ -26,7 +26,7 @@ import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mlx_gdn  # noqa: E402
-from mlx_gdn import cuda  # noqa: E402
+from mlx_gdn.cuda import backend as cuda, chunked as cuda_chunked, kernel as cuda_kernel  # noqa: E402
 from mlx_gdn.reference import delta_rule, rel_error  # noqa: E402
 from mlx_gdn.testing import random_inputs  # noqa: E402
 
@@ -237,7 +237,7 @@ def main():
     record("probe-run_recurrent-direct", 1, 1, "bf16", ms, n)
     from mlx_gdn import launch
     spec = launch.recurrent_spec(p0)
-    kern = cuda.kernel_for_spec(spec)
+    kern = cuda_kernel.kernel_for_spec(spec)
     prepared = [launch.recurrent_inputs(x.q, x.k, x.v, x.state, None,
                                                     gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias))
                 for x in sets]
@@ -264,10 +264,10 @@ def main():
             record(f"mlx_gdn-cuda-{algo}", B, T, "bf16", ms, n)
         if T >= 64:
             for bv in (32, 64, 128):
-                cuda.CHUNK_BV = bv
+                cuda_chunked.CHUNK_BV = bv
                 ms, n = wall_ms(mlx_call("chunked"), mlx_sync, sets, reps=60)
                 record(f"mlx_gdn-cuda-chunked-BV{bv}", B, T, "bf16", ms, n)
-            cuda.CHUNK_BV = None
+            cuda_chunked.CHUNK_BV = None
         for kind in ("recurrent", "chunk"):
             if kind == "chunk" and T == 1:
                 continue

@@ -21,7 +21,8 @@ from collections import defaultdict
 import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mlx_gdn import cuda, launch  # noqa: E402
+from mlx_gdn import launch  # noqa: E402
+from mlx_gdn.cuda import backend as cuda, chunked as cuda_chunked  # noqa: E402
 
 import cuda_bench  # noqa: E402  (bench/, this script's folder)
 
@@ -121,12 +122,12 @@ def main():
                   state_bytes=sb, **shape)
         else:
             sb = None
-            cuda.STATE_REGS = False
+            cuda_chunked.STATE_REGS = False
             timed("mlx-gdn chunked", cuda_bench.mlx_call("chunked"), mx.synchronize, sets, args.reps, **shape)
-            cuda.STATE_REGS = True  # the state pass with S in registers, whatever the shape rule chooses
+            cuda_chunked.STATE_REGS = True  # the state pass with S in registers, whatever the shape rule chooses
             timed("mlx-gdn chunked, state in registers", cuda_bench.mlx_call("chunked"), mx.synchronize, sets,
                   args.reps, **shape)
-            cuda.STATE_REGS = None
+            cuda_chunked.STATE_REGS = None
         tsets = cuda_bench.torch_sets(sets)
         if T == 1:
             timed("torch state copy (clone)", lambda x: x["h0"].clone(), torch.cuda.synchronize, tsets, args.reps,

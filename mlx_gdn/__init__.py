@@ -22,7 +22,7 @@ __all__ = [
 def __getattr__(name):
     # The module and patch import mlx.nn lazily so the kernels stay importable alone.
     if name in ("GatedDeltaNet", "patch"):
-        from . import module as _module
+        from . import models
 
-        return getattr(_module, name)
+        return getattr(models, name)
     raise AttributeError(f"module 'mlx_gdn' has no attribute {name!r}")

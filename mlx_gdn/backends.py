@@ -9,14 +9,36 @@ from typing import Tuple
 
 import mlx.core as mx
 
-from .crossover import CHUNKED_FROM_T
 from .validate import ALGORITHMS, BACKENDS, Problem, check_choice
 
 # Each backend module provides: available(), unavailable_reason(), supports(p, algorithm),
 # choose_algorithm(p), run(p, q, k, v, state, mask, *, algorithm, g, beta, gating).
-_MODULES = {"metal": "mlx_gdn.metal", "cuda": "mlx_gdn.cuda", "ops": "mlx_gdn.ops_backend"}
+_MODULES = {"metal": "mlx_gdn.metal.backend", "cuda": "mlx_gdn.cuda.backend", "ops": "mlx_gdn.ops.backend"}
 # Order in which "auto" tries the GPU backends.
 _GPU_ORDER = ("metal", "cuda")
+
+
+# Where `algorithm="auto"` switches from the recurrent to the chunked form, per backend: prompt
+# lengths measured by the benchmark (bench/NOTES.md says with which command); below them the
+# recurrent path is as fast or faster.
+# Backend -> smallest T at which the chunked form wins. None: never chosen automatically.
+# "ops": measured on the 2-core CPU with bench/crossover_cpu.py (bench/NOTES.md, "Chunked
+# prefill"): with the machine quiet, chunked leads from T=8 on (ties or trails at T <= 4).
+# "metal": no Apple GPU to measure on; NOTES gives a model only. "cuda": H100, bench/cuda_bench.py
+# (bench/NOTES.md, "CUDA / H100"): chunked leads from T=128 at B=1 in bf16 and ties in float32.
+CHUNKED_FROM_T = {"ops": 8, "metal": None, "cuda": 128}
+
+
+def prefers_chunked(backend: str, p: Problem) -> bool:
+    """True when the chunked form should run this problem on `backend`.
+
+    Scalar gates only: the ops chunked form takes per-key gates exactly, but its pairwise
+    decay then has a Dk axis (C*C*Dk exponentials per chunk and head), and it measured slower
+    than the recurrence (bench/NOTES.md, "Chunked prefill"); a folded form (decay split between K and Q columns) overflows for
+    gates near 0 unless they are bounded below.
+    """
+    t0 = CHUNKED_FROM_T.get(backend)
+    return t0 is not None and p.T >= t0 and p.gate == "scalar"
 
 
 # Backend name -> why its module could not be imported (reported when it is asked for).

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
 from . import backends
-from .kernel_source import load
 from .validate import Problem
 
 # Tokens up to which the unstaged decode body runs; longer calls stage blocks of tokens.
@@ -33,6 +33,55 @@ PREFILL_STATE_PER_LANE = 32
 THREADS_PER_GROUP = 128
 STAGE_BYTES = 16384
 MAX_BLOCK_TOKENS = 16
+
+# Kernel bodies ship as files in ``kernels/`` (installed as ``mlx_gdn.kernels``).
+_HERE = Path(__file__).resolve().parent
+# Installed wheel: mlx_gdn/kernels; source checkout: <repo>/kernels.
+_CANDIDATES = (_HERE / "kernels", _HERE.parent / "kernels")
+
+
+def kernel_dir() -> Path:
+    """The directory holding the kernel source files."""
+    for d in _CANDIDATES:
+        if d.is_dir() and any(d.glob("*.metal")):
+            return d
+    for d in _CANDIDATES:
+        if d.is_dir():
+            return d
+    raise FileNotFoundError(f"mlx_gdn kernel sources not found in {[str(c) for c in _CANDIDATES]}")
+
+
+@lru_cache(maxsize=None)
+def load(name: str) -> str:
+    """Text of ``kernels/<name>`` (e.g. ``"recurrent.metal"``)."""
+    path = kernel_dir() / name
+    if not path.is_file():
+        raise FileNotFoundError(f"kernel source {name!r} not found in {kernel_dir()}")
+    return path.read_text()
+
+
+@lru_cache(maxsize=None)
+def compact(text: str) -> str:
+    """`text` without `//` comments, indentation or blank lines; the same program.
+
+    MLX's CUDA backend rebuilds and hashes a custom kernel's whole source on every call, so
+    shorter text is less host work per launch. The kernel sources use no block comments and
+    no `//` inside string literals (asserted here).
+    """
+    if "/*" in text:
+        raise ValueError("compact() does not handle block comments")
+    out = []
+    for line in text.splitlines():
+        cut = line.find("//")
+        if cut >= 0:
+            if '"' in line[cut:]:
+                raise ValueError(f"compact() cannot tell a comment from a string in: {line!r}")
+            line = line[:cut]
+        line = line.strip()
+        if line:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
 
 GATES_HEADER = "recurrent_gates.h"
 _INT32_MAX = 2**31 - 1

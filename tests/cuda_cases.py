@@ -129,7 +129,7 @@ def test_chunked(case):
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_chunked_state_slice_widths(bv, dtype, monkeypatch):
     """Every value-slice width of the state launch (128 runs 8 warps, two per token strip)."""
-    from mlx_gdn import cuda
+    from mlx_gdn.cuda import chunked as cuda
 
     monkeypatch.setattr(cuda, "CHUNK_BV", bv)
     monkeypatch.setattr(cuda, "STATE_REGS", False)  # the shared-memory pass, whatever the shape rule
@@ -138,8 +138,8 @@ def test_chunked_state_slice_widths(bv, dtype, monkeypatch):
 
 @pytest.mark.parametrize("case", CHUNKED_REGS, ids=lambda c: "-".join(map(str, c)))
 def test_chunked_state_in_registers(case, monkeypatch):
-    """The state pass with S in registers (cuda.STATE_REGS) on the chunked cases it takes."""
-    from mlx_gdn import cuda
+    """The state pass with S in registers (cuda.chunked.STATE_REGS) on the chunked cases it takes."""
+    from mlx_gdn.cuda import chunked as cuda
 
     monkeypatch.setattr(cuda, "STATE_REGS", True)
     B, T, Hk, Hv, Dk, Dv, dt, masked, fused, lb, neg = case
@@ -149,7 +149,7 @@ def test_chunked_state_in_registers(case, monkeypatch):
 @pytest.mark.parametrize("nw", [1, 2, 4, 8])
 def test_chunked_state_in_registers_warps(nw, monkeypatch):
     """Every block width of the register-state pass (16 value rows per warp)."""
-    from mlx_gdn import cuda
+    from mlx_gdn.cuda import chunked as cuda
 
     monkeypatch.setattr(cuda, "STATE_REGS", True)
     monkeypatch.setattr(cuda, "STATE_REGS_NW", nw)

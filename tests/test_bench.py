@@ -247,7 +247,7 @@ def test_stated_path_tolerance_applies_only_where_looser():
 
 
 def test_chunked_ops_contender_states_its_float32_bound():
-    from mlx_gdn.ops_chunked import float32_tolerance
+    from mlx_gdn.ops.chunked import float32_tolerance
 
     (c,) = [c for c in discover() if c.route == ("ops", "chunked") and c.gating == "fused"]
     assert c.meta["tolerance"] == {"float32": float32_tolerance()}

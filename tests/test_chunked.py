@@ -1,7 +1,7 @@
 """The chunked (WY-form) ops path against the float64 reference and the exact recurrence.
 
 Runs on mx.default_device(): on MLX's CUDA backend float32 matmuls use TF32 unless
-MLX_ENABLE_TF32=0, and the float32 tolerance is the one stated in ops_chunked's docstring.
+MLX_ENABLE_TF32=0, and the float32 tolerance is the one stated in ops.chunked's docstring.
 """
 
 
@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mlx_gdn
-from mlx_gdn import crossover
-from mlx_gdn.ops_chunked import chunk_len, chunked_rule, float32_tolerance
-from mlx_gdn.ops_recurrent import recurrent_rule
+from mlx_gdn import backends as crossover
+from mlx_gdn.ops.chunked import chunk_len, chunked_rule, float32_tolerance
+from mlx_gdn.ops.recurrent import recurrent_rule
 from mlx_gdn.reference import delta_rule, gates, rel_error, to_numpy
 from mlx_gdn.testing import assert_matches_reference, fresh_seed, random_inputs
 
@@ -152,7 +152,7 @@ def test_auto_picks_chunked_from_crossover(monkeypatch):
     x = random_inputs(1, 12, 1, 1, 8, 8, seed=seed)
     monkeypatch.setitem(crossover.CHUNKED_FROM_T, "ops", 10)
     calls = []
-    import mlx_gdn.ops_chunked as oc
+    import mlx_gdn.ops.chunked as oc
 
     orig = oc.chunked_rule
     monkeypatch.setattr(oc, "chunked_rule", lambda *a: calls.append(1) or orig(*a))

@@ -27,7 +27,7 @@ from cuda_cases import (  # noqa: F401  (collected here: the chunked tests, run 
 
 
 def _has_cuda() -> bool:
-    from mlx_gdn.cuda import available
+    from mlx_gdn.cuda.backend import available
 
     return available()
 

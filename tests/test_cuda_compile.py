@@ -20,8 +20,10 @@ import pytest
 
 import mlx.core as mx
 
-from mlx_gdn import cuda, launch
-from mlx_gdn.kernel_source import compact
+from mlx_gdn import launch
+from mlx_gdn.cuda import chunked as cuda_chunked
+from mlx_gdn.cuda import kernel as cuda
+from mlx_gdn.launch import compact
 from mlx_gdn.validate import Problem
 
 NVCC = shutil.which("nvcc")
@@ -97,7 +99,7 @@ def _chunked_tu() -> str:
         inputs = [("q", dt, 4), ("k", dt, 4), ("v", dt, 4), ("gate_a", dt, 3), ("gate_b", mx.float32, 3),
                   ("A_log", mx.float32, 1), ("dt_bias", mx.float32, 1), ("lower_bound", mx.float32, 1),
                   ("mask", mx.bool_ if masked else mx.float32, 2 if masked else 1)]
-        outputs = list(zip(cuda.PREP_OUTPUTS, (ot, ot, ot, mx.float32)))
+        outputs = list(zip(cuda_chunked.PREP_OUTPUTS, (ot, ot, ot, mx.float32)))
         template = [("Dk", Dk), ("Dv", Dv), ("EXACT", exact), ("FUSED", fused), ("MASKED", masked),
                     ("HAS_LB", lower), ("NEG", neg)]
         parts.append(cuda.kernel_text(f"custom_kernel_prep_{i}", "", cuda.source_text("chunked_prep.cu"), inputs, outputs, template))
@@ -110,15 +112,15 @@ def _chunked_tu() -> str:
     ]
     for i, (dt, Dk, Dv, masked, B) in enumerate(state_cases):
         p = Problem(B, 256, 16, 32, Dk, Dv, dt, "scalar", masked, False)
-        bv, share, smem = cuda._state_config(p)
-        assert smem <= cuda.SMEM_LIMIT
+        bv, share, smem = cuda_chunked._state_config(p)
+        assert smem <= cuda_chunked.SMEM_LIMIT
         exact = dt == mx.float32
         ot = mx.float32 if exact else mx.bfloat16
         inputs = [("q", dt, 4), ("k", dt, 4), ("W", ot, 4), ("U", ot, 4), ("Aqk", ot, 5), ("G", mx.float32, 3),
                   ("state_in", mx.float32, 4), ("mask", mx.bool_ if masked else mx.float32, 2 if masked else 1)]
         outputs = [("y", dt), ("state_out", mx.float32)]
         template = [("Dk", Dk), ("Dv", Dv), ("BV", bv), ("EXACT", exact), ("MASKED", masked), ("SHARE_WQ", share),
-                    ("NH", cuda.state_nh(bv))]
+                    ("NH", cuda_chunked.state_nh(bv))]
         parts.append(cuda.kernel_text(f"custom_kernel_state_{i}", "", cuda.source_text("chunked_state.cu"), inputs, outputs, template))
     regs_cases = [  # dtype, Dk, Dv, masked, warps: the state pass with S in registers
         (mx.bfloat16, 128, 128, False, 8),
@@ -126,7 +128,7 @@ def _chunked_tu() -> str:
         (mx.float16, 128, 64, True, 1),
     ]
     for i, (dt, Dk, Dv, masked, nw) in enumerate(regs_cases):
-        assert cuda.state_regs_smem(Dk, 16 * nw) <= cuda.SMEM_LIMIT
+        assert cuda_chunked.state_regs_smem(Dk, 16 * nw) <= cuda_chunked.SMEM_LIMIT
         inputs = [("q", dt, 4), ("k", dt, 4), ("W", mx.bfloat16, 4), ("U", mx.bfloat16, 4), ("Aqk", mx.bfloat16, 5),
                   ("G", mx.float32, 3), ("state_in", mx.float32, 4),
                   ("mask", mx.bool_ if masked else mx.float32, 2 if masked else 1)]
@@ -139,7 +141,7 @@ def _chunked_tu() -> str:
 
 def _decode_layer_tu() -> str:
     """The fused T=1 layer step (kernels/decode_layer.metal) through the same prelude."""
-    from mlx_gdn import decode_layer
+    from mlx_gdn.models import decode_step as decode_layer
 
     parts = [MLX_HEADER, cuda.source_text(cuda.PRELUDE)]
     ndim = dict(qkv=3, conv_state=3, w=3, a=3, b=3, A_log=1, dt_bias=1, state_in=4, mask=2)

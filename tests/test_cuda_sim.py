@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlx_gdn import cuda
+from mlx_gdn.cuda import kernel as cuda
 from mlx_gdn.sim import SimError, simulated_cuda
 
 from cuda_cases import check_case

@@ -1,4 +1,4 @@
-"""The fused T=1 layer step (kernels/decode_layer.metal through mlx_gdn.decode_layer).
+"""The fused T=1 layer step (kernels/decode_layer.metal through mlx_gdn.models.decode_step).
 
 Under the Metal simulator, several decode steps after a prefill of the drop-in layer on the
 fused path must equal, in y, the conv state and the recurrent state: the unfused layer (mlx-gdn
@@ -23,8 +23,9 @@ from mlx_lm.models import qwen3_5, qwen3_next  # noqa: E402
 from mlx_lm.models.cache import ArraysCache, make_prompt_cache  # noqa: E402
 
 import mlx_gdn  # noqa: E402
-from mlx_gdn import decode_layer, metal  # noqa: E402
-from mlx_gdn.module import Qwen3NextGatedDeltaNet  # noqa: E402
+from mlx_gdn.metal import backend as metal  # noqa: E402
+from mlx_gdn.models import decode_step as decode_layer  # noqa: E402
+from mlx_gdn.models.layers import Qwen3NextGatedDeltaNet  # noqa: E402
 from mlx_gdn.reference import delta_rule, gates, rel_error, to_numpy  # noqa: E402
 from mlx_gdn.sim import STATS, simulated_metal  # noqa: E402
 from mlx_gdn.testing import fresh_seed  # noqa: E402
@@ -202,7 +203,7 @@ def test_fused_steps_match_unfused_mlx_lm_and_reference(kind, dtype, B, Hk, Hv, 
 
 
 def _has_cuda() -> bool:
-    from mlx_gdn.cuda import available
+    from mlx_gdn.cuda.backend import available
 
     return available()
 

@@ -7,7 +7,8 @@ import mlx.core as mx
 import pytest
 
 import mlx_gdn
-from mlx_gdn import backends, crossover
+from mlx_gdn import backends
+from mlx_gdn import backends as crossover
 from mlx_gdn.testing import random_inputs
 from mlx_gdn.validate import Problem
 
@@ -108,12 +109,12 @@ def test_backend_that_fails_to_import_is_reported_not_fatal(monkeypatch):
     real_import = backends.importlib.import_module
 
     def import_module(name):
-        if name == "mlx_gdn.cuda":
+        if name == "mlx_gdn.cuda.backend":
             raise RuntimeError("driver library missing")
         return real_import(name)
 
     monkeypatch.setattr(backends.importlib, "import_module", import_module)
-    monkeypatch.delitem(sys.modules, "mlx_gdn.cuda", raising=False)
+    monkeypatch.delitem(sys.modules, "mlx_gdn.cuda.backend", raising=False)
     assert not backends.is_available("cuda")
     assert backends.resolve("auto", "recurrent", problem())[0] is not None
     with pytest.raises(ValueError, match=r"backend 'cuda' is not available on this machine \(RuntimeError: driver library missing\)"):
@@ -159,7 +160,7 @@ def test_entering_and_leaving_the_simulator_reroutes():
 def test_kernels_made_in_the_simulator_are_not_reused_after_it(monkeypatch):
     """On a machine with a Metal GPU, a process that ran the simulator must launch the GPU's kernel
     objects afterwards, not the simulator's (public call and the fused decode-layer step)."""
-    from mlx_gdn import decode_layer
+    from mlx_gdn.models import decode_step as decode_layer
     from mlx_gdn.sim import simulated_metal
 
     x = random_inputs(1, 1, 1, 2, 32, 32, seed=4)
@@ -182,7 +183,7 @@ def test_kernels_made_in_the_simulator_are_not_reused_after_it(monkeypatch):
 def test_chunked_state_pass_choice(monkeypatch):
     """The CUDA chunked call takes the register-state pass where its blocks are wide (as timed on
     the H100) and the shared-memory pass elsewhere; STATE_REGS forces either."""
-    from mlx_gdn import cuda
+    from mlx_gdn.cuda import chunked as cuda
 
     def qwen(B, dtype=mx.bfloat16, Dk=128):
         return Problem(B, 4096, 16, 32, Dk, 128, dtype, "scalar", False, True)

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mlx_gdn
-from mlx_gdn import ops_backend
-from mlx_gdn.metal_chunked import CHUNK, supports_chunked
+from mlx_gdn.ops import backend as ops_backend
+from mlx_gdn.metal.chunked import CHUNK, supports_chunked
 from mlx_gdn.reference import delta_rule, gates, to_numpy
 from mlx_gdn.testing import assert_matches_reference, fresh_seed, random_inputs
 from mlx_gdn.validate import check_rule

@@ -11,7 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mlx_gdn
-from mlx_gdn import launch, metal, ops_backend, reference
+from mlx_gdn import launch, reference
+from mlx_gdn.metal import backend as metal
+from mlx_gdn.metal import kernel as metal_kernel
+from mlx_gdn.ops import backend as ops_backend
 from mlx_gdn.testing import fresh_seed, random_inputs
 from mlx_gdn.validate import Problem, check_rule, check_update
 
@@ -282,7 +285,7 @@ def test_bodies_follow_strides(path, fused):
     spec = launch.recurrent_spec(p, lower=fused, neg=fused, path=path, vec4=vec4)
     assert spec.name.endswith("_v4") == vec4
     with simulated_metal():
-        y, s = metal.kernel(spec)(inputs=spec.inputs(arrays), **spec.call_kwargs())
+        y, s = metal_kernel.kernel(spec)(inputs=spec.inputs(arrays), **spec.call_kwargs())
         mx.eval(y, s)
     y_ref, s_ref = ref_update(x, -2.0, True) if fused else reference.delta_rule(
         x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
@@ -359,7 +362,7 @@ def test_compile_error_carries_compiler_message(monkeypatch):
     seed = fresh_seed()
     x = _inputs(1, 1, 1, 1, 32, 32, F32, seed)
     monkeypatch.setattr(launch.LaunchSpec, "source", lambda self: "this_is_not_declared = 1;\n")
-    monkeypatch.setattr(metal, "_KERNELS", {})
+    monkeypatch.setattr(metal_kernel, "_KERNELS", {})
     with pytest.raises(Exception, match="this_is_not_declared"):
         run_rule(x)
 

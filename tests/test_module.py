@@ -25,7 +25,7 @@ from mlx_lm.models import qwen3_5, qwen3_5_moe, qwen3_next  # noqa: E402
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, make_prompt_cache  # noqa: E402
 
 import mlx_gdn  # noqa: E402
-from mlx_gdn.module import Qwen3NextGatedDeltaNet  # noqa: E402
+from mlx_gdn.models.layers import Qwen3NextGatedDeltaNet  # noqa: E402
 from mlx_gdn.testing import fresh_seed  # noqa: E402
 
 VOCAB = 97
@@ -183,7 +183,7 @@ def test_patched_logits_match_prompt_and_decode(model_type):
     ref_full, ref_steps = run(model)
     n = mlx_gdn.patch(model)
     assert n == 3, f"seed={seed}: replaced {n} layers"
-    assert all(isinstance(l, mlx_gdn.module._GatedDeltaBase) for l in gdn_layers(model))
+    assert all(isinstance(l, mlx_gdn.models.layers._GatedDeltaBase) for l in gdn_layers(model))
     full, steps = run(model)
     msg = f"seed={seed} {model_type} {dtype}"
     assert rel(full, ref_full) < tol, msg
@@ -400,12 +400,13 @@ def test_patch_rejects_unknown_backend():
     model = tiny_model("qwen3_5", fresh_seed())
     with pytest.raises(ValueError, match="backend"):
         mlx_gdn.patch(model, backend="tpu")
-    assert not any(isinstance(l, mlx_gdn.module._GatedDeltaBase) for l in gdn_layers(model))
+    assert not any(isinstance(l, mlx_gdn.models.layers._GatedDeltaBase) for l in gdn_layers(model))
 
 
 def test_patched_model_under_simulated_metal(monkeypatch):
     try:
-        from mlx_gdn import decode_layer, metal
+        from mlx_gdn.metal import backend as metal
+        from mlx_gdn.models import decode_step as decode_layer
         from mlx_gdn.sim import simulated_metal
     except ImportError as e:
         pytest.skip(f"the Metal backend or its simulator is not in this build yet ({e})")

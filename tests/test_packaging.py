@@ -39,7 +39,7 @@ def test_installed_loader_finds_kernels(wheel, tmp_path):
     """Unpacked alone (no source tree beside it), the package still finds its kernels."""
     zipfile.ZipFile(wheel).extractall(tmp_path)
     code = (
-        "import mlx_gdn.kernel_source as ks, pathlib;"
+        "import mlx_gdn.launch as ks, pathlib;"
         "d = ks.kernel_dir(); print(d);"
         "assert pathlib.Path(d).resolve().is_relative_to(pathlib.Path(r'%s').resolve())" % tmp_path
     )

@@ -135,7 +135,7 @@ def test_bad_allow_neg_eigval(x):
 
 def test_errors_come_before_any_work(x, monkeypatch):
     """Validation fails before the backend is asked to run anything."""
-    from mlx_gdn import ops_backend
+    from mlx_gdn.ops import backend as ops_backend
 
     def boom(*a, **k):
         raise AssertionError("backend ran on invalid input")

@@ -2,55 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 
 from .. import backends
 from ..validate import Problem
+from .contender import Contender
+from .contenders_fla import fla_contenders
 from .inputs import InputSet, mx_dtype
 from .shapes import Config
-from .timing import mlx_sync
 
 ALGORITHMS = ("recurrent", "chunked")
 GATINGS = ("fused", "precomputed")
-
-
-def _always(cfg: Config) -> Optional[str]:
-    return None
-
-
-@dataclass
-class Contender:
-    """One way to compute the layer.
-
-    prepare(inputs) binds one InputSet (converting it if needed, outside the clock) and returns a
-    zero-argument call; sync(out) waits for that call's result; result(out) gives (y, state) in the
-    package's layout for the reference check. unsupported(cfg) returns a reason or None.
-    """
-
-    name: str
-    family: str  # "mlx-gdn", "mlx-lm", "mlx", "fla", or anything a caller adds
-    gating: str  # "fused" (a, b, A_log, dt_bias in) or "precomputed" (g, beta in)
-    prepare: Callable[[InputSet], Callable[[], Any]]
-    description: str = ""
-    unsupported: Callable[[Config], Optional[str]] = _always
-    sync: Callable[[Any], None] = mlx_sync
-    result: Callable[[Any], Tuple[Any, Any]] = lambda out: (out[0], out[1])
-    baseline: bool = False  # the speed-up column divides this one's time by the others'
-    route: Optional[Tuple[str, str]] = None  # (backend, algorithm) for this package's paths
-    meta: dict = field(default_factory=dict)
-
-    def info(self) -> dict:
-        return {
-            "name": self.name,
-            "family": self.family,
-            "gating": self.gating,
-            "description": self.description,
-            "baseline": self.baseline,
-            "route": list(self.route) if self.route else None,
-        }
 
 
 def problem(cfg: Config, fused: bool) -> Problem:
@@ -106,7 +70,7 @@ def _gdn_contender(backend: str, algorithm: str, gating: str) -> Contender:
 def _stated_tolerance(backend: str, algorithm: str) -> dict:
     """dtype -> relative error bound a path documents where it differs from the package default."""
     if (backend, algorithm) == ("ops", "chunked"):
-        from ..ops_chunked import float32_tolerance
+        from ..ops.chunked import float32_tolerance
 
         return {"float32": float32_tolerance()}
     return {}
@@ -200,7 +164,5 @@ def mlx_fast_contenders() -> List[Contender]:
 
 def discover(extra: Optional[List[Contender]] = None) -> List[Contender]:
     """All contenders that can run here, this package's first; `extra` appended (tests, experiments)."""
-    from .contenders_fla import fla_contenders
-
     found = gdn_contenders() + mlx_lm_contenders() + mlx_fast_contenders() + fla_contenders()
     return found + list(extra or [])

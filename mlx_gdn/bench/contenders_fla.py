@@ -11,7 +11,7 @@ from typing import Any, Callable, List, Optional
 
 import numpy as np
 
-from .contenders import Contender
+from .contender import Contender
 from .inputs import InputSet
 
 

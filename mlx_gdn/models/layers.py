@@ -4,7 +4,7 @@
 (conv1d, in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, dt_bias, A_log, norm, out_proj), so
 the same checkpoints load; `Qwen3NextGatedDeltaNet` has Qwen3-Next's fused projections
 (in_proj_qkvz, in_proj_ba). Both share everything between the projections and route the
-recurrence through `mlx_gdn.gated_delta_update`. `patch` lives in `mlx_gdn.patching`.
+recurrence through `mlx_gdn.gated_delta_update`. `patch` lives in `mlx_gdn.models.patch`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Any, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import decode_layer
-from .api import gated_delta_update
-from .gating import normalize_qk
-from .validate import BACKENDS, check_choice
+from ..api import gated_delta_update
+from ..gating import normalize_qk
+from ..validate import BACKENDS, check_choice
+from . import decode_step
 
-__all__ = ["GatedDeltaNet", "Qwen3NextGatedDeltaNet", "RMSNormGated", "patch"]
+__all__ = ["GatedDeltaNet", "Qwen3NextGatedDeltaNet", "RMSNormGated"]
 
 # mlx-lm's l2norm eps (added to the sum of squares of q and k).
 _QK_EPS = 1e-6
@@ -168,7 +168,7 @@ class _GatedDeltaBase(nn.Module):
     def mix(self, qkv: mx.array, a: mx.array, b: mx.array, mask=None, cache=None) -> mx.array:
         """From projections to the recurrence output: conv-state update, conv, SiLU, split,
         q/k normalisation, gating and the recurrence. At T=1 (inference, no per-sequence lengths)
-        on the "metal" or "cuda" backend this is one fused kernel (`mlx_gdn.decode_layer`).
+        on the "metal" or "cuda" backend this is one fused kernel (`mlx_gdn.models.decode_step`).
 
         qkv [B, S, conv_dim]; a, b [B, S, Hv]; mask [B, S] or None. Returns y [B, S, Hv, Dv].
         """
@@ -185,10 +185,10 @@ class _GatedDeltaBase(nn.Module):
         if S == 1 and not self.training and lengths is None:
             w = self["conv1d"]["weight"]
             sizes = (self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim)
-            fused = decode_layer.fused_backend(backend, qkv, conv_state, w, a, b, state, mask, *sizes)
+            fused = decode_step.fused_backend(backend, qkv, conv_state, w, a, b, state, mask, *sizes)
             if fused is not None:
                 # One kernel from the projections to y and both new states.
-                out, new_conv, state = decode_layer.decode_step(
+                out, new_conv, state = decode_step.decode_step(
                     fused, qkv, conv_state, w, a, b, self["A_log"], self["dt_bias"], state, mask, *sizes
                 )
                 if cache is not None:
@@ -286,11 +286,3 @@ class Qwen3NextGatedDeltaNet(_GatedDeltaBase):
         qkv = mx.concatenate([q.reshape(B, S, -1), k.reshape(B, S, -1), v.reshape(B, S, -1)], axis=-1)
         return qkv, z, b, a
 
-
-def __getattr__(name):
-    # patch lives beside the layers; imported lazily so the two modules can import each other.
-    if name == "patch":
-        from .patching import patch
-
-        return patch
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,8 +7,8 @@ from typing import Dict, Iterator, Tuple
 
 import mlx.nn as nn
 
-from .module import GatedDeltaNet, Qwen3NextGatedDeltaNet, _GatedDeltaBase
-from .validate import BACKENDS, check_choice
+from ..validate import BACKENDS, check_choice
+from .layers import GatedDeltaNet, Qwen3NextGatedDeltaNet, _GatedDeltaBase
 
 
 def _replacements() -> Dict[type, type]:

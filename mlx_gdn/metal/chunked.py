@@ -3,15 +3,16 @@
 kernels/chunked_prep.metal computes every chunk's state-independent operands in parallel
 (one threadgroup per chunk and head); kernels/chunked_state.metal then carries the state
 through the chunks in order (one threadgroup per head and tile of state rows). The math is
-that of `ops_chunked`.
+that of `ops.chunked`.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from .launch import GATES_HEADER, LaunchSpec, lower_bound_array
-from .validate import Problem
+from ..launch import GATES_HEADER, LaunchSpec, lower_bound_array
+from ..validate import Problem
+from .kernel import kernel
 
 CHUNK = 32  # steps per chunk: six C x C float32 matrices must fit in threadgroup memory
 NSG = 4  # simdgroups per threadgroup
@@ -81,8 +82,6 @@ def _specs(p: Problem, N: int, *, lower: bool = False, neg: bool = False):
 
 
 def _launch(spec: LaunchSpec, arrays):
-    from .metal import kernel
-
     return spec.launch(kernel(spec), arrays)
 
 

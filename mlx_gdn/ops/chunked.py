@@ -181,7 +181,7 @@ def float32_tolerance() -> float:
     1e-4 (the package's float32 contract), except on MLX's CUDA backend with TF32 products
     enabled (MLX's default there; MLX_ENABLE_TF32=0 turns them off): 2e-3.
     """
-    from .cuda import available as cuda_available
+    from ..cuda.kernel import _device as cuda_available
 
     on_cuda = mx.default_device().type == mx.gpu and cuda_available()
     tf32 = on_cuda and os.environ.get("MLX_ENABLE_TF32", "1") != "0"

@@ -1,4 +1,4 @@
-"""Backend "metal": the recurrent kernels through `mx.fast.metal_kernel`, chunked via metal_chunked.
+"""Backend "metal": the recurrent kernels through `mx.fast.metal_kernel`, chunked in `metal.chunked`.
 
 Runs on Apple GPUs, and on the CPU inside `mlx_gdn.sim.simulated_metal()`, which swaps
 `mx.fast.metal_kernel` for its simulator; the launch code is the same in both.
@@ -6,13 +6,12 @@ Runs on Apple GPUs, and on the CPU inside `mlx_gdn.sim.simulated_metal()`, which
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
 import mlx.core as mx
 
-from . import launch
-from .crossover import prefers_chunked
-from .validate import Problem
+from .. import launch
+from ..backends import prefers_chunked
+from ..validate import Problem
+from .kernel import kernel, simulated
 
 name = "metal"
 
@@ -20,22 +19,6 @@ name = "metal"
 # Off on Metal, whose layout is unmeasured on Apple GPUs; the simulator tests switch it on to
 # check the column arithmetic that CUDA's 16-byte loads rely on.
 DECODE_VEC4 = False
-
-# (kernel factory, name, header, source) -> kernel object. The factory is part of the key so a
-# kernel built under the simulator is never reused outside it (and the other way round);
-# MLX itself compiles each kernel once per template instantiation.
-_KERNELS: Dict[Tuple, object] = {}
-
-
-def simulated() -> bool:
-    """True inside `mlx_gdn.sim.simulated_metal()`."""
-    try:
-        from . import sim
-    except ImportError:
-        return False
-    active = getattr(sim, "active", None)
-    return bool(active()) if active is not None else False
-
 
 def available() -> bool:
     """A Metal GPU is present, or the simulator is active."""
@@ -50,7 +33,7 @@ def unavailable_reason() -> str:
 
 def _supports_chunked(p: Problem) -> bool:
     try:
-        from .metal_chunked import supports_chunked
+        from .chunked import supports_chunked
     except ImportError:
         return False
     return bool(supports_chunked(p))
@@ -66,27 +49,8 @@ def supports(p: Problem, algorithm: str) -> bool:
 
 
 def choose_algorithm(p: Problem) -> str:
-    """Chunked from the measured crossover T on (mlx_gdn.crossover), recurrent below it."""
+    """Chunked from the measured crossover T on (`backends.CHUNKED_FROM_T`), recurrent below it."""
     return "chunked" if prefers_chunked("metal", p) and _supports_chunked(p) else "recurrent"
-
-
-def kernel(spec: launch.LaunchSpec):
-    """The `mx.fast.metal_kernel` object for `spec`, built once per (factory, source)."""
-    factory = mx.fast.metal_kernel
-    header, source = spec.header(), spec.source()
-    key = (factory, spec.name, header, source, spec.ensure_row_contiguous)
-    kern = _KERNELS.get(key)
-    if kern is None:
-        kern = factory(
-            name=spec.name,
-            input_names=list(spec.input_names),
-            output_names=list(spec.output_names),
-            source=source,
-            header=header,
-            ensure_row_contiguous=spec.ensure_row_contiguous,
-        )
-        _KERNELS[key] = kern
-    return kern
 
 
 def run_recurrent(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, path=None):
@@ -98,7 +62,7 @@ def run_recurrent(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating
 def run(p: Problem, q, k, v, state, mask, *, algorithm, g=None, beta=None, gating=None):
     """(y, state) for validated inputs. `gating` (FusedGating) replaces g, beta when given."""
     if algorithm == "chunked":
-        from .metal_chunked import run_chunked
+        from .chunked import run_chunked
 
         return run_chunked(p, q, k, v, state, mask, g=g, beta=beta, gating=gating)
     return run_recurrent(p, q, k, v, state, mask, g=g, beta=beta, gating=gating)

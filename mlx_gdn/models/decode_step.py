@@ -13,8 +13,8 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from . import backends, launch
-from .validate import Problem
+from .. import backends, launch
+from ..validate import Problem
 
 BODY = "decode_layer.metal"
 INPUT_NAMES = ("qkv", "conv_state", "w", "a", "b", "A_log", "dt_bias", "state_in")  # then "mask" if masked
@@ -51,12 +51,12 @@ def decode_spec(B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dt
 
 def _kernel(backend: str, spec: launch.LaunchSpec):
     if backend == "metal":
-        from . import metal
+        from ..metal.kernel import kernel
 
-        return metal.kernel(spec)
-    from . import cuda
+        return kernel(spec)
+    from ..cuda.kernel import kernel_for_spec
 
-    return cuda.kernel_for_spec(spec)
+    return kernel_for_spec(spec)
 
 
 def fused_backend(backend: str, qkv, conv_state, w, a, b, state, mask, Hk: int, Hv: int, Dk: int, Dv: int) -> Optional[str]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .crossover import prefers_chunked
-from .validate import Problem
+from ..backends import prefers_chunked
+from ..validate import Problem
 
 name = "ops"
 
@@ -18,10 +18,10 @@ def unavailable_reason() -> str:
 
 
 def supports(p: Problem, algorithm: str) -> bool:
-    """Every shape; the chunked form exists once `ops_chunked` is importable."""
+    """Every shape; the chunked form exists once `ops.chunked` is importable."""
     if algorithm == "chunked":
         try:
-            from . import ops_chunked  # noqa: F401
+            from . import chunked  # noqa: F401
         except ImportError:
             return False
     return True
@@ -37,9 +37,9 @@ def run(p: Problem, q, k, v, state, mask, *, algorithm, g=None, beta=None, gatin
     if gating is not None:
         g, beta = gating.compute()
     if algorithm == "chunked":
-        from .ops_chunked import chunked_rule
+        from .chunked import chunked_rule
 
         return chunked_rule(q, k, v, g, beta, state, mask)
-    from .ops_recurrent import recurrent_rule
+    from .recurrent import recurrent_rule
 
     return recurrent_rule(q, k, v, g, beta, state, mask)

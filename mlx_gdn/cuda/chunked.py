@@ -1,26 +1,18 @@
-"""Backend "cuda": the kernels on MLX's CUDA backend through `mx.fast.cuda_kernel`.
-
-Recurrent: the same bodies as Metal (kernels/recurrent_*.metal, launch specs in `launch`),
-compiled with kernels/cuda_prelude.h, which gives CUDA Metal's vocabulary.
-Chunked: a CUDA-only tensor-core kernel pair (kernels/chunked_tc.cuh, chunked_prep.cu,
-chunked_state.cu); scalar gates, masks, GQA, fused or precomputed gating.
+"""The CUDA chunked form: a tensor-core kernel pair (kernels/chunked_tc.cuh, chunked_prep.cu,
+chunked_state.cu, chunked_state_regs.cu) and its shared-memory arithmetic. Scalar gates,
+masks, GQA, fused or precomputed gating.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional
 
 import mlx.core as mx
 
-from . import launch
-from .crossover import prefers_chunked
-from .kernel_source import compact, load
-from .validate import Problem
+from .. import launch
+from ..validate import Problem
+from .kernel import _dummy, _kernel, source_text
 
-name = "cuda"
-
-PRELUDE = "cuda_prelude.h"
 CHUNK = 64  # tokens per chunk (gdn_tc::C)
 THREADS = 128  # threads per block of the prep launch (gdn_tc::NTHREADS); the state launch has 128 NH
 SMEM_LIMIT = 232448  # dynamic shared memory one block may use on Hopper (227 KiB)
@@ -44,44 +36,6 @@ STATE_REGS_MIN_WARPS = 4
 # Warps per block of that launch: None picks by parallelism (`_regs_config`); tests set it.
 STATE_REGS_NW: Optional[int] = None
 
-# The decode body's state in groups of four columns per lane, moved in 16-byte loads and stores
-# (GDN_VEC4, `launch.recurrent_spec`). On the H100 at B=16: 31.1 us of GPU time against 33.0 with
-# one 4-byte access per column (bench/cuda_kernel_times_d0c164d.json); the calls are even within
-# noise (bench/cuda_decode_h100_d0c164d.json).
-DECODE_VEC4 = True
-
-_KERNELS: Dict[Tuple, object] = {}
-_DUMMY: Dict[str, mx.array] = {}
-
-
-def simulated() -> bool:
-    """True inside `mlx_gdn.sim.simulated_cuda()`."""
-    try:
-        from . import sim
-    except ImportError:
-        return False
-    return bool(sim.cuda_active())
-
-
-def _device() -> bool:
-    try:
-        return bool(mx.cuda.is_available())
-    except AttributeError:
-        return False
-
-
-def available() -> bool:
-    """MLX was built with CUDA and sees a CUDA device, or the CUDA simulator is active."""
-    return _device() or simulated()
-
-
-def unavailable_reason() -> str:
-    if available():
-        return ""
-    if not hasattr(mx, "cuda"):
-        return "this MLX build has no CUDA backend (install mlx[cuda13])"
-    return "no CUDA device (mx.cuda.is_available() is False) and mlx_gdn.sim.simulated_cuda() is not active"
-
 
 def supports_chunked(p: Problem) -> bool:
     """Scalar gates, Dk and Dv in {64, 128, 192, 256}, grid axes within CUDA's limits."""
@@ -94,76 +48,6 @@ def supports_chunked(p: Problem) -> bool:
         and _state_config(p) is not None
     )
 
-
-def supports(p: Problem, algorithm: str) -> bool:
-    """Whether a CUDA kernel takes this problem; False sends it to the ops backend."""
-    if algorithm == "recurrent":
-        return launch.supports_recurrent(p)
-    if algorithm == "chunked":
-        return supports_chunked(p)
-    return False
-
-
-def choose_algorithm(p: Problem) -> str:
-    """Chunked from the measured crossover T on (mlx_gdn.crossover), recurrent below it."""
-    return "chunked" if prefers_chunked("cuda", p) and supports_chunked(p) else "recurrent"
-
-
-def _kernel(kname: str, input_names: Sequence[str], output_names: Sequence[str], source: str, header: str,
-            smem: int = 0):
-    factory = mx.fast.cuda_kernel  # the simulator's inside simulated_cuda()
-    key = (factory, kname, header, source, smem)
-    kern = _KERNELS.get(key)
-    if kern is None:
-        kern = factory(
-            name=kname,
-            input_names=list(input_names),
-            output_names=list(output_names),
-            source=source,
-            header=header,
-            ensure_row_contiguous=True,
-            shared_memory=smem,
-        )
-        _KERNELS[key] = kern
-    return kern
-
-
-def source_text(name: str) -> str:
-    """kernels/<name> as CUDA launches get it: without comments and indentation.
-
-    MLX's CUDA backend rebuilds and hashes each custom kernel's whole text on every call, so the
-    text's length is host time per launch (`kernel_source.compact`).
-    """
-    return compact(load(name))
-
-
-def recurrent_header(spec: launch.LaunchSpec) -> str:
-    """Prelude, then the spec's variant macros and headers (compacted)."""
-    return _with_prelude(spec.header())
-
-
-@lru_cache(maxsize=None)
-def _with_prelude(header: str) -> str:
-    # Cached: the same text object each call keeps the kernel-cache key's hash precomputed.
-    return compact(load(PRELUDE) + "\n" + header)
-
-
-def kernel_for_spec(spec: launch.LaunchSpec):
-    """The `mx.fast.cuda_kernel` object for a shared Metal-vocabulary body (prelude first)."""
-    return _kernel(spec.name, spec.input_names, spec.output_names, compact(spec.source()), recurrent_header(spec))
-
-
-def run_recurrent(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, path=None):
-    """(y, state) from one launch of a shared recurrent body; path "decode"/"prefill"/None."""
-    return launch.run_recurrent(
-        p, q, k, v, state, mask, kernel_for=kernel_for_spec, g=g, beta=beta, gating=gating, path=path,
-        vec4=DECODE_VEC4,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Chunked (tensor cores)
-# ----------------------------------------------------------------------------------------------
 
 PREP_INPUTS = ("q", "k", "v", "gate_a", "gate_b", "A_log", "dt_bias", "lower_bound", "mask")
 PREP_OUTPUTS = ("W", "U", "Aqk", "G")
@@ -242,14 +126,6 @@ def _regs_config(p: Problem):
     return (nw, smem) if p.Dv % (16 * nw) == 0 and smem <= SMEM_LIMIT else None
 
 
-def _dummy() -> mx.array:
-    arr = _DUMMY.get("f32")
-    if arr is None:
-        arr = mx.zeros((1,), dtype=mx.float32)
-        _DUMMY["f32"] = arr
-    return arr
-
-
 def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None):
     """(y, state) from the two chunked launches. Scalar gates only (see `supports_chunked`)."""
     exact = p.dtype == mx.float32
@@ -306,58 +182,3 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
         **launch.launch_options(),
     )
     return y, new_state
-
-
-def run(p: Problem, q, k, v, state, mask, *, algorithm, g=None, beta=None, gating=None):
-    """(y, state) for validated inputs. `gating` (FusedGating) replaces g, beta when given."""
-    if algorithm == "chunked":
-        return run_chunked(p, q, k, v, state, mask, g=g, beta=beta, gating=gating)
-    return run_recurrent(p, q, k, v, state, mask, g=g, beta=beta, gating=gating)
-
-
-# ----------------------------------------------------------------------------------------------
-# Source as MLX builds it (for offline compile checks; mirrors mlx/backend/cuda/custom_kernel.cpp)
-# ----------------------------------------------------------------------------------------------
-
-_CUDA_TYPES = {
-    "float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "bool": "bool",
-    "int32": "int32_t", "uint32": "uint32_t", "int64": "int64_t", "uint8": "uint8_t",
-}
-
-
-def cuda_type(dtype) -> str:
-    """CUDA spelling of an MLX dtype, as MLX writes kernel signatures."""
-    return _CUDA_TYPES[str(dtype).replace("mlx.core.", "")]
-
-
-def kernel_text(kname: str, header: str, source: str, inputs: Sequence[Tuple[str, object, int]],
-                outputs: Sequence[Tuple[str, object]], template: Sequence[Tuple[str, object]]) -> str:
-    """The text MLX compiles for one `mx.fast.cuda_kernel` call, minus MLX's own include line.
-
-    inputs: (name, dtype, ndim); outputs: (name, dtype); template: (name, int | bool | dtype).
-    """
-    out = [header, "namespace mlx::core::cu {\n", "namespace cg = cooperative_groups;\n",
-           f"__global__ void {kname}("]
-    params = []
-    for nm, dt, nd in inputs:
-        params.append(f"    const {cuda_type(dt)}* {nm}")
-        if nd > 0:
-            if nm + "_shape" in source:
-                params.append(f"    const __grid_constant__ Shape {nm}_shape")
-            if nm + "_strides" in source:
-                params.append(f"    const __grid_constant__ Strides {nm}_strides")
-            if nm + "_ndim" in source:
-                params.append(f"    const __grid_constant__ int {nm}_ndim")
-    for nm, dt in outputs:
-        params.append(f"    {cuda_type(dt)}* {nm}")
-    out.append(",\n".join(params) + ") {\n")
-    for nm, val in template:
-        if isinstance(val, bool):
-            out.append(f"  constexpr bool {nm} = {'true' if val else 'false'};\n")
-        elif isinstance(val, int):
-            out.append(f"  constexpr int {nm} = {val};\n")
-        else:
-            out.append(f"  using {nm} = {cuda_type(val)};\n")
-    out.append(source)
-    out.append("\n}\n\n} // namespace mlx::core::cu\n")
-    return "".join(out)

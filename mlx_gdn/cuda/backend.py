@@ -1,0 +1,66 @@
+"""Backend "cuda": the kernels on MLX's CUDA backend through `mx.fast.cuda_kernel`.
+
+Recurrent: the same bodies as Metal (kernels/recurrent_*.metal, launch specs in `launch`),
+compiled with kernels/cuda_prelude.h, which gives CUDA Metal's vocabulary.
+Chunked: a CUDA-only tensor-core kernel pair (`cuda.chunked`).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .. import launch
+from ..backends import prefers_chunked
+from ..validate import Problem
+from .chunked import run_chunked, supports_chunked
+from .kernel import _device, kernel_for_spec, simulated
+
+name = "cuda"
+
+# The decode body's state in groups of four columns per lane, moved in 16-byte loads and stores
+# (GDN_VEC4, `launch.recurrent_spec`). On the H100 at B=16: 31.1 us of GPU time against 33.0 with
+# one 4-byte access per column (bench/cuda_kernel_times_d0c164d.json); the calls are even within
+# noise (bench/cuda_decode_h100_d0c164d.json).
+DECODE_VEC4 = True
+
+
+def available() -> bool:
+    """MLX was built with CUDA and sees a CUDA device, or the CUDA simulator is active."""
+    return _device() or simulated()
+
+
+def unavailable_reason() -> str:
+    if available():
+        return ""
+    if not hasattr(mx, "cuda"):
+        return "this MLX build has no CUDA backend (install mlx[cuda13])"
+    return "no CUDA device (mx.cuda.is_available() is False) and mlx_gdn.sim.simulated_cuda() is not active"
+
+
+def supports(p: Problem, algorithm: str) -> bool:
+    """Whether a CUDA kernel takes this problem; False sends it to the ops backend."""
+    if algorithm == "recurrent":
+        return launch.supports_recurrent(p)
+    if algorithm == "chunked":
+        return supports_chunked(p)
+    return False
+
+
+def choose_algorithm(p: Problem) -> str:
+    """Chunked from the measured crossover T on (`backends.CHUNKED_FROM_T`), recurrent below it."""
+    return "chunked" if prefers_chunked("cuda", p) and supports_chunked(p) else "recurrent"
+
+
+def run_recurrent(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, path=None):
+    """(y, state) from one launch of a shared recurrent body; path "decode"/"prefill"/None."""
+    return launch.run_recurrent(
+        p, q, k, v, state, mask, kernel_for=kernel_for_spec, g=g, beta=beta, gating=gating, path=path,
+        vec4=DECODE_VEC4,
+    )
+
+
+def run(p: Problem, q, k, v, state, mask, *, algorithm, g=None, beta=None, gating=None):
+    """(y, state) for validated inputs. `gating` (FusedGating) replaces g, beta when given."""
+    if algorithm == "chunked":
+        return run_chunked(p, q, k, v, state, mask, g=g, beta=beta, gating=gating)
+    return run_recurrent(p, q, k, v, state, mask, g=g, beta=beta, gating=gating)
