@@ -1,6 +1,6 @@
 #!/bin/bash
 # On the GPU machine, from the repo root, after .device/b/device-b.sh was sourced:
-#   bash bench/cuda_run.sh test    -> GPU pytest output in $OUT/cuda_tests_h100.txt
+#   bash bench/cuda_run.sh test    -> GPU pytest output in $OUT/cuda_tests.txt (shard logs stay in /tmp: at most 8 files come back)
 #   bash bench/cuda_run.sh bench   -> $OUT/cuda_h100.json/.png, bench CLI output
 #   bash bench/cuda_run.sh times   -> $OUT/cuda_kernel_times.json and its log (GPU time per kernel)
 # The GPU tests spend most of their time compiling kernel variants (NVRTC, one CPU core each),
@@ -13,15 +13,15 @@ if [ "$mode" = test ]; then
   files=${TEST_FILES:-tests/test_cuda.py tests/test_decode_layer.py}
   shards=${SHARDS:-8}
   python3 -m pytest -p no:cacheprovider --collect-only -q $files -k "${TEST_K:-cuda or gpu or Cuda}" 2>/dev/null \
-    | grep "::" > $OUT/test_ids.txt
-  echo "$(wc -l < $OUT/test_ids.txt) GPU test ids in $shards shards"
-  split -n r/$shards -d $OUT/test_ids.txt $OUT/shard_
-  for f in $OUT/shard_*; do
+    | grep "::" > /tmp/test_ids.txt
+  echo "$(wc -l < /tmp/test_ids.txt) GPU test ids in $shards shards"
+  rm -f /tmp/shard_*; split -n r/$shards -d /tmp/test_ids.txt /tmp/shard_
+  for f in /tmp/shard_??; do
     timeout ${TEST_TIMEOUT:-420} python3 -m pytest -p no:cacheprovider -rA -q $(cat $f) > $f.log 2>&1 &
   done
   wait
-  cat $OUT/shard_*.log > $OUT/cuda_tests_h100.txt
-  grep -hE "^(FAILED|ERROR)|passed|failed|error" $OUT/shard_*.log | tail -40
+  cat /tmp/shard_*.log > $OUT/cuda_tests.txt
+  grep -hE "^(FAILED|ERROR)|passed|failed|error" /tmp/shard_*.log | tail -40
 elif [ "$mode" = times ]; then
   python3 bench/cuda_kernel_times.py --out $OUT 2>&1 | tee $OUT/cuda_kernel_times_log.txt | tail -80
 else
