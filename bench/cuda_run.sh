@@ -1,8 +1,8 @@
 #!/bin/bash
 # On the GPU machine, from the repo root, after .device/b/device-b.sh was sourced:
 #   bash bench/cuda_run.sh test    -> GPU pytest output in $OUT/cuda_tests.txt (shard logs stay in /tmp: at most 8 files come back)
-#   bash bench/cuda_run.sh bench   -> $OUT/cuda_h100.json/.png, bench CLI output
-#   bash bench/cuda_run.sh times   -> $OUT/cuda_kernel_times.json and its log (GPU time per kernel)
+#   bash bench/cuda_run.sh bench   -> $OUT/cuda_bench.{json,png,md} and the log: python -m mlx_gdn.bench --gpu-time
+#                                     (BENCH_ARGS adds arguments, e.g. --batch 1,4 --tokens 1,2048,8192)
 # The GPU tests spend most of their time compiling kernel variants (NVRTC, one CPU core each),
 # so they run as SHARDS parallel pytest processes over disjoint test ids.
 set -o pipefail
@@ -22,8 +22,8 @@ if [ "$mode" = test ]; then
   wait
   cat /tmp/shard_*.log > $OUT/cuda_tests.txt
   grep -hE "^(FAILED|ERROR)|passed|failed|error" /tmp/shard_*.log | tail -40
-elif [ "$mode" = times ]; then
-  python3 bench/cuda_kernel_times.py --out $OUT 2>&1 | tee $OUT/cuda_kernel_times_log.txt | tail -80
 else
-  python3 bench/cuda_bench.py --out $OUT ${BENCH_ARGS} 2>&1 | tee $OUT/cuda_bench_log.txt | tail -80
+  # the benchmark CLI with fla in the same run and GPU time per kernel (CUPTI through torch)
+  python3 -m mlx_gdn.bench --gpu-time --json $OUT/cuda_bench.json --plot $OUT/cuda_bench.png --md $OUT/cuda_bench.md \
+    --commit "${GDN_COMMIT:-unknown}" --no-progress ${BENCH_ARGS} 2>&1 | tee $OUT/cuda_bench_log.txt | tail -80
 fi

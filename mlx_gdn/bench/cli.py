@@ -51,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
                    help="relative error a float32 run may have against the float64 reference")
     p.add_argument("--tol-bf16", type=float, default=TOLERANCE["bfloat16"],
                    help="relative error a bfloat16/float16 run may have")
+    p.add_argument("--gpu-time", action="store_true",
+                   help="also read each call's GPU time per kernel from CUPTI (NVIDIA GPU, torch installed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--commit", help="record this commit (for a copy on another machine, whose git metadata may be stale or absent)")
     p.add_argument("--copy-mib", type=int, help="size of the copy-bandwidth probe")
@@ -93,7 +95,7 @@ def main(argv: Optional[List[str]] = None, extra_contenders: Optional[List[Conte
         budget=args.budget if args.budget is not None else (0.3 if args.quick else 0.5) if gpu else (0.2 if args.quick else 0.5),
         min_reps=args.min_reps, max_reps=args.max_reps,
         max_call=args.max_call if args.max_call is not None else (10.0 if gpu else 5.0),
-        sets=args.sets, seed=args.seed,
+        sets=args.sets, seed=args.seed, gpu_time=args.gpu_time,
         tolerance={"float32": args.tol_f32, "bfloat16": args.tol_bf16, "float16": args.tol_bf16},
     )
     env = environment()

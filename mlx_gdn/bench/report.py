@@ -30,6 +30,8 @@ def rows(results: List[dict]) -> List[List[str]]:
                      f"{r['GBps']:.2f}", f"{100 * r['copy_frac']:.1f}" if r.get("copy_frac") else "-"]
         else:
             cells = [r["status"], "-", "-", "-"]
+        if r.get("gpu_us") is not None:
+            note = (f"GPU {r['gpu_us']:.1f} us in {r['launches']:g} launches; " + note).rstrip("; ")
         out.append([c["shape"], str(c["B"]), str(c["T"]), c["dtype"], r["contender"], *cells, note])
     return out
 

@@ -11,6 +11,7 @@ import mlx.core as mx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .check import Checker
+from . import gpu_time
 from .contenders import Contender, auto_route
 from .inputs import floor_bytes, make_inputs, recurrent_flops, set_bytes
 from .shapes import Config
@@ -27,6 +28,7 @@ class Settings:
     set_memory: float = 4e9  # bytes all rotated sets may take together
     seed: int = 0
     tolerance: Optional[dict] = None  # dtype -> max relative error; None: check.TOLERANCE
+    gpu_time: bool = False  # also read GPU time per call from CUPTI (NVIDIA, torch importable)
 
 
 def release_memory() -> None:
@@ -102,6 +104,10 @@ def run(configs: List[Config], contenders: List[Contender], settings: Settings,
                             if copy:
                                 r["copy_frac"] = r["GBps"] / copy["GBps"]
                             history[(cont.name, cfg.shape, cfg.dtype)] = (cfg.B * cfg.T, t["median_s"])
+                            if settings.gpu_time:
+                                g = gpu_time.kernel_times(calls, cont.sync, reps=max(3, min(20, t["reps"])))
+                                if g is not None:
+                                    r.update(gpu_us=g["gpu_us"], gpu_kernels=g["kernels"], launches=g["launches"])
                         del calls
                 bar.advance(task)
             base = next((r for r, c in zip(cell, contenders) if c.baseline and r["status"] == "ok"), None)
