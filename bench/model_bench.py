@@ -164,6 +164,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-unpatched-prefill", action="store_true", help="mlx-lm's ops loop takes seconds per call on CUDA")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--commit", help="record this commit (a copy on another machine may carry stale git metadata)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
 
@@ -182,20 +183,32 @@ def main(argv=None):
         row = {}
         if not (name == "unpatched" and a.skip_unpatched_prefill):
             row["prefill_s"] = mlx_prefill_s(model, prompt, a.reps if name == "patched" else 1)
+        logits = model(context[None])[0, -1].astype(mx.float32)
+        mx.eval(logits)
+        rows.setdefault("_logits", {})[name] = logits
         row["decode_tok_s"], row["tokens"] = mlx_decode(model, context, a.decode)
         row["launches_per_decode_step"] = mlx_launches_per_step(model, context)
         rows[f"mlx-lm {name}"] = row
         print(name, {k: v for k, v in row.items() if k != "tokens"}, flush=True)
     same = rows["mlx-lm patched"]["tokens"] == rows["mlx-lm unpatched"]["tokens"]
     rows["same_greedy_tokens"] = same
-    print("patched and unpatched greedy tokens equal:", same, flush=True)
+    lg = rows.pop("_logits")
+    diff = mx.linalg.norm(lg["patched"] - lg["unpatched"]) / mx.linalg.norm(lg["unpatched"])
+    rows["last_logits_rel_diff"] = float(diff)
+    # Random weights give near-tied logits, so greedy tokens of two bf16 paths can part ways
+    # without either being wrong; the logits' relative difference is the check.
+    print(f"patched vs unpatched: last-position logits differ by {float(diff):.2e} (relative); "
+          f"greedy tokens equal: {same}", flush=True)
     del model
     if not a.no_torch:
         rows["transformers + fla"] = torch_rows(a, prompt_np, context_np)
         print("transformers + fla", rows["transformers + fla"], flush=True)
     if a.json:
+        env = environment()
+        if a.commit:
+            env["git_commit"], env["git_dirty"] = a.commit, False
         with open(a.json, "w") as f:
-            json.dump({"environment": environment(), "args": vars(a), "results": rows}, f, indent=1, default=str)
+            json.dump({"environment": env, "args": vars(a), "results": rows}, f, indent=1, default=str)
 
 
 if __name__ == "__main__":
