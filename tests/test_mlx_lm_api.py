@@ -86,7 +86,7 @@ def test_model_call_without_state_or_mask(model):
     assert rel_error(y, y_lm) < 1e-4 and rel_error(s, s_lm) < 1e-4, f"seed {seed}, {model}"
 
 
-@pytest.mark.parametrize("model", ["qwen3_5"])
+@pytest.mark.parametrize("model", ["qwen3_5", "kimi_k3"])
 def test_use_kernel_false_runs_ops(model, monkeypatch):
     """use_kernel=False (a model in training) takes the ops path even where a kernel would run."""
     from mlx_gdn.metal import backend as metal
