@@ -249,3 +249,75 @@ def test_half_precision_state(state_dtype, fn, algorithm):
     # an empty call hands the state back untouched
     y0, s0 = mlx_gdn.gated_delta_rule(x.q[:, :0], x.k[:, :0], x.v[:, :0], x.g[:, :0], x.beta[:, :0], st)
     assert s0.dtype == state_dtype and mx.array_equal(s0, st)
+
+
+# mlx-lm's own linear-attention layers, their module's gated_delta_update and normalize_qk swapped
+# for mlx_gdn's: the models' code runs unchanged (prefill, then decode steps through the cache).
+def _mlx_lm_layer(model):
+    import importlib
+
+    mod = importlib.import_module(f"mlx_lm.models.{model}")
+    H, D, hidden = 2, 32, 48
+    if model == "kimi_linear":
+        args = mod.ModelArgs.from_dict(dict(
+            model_type=model, vocab_size=8, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=H,
+            num_key_value_heads=H, intermediate_size=8, head_dim=D, rope_theta=1e4, rms_norm_eps=1e-5,
+            linear_attn_config={"num_heads": H, "head_dim": D, "short_conv_kernel_size": 4}, model_max_length=64,
+            num_experts=1, moe_intermediate_size=8, kv_lora_rank=8))
+        layer, slots = mod.KimiDeltaAttention(args, 0), 4
+    elif model == "kimi_k3":
+        args = mod.TextArgs(hidden_size=hidden, linear_attn_config={
+            "num_heads": H, "head_dim": D, "short_conv_kernel_size": 4, "gate_lower_bound": LOWER})
+        layer, slots = mod.KimiK3DeltaAttention(args, 0), 2
+    elif model == "bailing_moe_v3":
+        args = mod.ModelArgs(hidden_size=hidden, num_attention_heads=H, head_dim=D)
+        layer, slots = mod.BailingKDA(args), 4
+    else:  # olmo_hybrid: grouped heads, allow_neg_eigval
+        args = mod.ModelArgs.from_dict(dict(
+            model_type=model, hidden_size=hidden, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=8, max_position_embeddings=64,
+            linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=D, linear_value_head_dim=D,
+            linear_conv_kernel_dim=4, linear_allow_neg_eigval=True, tie_word_embeddings=False, attention_bias=False))
+        layer, slots = mod.GatedDeltaNet(args), 4
+    return mod, layer, slots
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("model", ["kimi_linear", "kimi_k3", "bailing_moe_v3", "olmo_hybrid"])
+def test_mlx_lm_layers_run_on_mlx_gdn(model, kernel, monkeypatch):
+    """The layer's output through mlx_gdn (ops path, or the Metal kernel in the simulator) equals the
+    layer's output through mlx-lm's own functions, for a prompt and two decode steps."""
+    from mlx_lm.models.cache import ArraysCache
+
+    from mlx_gdn.metal import backend as metal
+    from mlx_gdn.sim import simulated_metal
+
+    seed = fresh_seed()
+    mx.random.seed(seed % (2**31))
+    mod, layer, slots = _mlx_lm_layer(model)
+    # Trained-looking gate parameters (the constructors leave dt_bias at zero).
+    layer.A_log = mx.log(mx.random.uniform(0.5, 16.0, layer.A_log.shape))
+    layer.dt_bias = mx.random.normal(layer.dt_bias.shape)
+    layer.eval()
+    x = mx.random.normal((2, 7, 48))
+    steps = [x[:, :5], x[:, 5:6], x[:, 6:7]]
+
+    def run():
+        cache = ArraysCache(size=slots)
+        return mx.concatenate([layer(s, cache=cache) for s in steps], axis=1)
+
+    want = run()
+    monkeypatch.setattr(mod, "gated_delta_update", mlx_gdn.gated_delta_update)
+    monkeypatch.setattr(mod, "normalize_qk", mlx_gdn.normalize_qk)
+    calls = []
+    real = metal.run_recurrent
+    monkeypatch.setattr(metal, "run_recurrent", lambda *a, **k: calls.append(1) or real(*a, **k))
+    if kernel:
+        with simulated_metal():
+            got = run()
+            mx.eval(got)
+        assert len(calls) == len(steps), "the Metal kernel did not run every step"
+    else:
+        got = run()
+    err = rel_error(got, want)
+    assert err < 1e-4, f"seed {seed}, {model}, kernel {kernel}: relative error {err:.2e}"
