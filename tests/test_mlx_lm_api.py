@@ -321,3 +321,55 @@ def test_mlx_lm_layers_run_on_mlx_gdn(model, kernel, monkeypatch):
         got = run()
     err = rel_error(got, want)
     assert err < 1e-4, f"seed {seed}, {model}, kernel {kernel}: relative error {err:.2e}"
+
+
+def test_gated_delta_module_is_a_superset_of_mlx_lm():
+    """Every public function of mlx_lm.models.gated_delta is in mlx_gdn.gated_delta and takes
+    every parameter mlx-lm's takes, in the same positions and of the same kinds."""
+    import inspect
+
+    from mlx_gdn import gated_delta as ours
+
+    names = [n for n, f in vars(lm).items() if not n.startswith("_") and inspect.isfunction(f)
+             and f.__module__ == lm.__name__]
+    names += ["compute_g", "compute_lower_bound_g"]  # compiled functions, not plain Python ones
+    assert {"gated_delta_update", "gated_delta_ops", "gated_delta_kernel", "normalize_qk"} <= set(names)
+    for name in names:
+        assert hasattr(ours, name), name
+        try:
+            theirs_sig = inspect.signature(getattr(lm, name))
+        except (TypeError, ValueError):
+            continue
+        mine = inspect.signature(getattr(ours, name)).parameters
+        for i, (pname, par) in enumerate(theirs_sig.parameters.items()):
+            assert pname in mine, f"{name}: no parameter {pname}"
+            if par.kind in (par.POSITIONAL_ONLY, par.POSITIONAL_OR_KEYWORD):
+                assert list(mine).index(pname) == i and mine[pname].kind == par.kind, f"{name}: {pname}"
+            if par.default is par.empty and mine[pname].default is not par.empty:
+                continue  # optional here where mlx-lm requires it: still a superset
+            if par.default is not par.empty:
+                assert mine[pname].default == par.default, f"{name}: default of {pname}"
+
+
+@pytest.mark.parametrize("gate", ["scalar", "key"])
+def test_gated_delta_module_calls_equal_mlx_lm(gate):
+    from mlx_gdn import gated_delta as ours
+    from mlx_gdn.sim import simulated_metal
+
+    seed = fresh_seed()
+    x = random_inputs(2, 6, 1, 2, 32, 16, seed=seed, gate=gate)
+    y_lm, s_lm = lm.gated_delta_ops(x.q, x.k, x.v, x.g, x.beta, x.state)
+    y, s = ours.gated_delta_ops(x.q, x.k, x.v, x.g, x.beta, x.state)
+    assert rel_error(y, y_lm) < 1e-4 and rel_error(s, s_lm) < 1e-4, f"seed {seed}"
+    with pytest.raises(ValueError, match="gated_delta_kernel needs a GPU backend"):
+        ours.gated_delta_kernel(x.q, x.k, x.v, x.g, x.beta, x.state)
+    for kern in (ours.gated_delta_kernel, ours.gated_delta_kernel_unpacked, ours.gated_delta_kernel_xtree):
+        with simulated_metal():
+            y, s = kern(x.q, x.k, x.v, x.g, x.beta, x.state)
+            mx.eval(y, s)
+        assert rel_error(y, y_lm) < 1e-4 and rel_error(s, s_lm) < 1e-4, f"seed {seed}"
+    A_log = mx.array(np.log(np.random.default_rng(seed).uniform(0.5, 16, (2, 1))).astype(np.float32))
+    a = mx.random.normal((2, 6, 2, 32)) * 3
+    ours_g = ours.compute_lower_bound_g(A_log, a, x.dt_bias[:, None], LOWER)
+    theirs_g = lm.compute_lower_bound_g(A_log, a, x.dt_bias[:, None], LOWER)
+    assert rel_error(ours_g, theirs_g) < 1e-6, f"seed {seed}"
