@@ -2,7 +2,7 @@
 
     PYTHONUNBUFFERED=1 python bench/cuda_bench.py --out DIR [--quick]
 
-Method (DESIGN.md section 7): each call is followed by evaluation and a device synchronise
+Method: each call is followed by evaluation and a device synchronise
 (mx.async_eval + mx.synchronize, as torch.cuda.synchronize for fla: mx.eval would add MLX's
 event wait, 0.03-0.12 ms beyond the stream's end on the H100, bench/cuda_host_split_709d9c8.json),
 timed with a host clock; warm-up

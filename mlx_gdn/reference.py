@@ -33,7 +33,7 @@ def _sigmoid(z):
 
 
 def gates(a, b, A_log, dt_bias, lower_bound=None, allow_neg_eigval=False):
-    """float64 (g, beta) [B,T,Hv] from the raw projections (DESIGN.md section 1)."""
+    """float64 (g, beta) [B,T,Hv] from the raw projections (docs/design.md, "The math")."""
     a, b, A_log, dt_bias = (to_numpy(x) for x in (a, b, A_log, dt_bias))
     x = a + dt_bias
     rate = np.exp(A_log)

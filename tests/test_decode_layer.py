@@ -181,7 +181,7 @@ def _check_steps(backend, kind, dtype, B, Hk, Hv, Dk, Dv, masked, monkeypatch):
             ("state vs unfused layer", c_fused[1], c_unfused[1]),
             ("y vs ops layer", y, y_ops), ("conv state vs ops layer", c_fused[0], c_ops[0]),
             ("state vs ops layer", c_fused[1], c_ops[1]),
-            # mlx-lm does not zero y on masked rows (mlx-gdn does, DESIGN.md section 1).
+            # mlx-lm does not zero y on masked rows (mlx-gdn does: docs/design.md, "The math").
             ("y vs mlx-lm on valid rows", y[on], y_ref[on]), ("conv state vs mlx-lm", c_fused[0], c_ref[0]),
             ("state vs mlx-lm", c_fused[1], c_ref[1]),
         ]:
