@@ -135,20 +135,29 @@ def remembered(key, make, *args):
     return hit
 
 
-def plan(backend: str, algorithm: str, key, check) -> Tuple[Problem, ModuleType, str]:
+def plan(backend: str, algorithm: str, key, check, options=(False, False)) -> Tuple[Problem, ModuleType, str]:
     """(problem, backend module, algorithm) of a call.
 
     key: the inputs' signature (`validate.rule_key` / `update_key`; None is never remembered);
-    check: validates the inputs and returns their Problem (raising on bad input).
+    check: validates the inputs and returns their Problem (raising on bad input); options: the
+    fused options that select kernel variants, (lower_bound given, allow_neg_eigval).
+    A kernel path is tried once before it is planned (`fallback.route`): under "auto" a path that
+    fails here gives way to the next, an explicit backend raises `fallback.KernelFailure`.
     """
     if key is None:
-        return _make_plan(backend, algorithm, check)
-    return remembered((key, backend, algorithm, tuple(CHUNKED_FROM_T.items())), _make_plan, backend, algorithm, check)
+        return _make_plan(backend, algorithm, check, options)
+    return remembered((key, backend, algorithm, tuple(CHUNKED_FROM_T.items())), _make_plan, backend, algorithm, check,
+                      options)
 
 
-def _make_plan(backend, algorithm, check):
+def _make_plan(backend, algorithm, check, options):
     p = check()
-    return (p,) + resolve(backend, algorithm, p)
+    mod, algo = resolve(backend, algorithm, p)
+    if mod.name != "ops" and p.T > 0:
+        from .fallback import route
+
+        mod, algo = route(backend == "auto", mod, algo, p, *options)
+    return p, mod, algo
 
 
 def on_clear(clear):
