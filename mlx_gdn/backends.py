@@ -84,6 +84,23 @@ def resolve(backend: str, algorithm: str, p: Problem) -> Tuple[ModuleType, str]:
     """
     check_choice("backend", backend, BACKENDS)
     check_choice("algorithm", algorithm, ALGORITHMS)
+    name = pick_backend(backend)
+    mod = module(name)
+    algo = mod.choose_algorithm(p) if algorithm == "auto" else algorithm
+    if mod.supports(p, algo):
+        return mod, algo
+    ops = module("ops")
+    if ops.supports(p, algo):
+        return ops, algo
+    raise ValueError(f"algorithm {algo!r} is not available for this input (backend {name!r})")
+
+
+def pick_backend(backend: str) -> str:
+    """The backend name `backend` ("auto" or a name) stands for here, before shapes are looked at.
+
+    "auto": the first GPU backend available with the default device a GPU (or its simulator
+    active), else "ops". A name: itself, or ValueError when it is not available.
+    """
     if backend == "auto":
         name = "ops"
         for cand in _GPU_ORDER:
@@ -101,14 +118,7 @@ def resolve(backend: str, algorithm: str, p: Problem) -> Tuple[ModuleType, str]:
                 + (f" ({reason})" if reason else "")
                 + f"; available: {', '.join(available_backends())}"
             )
-    mod = module(name)
-    algo = mod.choose_algorithm(p) if algorithm == "auto" else algorithm
-    if mod.supports(p, algo):
-        return mod, algo
-    ops = module("ops")
-    if ops.supports(p, algo):
-        return ops, algo
-    raise ValueError(f"algorithm {algo!r} is not available for this input (backend {name!r})")
+    return name
 
 
 # What a call runs, remembered: (key, default device type) -> answer. Within one process the
