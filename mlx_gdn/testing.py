@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -84,9 +84,24 @@ def random_inputs(
     )
 
 
+# Seeds fresh_seed() gave since the last `drawn_seeds(clear=True)`: the test suite reports them
+# with every failure (tests/conftest.py), also where an assertion's message does not.
+_DRAWN: List[int] = []
+
+
 def fresh_seed() -> int:
     """A new seed per call, to be reported with any failure for reproduction."""
-    return int(np.random.SeedSequence().entropy % (2**32))
+    seed = int(np.random.SeedSequence().entropy % (2**32))
+    _DRAWN.append(seed)
+    return seed
+
+
+def drawn_seeds(clear: bool = False) -> List[int]:
+    """The seeds fresh_seed() gave since the last clear (then forgets them when `clear`)."""
+    out = list(_DRAWN)
+    if clear:
+        _DRAWN.clear()
+    return out
 
 
 # The package's contract against the float64 reference: relative error ||out - ref|| / ||ref||

@@ -28,9 +28,9 @@ from mlx_gdn.models import decode_step as decode_layer  # noqa: E402
 from mlx_gdn.models.layers import Qwen3NextGatedDeltaNet  # noqa: E402
 from mlx_gdn.reference import delta_rule, gates, rel_error, to_numpy  # noqa: E402
 from mlx_gdn.sim import STATS, simulated_metal  # noqa: E402
-from mlx_gdn.testing import fresh_seed  # noqa: E402
+from mlx_gdn.testing import TOLERANCE, fresh_seed  # noqa: E402
 
-TOL = {mx.float32: 1e-4, mx.bfloat16: 2e-2}
+TOL = TOLERANCE
 HIDDEN = 48
 PREFILL, STEPS = 5, 3
 

@@ -50,10 +50,10 @@ def test_ops_routes_and_crossover():
     e = mlx_gdn.explain(rule, *_rule_args(x))
     assert (e.backend, e.algorithm, e.kernels) == ("ops", "recurrent", ())
     assert any("crossover" in r and "T=3" in r for r in e.reasons), e.reasons
-    long = random_inputs(1, backends.CHUNKED_FROM_T["ops"], 1, 2, 32, 32, seed=1)
+    long = random_inputs(1, backends.CHUNKED_FROM_T["ops"], 1, 2, 32, 32, seed=fresh_seed())
     e = mlx_gdn.explain(update, *_update_args(long), lower_bound=-1.0)
     assert (e.backend, e.algorithm) == ("ops", "chunked"), str(e)
-    key = random_inputs(1, 64, 1, 2, 32, 32, seed=2, gate="key")
+    key = random_inputs(1, 64, 1, 2, 32, 32, seed=fresh_seed(), gate="key")
     e = mlx_gdn.explain(rule, *_rule_args(key), algorithm="auto")
     assert e.algorithm == "recurrent" and any("per-key" in r for r in e.reasons), str(e)
     d = e.as_dict()
@@ -69,7 +69,7 @@ def test_ops_routes_and_crossover():
     dict(mask=mx.zeros((1, 3), dtype=mx.float32)),
 ])
 def test_bad_input_raises_what_the_call_raises(bad):
-    x = random_inputs(1, 3, 2, 4, 32, 32, seed=3)
+    x = random_inputs(1, 3, 2, 4, 32, 32, seed=fresh_seed())
     args = dict(q=x.q, k=x.k, v=x.v, g=x.g, beta=x.beta, state=x.state, mask=None)
     args.update(bad)
     with pytest.raises((ValueError, TypeError)) as want:
@@ -80,7 +80,7 @@ def test_bad_input_raises_what_the_call_raises(bad):
 
 
 def test_update_options_are_validated_and_fn_checked():
-    x = random_inputs(1, 2, 1, 2, 32, 32, seed=4)
+    x = random_inputs(1, 2, 1, 2, 32, 32, seed=fresh_seed())
     for opt, exc in ((dict(lower_bound=1.0), ValueError), (dict(allow_neg_eigval=1), TypeError)):
         with pytest.raises(exc) as want:
             update(*_update_args(x), **opt)
@@ -114,14 +114,14 @@ def test_metal_names_the_kernels_that_run(monkeypatch, T, fused, masked):
 
 
 def test_metal_unsupported_shape_goes_to_ops():
-    x = random_inputs(1, 2, 1, 2, 48, 32, seed=5)  # Dk=48: not a multiple of 32
+    x = random_inputs(1, 2, 1, 2, 48, 32, seed=fresh_seed())  # Dk=48: not a multiple of 32
     with simulated_metal():
         e = mlx_gdn.explain(rule, *_rule_args(x))
     assert e.backend == "ops" and e.kernels == () and any("unsupported shape" in r for r in e.reasons), str(e)
 
 
 def test_metal_fallback_is_explained(monkeypatch):
-    x = random_inputs(1, 2, 1, 2, 32, 32, seed=6)
+    x = random_inputs(1, 2, 1, 2, 32, 32, seed=fresh_seed())
     real = launch.LaunchSpec.source
     monkeypatch.setattr(launch.LaunchSpec, "source",
                         lambda s: real(s) + ("\nnot C++;\n" if s.name == "gdn_recurrent_decode_rule" else ""))
