@@ -11,8 +11,9 @@ import mlx.core as mx
 
 from .validate import ALGORITHMS, BACKENDS, Problem, check_choice
 
-# Each backend module provides: available(), unavailable_reason(), supports(p, algorithm),
-# choose_algorithm(p), run(p, q, k, v, state, mask, *, algorithm, g, beta, gating).
+# Each backend module provides: name, available(), unavailable_reason(), supports(p, algorithm),
+# choose_algorithm(p), variants(p, algorithm, lower, neg) (the kernel variants a call launches,
+# `fallback.Variant`; empty for ops) and run(p, q, k, v, state, mask, *, algorithm, g, beta, gating).
 _MODULES = {"metal": "mlx_gdn.metal.backend", "cuda": "mlx_gdn.cuda.backend", "ops": "mlx_gdn.ops.backend"}
 # Order in which "auto" tries the GPU backends.
 _GPU_ORDER = ("metal", "cuda")
