@@ -148,3 +148,35 @@ def test_cuda_chunked_failure_falls_back(monkeypatch):
     msgs = [str(w.message) for w in caught]
     assert any("gdn_cuda_chunked_state" in m and "algorithm 'chunked'" in m for m in msgs), msgs
     assert len(msgs) == len(set(msgs)) <= 2, msgs  # each failed variant set warns once
+
+
+def _cuda_device() -> bool:
+    from mlx_gdn.cuda.kernel import _device
+
+    return _device() and mx.default_device().type == mx.gpu
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda_device(), reason="needs MLX with a CUDA device")
+@pytest.mark.parametrize("fused", [False, True])
+def test_kernel_rejected_by_nvrtc_falls_back_on_the_gpu(monkeypatch, fused):
+    """On a real GPU the compiler's error surfaces only when MLX evaluates the launch (it compiles
+    lazily): the trial catches it, "auto" warns once and returns the right answer, an explicit
+    backend raises KernelFailure afterwards."""
+    seed = fresh_seed()
+    x = random_inputs(2, 3, 2, 4, 128, 128, seed=seed, dtype=mx.bfloat16, mask=True)
+    name = "gdn_recurrent_decode_update_masked_v4" if fused else "gdn_recurrent_decode_rule_masked_v4"
+    _break(monkeypatch, name)
+    if fused:
+        g, beta = gates(x.a, x.b, x.A_log, x.dt_bias)
+        fn, args = mlx_gdn.gated_delta_update, (x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, x.mask)
+    else:
+        g, beta = x.g, x.beta
+        fn, args = mlx_gdn.gated_delta_rule, (x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
+    call = lambda **kw: fn(*args, **kw)  # noqa: E731
+    ref = delta_rule(x.q, x.k, x.v, g, beta, x.state, x.mask)
+    assert mlx_gdn.explain(fn, *args).kernels[0].name == name, "the broken kernel is not the one this call launches"
+    caught = _calls(3, call, x, ref, mx.bfloat16, f"seed={seed}")
+    assert len(caught) == 1 and name + "<" in str(caught[0].message), [str(w.message) for w in caught]
+    with pytest.raises(fallback.KernelFailure, match=name):
+        call(backend="cuda", algorithm="recurrent")
