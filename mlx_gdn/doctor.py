@@ -284,10 +284,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             checks += [run_case(c, seed) for c in todo]
     timings = [] if args.no_timing else run_timings(args.quick, seed)
     failed = sum(r["status"] == "fail" for r in checks)
+    env = environment()
     report = {
         "schema": SCHEMA,
         "mlx_gdn_version": __version__,
-        "environment": environment(),
+        "device": env["device"],
+        "versions": env["versions"],
+        "platform": env["platform"],
+        "environment": env,
         "options": {k: v for k, v in vars(args).items() if k != "json"},
         "seed": seed,
         "tolerance": {str(k).replace("mlx.core.", ""): v for k, v in TOLERANCE.items()},

@@ -22,10 +22,10 @@ def test_quick_run_on_this_machine(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads(out.read_text())
-    for key in ("schema", "mlx_gdn_version", "environment", "seed", "tolerance", "checks", "timings", "summary", "ok"):
+    for key in ("schema", "mlx_gdn_version", "device", "versions", "platform", "environment", "seed", "tolerance",
+                "checks", "timings", "summary", "ok"):
         assert key in rep, key
-    for key in ("device", "versions", "platform"):
-        assert key in rep["environment"], key
+    assert rep["versions"]["mlx"] and rep["versions"]["python"] and rep["device"] == rep["environment"]["device"]
     assert rep["ok"] and rep["summary"]["failed"] == 0
     checks = rep["checks"]
     assert checks and all(c["ok"] and c["status"] in ("pass", "skipped") for c in checks), \
