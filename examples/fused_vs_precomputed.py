@@ -8,6 +8,7 @@ import mlx.core as mx
 
 import mlx_gdn
 from mlx_gdn import reference
+from mlx_gdn.testing import tolerance
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--tokens", type=int, default=64)
@@ -50,7 +51,7 @@ def median_ms(fn):
 diff = max(reference.rel_error(y1, y2), reference.rel_error(s1, s2))
 g_ref, beta_ref = reference.gates(a, b, A_log, dt_bias)
 y_ref, s_ref = reference.delta_rule(q, k, v, g_ref, beta_ref, state)
-tol = 1e-4 if dt == mx.float32 else 2e-2
+tol = tolerance(dt)
 errs = [reference.rel_error(y, y_ref) for y in (y1, y2)] + [reference.rel_error(s, s_ref) for s in (s1, s2)]
 print(f"device {mx.default_device()}, B={B} T={T} {args.dtype}, backends {mlx_gdn.available_backends()}")
 print(f"fused vs precomputed: relative difference {diff:.2e}; vs float64 reference: max {max(errs):.2e}")

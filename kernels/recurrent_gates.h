@@ -60,7 +60,7 @@ GDN_INLINE float gdn_rate_times(float rate, float log_rate, float x) {
   return x > 0.0f ? m : -m;
 }
 
-// Log of the decay g from the raw projection a (DESIGN.md section 1); log_rate = A_log and
+// Log of the decay g from the raw projection a (docs/design.md, section The math); log_rate = A_log and
 // rate = exp(A_log), computed once per head by the caller.
 // lower: log g = lower_bound * sigmoid(rate * (a + dt_bias));
 // else:  log g = -rate * softplus(a + dt_bias).

@@ -2,6 +2,7 @@
 
 from .api import gated_delta_rule, gated_delta_update
 from .backends import available_backends
+from .explain import Explanation, explain
 from .gating import compute_beta, compute_g, compute_gates, normalize_qk
 
 __version__ = "0.1.0"
@@ -10,6 +11,8 @@ __all__ = [
     "gated_delta_rule",
     "gated_delta_update",
     "available_backends",
+    "explain",
+    "Explanation",
     "compute_g",
     "compute_beta",
     "compute_gates",

@@ -101,6 +101,7 @@ def gated_delta_update(
         algorithm,
         update_key(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval),
         lambda: check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval),
+        (lower_bound is not None, bool(allow_neg_eigval)),
     )
     gating = FusedGating(a, b, A_log, dt_bias, lower_bound, allow_neg_eigval)
     return _run(plan, q, k, v, state, mask, gating=gating)

@@ -11,8 +11,9 @@ import mlx.core as mx
 
 from .validate import ALGORITHMS, BACKENDS, Problem, check_choice
 
-# Each backend module provides: available(), unavailable_reason(), supports(p, algorithm),
-# choose_algorithm(p), run(p, q, k, v, state, mask, *, algorithm, g, beta, gating).
+# Each backend module provides: name, available(), unavailable_reason(), supports(p, algorithm),
+# choose_algorithm(p), variants(p, algorithm, lower, neg) (the kernel variants a call launches,
+# `fallback.Variant`; empty for ops) and run(p, q, k, v, state, mask, *, algorithm, g, beta, gating).
 _MODULES = {"metal": "mlx_gdn.metal.backend", "cuda": "mlx_gdn.cuda.backend", "ops": "mlx_gdn.ops.backend"}
 # Order in which "auto" tries the GPU backends.
 _GPU_ORDER = ("metal", "cuda")
@@ -84,6 +85,23 @@ def resolve(backend: str, algorithm: str, p: Problem) -> Tuple[ModuleType, str]:
     """
     check_choice("backend", backend, BACKENDS)
     check_choice("algorithm", algorithm, ALGORITHMS)
+    name = pick_backend(backend)
+    mod = module(name)
+    algo = mod.choose_algorithm(p) if algorithm == "auto" else algorithm
+    if mod.supports(p, algo):
+        return mod, algo
+    ops = module("ops")
+    if ops.supports(p, algo):
+        return ops, algo
+    raise ValueError(f"algorithm {algo!r} is not available for this input (backend {name!r})")
+
+
+def pick_backend(backend: str) -> str:
+    """The backend name `backend` ("auto" or a name) stands for here, before shapes are looked at.
+
+    "auto": the first GPU backend available with the default device a GPU (or its simulator
+    active), else "ops". A name: itself, or ValueError when it is not available.
+    """
     if backend == "auto":
         name = "ops"
         for cand in _GPU_ORDER:
@@ -101,14 +119,7 @@ def resolve(backend: str, algorithm: str, p: Problem) -> Tuple[ModuleType, str]:
                 + (f" ({reason})" if reason else "")
                 + f"; available: {', '.join(available_backends())}"
             )
-    mod = module(name)
-    algo = mod.choose_algorithm(p) if algorithm == "auto" else algorithm
-    if mod.supports(p, algo):
-        return mod, algo
-    ops = module("ops")
-    if ops.supports(p, algo):
-        return ops, algo
-    raise ValueError(f"algorithm {algo!r} is not available for this input (backend {name!r})")
+    return name
 
 
 # What a call runs, remembered: (key, default device type) -> answer. Within one process the
@@ -135,20 +146,29 @@ def remembered(key, make, *args):
     return hit
 
 
-def plan(backend: str, algorithm: str, key, check) -> Tuple[Problem, ModuleType, str]:
+def plan(backend: str, algorithm: str, key, check, options=(False, False)) -> Tuple[Problem, ModuleType, str]:
     """(problem, backend module, algorithm) of a call.
 
     key: the inputs' signature (`validate.rule_key` / `update_key`; None is never remembered);
-    check: validates the inputs and returns their Problem (raising on bad input).
+    check: validates the inputs and returns their Problem (raising on bad input); options: the
+    fused options that select kernel variants, (lower_bound given, allow_neg_eigval).
+    A kernel path is tried once before it is planned (`fallback.route`): under "auto" a path that
+    fails here gives way to the next, an explicit backend raises `fallback.KernelFailure`.
     """
     if key is None:
-        return _make_plan(backend, algorithm, check)
-    return remembered((key, backend, algorithm, tuple(CHUNKED_FROM_T.items())), _make_plan, backend, algorithm, check)
+        return _make_plan(backend, algorithm, check, options)
+    return remembered((key, backend, algorithm, tuple(CHUNKED_FROM_T.items())), _make_plan, backend, algorithm, check,
+                      options)
 
 
-def _make_plan(backend, algorithm, check):
+def _make_plan(backend, algorithm, check, options):
     p = check()
-    return (p,) + resolve(backend, algorithm, p)
+    mod, algo = resolve(backend, algorithm, p)
+    if mod.name != "ops" and p.T > 0:
+        from .fallback import route
+
+        mod, algo = route(backend == "auto", mod, algo, p, *options)
+    return p, mod, algo
 
 
 def on_clear(clear):

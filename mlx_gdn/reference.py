@@ -36,7 +36,7 @@ def gates(a, b, A_log, dt_bias, lower_bound=None, allow_neg_eigval=False):
     """float64 (g, beta) from the raw projections, computed per head (and key column).
 
     a: [B,T,Hv] (g [B,T,Hv]) or [B,T,Hv,Dk] (g [B,T,Hv,Dk]); b: [B,T,Hv]; A_log: [Hv] or [Hv,1];
-    dt_bias: [Hv] or [Hv,1], or [Hv,Dk] with a per-key a.
+    dt_bias: [Hv] or [Hv,1], or [Hv,Dk] with a per-key a. The formulas: docs/design.md, "The math".
     """
     a, b, A_log, dt_bias = (to_numpy(x) for x in (a, b, A_log, dt_bias))
     Hv = A_log.size
@@ -92,3 +92,27 @@ def rel_error(out, ref) -> float:
     den = np.linalg.norm(ref)
     num = np.linalg.norm(out - ref)
     return float(num / den) if den > 0 else float(num)
+
+
+def layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk: int, Dk: int, Dv: int, eps: float = 1e-6):
+    """float64 T=1 step of the drop-in layer from its projections' outputs: conv-state shift,
+    depthwise conv, SiLU, split into q, k, v, q/k normalisation (q scaled by Dk**-0.5), gating and
+    one recurrence step. qkv [B,1,C]; conv_state [B,K-1,C]; w [C,K,1]; a, b [B,1,Hv];
+    state [B,Hv,Dv,Dk] or None; mask [B,1] or None (a masked row shifts a zero input in).
+    Returns (y [B,1,Hv,Dv], new conv state [B,K-1,C], new state [B,Hv,Dv,Dk])."""
+    x = to_numpy(qkv)
+    m = None if mask is None else np.asarray(to_numpy(mask) != 0)
+    if m is not None:
+        x = np.where(m[..., None], x, 0.0)
+    inp = np.concatenate([to_numpy(conv_state), x], axis=1)  # [B, K, C]
+    conv = np.einsum("bkc,ck->bc", inp, to_numpy(w)[:, :, 0])
+    act = conv * _sigmoid(conv)
+    B, kd = act.shape[0], Hk * Dk
+    q = act[:, :kd].reshape(B, 1, Hk, Dk)
+    k = act[:, kd : 2 * kd].reshape(B, 1, Hk, Dk)
+    v = act[:, 2 * kd :].reshape(B, 1, -1, Dv)
+    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + eps) * Dk**-0.5
+    k = k / np.sqrt((k * k).sum(-1, keepdims=True) + eps)
+    g, beta = gates(a, b, A_log, dt_bias)
+    y, S = delta_rule(q, k, v, g, beta, state, m)
+    return y, inp[:, 1:], S

@@ -3,6 +3,7 @@
 import pytest
 
 from mlx_gdn import backends
+from mlx_gdn.testing import drawn_seeds
 
 
 @pytest.fixture(autouse=True)
@@ -12,3 +13,21 @@ def _fresh_plans():
     backends.clear_plans()
     yield
     backends.clear_plans()
+
+
+@pytest.fixture(autouse=True)
+def _seeds():
+    drawn_seeds(clear=True)
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # Every seed a failing test drew with fresh_seed() goes into its report, so any randomized
+    # failure can be reproduced even where an assertion's own message leaves the seed out.
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed and rep.when == "call":
+        seeds = drawn_seeds()
+        if seeds:
+            rep.sections.append(("seeds drawn with mlx_gdn.testing.fresh_seed()", ", ".join(map(str, seeds))))

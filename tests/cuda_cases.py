@@ -13,10 +13,10 @@ import mlx.core as mx
 import mlx_gdn
 from mlx_gdn import backends
 from mlx_gdn.reference import delta_rule, gates, rel_error, to_numpy
-from mlx_gdn.testing import fresh_seed, random_inputs
+from mlx_gdn.testing import TOLERANCE, fresh_seed, random_inputs
 from mlx_gdn.validate import check_rule, check_update
 
-TOL = {mx.float32: 1e-4, mx.bfloat16: 2e-2, mx.float16: 2e-2}
+TOL = TOLERANCE
 DT = {"f32": mx.float32, "bf16": mx.bfloat16, "f16": mx.float16}
 
 

@@ -18,6 +18,7 @@ from mlx_gdn.bench.check import Checker
 from mlx_gdn.bench.contenders import Contender, discover
 from mlx_gdn.bench.contenders_fla import make_fla_contender
 from mlx_gdn.bench.shapes import Config, configs, default_sweep, resolve_shapes
+from mlx_gdn.testing import tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--hk", "2", "--hv", "4", "--dk", "32", "--dv", "16", "--batch", "1,2", "--tokens", "1,5",
@@ -94,7 +95,7 @@ def test_record_schema(tiny_run):
             assert r["time_s"] > 0 and r["reps"] >= 2 and len(r["times_s"]) == r["reps"]
             assert r["time_s"] == pytest.approx(float(np.median(r["times_s"])))
             assert r["GBps"] == pytest.approx(r["bytes"] / r["time_s"] / 1e9)
-            assert r["check"]["ok"] and max(r["check"]["y_err"], r["check"]["state_err"]) <= 1e-4
+            assert r["check"]["ok"] and max(r["check"]["y_err"], r["check"]["state_err"]) <= r["check"]["tol"]
 
 
 def test_baseline_and_speedup(tiny_run):
@@ -112,7 +113,7 @@ def test_wrong_contender_reported_not_timed(tiny_run):
     wrong = [r for r in rec["results"] if r["contender"] == "WRONG state"]
     assert wrong and all(r["status"] == "wrong" and "time_s" not in r for r in wrong)
     # Only the state was corrupted (by 1e-3): the check must look at the state too.
-    assert all(r["check"]["y_err"] < 1e-5 and r["check"]["state_err"] > 1e-4 for r in wrong)
+    assert all(r["check"]["y_err"] < 1e-5 and r["check"]["state_err"] > r["check"]["tol"] for r in wrong)
     assert all("relative error" in r["error"] for r in wrong)
     # Checked once per small instance (T=1 and T=5, B=1 and 2), never called for timing.
     assert len(wrong_calls) == 4
@@ -200,6 +201,7 @@ def test_gpu_backend_discovery_with_fake(monkeypatch):
             return algorithm == "recurrent" and p.Dk % 32 == 0
 
         choose_algorithm = staticmethod(lambda p: "recurrent")
+        variants = staticmethod(lambda *args: ())  # no kernels: nothing to try before planning
         run = staticmethod(ops.run)
 
     real = backends.module
@@ -243,7 +245,7 @@ def test_stated_path_tolerance_applies_only_where_looser():
     assert v["ok"] and v["tol"] == 2e-3
     off2, _ = _counting("off by 1e-3, tight statement", transform_y=lambda y: y * 1.001)
     off2.meta["tolerance"] = {"float32": 1e-6}
-    assert Checker(seed=5).check(off2, cfg)["tol"] == 1e-4
+    assert Checker(seed=5).check(off2, cfg)["tol"] == tolerance("float32")
 
 
 def test_chunked_ops_contender_states_its_float32_bound():

@@ -18,7 +18,7 @@ def problem(T=8, gate="scalar", Dk=64):
 
 
 def fake_backend(name, *, avail=True, supported=True, algo="recurrent", calls=None):
-    mod = types.SimpleNamespace()
+    mod = types.SimpleNamespace(name=name, variants=lambda *args: ())  # no kernels: nothing to try first
     mod.available = lambda: avail
     mod.unavailable_reason = lambda: "no device in this test"
     mod.supports = lambda p, a: supported
@@ -153,6 +153,7 @@ def test_entering_and_leaving_the_simulator_reroutes():
         pytest.skip("a real Metal device answers outside the simulator")
     assert launches() == 0
     with simulated_metal():
+        assert launches() == 2  # the kernel's one trial on small inputs (mlx_gdn.fallback), then the call
         assert launches() == 1
     assert launches() == 0
 

@@ -22,6 +22,7 @@ def _env():
     ("quickstart.py", ["--tokens", "9"]),
     ("fused_vs_precomputed.py", ["--tokens", "5", "--reps", "2", "--batch", "2"]),
     ("fused_vs_precomputed.py", ["--tokens", "3", "--reps", "1", "--dtype", "float32"]),
+    ("simulate_metal_kernel.py", ["--rows", "3", "--cols", "70"]),
 ])
 def test_script(script, args):
     p = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=EXAMPLES, env=_env(),
@@ -29,6 +30,14 @@ def test_script(script, args):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "CHECK ok" in p.stdout and "FAILED" not in p.stdout
     assert "Traceback" not in p.stderr
+
+
+def test_simulated_kernel_example_reports_both_bugs():
+    p = subprocess.run([sys.executable, str(EXAMPLES / "simulate_metal_kernel.py"), "--rows", "2", "--cols", "33"],
+                       cwd=EXAMPLES, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "out-of-bounds write reported: " in p.stdout and "buffer 'out'" in p.stdout, p.stdout
+    assert "forgotten element is NaN in every row: True" in p.stdout, p.stdout
 
 
 def test_notebook(monkeypatch):

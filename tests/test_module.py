@@ -26,10 +26,10 @@ from mlx_lm.models.cache import ArraysCache, BatchKVCache, make_prompt_cache  # 
 
 import mlx_gdn  # noqa: E402
 from mlx_gdn.models.layers import Qwen3NextGatedDeltaNet  # noqa: E402
-from mlx_gdn.testing import fresh_seed  # noqa: E402
+from mlx_gdn.testing import fresh_seed, tolerance  # noqa: E402
 
 VOCAB = 97
-F32_TOL, BF16_TOL = 1e-4, 2e-2
+F32_TOL, BF16_TOL = tolerance(mx.float32), tolerance(mx.bfloat16)
 
 _COMMON = dict(
     hidden_size=64,

@@ -35,6 +35,27 @@ def test_wheel_carries_kernels(wheel):
         assert not lacking, f"wheel lacks {lacking}"
 
 
+def test_wheel_carries_license_headers_and_metadata(wheel):
+    zf = zipfile.ZipFile(wheel)
+    names = set(zf.namelist())
+    licenses = [n for n in names if ".dist-info/" in n and n.rsplit("/", 1)[-1] == "LICENSE"]
+    assert licenses, f"wheel lacks LICENSE: {sorted(n for n in names if '.dist-info/' in n)}"
+    assert zf.read(licenses[0]).decode() == (ROOT / "LICENSE").read_text()
+    assert "Copyright (c) 2026 the mlx-gdn authors" in (ROOT / "LICENSE").read_text()
+    # The kernels (one of each kind) and the simulator's headers, where the package looks for them.
+    for must in ("mlx_gdn/kernels/recurrent_decode.metal", "mlx_gdn/kernels/cuda_prelude.h",
+                 "mlx_gdn/kernels/chunked_tc.cuh", "mlx_gdn/sim/runtime.h", "mlx_gdn/sim/cuda_vocab.h"):
+        assert must in names, must
+    (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    text = zf.read(meta).decode()
+    for line in ("Requires-Python: >=3.10", "Classifier: License :: OSI Approved :: MIT License",
+                 "Classifier: Development Status :: 3 - Alpha",
+                 "Classifier: Topic :: Scientific/Engineering :: Artificial Intelligence",
+                 "Project-URL: Repository, https://github.com/mlx-gdn/mlx-gdn",
+                 "Project-URL: Issues, https://github.com/mlx-gdn/mlx-gdn/issues"):
+        assert line in text, f"METADATA lacks {line!r}"
+
+
 def test_installed_loader_finds_kernels(wheel, tmp_path):
     """Unpacked alone (no source tree beside it), the package still finds its kernels."""
     zipfile.ZipFile(wheel).extractall(tmp_path)

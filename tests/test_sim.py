@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_gdn import sim
+from mlx_gdn.testing import fresh_seed
 from mlx_gdn.sim import (
     SimCompileError,
     SimKernelError,
@@ -15,7 +16,15 @@ from mlx_gdn.sim import (
     simulated_metal,
 )
 
-RNG = np.random.default_rng()
+RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rng():
+    # Fresh inputs per test; the seed is reported with a failure (tests/conftest.py).
+    global RNG
+    RNG = np.random.default_rng(fresh_seed())
+    yield
 
 
 def rand(*shape, dtype=np.float32):
@@ -467,8 +476,7 @@ def test_device_pointer_casts_and_vector_loads():
 
 def test_ensure_row_contiguous_false_passes_the_real_layout():
     """Like MLX, a non-contiguous input keeps its buffer and strides when contiguity is not forced."""
-    rng = np.random.default_rng()
-    base = mx.array(rng.standard_normal((6, 10)).astype(np.float32))
+    base = mx.array(RNG.standard_normal((6, 10)).astype(np.float32))
     view = base.T[::2]  # shape (5, 6), strides (2, 10)
     flat_read = "uint i = thread_position_in_grid.x; out[i] = inp[i];"
     strided_read = (

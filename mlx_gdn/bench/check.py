@@ -8,11 +8,13 @@ from dataclasses import replace
 from typing import Dict, Tuple
 
 from .. import reference as R
+from ..testing import tolerance
 from .contenders import Contender
 from .inputs import make_inputs
 from .shapes import Config
 
-TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-2}
+# The package's table (mlx_gdn.testing.TOLERANCE), keyed by dtype name as configs name them.
+TOLERANCE = {name: tolerance(name) for name in ("float32", "bfloat16", "float16")}
 CHECK_T = 67  # odd, and across one 64-step chunk boundary
 
 

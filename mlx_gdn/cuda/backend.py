@@ -12,8 +12,9 @@ import mlx.core as mx
 from .. import launch
 from ..backends import prefers_chunked
 from ..validate import Problem
-from .chunked import run_chunked, supports_chunked
-from .kernel import _device, kernel_for_spec, simulated
+from ..launch import compact
+from .chunked import chunked_variants, run_chunked, supports_chunked
+from .kernel import _device, kernel_for_spec, recurrent_header, simulated
 
 name = "cuda"
 
@@ -49,6 +50,17 @@ def supports(p: Problem, algorithm: str) -> bool:
 def choose_algorithm(p: Problem) -> str:
     """Chunked from the measured crossover T on (`backends.CHUNKED_FROM_T`), recurrent below it."""
     return "chunked" if prefers_chunked("cuda", p) and supports_chunked(p) else "recurrent"
+
+
+def variants(p: Problem, algorithm: str, lower: bool = False, neg: bool = False):
+    """The kernel variants (`fallback.Variant`) a call of `algorithm` on `p` launches, in order;
+    lower, neg: the fused options (lower_bound given, allow_neg_eigval)."""
+    from ..fallback import variant
+
+    if algorithm == "chunked":
+        return chunked_variants(p, lower=lower, neg=neg)
+    spec = launch.recurrent_spec(p, lower=lower, neg=neg, vec4=DECODE_VEC4)
+    return (variant(spec.name, spec.template, recurrent_header(spec), compact(spec.source())),)
 
 
 def run_recurrent(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, path=None):

@@ -126,6 +126,38 @@ def _regs_config(p: Problem):
     return (nw, smem) if p.Dv % (16 * nw) == 0 and smem <= SMEM_LIMIT else None
 
 
+def _prep_template(p: Problem, lower: bool, neg: bool) -> list:
+    return [("Dk", p.Dk), ("Dv", p.Dv), ("EXACT", p.dtype == mx.float32), ("FUSED", p.fused),
+            ("MASKED", p.masked), ("HAS_LB", bool(p.fused and lower)), ("NEG", bool(p.fused and neg))]
+
+
+def _state_launch(p: Problem):
+    """(kernel name, body file, threads per block, value rows per block, template, shared memory
+    bytes) of the state launch."""
+    regs = _regs_config(p)
+    if regs is not None:  # S in registers: 16 value rows per warp
+        nw, smem = regs
+        template = [("Dk", p.Dk), ("Dv", p.Dv), ("NW", nw), ("MASKED", p.masked)]
+        return "gdn_cuda_chunked_state_regs", "chunked_state_regs.cu", 32 * nw, 16 * nw, template, smem
+    rows, share, smem = _state_config(p)
+    template = [("Dk", p.Dk), ("Dv", p.Dv), ("BV", rows), ("EXACT", p.dtype == mx.float32), ("MASKED", p.masked),
+                ("SHARE_WQ", share), ("NH", state_nh(rows))]
+    return "gdn_cuda_chunked_state", "chunked_state.cu", THREADS * state_nh(rows), rows, template, smem
+
+
+def chunked_variants(p: Problem, *, lower: bool = False, neg: bool = False):
+    """The (prep, state) kernel variants (`fallback.Variant`) of a call on `p`."""
+    from ..fallback import variant
+
+    hdr = source_text("chunked_tc.cuh")
+    kname, body, _, _, template, smem = _state_launch(p)
+    return (
+        variant("gdn_cuda_chunked_prep", _prep_template(p, lower, neg), hdr, source_text("chunked_prep.cu"),
+                str(prep_smem(p.Dk, p.Dv, p.dtype == mx.float32))),
+        variant(kname, template, hdr, source_text(body), str(smem)),
+    )
+
+
 def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None):
     """(y, state) from the two chunked launches. Scalar gates only (see `supports_chunked`)."""
     exact = p.dtype == mx.float32
@@ -151,8 +183,7 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
                    source_text("chunked_tc.cuh"), psmem)
     W, U, Aqk, G = prep(
         inputs=[q, k, v, gate_a, gate_b, a_log, dt_bias, lb, m],
-        template=[("Dk", p.Dk), ("Dv", p.Dv), ("EXACT", exact), ("FUSED", fused), ("MASKED", masked),
-                  ("HAS_LB", lower), ("NEG", neg)],
+        template=_prep_template(p, lower, neg),
         grid=(nt * THREADS, p.Hv, p.B),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(p.B, p.Hv, tp, p.Dk), (p.B, p.Hv, tp, p.Dv), (p.B, p.Hv, nt, CHUNK, CHUNK),
@@ -161,16 +192,7 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
         **launch.launch_options(),
     )
 
-    regs = _regs_config(p)
-    if regs is not None:  # S in registers: 16 value rows per warp
-        nw, smem = regs
-        kname, body, threads, rows = "gdn_cuda_chunked_state_regs", "chunked_state_regs.cu", 32 * nw, 16 * nw
-        template = [("Dk", p.Dk), ("Dv", p.Dv), ("NW", nw), ("MASKED", masked)]
-    else:
-        rows, share, smem = _state_config(p)
-        kname, body, threads = "gdn_cuda_chunked_state", "chunked_state.cu", THREADS * state_nh(rows)
-        template = [("Dk", p.Dk), ("Dv", p.Dv), ("BV", rows), ("EXACT", exact), ("MASKED", masked),
-                    ("SHARE_WQ", share), ("NH", state_nh(rows))]
+    kname, body, threads, rows, template, smem = _state_launch(p)
     step = _kernel(kname, STATE_INPUTS, STATE_OUTPUTS, source_text(body), source_text("chunked_tc.cuh"), smem)
     y, new_state = step(
         inputs=[q, k, W, U, Aqk, G, state, m],

@@ -53,6 +53,20 @@ def choose_algorithm(p: Problem) -> str:
     return "chunked" if prefers_chunked("metal", p) and _supports_chunked(p) else "recurrent"
 
 
+def variants(p: Problem, algorithm: str, lower: bool = False, neg: bool = False):
+    """The kernel variants (`fallback.Variant`) a call of `algorithm` on `p` launches, in order;
+    lower, neg: the fused options (lower_bound given, allow_neg_eigval)."""
+    from ..fallback import variant
+
+    if algorithm == "chunked":
+        from .chunked import launch_specs
+
+        specs = launch_specs(p, lower=lower, neg=neg)
+    else:
+        specs = (launch.recurrent_spec(p, lower=lower, neg=neg, vec4=DECODE_VEC4),)
+    return tuple(variant(s.name, s.template, s.header(), s.source()) for s in specs)
+
+
 def run_recurrent(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, path=None):
     """(y, state) from one recurrent kernel launch; path "decode"/"prefill" or None (by T)."""
     return launch.run_recurrent(p, q, k, v, state, mask, kernel_for=kernel, g=g, beta=beta, gating=gating, path=path,

@@ -81,6 +81,11 @@ def _specs(p: Problem, N: int, *, lower: bool = False, neg: bool = False):
     return prep, state
 
 
+def launch_specs(p: Problem, *, lower: bool = False, neg: bool = False):
+    """(prep, state) launch specs of a call on `p`; lower, neg: the fused options."""
+    return _specs(p, -(-p.T // CHUNK), lower=lower, neg=neg)
+
+
 def _launch(spec: LaunchSpec, arrays):
     return spec.launch(kernel(spec), arrays)
 

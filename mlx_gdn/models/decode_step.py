@@ -96,7 +96,76 @@ def _fused_backend(backend, qkv, conv_state, w, a, b, state, mask, Hk, Hv, Dk, D
         return None
     if mod.name not in ("metal", "cuda") or not launch.supports_recurrent(p):
         return None
+    if backend == "auto":
+        from .. import fallback
+
+        args = (mod.name, B, K, Hk, Hv, Dk, Dv, qkv.dtype, mask is not None)
+        vs = variants(*args)
+        bad = fallback.tried(mod.name, vs, lambda: _probe(*args))
+        if bad is not None:
+            fallback.warn_once(mod.name, vs, f"fused decode-layer step, backend {mod.name!r}", bad,
+                               "the unfused layer step")
+            return None
     return mod.name
+
+
+def variants(backend: str, B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool):
+    """The kernel variant (`fallback.Variant`, one) of the fused step on `backend` ("metal"/"cuda")."""
+    from ..fallback import variant
+
+    spec = decode_spec(B, K, Hk, Hv, Dk, Dv, dtype, masked)
+    if backend == "metal":
+        return (variant(spec.name, spec.template, spec.header(), spec.source()),)
+    from ..cuda.kernel import recurrent_header
+
+    return (variant(spec.name, spec.template, recurrent_header(spec), launch.compact(spec.source())),)
+
+
+def random_step_inputs(B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool, seed: int):
+    """Seeded inputs of one fused step, in `decode_step`'s order (qkv, conv_state, w, a, b, A_log,
+    dt_bias, state, mask): like a layer's, with a masked row when `masked` (B >= 2)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    C = 2 * Hk * Dk + Hv * Dv
+    f = lambda *s, scale=1.0: mx.array((rng.standard_normal(s) * scale).astype(np.float32))  # noqa: E731
+    mask = None
+    if masked:
+        m = np.ones((B, 1), bool)
+        m[-1] = False
+        mask = mx.array(m)
+    return (f(B, 1, C).astype(dtype), f(B, K - 1, C).astype(dtype), f(C, K, 1, scale=0.5).astype(dtype),
+            f(B, 1, Hv).astype(dtype), f(B, 1, Hv).astype(dtype),
+            mx.array(np.log(rng.uniform(0.5, 16.0, Hv)).astype(np.float32)), f(Hv), f(B, Hv, Dv, Dk, scale=0.1),
+            mask)
+
+
+def check_step(backend: str, B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool,
+               seed: int = 0):
+    """(y, conv state, state) relative errors of one fused step on `backend` against the float64
+    reference (`reference.layer_step`), for seeded inputs; raises what the kernel raises."""
+    from ..reference import layer_step, rel_error
+
+    ins = random_step_inputs(B, K, Hk, Hv, Dk, Dv, dtype, masked, seed)
+    outs = decode_step(backend, *ins, Hk, Hv, Dk, Dv)
+    mx.eval(*outs)
+    refs = layer_step(*ins, Hk, Dk, Dv)
+    return tuple(rel_error(o, r) for o, r in zip(outs, refs))
+
+
+def _probe(backend, B, K, Hk, Hv, Dk, Dv, dtype, masked):
+    # The smallest batch with the same variant (B is not in the template): one row, two when masked.
+    from ..fallback import failure_text
+    from ..testing import tolerance
+
+    try:
+        errs = check_step(backend, 2 if masked else 1, K, Hk, Hv, Dk, Dv, dtype, masked)
+    except Exception as exc:  # noqa: BLE001 -- any failure of the kernel is the verdict
+        return failure_text(exc)
+    tol = tolerance(dtype)
+    if not all(e < tol for e in errs):  # NaN fails too
+        return f"wrong result: relative errors y, conv state, state {', '.join(f'{e:.1e}' for e in errs)} (bound {tol:.0e})"
+    return None
 
 
 @backends.on_clear

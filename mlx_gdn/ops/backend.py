@@ -32,6 +32,11 @@ def choose_algorithm(p: Problem) -> str:
     return "chunked" if prefers_chunked("ops", p) and supports(p, "chunked") else "recurrent"
 
 
+def variants(p: Problem, algorithm: str, lower: bool = False, neg: bool = False):
+    """No kernels: MLX ops only."""
+    return ()
+
+
 def run(p: Problem, q, k, v, state, mask, *, algorithm, g=None, beta=None, gating=None):
     """(y, state) for validated inputs; `gating` (FusedGating) replaces g, beta when given."""
     if gating is not None:

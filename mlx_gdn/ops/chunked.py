@@ -16,7 +16,6 @@ products. Memory is O(T (Dk + Dv + C)) per head plus one Dv x Dk state per head 
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from typing import Optional, Tuple
 
@@ -179,13 +178,12 @@ def float32_tolerance() -> float:
     """Relative error bound of this path for float32 inputs on the current default device.
 
     1e-4 (the package's float32 contract), except on MLX's CUDA backend with TF32 products
-    enabled (MLX's default there; MLX_ENABLE_TF32=0 turns them off): 2e-3.
+    enabled (MLX's default there; MLX_ENABLE_TF32=0 turns them off): 2e-3
+    (`mlx_gdn.testing.tolerance` with matmul=True).
     """
-    from ..cuda.kernel import _device as cuda_available
+    from ..testing import tolerance
 
-    on_cuda = mx.default_device().type == mx.gpu and cuda_available()
-    tf32 = on_cuda and os.environ.get("MLX_ENABLE_TF32", "1") != "0"
-    return 2e-3 if tf32 else 1e-4
+    return tolerance(mx.float32, matmul=True)
 
 
 def chunked_rule(
