@@ -228,18 +228,27 @@ def test_compute_gates_per_key_reads_per_head():
 
 @pytest.mark.parametrize("state_dtype", [BF16, F16])
 @pytest.mark.parametrize("fn", ["rule", "update"])
-@pytest.mark.parametrize("algorithm", ["recurrent", "chunked"])
+@pytest.mark.parametrize("algorithm", ["recurrent", "chunked", "metal-recurrent"])
 def test_half_precision_state(state_dtype, fn, algorithm):
-    """A bf16/f16 state is taken, the recurrence runs in float32, and the state returns in its dtype."""
+    """A bf16/f16 state is taken, the recurrence runs in float32, and the state returns in its dtype
+    (ops paths, and the Metal kernel in the simulator)."""
+    import contextlib
+
+    from mlx_gdn.sim import simulated_metal
+
     seed = fresh_seed()
-    x = random_inputs(2, 9, 1, 2, 32, 16, seed=seed, mask=True)
+    x = random_inputs(2, 9, 1, 2, 32, 16, seed=seed, mask=True, fused_gate="key" if fn == "update" else "scalar")
     st = x.state.astype(state_dtype)
-    if fn == "rule":
-        y, s = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, st, x.mask, algorithm=algorithm)
-        g, beta = x.g, x.beta
-    else:
-        y, s = mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, st, x.mask, algorithm=algorithm)
-        g, beta = reference.gates(x.a, x.b, x.A_log, x.dt_bias)
+    metal = algorithm.startswith("metal")
+    kw = dict(backend="metal" if metal else "ops", algorithm=algorithm.split("-")[-1])
+    with simulated_metal() if metal else contextlib.nullcontext():
+        if fn == "rule":
+            y, s = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, st, x.mask, **kw)
+            g, beta = x.g, x.beta
+        else:
+            y, s = mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, st, x.mask, **kw)
+            g, beta = reference.gates(x.a, x.b, x.A_log, x.dt_bias)
+        mx.eval(y, s)
     assert s.dtype == state_dtype and y.dtype == F32
     y_ref, s_ref = reference.delta_rule(x.q, x.k, x.v, g, beta, st, x.mask)
     ey, es = rel_error(y, y_ref), rel_error(s, s_ref)
