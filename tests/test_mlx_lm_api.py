@@ -382,3 +382,21 @@ def test_gated_delta_module_calls_equal_mlx_lm(gate):
     ours_g = ours.compute_lower_bound_g(A_log, a, x.dt_bias[:, None], LOWER)
     theirs_g = lm.compute_lower_bound_g(A_log, a, x.dt_bias[:, None], LOWER)
     assert rel_error(ours_g, theirs_g) < 1e-6, f"seed {seed}"
+
+
+@pytest.mark.parametrize("lower_bound", [None, LOWER])
+def test_compute_g_bf16_inputs_in_float32(lower_bound):
+    """bf16 a and dt_bias (a model loaded in bf16): the sum and softplus are formed in float32, so
+    g is float32-accurate from the bf16 values given; mlx-lm's compute_g adds (and takes softplus)
+    in bf16 and is off by bf16 rounding there."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    A_log = mx.array(np.log(rng.uniform(0.5, 16.0, (4, 1))).astype(np.float32))
+    a = mx.array((rng.standard_normal((2, 5, 4, 32)) * 3).astype(np.float32)).astype(BF16)
+    dt_bias = mx.array(rng.standard_normal((4, 32)).astype(np.float32)).astype(BF16)
+    ours = mlx_gdn.compute_g(A_log, a, dt_bias, lower_bound)
+    ref, _ = reference.gates(a, mx.zeros((2, 5, 4)), A_log, dt_bias, lower_bound)
+    theirs = lm.compute_g(A_log, a, dt_bias) if lower_bound is None else lm.compute_lower_bound_g(A_log, a, dt_bias, lower_bound)
+    e_ours, e_theirs = rel_error(ours, ref), rel_error(theirs, ref)
+    assert ours.dtype == F32 and e_ours < 1e-5, f"seed {seed}: {e_ours:.2e}"
+    assert e_ours <= e_theirs, f"seed {seed}: ours {e_ours:.2e}, mlx-lm {e_theirs:.2e}"
