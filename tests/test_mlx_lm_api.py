@@ -228,18 +228,27 @@ def test_compute_gates_per_key_reads_per_head():
 
 @pytest.mark.parametrize("state_dtype", [BF16, F16])
 @pytest.mark.parametrize("fn", ["rule", "update"])
-@pytest.mark.parametrize("algorithm", ["recurrent", "chunked"])
+@pytest.mark.parametrize("algorithm", ["recurrent", "chunked", "metal-recurrent"])
 def test_half_precision_state(state_dtype, fn, algorithm):
-    """A bf16/f16 state is taken, the recurrence runs in float32, and the state returns in its dtype."""
+    """A bf16/f16 state is taken, the recurrence runs in float32, and the state returns in its dtype
+    (ops paths, and the Metal kernel in the simulator)."""
+    import contextlib
+
+    from mlx_gdn.sim import simulated_metal
+
     seed = fresh_seed()
-    x = random_inputs(2, 9, 1, 2, 32, 16, seed=seed, mask=True)
+    x = random_inputs(2, 9, 1, 2, 32, 16, seed=seed, mask=True, fused_gate="key" if fn == "update" else "scalar")
     st = x.state.astype(state_dtype)
-    if fn == "rule":
-        y, s = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, st, x.mask, algorithm=algorithm)
-        g, beta = x.g, x.beta
-    else:
-        y, s = mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, st, x.mask, algorithm=algorithm)
-        g, beta = reference.gates(x.a, x.b, x.A_log, x.dt_bias)
+    metal = algorithm.startswith("metal")
+    kw = dict(backend="metal" if metal else "ops", algorithm=algorithm.split("-")[-1])
+    with simulated_metal() if metal else contextlib.nullcontext():
+        if fn == "rule":
+            y, s = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, st, x.mask, **kw)
+            g, beta = x.g, x.beta
+        else:
+            y, s = mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, st, x.mask, **kw)
+            g, beta = reference.gates(x.a, x.b, x.A_log, x.dt_bias)
+        mx.eval(y, s)
     assert s.dtype == state_dtype and y.dtype == F32
     y_ref, s_ref = reference.delta_rule(x.q, x.k, x.v, g, beta, st, x.mask)
     ey, es = rel_error(y, y_ref), rel_error(s, s_ref)
@@ -373,3 +382,21 @@ def test_gated_delta_module_calls_equal_mlx_lm(gate):
     ours_g = ours.compute_lower_bound_g(A_log, a, x.dt_bias[:, None], LOWER)
     theirs_g = lm.compute_lower_bound_g(A_log, a, x.dt_bias[:, None], LOWER)
     assert rel_error(ours_g, theirs_g) < 1e-6, f"seed {seed}"
+
+
+@pytest.mark.parametrize("lower_bound", [None, LOWER])
+def test_compute_g_bf16_inputs_in_float32(lower_bound):
+    """bf16 a and dt_bias (a model loaded in bf16): the sum and softplus are formed in float32, so
+    g is float32-accurate from the bf16 values given; mlx-lm's compute_g adds (and takes softplus)
+    in bf16 and is off by bf16 rounding there."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    A_log = mx.array(np.log(rng.uniform(0.5, 16.0, (4, 1))).astype(np.float32))
+    a = mx.array((rng.standard_normal((2, 5, 4, 32)) * 3).astype(np.float32)).astype(BF16)
+    dt_bias = mx.array(rng.standard_normal((4, 32)).astype(np.float32)).astype(BF16)
+    ours = mlx_gdn.compute_g(A_log, a, dt_bias, lower_bound)
+    ref, _ = reference.gates(a, mx.zeros((2, 5, 4)), A_log, dt_bias, lower_bound)
+    theirs = lm.compute_g(A_log, a, dt_bias) if lower_bound is None else lm.compute_lower_bound_g(A_log, a, dt_bias, lower_bound)
+    e_ours, e_theirs = rel_error(ours, ref), rel_error(theirs, ref)
+    assert ours.dtype == F32 and e_ours < 1e-5, f"seed {seed}: {e_ours:.2e}"
+    assert e_ours <= e_theirs, f"seed {seed}: ours {e_ours:.2e}, mlx-lm {e_theirs:.2e}"
