@@ -29,6 +29,12 @@ def _run_in_float32(p, mod, algo, q, k, v, state, mask, gates):
     return y, new_state.astype(state.dtype)
 
 
+def _dt_per_key(a, dt_bias) -> bool:
+    """dt_bias holds one value per key column (Kimi's [Hv, Dk] with a per-key a)."""
+    return (type(a) is mx.array and type(dt_bias) is mx.array and a.ndim == 4 and dt_bias.ndim == 2
+            and dt_bias.shape[-1] != 1)
+
+
 def gated_delta_rule(
     q: mx.array,
     k: mx.array,
@@ -101,7 +107,9 @@ def gated_delta_update(
         algorithm,
         update_key(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval),
         lambda: check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval),
-        (lower_bound is not None, bool(allow_neg_eigval)),
+        # The fused options that select kernel variants: lower_bound given, allow_neg_eigval, and
+        # dt_bias per key column ([Hv, Dk], GDN_DT_KEY) with a per-key a.
+        (lower_bound is not None, bool(allow_neg_eigval), _dt_per_key(a, dt_bias)),
     )
     gating = FusedGating(a, b, A_log, dt_bias, lower_bound, allow_neg_eigval)
     return _run(plan, q, k, v, state, mask, gating=gating)

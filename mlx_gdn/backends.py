@@ -12,7 +12,7 @@ import mlx.core as mx
 from .validate import ALGORITHMS, BACKENDS, Problem, check_choice
 
 # Each backend module provides: name, available(), unavailable_reason(), supports(p, algorithm),
-# choose_algorithm(p), variants(p, algorithm, lower, neg) (the kernel variants a call launches,
+# choose_algorithm(p), variants(p, algorithm, lower, neg, dt_key) (the kernel variants a call launches,
 # `fallback.Variant`; empty for ops) and run(p, q, k, v, state, mask, *, algorithm, g, beta, gating).
 _MODULES = {"metal": "mlx_gdn.metal.backend", "cuda": "mlx_gdn.cuda.backend", "ops": "mlx_gdn.ops.backend"}
 # Order in which "auto" tries the GPU backends.
@@ -146,12 +146,12 @@ def remembered(key, make, *args):
     return hit
 
 
-def plan(backend: str, algorithm: str, key, check, options=(False, False)) -> Tuple[Problem, ModuleType, str]:
+def plan(backend: str, algorithm: str, key, check, options=(False, False, False)) -> Tuple[Problem, ModuleType, str]:
     """(problem, backend module, algorithm) of a call.
 
     key: the inputs' signature (`validate.rule_key` / `update_key`; None is never remembered);
     check: validates the inputs and returns their Problem (raising on bad input); options: the
-    fused options that select kernel variants, (lower_bound given, allow_neg_eigval).
+    fused options that select kernel variants, (lower_bound given, allow_neg_eigval, dt_bias per key column).
     A kernel path is tried once before it is planned (`fallback.route`): under "auto" a path that
     fails here gives way to the next, an explicit backend raises `fallback.KernelFailure`.
     """

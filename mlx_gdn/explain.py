@@ -70,15 +70,19 @@ def explain(fn, *args, **kwargs) -> Explanation:
     a = bound.arguments
     if fn is gated_delta_rule:
         p = check_rule(a["q"], a["k"], a["v"], a["g"], a["beta"], a["state"], a["mask"])
-        lower = neg = False
+        lower = neg = dt_key = False
     else:
         p = check_update(a["q"], a["k"], a["v"], a["a"], a["b"], a["A_log"], a["dt_bias"], a["state"], a["mask"],
                          a["lower_bound"], a["allow_neg_eigval"])
+        from .api import _dt_per_key
+
         lower, neg = a["lower_bound"] is not None, bool(a["allow_neg_eigval"])
-    return route(a["backend"], a["algorithm"], p, lower, neg)
+        dt_key = _dt_per_key(a["a"], a["dt_bias"])
+    return route(a["backend"], a["algorithm"], p, lower, neg, dt_key)
 
 
-def route(backend: str, algorithm: str, p: Problem, lower: bool = False, neg: bool = False) -> Explanation:
+def route(backend: str, algorithm: str, p: Problem, lower: bool = False, neg: bool = False,
+          dt_key: bool = False) -> Explanation:
     """The Explanation of a validated problem `p` under `backend` and `algorithm`."""
     mod, algo = backends.resolve(backend, algorithm, p)  # ValueError as the call raises it
     reasons: List[str] = []
@@ -103,7 +107,7 @@ def route(backend: str, algorithm: str, p: Problem, lower: bool = False, neg: bo
             if m.name == "ops":
                 mod, algo = m, a
                 break
-            vs, bad, decided = fallback.known(m, a, p, lower, neg)
+            vs, bad, decided = fallback.known(m, a, p, lower, neg, dt_key)
             if bad is None:
                 mod, algo = m, a
                 if auto and not decided:
@@ -115,7 +119,7 @@ def route(backend: str, algorithm: str, p: Problem, lower: bool = False, neg: bo
                     f"kernel {fallback.describe(vs)} (backend {m.name!r}, algorithm {a!r}) failed on this device: {bad}"
                 )
             reasons.append(f"fallback: kernel {fallback.describe(vs)} failed on this device earlier ({bad})")
-    return Explanation(mod.name, algo, tuple(mod.variants(p, algo, lower, neg)), tuple(reasons), p)
+    return Explanation(mod.name, algo, tuple(mod.variants(p, algo, lower, neg, dt_key)), tuple(reasons), p)
 
 
 def _algorithm_reason(algorithm: str, name: str, chosen, p: Problem, algo: str) -> str:

@@ -79,21 +79,21 @@ def describe(variants: Tuple[Variant, ...]) -> str:
     return " + ".join(str(v) for v in variants)
 
 
-def known(mod, algo: str, p, lower: bool, neg: bool) -> Tuple[Tuple[Variant, ...], Optional[str], bool]:
+def known(mod, algo: str, p, lower: bool, neg: bool, dt_key: bool = False) -> Tuple[Tuple[Variant, ...], Optional[str], bool]:
     """(variants, verdict, decided) of a path without running anything: verdict None when it passed
     or is untried, else what went wrong; decided False while untried."""
-    vs = mod.variants(p, algo, lower, neg)
+    vs = mod.variants(p, algo, lower, neg, dt_key)
     key = (mod.name, vs)
     return vs, _VERDICTS.get(key), key in _VERDICTS
 
 
-def verdict(mod, algo: str, p, lower: bool, neg: bool) -> Tuple[Tuple[Variant, ...], Optional[str]]:
+def verdict(mod, algo: str, p, lower: bool, neg: bool, dt_key: bool = False) -> Tuple[Tuple[Variant, ...], Optional[str]]:
     """(variants, None) when backend module `mod` runs algorithm `algo` for problem `p` correctly
     here, else (variants, what went wrong); tried once per variant set."""
-    vs = mod.variants(p, algo, lower, neg)
+    vs = mod.variants(p, algo, lower, neg, dt_key)
     if not vs:  # no kernels to try
         return vs, None
-    return vs, tried(mod.name, vs, lambda: _probe(mod, algo, _probe_problem(mod, algo, p, lower, neg, vs), lower, neg))
+    return vs, tried(mod.name, vs, lambda: _probe(mod, algo, _probe_problem(mod, algo, p, lower, neg, dt_key, vs), lower, neg, dt_key))
 
 
 def tried(backend: str, variants: Tuple[Variant, ...], probe) -> Optional[str]:
@@ -124,13 +124,13 @@ def failure_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:400]
 
 
-def _probe_problem(mod, algo, p, lower, neg, vs):
+def _probe_problem(mod, algo, p, lower, neg, dt_key, vs):
     """The smallest problem with the same kernel variants: B=1 and a T on the same path."""
     from .launch import DECODE_MAX_T
 
     T = min(p.T, 1 if p.T <= DECODE_MAX_T else DECODE_MAX_T + 1)
     for cand in (dataclasses.replace(p, B=1, T=T), dataclasses.replace(p, T=T)):
-        if mod.supports(cand, algo) and mod.variants(cand, algo, lower, neg) == vs:
+        if mod.supports(cand, algo) and mod.variants(cand, algo, lower, neg, dt_key) == vs:
             return cand
     return p
 
@@ -139,7 +139,7 @@ def _probe_problem(mod, algo, p, lower, neg, vs):
 _PROBE_LOWER_BOUND = -5.0
 
 
-def _probe(mod, algo: str, p, lower: bool, neg: bool) -> Optional[str]:
+def _probe(mod, algo: str, p, lower: bool, neg: bool, dt_key: bool = False) -> Optional[str]:
     """None when one launch of the path on seeded inputs shaped like `p` runs and matches the
     float64 reference within the package's tolerance, else a one-line account of what failed."""
     from .gating import FusedGating
@@ -148,11 +148,14 @@ def _probe(mod, algo: str, p, lower: bool, neg: bool) -> Optional[str]:
 
     import numpy as np
 
-    x = random_inputs(p.B, max(p.T, 1), p.Hk, p.Hv, p.Dk, p.Dv, dtype=p.dtype, seed=0, gate=p.gate, mask=p.masked)
+    per_key = p.fused and p.gate == "key"
+    x = random_inputs(p.B, max(p.T, 1), p.Hk, p.Hv, p.Dk, p.Dv, dtype=p.dtype, seed=0, gate=p.gate, mask=p.masked,
+                      fused_gate="key" if per_key else "scalar")
     if p.fused:
         lb = _PROBE_LOWER_BOUND if lower else None
-        kw = dict(gating=FusedGating(x.a, x.b, x.A_log, x.dt_bias, lb, bool(neg)))
-        g, beta = gates(x.a, x.b, x.A_log, x.dt_bias, lb, bool(neg))
+        dt_bias = x.dt_bias if dt_key or not per_key else x.dt_bias[:, 0]  # [Hv, Dk] or [Hv]
+        kw = dict(gating=FusedGating(x.a, x.b, x.A_log, dt_bias, lb, bool(neg)))
+        g, beta = gates(x.a, x.b, x.A_log, dt_bias, lb, bool(neg))
     else:
         kw = dict(g=x.g, beta=x.beta)
         g, beta = x.g, x.beta
@@ -186,7 +189,7 @@ def candidates(auto: bool, mod, algo: str, p):
     return out
 
 
-def route(auto: bool, mod, algo: str, p, lower: bool = False, neg: bool = False):
+def route(auto: bool, mod, algo: str, p, lower: bool = False, neg: bool = False, dt_key: bool = False):
     """(backend module, algorithm) that runs problem `p`: the first candidate whose kernels pass
     (`verdict`). Under auto each failed variant set warns once; otherwise a failure raises
     KernelFailure."""
@@ -194,7 +197,7 @@ def route(auto: bool, mod, algo: str, p, lower: bool = False, neg: bool = False)
         if m.name == "ops":
             return m, a
         # An explicit backend runs its kernel as asked (no trial launch), unless it already failed here.
-        vs, bad = verdict(m, a, p, lower, neg) if auto else known(m, a, p, lower, neg)[:2]
+        vs, bad = verdict(m, a, p, lower, neg, dt_key) if auto else known(m, a, p, lower, neg, dt_key)[:2]
         if bad is None:
             return m, a
         if not auto:

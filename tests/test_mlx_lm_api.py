@@ -4,6 +4,8 @@ gives mlx-lm's answer (its ops path, use_kernel=False) and the float64 reference
 from __future__ import annotations
 
 import mlx.core as mx
+import warnings
+
 import numpy as np
 import pytest
 
@@ -101,8 +103,10 @@ def test_use_kernel_false_runs_ops(model, monkeypatch):
     args, kw, _ = _model_inputs(model, 1, 3, Hk, Hv, 32, F32, seed)
     with simulated_metal():
         y, s = mlx_gdn.gated_delta_update(*args, **{**kw, "use_kernel": False})
+        # The control: the same call with a kernel backend does reach the kernel (named explicitly,
+        # since under "auto" a failing kernel falls back to ops with a warning).
         with pytest.raises(AssertionError, match="use_kernel=False"):
-            mlx_gdn.gated_delta_update(*args, **kw)
+            mlx_gdn.gated_delta_update(*args, **{**kw, "backend": "metal"})
     y_lm, s_lm = lm.gated_delta_update(*args, **{**kw, "use_kernel": False})
     assert rel_error(y, y_lm) < 1e-4 and rel_error(s, s_lm) < 1e-4, f"seed {seed}"
 
@@ -320,12 +324,14 @@ def test_mlx_lm_layers_run_on_mlx_gdn(model, kernel, monkeypatch):
     monkeypatch.setattr(mod, "normalize_qk", mlx_gdn.normalize_qk)
     calls = []
     real = metal.run_recurrent
-    monkeypatch.setattr(metal, "run_recurrent", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(metal, "run_recurrent", lambda *a, **k: calls.append(a[0].B) or real(*a, **k))
     if kernel:
-        with simulated_metal():
+        with simulated_metal(), warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a kernel falling back would warn
             got = run()
             mx.eval(got)
-        assert len(calls) == len(steps), "the Metal kernel did not run every step"
+        # The layer's calls have B=2; "auto" also tries each new kernel variant once at B=1.
+        assert calls.count(2) == len(steps), "the Metal kernel did not run every step"
     else:
         got = run()
     err = rel_error(got, want)

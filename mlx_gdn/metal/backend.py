@@ -53,9 +53,9 @@ def choose_algorithm(p: Problem) -> str:
     return "chunked" if prefers_chunked("metal", p) and _supports_chunked(p) else "recurrent"
 
 
-def variants(p: Problem, algorithm: str, lower: bool = False, neg: bool = False):
+def variants(p: Problem, algorithm: str, lower: bool = False, neg: bool = False, dt_key: bool = False):
     """The kernel variants (`fallback.Variant`) a call of `algorithm` on `p` launches, in order;
-    lower, neg: the fused options (lower_bound given, allow_neg_eigval)."""
+    lower, neg, dt_key: the fused options (lower_bound given, allow_neg_eigval, dt_bias per key column)."""
     from ..fallback import variant
 
     if algorithm == "chunked":
@@ -63,7 +63,7 @@ def variants(p: Problem, algorithm: str, lower: bool = False, neg: bool = False)
 
         specs = launch_specs(p, lower=lower, neg=neg)
     else:
-        specs = (launch.recurrent_spec(p, lower=lower, neg=neg, vec4=DECODE_VEC4),)
+        specs = (launch.recurrent_spec(p, lower=lower, neg=neg, vec4=DECODE_VEC4, dt_key=dt_key),)
     return tuple(variant(s.name, s.template, s.header(), s.source()) for s in specs)
 
 

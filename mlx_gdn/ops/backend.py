@@ -32,7 +32,7 @@ def choose_algorithm(p: Problem) -> str:
     return "chunked" if prefers_chunked("ops", p) and supports(p, "chunked") else "recurrent"
 
 
-def variants(p: Problem, algorithm: str, lower: bool = False, neg: bool = False):
+def variants(p: Problem, algorithm: str, lower: bool = False, neg: bool = False, dt_key: bool = False):
     """No kernels: MLX ops only."""
     return ()
 
