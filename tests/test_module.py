@@ -389,7 +389,7 @@ def test_patch_on_model_without_gdn_layers_warns_and_returns_zero():
                            num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=VOCAB, num_key_value_heads=2)
     model = llama.Model(args)
     before = tree_flatten(model.parameters())
-    with pytest.warns(UserWarning, match="no Gated DeltaNet layers"):
+    with pytest.warns(UserWarning, match="no gated delta layers"):
         assert mlx_gdn.patch(model) == 0
     after = tree_flatten(model.parameters())
     assert [k for k, _ in after] == [k for k, _ in before]
