@@ -1,0 +1,423 @@
+"""`mlx_gdn.patch` on every mlx-lm family that runs the gated delta rule.
+
+For each family a tiny random model of the real mlx-lm Model class (a few layers, some of them
+linear attention, tiny vocab) is patched and compared with the unpatched model under what mlx-lm
+does with it: prompt logits, token-by-token decoding with a prompt cache, save and reload, a
+quantized model, left-padded batches, batch_generate and continuous batching (BatchGenerator).
+Weights come from a fresh seed printed in every failure message. The patched layers must also be
+pad-proof where mlx-lm's are not (OLMo Hybrid's convolution): a sequence padded into a batch gives
+the logits and final states it gives alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+mlx_lm = pytest.importorskip("mlx_lm", reason="mlx-lm is an optional dependency")
+from mlx_lm.generate import BatchGenerator, batch_generate, generate_step  # noqa: E402
+from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache, make_prompt_cache  # noqa: E402
+
+import mlx_gdn  # noqa: E402
+from mlx_gdn.models.layers import DropInLayer  # noqa: E402
+from mlx_gdn.models.patch import DROP_INS  # noqa: E402
+from mlx_gdn.testing import fresh_seed  # noqa: E402
+
+VOCAB = 96  # even, so a 2-way shard splits the vocabulary
+F32_TOL = 1e-4
+
+_QWEN = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, vocab_size=VOCAB, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=32,
+    linear_value_head_dim=16, linear_conv_kernel_dim=4, full_attention_interval=4, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, max_position_embeddings=512,
+)
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+_KDA = dict(num_heads=4, head_dim=32, short_conv_kernel_size=4, kda_layers=[1, 2])
+_MLA = dict(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+
+CONFIGS = {
+    "qwen3_5": dict(model_type="qwen3_5", text_config=dict(_QWEN, model_type="qwen3_5_text")),
+    "qwen3_5_moe": dict(model_type="qwen3_5_moe", text_config=dict(**_QWEN, **_MOE, model_type="qwen3_5_moe_text")),
+    "qwen3_next": dict(**_QWEN, **_MOE, model_type="qwen3_next", decoder_sparse_step=1, mlp_only_layers=[1],
+                       rope_theta=10000.0, partial_rotary_factor=0.25),
+    "kimi_linear": dict(
+        model_type="kimi_linear", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=96, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5,
+        linear_attn_config=_KDA, model_max_length=512, num_experts=4, moe_intermediate_size=32,
+        mla_use_nope=True, num_experts_per_token=2, num_shared_experts=1, first_k_dense_replace=1, **_MLA,
+    ),
+    "kimi_k3": dict(model_type="kimi_k3", text_config=dict(
+        model_type="kimi_linear", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=96, rms_norm_eps=1e-5,
+        linear_attn_config=dict(_KDA, gate_lower_bound=-5.0), q_lora_rank=32, num_experts=4,
+        num_experts_per_token=2, moe_intermediate_size=32, num_shared_experts=1, first_k_dense_replace=1,
+        attn_res_block_size=2, **_MLA,
+    )),
+    "bailing_moe_v3": dict(
+        model_type="bailing_moe_v3", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+        moe_intermediate_size=32, moe_shared_expert_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+        first_k_dense_replace=1, n_group=2, topk_group=1, layer_group_size=4, head_dim=32, q_lora_rank=32,
+        max_position_embeddings=512, **_MLA,
+    ),
+    "olmo_hybrid": dict(
+        model_type="olmo_hybrid", hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=VOCAB, max_position_embeddings=512,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=16,
+        linear_conv_kernel_dim=4, linear_allow_neg_eigval=True, tie_word_embeddings=False, attention_bias=False,
+    ),
+}
+FAMILIES = list(CONFIGS)
+# Families whose mlx-lm layer keeps padding out of its states (OLMo Hybrid's does not).
+MLX_LM_PAD_PROOF = [f for f in FAMILIES if f != "olmo_hybrid"]
+N_LINEAR = {"kimi_linear": 2, "kimi_k3": 2}  # others: 3 of 4 layers
+
+
+def mlx_lm_layer_classes() -> tuple:
+    return tuple(cls.mlx_lm_class() for cls in DROP_INS)
+
+
+def gdn_layers(model) -> list:
+    """The model's gated delta layers (mlx-lm's or drop-ins), in order."""
+    theirs = mlx_lm_layer_classes()
+    return [m for _, m in model.named_modules()[::-1] if isinstance(m, theirs + (DropInLayer,))]
+
+
+def tiny_model(family: str, seed: int) -> nn.Module:
+    """A tiny random mlx-lm model in eval mode; weights from `seed`, decay rates and biases spread
+    like a trained layer's (mlx-lm initialises some of them to constants)."""
+    mx.random.seed(seed)
+    mod = importlib.import_module(f"mlx_lm.models.{family}")
+    model = mod.Model(mod.ModelArgs.from_dict(CONFIGS[family]))
+    rng = np.random.default_rng(seed)
+    for layer in gdn_layers(model):
+        layer.A_log = mx.array(np.log(rng.uniform(1.0, 16.0, layer.A_log.shape)).astype(np.float32))
+        layer.dt_bias = mx.array(rng.standard_normal(layer.dt_bias.shape).astype(np.float32))
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def rel(a, b) -> float:
+    a = np.asarray(mx.array(a).astype(mx.float32), dtype=np.float64)
+    b = np.asarray(mx.array(b).astype(mx.float32), dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def tokens(seed: int, shape) -> mx.array:
+    return mx.array(np.random.default_rng(seed + 1).integers(0, VOCAB, shape).astype(np.int32))
+
+
+def n_linear(family: str) -> int:
+    return N_LINEAR.get(family, 3)
+
+
+def prompt_and_decode(model, toks, P: int):
+    """(logits of one call over toks, logits of a prefill of P tokens then one token at a time)."""
+    full = model(toks)
+    cache = make_prompt_cache(model)
+    steps = [model(toks[:, :P], cache=cache)]
+    steps += [model(toks[:, t : t + 1], cache=cache) for t in range(P, toks.shape[1])]
+    return full, mx.concatenate(steps, axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# One model at a time
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_and_decode_match_unpatched(family):
+    seed = fresh_seed()
+    model = tiny_model(family, seed)
+    toks = tokens(seed, (2, 10))
+    ref_full, ref_steps = prompt_and_decode(model, toks, 6)
+    theirs = gdn_layers(model)
+    report = mlx_gdn.patch(model)
+    msg = f"seed={seed} {family}"
+    assert report == n_linear(family) and report.total == n_linear(family), f"{msg}: {report!r}"
+    assert dict(report.items()) == {family: n_linear(family)}, f"{msg}: {report!r}"
+    ours = gdn_layers(model)
+    assert len(ours) == len(theirs) and all(isinstance(l, DropInLayer) for l in ours), msg
+    for a, b in zip(ours, theirs):  # the same arrays, not copies
+        pa, pb = dict(tree_flatten(a.parameters())), dict(tree_flatten(b.parameters()))
+        assert pa.keys() == pb.keys() and all(pa[k] is pb[k] for k in pa), msg
+    full, steps = prompt_and_decode(model, toks, 6)
+    assert rel(full, ref_full) < F32_TOL, msg
+    assert rel(steps, ref_steps) < F32_TOL, msg
+    assert rel(steps, full) < F32_TOL, msg
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "kimi_linear", "olmo_hybrid"])
+def test_patch_twice_replaces_nothing_and_unpatch_restores(family):
+    seed = fresh_seed()
+    model = tiny_model(family, seed)
+    toks = tokens(seed, (1, 7))
+    ref = model(toks)
+    classes = [type(l) for l in gdn_layers(model)]
+    assert mlx_gdn.patch(model) == n_linear(family)
+    patched = gdn_layers(model)
+    again = mlx_gdn.patch(model, backend="ops")
+    assert again == 0 and dict(again.items()) == {}, repr(again)
+    assert [id(l) for l in gdn_layers(model)] == [id(l) for l in patched]
+    assert all(l.backend == "ops" for l in patched)
+    back = mlx_gdn.unpatch(model)
+    assert back == n_linear(family), repr(back)
+    assert [type(l) for l in gdn_layers(model)] == classes
+    assert rel(model(toks), ref) < F32_TOL, f"seed={seed} {family}"
+
+
+def test_patch_keeps_training_mode_and_frozen_parameters():
+    seed = fresh_seed()
+    model = tiny_model("bailing_moe_v3", seed)
+    model.train()
+    model.freeze()
+    model.model.layers[0].attention.unfreeze(keys=["o_proj"], recurse=True)
+    trainable = sorted(k for k, _ in tree_flatten(model.trainable_parameters()))
+    assert mlx_gdn.patch(model) == 3
+    assert all(l.training for l in gdn_layers(model))
+    assert sorted(k for k, _ in tree_flatten(model.trainable_parameters())) == trainable
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_model_reloads_and_patches(family, tmp_path):
+    from mlx_lm.utils import load_model, save_model
+
+    seed = fresh_seed()
+    src = tiny_model(family, seed)
+    save_model(tmp_path, src)
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS[family]))
+    toks = tokens(seed, (1, 9))
+    ref = src(toks)
+    model, _ = load_model(tmp_path)
+    assert mlx_gdn.patch(model) == n_linear(family)
+    assert rel(model(toks), ref) < F32_TOL, f"seed={seed} {family}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_model_keeps_quantized_projections(family):
+    seed = fresh_seed()
+    model = tiny_model(family, seed)
+    nn.quantize(model, group_size=32, bits=4)
+    before = [dict(l.children()) for l in gdn_layers(model)]
+    assert any(isinstance(m, nn.QuantizedLinear) for subs in before for m in subs.values())
+    toks = tokens(seed, (2, 8))
+    ref_full, ref_steps = prompt_and_decode(model, toks, 5)
+    assert mlx_gdn.patch(model) == n_linear(family)
+    for layer, subs in zip(gdn_layers(model), before):
+        assert all(getattr(layer, k) is v for k, v in subs.items()), f"seed={seed} {family}"
+    full, steps = prompt_and_decode(model, toks, 5)
+    assert rel(full, ref_full) < F32_TOL, f"seed={seed} {family}"
+    assert rel(steps, ref_steps) < F32_TOL, f"seed={seed} {family}"
+
+
+# --------------------------------------------------------------------------------------------
+# Padding and batching
+
+
+def _batch_caches(model, left_padding):
+    """The model's prompt cache with each layer's cache made batched and left-padded."""
+    out = []
+    for c in make_prompt_cache(model):
+        if isinstance(c, ArraysCache):
+            out.append(ArraysCache(len(c.cache), left_padding=left_padding))
+        elif isinstance(c, KVCache):
+            out.append(BatchKVCache(left_padding))
+        else:
+            raise AssertionError(f"unexpected cache {type(c).__name__}")
+    return out
+
+
+def _greedy(model, prompt, cache, n):
+    """Prefill `prompt` [B, L], then n greedy steps; (logits [B, 1 + n, V], caches)."""
+    logits = [model(prompt, cache=cache)[:, -1:]]
+    for _ in range(n):
+        logits.append(model(mx.argmax(logits[-1], axis=-1), cache=cache))
+    return mx.concatenate(logits, axis=1), cache
+
+
+def _linear_states(cache, row: int) -> list:
+    return [c[i][row] for c in cache if isinstance(c, ArraysCache) for i in range(len(c.cache))]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padding_never_reaches_the_states(family):
+    """The short sequence padded on the left beside a long one gives, row for row, the logits and
+    final conv and recurrent states it gives alone."""
+    seed = fresh_seed()
+    model = tiny_model(family, seed)
+    rng = np.random.default_rng(seed)
+    long, short = rng.integers(1, VOCAB, 9).tolist(), rng.integers(1, VOCAB, 4).tolist()
+    pad = [0, len(long) - len(short)]
+    batch = mx.array([long, [0] * pad[1] + short])
+    ref_batch, _ = _greedy(model, batch, _batch_caches(model, pad), 3)
+    assert mlx_gdn.patch(model) == n_linear(family)
+    logits, cache = _greedy(model, batch, _batch_caches(model, pad), 3)
+    msg = f"seed={seed} {family}"
+    if family in MLX_LM_PAD_PROOF:
+        assert rel(logits, ref_batch) < F32_TOL, msg
+    for row, seq in enumerate((long, short)):
+        alone, alone_cache = _greedy(model, mx.array([seq]), make_prompt_cache(model), 3)
+        assert rel(logits[row], alone[0]) < F32_TOL, f"{msg} row {row}"
+        for got, want in zip(_linear_states(cache, row), _linear_states(alone_cache, 0)):
+            assert rel(got, want) < F32_TOL, f"{msg} row {row} state"
+
+
+class _IdTokenizer:
+    """What batch_generate needs from a tokenizer: no end token, token ids as text."""
+
+    eos_token_ids: list = []
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def _alone(model, prompt, n):
+    """Greedy tokens and log-probabilities of `prompt` generated alone (generate_step)."""
+    out = list(zip(range(n), generate_step(mx.array(prompt), model, max_tokens=n)))
+    return [int(t) for _, (t, _) in out], [lp for _, (_, lp) in out]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_generate_matches_each_prompt_alone(family):
+    seed = fresh_seed()
+    model = tiny_model(family, seed)
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, VOCAB, n).tolist() for n in (6, 2, 9)]
+
+    def gen(m):
+        r = batch_generate(m, _IdTokenizer(), prompts, max_tokens=4, return_token_ids=True, prefill_step_size=4)
+        return [list(map(int, t)) for t in r.token_ids]
+
+    ref = gen(model)
+    assert mlx_gdn.patch(model) == n_linear(family)
+    got = gen(model)
+    msg = f"seed={seed} {family}"
+    if family in MLX_LM_PAD_PROOF:
+        assert got == ref, msg
+    assert got == [_alone(model, p, 4)[0] for p in prompts], msg
+
+
+def _serve(model, schedule, max_tokens, prefill_step_size=3):
+    """Run mlx-lm's BatchGenerator as its server does: requests join (schedule: step -> prompts)
+    and leave (a prompt given as (prompt, leave_after) is removed after that many tokens) while
+    others decode; prompts of different lengths are right-padded and prefilled in chunks of
+    `prefill_step_size` through the caches' lengths. Returns {prompt index: (tokens, logprobs)}."""
+    gen = BatchGenerator(model, max_tokens=max_tokens, prefill_batch_size=2, completion_batch_size=4,
+                         prefill_step_size=prefill_step_size)
+    results, uid_of, leave, step, pending = {}, {}, {}, 0, dict(schedule)
+    index = 0
+    while True:
+        for item in pending.pop(step, []):
+            prompt, after = item if isinstance(item, tuple) else (item, None)
+            (uid,) = gen.insert([prompt])
+            uid_of[uid] = index
+            results[index] = ([], [])
+            if after is not None:
+                leave[uid] = after
+            index += 1
+        responses = gen.next_generated()
+        step += 1
+        if not responses and not pending:
+            break
+        gone = []
+        for r in responses:
+            toks, lps = results[uid_of[r.uid]]
+            toks.append(int(r.token))
+            lps.append(r.logprobs)
+            if leave.get(r.uid) == len(toks) and r.finish_reason is None:
+                gone.append(r.uid)
+        if gone:
+            gen.remove(gone)
+    gen.close()
+    return results
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_continuous_batching_matches_each_prompt_alone(family):
+    seed = fresh_seed()
+    model = tiny_model(family, seed)
+    rng = np.random.default_rng(seed)
+    p = [rng.integers(1, VOCAB, n).tolist() for n in (7, 2, 5, 4)]
+    # Two requests prefilled together, one leaving early, two joining while others decode.
+    schedule = {0: [p[0], (p[1], 2)], 2: [p[2]], 3: [p[3]]}
+    ref = _serve(model, schedule, 5)
+    assert mlx_gdn.patch(model) == n_linear(family)
+    got = _serve(model, schedule, 5)
+    msg = f"seed={seed} {family}"
+    assert [len(got[i][0]) for i in range(4)] == [5, 2, 5, 5], msg
+    for i, prompt in enumerate(p):
+        toks, lps = got[i]
+        want_toks, want_lps = _alone(model, prompt, len(toks))
+        assert toks == want_toks, f"{msg} request {i}"
+        assert rel(mx.stack(lps), mx.stack(want_lps)) < F32_TOL, f"{msg} request {i}"
+        if family in MLX_LM_PAD_PROOF:
+            assert toks == ref[i][0], f"{msg} request {i}"
+            assert rel(mx.stack(lps), mx.stack(ref[i][1])) < F32_TOL, f"{msg} request {i}"
+
+
+# --------------------------------------------------------------------------------------------
+# Families mlx-gdn has no drop-in for: the binding swap
+
+
+def _load_as_new_family(source: str, name: str):
+    """mlx-lm's `source` model module loaded again under another name: a family this mlx-gdn
+    does not know, whose module imported mlx-lm's gated_delta_update by name."""
+    full = f"mlx_lm.models.{name}"
+    spec = importlib.util.spec_from_file_location(full, importlib.import_module(f"mlx_lm.models.{source}").__file__)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[full] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("source", ["olmo_hybrid", "kimi_linear"])
+def test_unknown_family_gets_its_binding_swapped(source, monkeypatch):
+    from mlx_lm.models import gated_delta
+
+    name = f"gdn_future_{source}"
+    mod = _load_as_new_family(source, name)
+    try:
+        seed = fresh_seed()
+        mx.random.seed(seed)
+        model = mod.Model(mod.ModelArgs.from_dict(CONFIGS[source]))
+        model.eval()
+        toks = tokens(seed, (2, 8))
+        ref_full, ref_steps = prompt_and_decode(model, toks, 5)
+        calls = []
+        real = mlx_gdn.api.gated_delta_update
+        monkeypatch.setattr(mlx_gdn.api, "gated_delta_update", lambda *a, **k: calls.append(k["backend"]) or real(*a, **k))
+        report = mlx_gdn.patch(model)
+        key = f"module:mlx_lm.models.{name}"
+        assert dict(report.items()) == {key: n_linear(source)}, repr(report)
+        assert mod.gated_delta_update is not gated_delta.gated_delta_update
+        assert mlx_gdn.patch(model) == 0
+        full, steps = prompt_and_decode(model, toks, 5)
+        assert len(calls) == n_linear(source) * (1 + 1 + 3), calls
+        assert rel(full, ref_full) < F32_TOL, f"seed={seed}"
+        assert rel(steps, ref_steps) < F32_TOL, f"seed={seed}"
+        model.train()
+        model(toks)
+        assert calls[-1] == "ops"  # use_kernel=False in training
+        assert dict(mlx_gdn.unpatch(model).items()) == {key: n_linear(source)}
+        assert mod.gated_delta_update is gated_delta.gated_delta_update
+    finally:
+        del sys.modules[f"mlx_lm.models.{name}"]
+
+
+def test_model_without_gated_delta_layers_warns():
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                           num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=VOCAB, num_key_value_heads=2)
+    with pytest.warns(UserWarning, match="no gated delta layers"):
+        report = mlx_gdn.patch(llama.Model(args))
+    assert report == 0 and dict(report.items()) == {}
