@@ -175,6 +175,8 @@ def supports_recurrent(p: Problem) -> bool:
     """True when the recurrent bodies take this shape (else dispatch falls back to ops)."""
     if p.Dk % 32 != 0 or not 32 <= p.Dk <= 512 or p.Dv < 1:
         return False
+    if p.fused and p.gate == "key":  # fused per-key gates: the ops path computes them
+        return False
     if p.B * p.Hv > 65535:  # grid z (CUDA's limit)
         return False
     # Offsets in the bodies are 64-bit, but T is an int and arrays past 2**31 elements are
