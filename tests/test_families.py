@@ -11,6 +11,7 @@ the logits and final states it gives alone.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import json
@@ -20,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 mlx_lm = pytest.importorskip("mlx_lm", reason="mlx-lm is an optional dependency")
 from mlx_lm.generate import BatchGenerator, batch_generate, generate_step  # noqa: E402
@@ -28,10 +29,11 @@ from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache, make_prompt_
 
 import mlx_gdn  # noqa: E402
 from family_models import (  # noqa: E402
-    CONFIGS, F32_TOL, FAMILIES, MLX_LM_PAD_PROOF, VOCAB, gdn_layers, n_linear, prompt_and_decode, rel, tiny_model,
+    BF16_TOL, CONFIGS, F32_TOL, FAMILIES, MLX_LM_PAD_PROOF, VOCAB, gdn_layers, n_linear, prompt_and_decode, rel, tiny_model,
     tokens,
 )
 from mlx_gdn.models.layers import DropInLayer  # noqa: E402
+from mlx_gdn.models.patch import DROP_INS  # noqa: E402
 from mlx_gdn.testing import fresh_seed  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
@@ -125,6 +127,53 @@ def test_quantized_model_keeps_quantized_projections(family):
     full, steps = prompt_and_decode(model, toks, 5)
     assert rel(full, ref_full) < F32_TOL, f"seed={seed} {family}"
     assert rel(steps, ref_steps) < F32_TOL, f"seed={seed} {family}"
+
+
+@pytest.mark.parametrize("family", ["kimi_linear", "kimi_k3", "bailing_moe_v3", "olmo_hybrid"])
+def test_bf16_layer_matches_mlx_lm(family):
+    """bf16 weights and activations (A_log kept float32, as mlx-lm's loader does): one layer
+    against mlx-lm's on the same input, prompt then decode, outputs and final recurrent state."""
+    seed = fresh_seed()
+    model = tiny_model(family, seed)
+    ref = gdn_layers(model)[0]  # layer 0 in every family
+    ref.update(tree_unflatten([(k, v if k.endswith("A_log") else v.astype(mx.bfloat16))
+                               for k, v in tree_flatten(ref.parameters())]))
+    mine = next(cls for cls in DROP_INS if cls.mlx_lm_class() is type(ref)).from_layer(ref)
+    mx.random.seed(seed)
+    x = mx.random.normal((2, 9, 64)).astype(mx.bfloat16)
+    outs = []
+    for layer in (ref, mine):
+        cache = make_prompt_cache(model)[0]
+        y = [layer(x[:, :5], None, cache)] + [layer(x[:, t : t + 1], None, cache) for t in range(5, 9)]
+        outs.append((mx.concatenate(y, axis=1), cache[len(cache.cache) - 1]))
+    (y_ref, s_ref), (y, s) = outs
+    assert y.dtype == mx.bfloat16, y.dtype
+    assert rel(y, y_ref) < BF16_TOL, f"seed={seed} {family}"
+    assert rel(s, s_ref) < BF16_TOL, f"seed={seed} {family}"
+
+
+@pytest.mark.parametrize("family", ["kimi_linear", "kimi_k3", "bailing_moe_v3", "olmo_hybrid"])
+def test_training_gradients_match_unpatched(family):
+    seed = fresh_seed()
+    model = tiny_model(family, seed)
+    model.train()
+    patched = copy.deepcopy(model)
+    assert mlx_gdn.patch(patched) == n_linear(family)
+    assert all(l.training for l in gdn_layers(patched))
+    toks = tokens(seed, (2, 7))
+
+    def loss(m):
+        return nn.losses.cross_entropy(m(toks[:, :-1]), toks[:, 1:]).mean()
+
+    l_ref, g_ref = nn.value_and_grad(model, loss)(model)
+    l_new, g_new = nn.value_and_grad(patched, loss)(patched)
+    assert rel(l_new, l_ref) < F32_TOL, f"seed={seed} {family}"
+    ref_flat, new_flat = dict(tree_flatten(g_ref)), dict(tree_flatten(g_new))
+    assert ref_flat.keys() == new_flat.keys()
+    gdn = [k for k in ref_flat if k.endswith(("A_log", "dt_bias"))]
+    assert gdn and all(float(mx.abs(ref_flat[k]).max()) > 0 for k in gdn), f"seed={seed}: no gate gradient"
+    for k in ref_flat:
+        assert rel(new_flat[k], ref_flat[k]) < F32_TOL, f"seed={seed} {family} {k}"
 
 
 # --------------------------------------------------------------------------------------------
