@@ -93,6 +93,32 @@ def test_patch_keeps_training_mode_and_frozen_parameters():
     assert sorted(k for k, _ in tree_flatten(model.trainable_parameters())) == trainable
 
 
+_CONSTRUCTED = {
+    "kimi_linear": (mlx_gdn.models.KimiDeltaAttention, lambda m: (m.args, 0)),
+    "kimi_k3": (mlx_gdn.models.KimiK3DeltaAttention, lambda m: (m.args.text_config, 0)),
+    "bailing_moe_v3": (mlx_gdn.models.BailingKDA, lambda m: (m.args,)),
+    "olmo_hybrid": (mlx_gdn.models.OlmoHybridGatedDeltaNet, lambda m: (m.args,)),
+}
+
+
+@pytest.mark.parametrize("family", list(_CONSTRUCTED))
+def test_drop_in_built_from_config_has_mlx_lm_parameters(family):
+    """Built from the model's arguments like mlx-lm's layer: same parameter names and shapes, and
+    mlx-lm's layer's weights load into it (strict) and give its outputs."""
+    seed = fresh_seed()
+    model = tiny_model(family, seed)
+    theirs = gdn_layers(model)[0]
+    cls, ctor_args = _CONSTRUCTED[family]
+    ours = cls(*ctor_args(model), backend="ops")
+    want = {k: v.shape for k, v in tree_flatten(theirs.parameters())}
+    assert {k: v.shape for k, v in tree_flatten(ours.parameters())} == want
+    ours.load_weights(list(tree_flatten(theirs.parameters())), strict=True)
+    ours.eval()
+    mx.random.seed(seed)
+    x = mx.random.normal((2, 6, 64))
+    assert rel(ours(x), theirs(x)) < F32_TOL, f"seed={seed} {family}"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_model_reloads_and_patches(family, tmp_path):
     from mlx_lm.utils import load_model, save_model
