@@ -70,6 +70,9 @@ class PatchReport(int):
     def __repr__(self) -> str:
         return f"PatchReport({int(self)}, {self.families!r})"
 
+    def __str__(self) -> str:  # printed and formatted as the int it is
+        return str(int(self))
+
 
 def _import_mlx_lm(what: str):
     try:
