@@ -500,3 +500,51 @@ def test_sharded_patched_model_matches_unsharded(tmp_path):
                 for what in ("full", "steps"):
                     got, ref = arrays[f"{family}/{order}/{what}"], arrays[f"{family}/ref/{what}"]
                     assert rel(mx.array(got), mx.array(ref)) < F32_TOL, f"{msg} {what}"
+
+
+# --------------------------------------------------------------------------------------------
+# On an NVIDIA GPU (run by hand where MLX has CUDA)
+
+
+def _has_cuda() -> bool:
+    from mlx_gdn.cuda.backend import available
+
+    return available()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_on_cuda(family, monkeypatch):
+    """backend="cuda": prompt, decode and continuous batching equal the unpatched model (which runs
+    mlx-lm's ops path on CUDA); every recurrence runs a CUDA kernel."""
+    from mlx_gdn.cuda import backend as cuda
+    from mlx_gdn.models import decode_step
+
+    ran, fused = [], []
+    real_run, real_step = cuda.run, decode_step.decode_step
+    monkeypatch.setattr(cuda, "run", lambda p, *a, **k: ran.append(p.T) or real_run(p, *a, **k))
+    monkeypatch.setattr(decode_step, "decode_step", lambda *a, **k: fused.append(a[0]) or real_step(*a, **k))
+    seed = fresh_seed()
+    model = tiny_model(family, seed)
+    toks = tokens(seed, (2, 10))
+    ref_full, ref_steps = prompt_and_decode(model, toks, 6)
+    rng = np.random.default_rng(seed)
+    p = [rng.integers(1, VOCAB, n).tolist() for n in (7, 2, 5)]
+    schedule = {0: [p[0], (p[1], 2)], 2: [p[2]]}
+    ref_serve = _serve(model, schedule, 4)
+    assert mlx_gdn.patch(model, backend="cuda") == n_linear(family)
+    full, steps = prompt_and_decode(model, toks, 6)
+    msg = f"seed={seed} {family}"
+    assert rel(full, ref_full) < F32_TOL, msg
+    assert rel(steps, ref_steps) < F32_TOL, msg
+    n = n_linear(family)
+    if family.startswith("qwen"):
+        assert sorted(ran) == [6] * n + [10] * n and fused == ["cuda"] * 4 * n, (ran, fused)
+    else:
+        assert sorted(ran) == [1] * 4 * n + [6] * n + [10] * n and fused == [], (ran, fused)
+    got = _serve(model, schedule, 4)
+    for i, prompt in enumerate(p):
+        assert got[i][0] == _alone(model, prompt, len(got[i][0]))[0], f"{msg} request {i}"
+        if family in MLX_LM_PAD_PROOF:
+            assert got[i][0] == ref_serve[i][0], f"{msg} request {i}"
