@@ -86,7 +86,7 @@ def test_model_call_without_state_or_mask(model):
     assert rel_error(y, y_lm) < 1e-4 and rel_error(s, s_lm) < 1e-4, f"seed {seed}, {model}"
 
 
-@pytest.mark.parametrize("model", ["qwen3_5"])
+@pytest.mark.parametrize("model", ["qwen3_5", "kimi_k3"])
 def test_use_kernel_false_runs_ops(model, monkeypatch):
     """use_kernel=False (a model in training) takes the ops path even where a kernel would run."""
     from mlx_gdn.metal import backend as metal
@@ -228,18 +228,27 @@ def test_compute_gates_per_key_reads_per_head():
 
 @pytest.mark.parametrize("state_dtype", [BF16, F16])
 @pytest.mark.parametrize("fn", ["rule", "update"])
-@pytest.mark.parametrize("algorithm", ["recurrent", "chunked"])
+@pytest.mark.parametrize("algorithm", ["recurrent", "chunked", "metal-recurrent"])
 def test_half_precision_state(state_dtype, fn, algorithm):
-    """A bf16/f16 state is taken, the recurrence runs in float32, and the state returns in its dtype."""
+    """A bf16/f16 state is taken, the recurrence runs in float32, and the state returns in its dtype
+    (ops paths, and the Metal kernel in the simulator)."""
+    import contextlib
+
+    from mlx_gdn.sim import simulated_metal
+
     seed = fresh_seed()
-    x = random_inputs(2, 9, 1, 2, 32, 16, seed=seed, mask=True)
+    x = random_inputs(2, 9, 1, 2, 32, 16, seed=seed, mask=True, fused_gate="key" if fn == "update" else "scalar")
     st = x.state.astype(state_dtype)
-    if fn == "rule":
-        y, s = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, st, x.mask, algorithm=algorithm)
-        g, beta = x.g, x.beta
-    else:
-        y, s = mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, st, x.mask, algorithm=algorithm)
-        g, beta = reference.gates(x.a, x.b, x.A_log, x.dt_bias)
+    metal = algorithm.startswith("metal")
+    kw = dict(backend="metal" if metal else "ops", algorithm=algorithm.split("-")[-1])
+    with simulated_metal() if metal else contextlib.nullcontext():
+        if fn == "rule":
+            y, s = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, st, x.mask, **kw)
+            g, beta = x.g, x.beta
+        else:
+            y, s = mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, st, x.mask, **kw)
+            g, beta = reference.gates(x.a, x.b, x.A_log, x.dt_bias)
+        mx.eval(y, s)
     assert s.dtype == state_dtype and y.dtype == F32
     y_ref, s_ref = reference.delta_rule(x.q, x.k, x.v, g, beta, st, x.mask)
     ey, es = rel_error(y, y_ref), rel_error(s, s_ref)
@@ -249,3 +258,145 @@ def test_half_precision_state(state_dtype, fn, algorithm):
     # an empty call hands the state back untouched
     y0, s0 = mlx_gdn.gated_delta_rule(x.q[:, :0], x.k[:, :0], x.v[:, :0], x.g[:, :0], x.beta[:, :0], st)
     assert s0.dtype == state_dtype and mx.array_equal(s0, st)
+
+
+# mlx-lm's own linear-attention layers, their module's gated_delta_update and normalize_qk swapped
+# for mlx_gdn's: the models' code runs unchanged (prefill, then decode steps through the cache).
+def _mlx_lm_layer(model):
+    import importlib
+
+    mod = importlib.import_module(f"mlx_lm.models.{model}")
+    H, D, hidden = 2, 32, 48
+    if model == "kimi_linear":
+        args = mod.ModelArgs.from_dict(dict(
+            model_type=model, vocab_size=8, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=H,
+            num_key_value_heads=H, intermediate_size=8, head_dim=D, rope_theta=1e4, rms_norm_eps=1e-5,
+            linear_attn_config={"num_heads": H, "head_dim": D, "short_conv_kernel_size": 4}, model_max_length=64,
+            num_experts=1, moe_intermediate_size=8, kv_lora_rank=8))
+        layer, slots = mod.KimiDeltaAttention(args, 0), 4
+    elif model == "kimi_k3":
+        args = mod.TextArgs(hidden_size=hidden, linear_attn_config={
+            "num_heads": H, "head_dim": D, "short_conv_kernel_size": 4, "gate_lower_bound": LOWER})
+        layer, slots = mod.KimiK3DeltaAttention(args, 0), 2
+    elif model == "bailing_moe_v3":
+        args = mod.ModelArgs(hidden_size=hidden, num_attention_heads=H, head_dim=D)
+        layer, slots = mod.BailingKDA(args), 4
+    else:  # olmo_hybrid: grouped heads, allow_neg_eigval
+        args = mod.ModelArgs.from_dict(dict(
+            model_type=model, hidden_size=hidden, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=8, max_position_embeddings=64,
+            linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=D, linear_value_head_dim=D,
+            linear_conv_kernel_dim=4, linear_allow_neg_eigval=True, tie_word_embeddings=False, attention_bias=False))
+        layer, slots = mod.GatedDeltaNet(args), 4
+    return mod, layer, slots
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("model", ["kimi_linear", "kimi_k3", "bailing_moe_v3", "olmo_hybrid"])
+def test_mlx_lm_layers_run_on_mlx_gdn(model, kernel, monkeypatch):
+    """The layer's output through mlx_gdn (ops path, or the Metal kernel in the simulator) equals the
+    layer's output through mlx-lm's own functions, for a prompt and two decode steps."""
+    from mlx_lm.models.cache import ArraysCache
+
+    from mlx_gdn.metal import backend as metal
+    from mlx_gdn.sim import simulated_metal
+
+    seed = fresh_seed()
+    mx.random.seed(seed % (2**31))
+    mod, layer, slots = _mlx_lm_layer(model)
+    # Trained-looking gate parameters (the constructors leave dt_bias at zero).
+    layer.A_log = mx.log(mx.random.uniform(0.5, 16.0, layer.A_log.shape))
+    layer.dt_bias = mx.random.normal(layer.dt_bias.shape)
+    layer.eval()
+    x = mx.random.normal((2, 7, 48))
+    steps = [x[:, :5], x[:, 5:6], x[:, 6:7]]
+
+    def run():
+        cache = ArraysCache(size=slots)
+        return mx.concatenate([layer(s, cache=cache) for s in steps], axis=1)
+
+    want = run()
+    monkeypatch.setattr(mod, "gated_delta_update", mlx_gdn.gated_delta_update)
+    monkeypatch.setattr(mod, "normalize_qk", mlx_gdn.normalize_qk)
+    calls = []
+    real = metal.run_recurrent
+    monkeypatch.setattr(metal, "run_recurrent", lambda *a, **k: calls.append(1) or real(*a, **k))
+    if kernel:
+        with simulated_metal():
+            got = run()
+            mx.eval(got)
+        assert len(calls) == len(steps), "the Metal kernel did not run every step"
+    else:
+        got = run()
+    err = rel_error(got, want)
+    assert err < 1e-4, f"seed {seed}, {model}, kernel {kernel}: relative error {err:.2e}"
+
+
+def test_gated_delta_module_is_a_superset_of_mlx_lm():
+    """Every public function of mlx_lm.models.gated_delta is in mlx_gdn.gated_delta and takes
+    every parameter mlx-lm's takes, in the same positions and of the same kinds."""
+    import inspect
+
+    from mlx_gdn import gated_delta as ours
+
+    names = [n for n, f in vars(lm).items() if not n.startswith("_") and inspect.isfunction(f)
+             and f.__module__ == lm.__name__]
+    names += ["compute_g", "compute_lower_bound_g"]  # compiled functions, not plain Python ones
+    assert {"gated_delta_update", "gated_delta_ops", "gated_delta_kernel", "normalize_qk"} <= set(names)
+    for name in names:
+        assert hasattr(ours, name), name
+        try:
+            theirs_sig = inspect.signature(getattr(lm, name))
+        except (TypeError, ValueError):
+            continue
+        mine = inspect.signature(getattr(ours, name)).parameters
+        for i, (pname, par) in enumerate(theirs_sig.parameters.items()):
+            assert pname in mine, f"{name}: no parameter {pname}"
+            if par.kind in (par.POSITIONAL_ONLY, par.POSITIONAL_OR_KEYWORD):
+                assert list(mine).index(pname) == i and mine[pname].kind == par.kind, f"{name}: {pname}"
+            if par.default is par.empty and mine[pname].default is not par.empty:
+                continue  # optional here where mlx-lm requires it: still a superset
+            if par.default is not par.empty:
+                assert mine[pname].default == par.default, f"{name}: default of {pname}"
+
+
+@pytest.mark.parametrize("gate", ["scalar", "key"])
+def test_gated_delta_module_calls_equal_mlx_lm(gate):
+    from mlx_gdn import gated_delta as ours
+    from mlx_gdn.sim import simulated_metal
+
+    seed = fresh_seed()
+    x = random_inputs(2, 6, 1, 2, 32, 16, seed=seed, gate=gate)
+    y_lm, s_lm = lm.gated_delta_ops(x.q, x.k, x.v, x.g, x.beta, x.state)
+    y, s = ours.gated_delta_ops(x.q, x.k, x.v, x.g, x.beta, x.state)
+    assert rel_error(y, y_lm) < 1e-4 and rel_error(s, s_lm) < 1e-4, f"seed {seed}"
+    with pytest.raises(ValueError, match="gated_delta_kernel needs a GPU backend"):
+        ours.gated_delta_kernel(x.q, x.k, x.v, x.g, x.beta, x.state)
+    for kern in (ours.gated_delta_kernel, ours.gated_delta_kernel_unpacked, ours.gated_delta_kernel_xtree):
+        with simulated_metal():
+            y, s = kern(x.q, x.k, x.v, x.g, x.beta, x.state)
+            mx.eval(y, s)
+        assert rel_error(y, y_lm) < 1e-4 and rel_error(s, s_lm) < 1e-4, f"seed {seed}"
+    A_log = mx.array(np.log(np.random.default_rng(seed).uniform(0.5, 16, (2, 1))).astype(np.float32))
+    a = mx.random.normal((2, 6, 2, 32)) * 3
+    ours_g = ours.compute_lower_bound_g(A_log, a, x.dt_bias[:, None], LOWER)
+    theirs_g = lm.compute_lower_bound_g(A_log, a, x.dt_bias[:, None], LOWER)
+    assert rel_error(ours_g, theirs_g) < 1e-6, f"seed {seed}"
+
+
+@pytest.mark.parametrize("lower_bound", [None, LOWER])
+def test_compute_g_bf16_inputs_in_float32(lower_bound):
+    """bf16 a and dt_bias (a model loaded in bf16): the sum and softplus are formed in float32, so
+    g is float32-accurate from the bf16 values given; mlx-lm's compute_g adds (and takes softplus)
+    in bf16 and is off by bf16 rounding there."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    A_log = mx.array(np.log(rng.uniform(0.5, 16.0, (4, 1))).astype(np.float32))
+    a = mx.array((rng.standard_normal((2, 5, 4, 32)) * 3).astype(np.float32)).astype(BF16)
+    dt_bias = mx.array(rng.standard_normal((4, 32)).astype(np.float32)).astype(BF16)
+    ours = mlx_gdn.compute_g(A_log, a, dt_bias, lower_bound)
+    ref, _ = reference.gates(a, mx.zeros((2, 5, 4)), A_log, dt_bias, lower_bound)
+    theirs = lm.compute_g(A_log, a, dt_bias) if lower_bound is None else lm.compute_lower_bound_g(A_log, a, dt_bias, lower_bound)
+    e_ours, e_theirs = rel_error(ours, ref), rel_error(theirs, ref)
+    assert ours.dtype == F32 and e_ours < 1e-5, f"seed {seed}: {e_ours:.2e}"
+    assert e_ours <= e_theirs, f"seed {seed}: ours {e_ours:.2e}, mlx-lm {e_theirs:.2e}"

@@ -224,3 +224,27 @@ def test_numpy_scalar_lower_bound_accepted(x):
     assert mx.array_equal(y1, y2) and mx.array_equal(s1, s2)
     with pytest.raises(TypeError, match="lower_bound"):
         update(x, lower_bound=np.bool_(True))
+
+
+def test_fused_gate_shapes_accepted_exactly():
+    """Every (a, A_log, dt_bias) shape combination: accepted iff listed, and the accepted ones run.
+    Hv = 4 and Dk = 32 differ from every other axis here, so no wrong shape passes by coincidence."""
+    import itertools
+
+    from mlx_gdn.validate import check_update
+
+    x = random_inputs(B, T, HK, HV, DK, DV, seed=4, mask=True)
+    a_shapes = {"scalar": (B, T, HV), "key": (B, T, HV, DK)}
+    A_shapes = [(HV,), (HV, 1), (1, HV), (HV, DK), (1,), (HV, 1, 1)]
+    dt_shapes = [(HV,), (HV, 1), (HV, DK), (1, HV), (DK,), (DK, HV), (HV, DK, 1), (HV * DK,)]
+    for (gate, a_shape), A_shape, dt_shape in itertools.product(a_shapes.items(), A_shapes, dt_shapes):
+        ok = A_shape in ((HV,), (HV, 1)) and (dt_shape in ((HV,), (HV, 1)) or (gate == "key" and dt_shape == (HV, DK)))
+        a, A_log, dt_bias = mx.zeros(a_shape), mx.zeros(A_shape), mx.zeros(dt_shape)
+        what = f"a {a_shape}, A_log {A_shape}, dt_bias {dt_shape}"
+        if ok:
+            p = check_update(x.q, x.k, x.v, a, x.b, A_log, dt_bias, x.state, x.mask, None, False)
+            assert p.gate == gate, what
+        else:
+            bad = "A_log" if A_shape not in ((HV,), (HV, 1)) else "dt_bias"
+            with pytest.raises(ValueError, match=rf"{bad} must have shape"):
+                check_update(x.q, x.k, x.v, a, x.b, A_log, dt_bias, x.state, x.mask, None, False)
