@@ -376,9 +376,8 @@ def test_unknown_family_gets_its_binding_swapped(source, monkeypatch):
         toks = tokens(seed, (2, 8))
         ref_full, ref_steps = prompt_and_decode(model, toks, 5)
         calls = []
-        patching = importlib.import_module("mlx_gdn.models.patch")  # the module, not the function
-        real = patching.delta_update
-        monkeypatch.setattr(patching, "delta_update", lambda *a, **k: calls.append(k["backend"]) or real(*a, **k))
+        real = mlx_gdn.api.gated_delta_update
+        monkeypatch.setattr(mlx_gdn.api, "gated_delta_update", lambda *a, **k: calls.append(k["backend"]) or real(*a, **k))
         report = mlx_gdn.patch(model)
         key = f"module:mlx_lm.models.{name}"
         assert dict(report.items()) == {key: n_linear(source)}, repr(report)

@@ -26,10 +26,9 @@ from typing import Any, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import backends
-from ..api import gated_delta_rule, gated_delta_update
-from ..gating import FusedGating, normalize_qk
-from ..validate import BACKENDS, check_choice, check_update, update_key
+from ..api import gated_delta_update
+from ..gating import normalize_qk
+from ..validate import BACKENDS, check_choice
 from . import decode_step
 
 __all__ = [
@@ -95,28 +94,6 @@ def causal_conv(x: mx.array, conv: nn.Module, state: Optional[mx.array], n_keep:
     else:
         new_state = mx.contiguous(conv_input[:, S:, :])
     return nn.silu(conv(conv_input)), new_state
-
-
-def delta_update(q, k, v, a, b, A_log, dt_bias, state=None, mask=None, *, lower_bound=None,
-                 allow_neg_eigval: bool = False, backend: str = "auto"):
-    """`mlx_gdn.gated_delta_update` (same arguments, shapes and result) as the drop-in layers call it.
-
-    Per-key gates (a [B, T, Hv, Dk]) whose fused form the chosen backend's kernels do not take
-    (the call would run on the ops path) are computed first, one compiled elementwise pass to
-    float32 g [B, T, Hv, Dk] and beta, and run through `gated_delta_rule`, whose kernels take
-    precomputed per-key gates. Everything else goes to `gated_delta_update` as it is.
-    """
-    if a.ndim == 4 and backend != "ops":
-        _, mod, _ = backends.plan(
-            backend, "auto",
-            update_key(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval),
-            lambda: check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval),
-        )
-        if mod.name == "ops":
-            g, beta = FusedGating(a, b, A_log, dt_bias, lower_bound, allow_neg_eigval).compute()
-            return gated_delta_rule(q, k, v, g, beta, state, mask, backend=backend)
-    return gated_delta_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound=lower_bound,
-                              allow_neg_eigval=allow_neg_eigval, backend=backend)
 
 
 def _cache_lengths(cache) -> Optional[mx.array]:
@@ -417,7 +394,7 @@ class _KeyGatedBase(DropInLayer):
         Returns y [B, T, H, D] and the new state [B, H, D, D]."""
         B, T, H, D = q.shape
         q, k = normalize_qk(q, k, eps=_QK_EPS)
-        return delta_update(
+        return gated_delta_update(
             q, k, v, a.reshape(B, T, H, D), b,
             self["A_log"].reshape(H, 1), self["dt_bias"].reshape(H, D),
             state, mask, lower_bound=self.lower_bound, backend=self._backend(),

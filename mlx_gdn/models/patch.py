@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List, Tuple
 
 import mlx.nn as nn
 
+from .. import api
 from ..validate import BACKENDS, check_choice
 from .layers import (
     BailingKDA,
@@ -26,7 +27,6 @@ from .layers import (
     KimiK3DeltaAttention,
     OlmoHybridGatedDeltaNet,
     Qwen3NextGatedDeltaNet,
-    delta_update,
 )
 
 DROP_INS = (GatedDeltaNet, Qwen3NextGatedDeltaNet, KimiDeltaAttention, KimiK3DeltaAttention, BailingKDA,
@@ -149,7 +149,7 @@ def _family_of_drop_in(model: nn.Module, layer: DropInLayer) -> str:
 
 class _Binding:
     """Stands in for mlx-lm's ``gated_delta_update`` in a model module: same call, runs
-    `mlx_gdn.gated_delta_update` (through `layers.delta_update`) on ``backend``, the ops path where
+    `mlx_gdn.gated_delta_update` on ``backend``, the ops path where
     the caller passes ``use_kernel=False`` (as mlx-lm's layers do in training)."""
 
     def __init__(self, original, backend: str):
@@ -158,8 +158,8 @@ class _Binding:
 
     def __call__(self, q, k, v, a, b, A_log, dt_bias, state=None, mask=None, *, use_kernel=True,
                  lower_bound=None, allow_neg_eigval=False):
-        return delta_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound=lower_bound,
-                            allow_neg_eigval=allow_neg_eigval, backend=self.backend if use_kernel else "ops")
+        return api.gated_delta_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound=lower_bound,
+                                      allow_neg_eigval=allow_neg_eigval, backend=self.backend if use_kernel else "ops")
 
 
 def _calls_binding(cls: type) -> bool:
