@@ -108,6 +108,34 @@ def mlx_launches_per_step(model, context):
     return sum(1 for ev in prof.events() if "CUDA" in str(getattr(ev, "device_type", "")))
 
 
+def mlx_prefill_kernels(model, tokens, top=15):
+    """GPU time of one prefill by kernel name (CUPTI through torch's profiler): the largest `top`
+    names in ms, their total, and the number of launches; None without torch."""
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return None
+    from collections import defaultdict
+
+    from mlx_lm.models.cache import make_prompt_cache
+
+    mx.eval(model(tokens, cache=make_prompt_cache(model)))
+    _sync()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        mx.eval(model(tokens, cache=make_prompt_cache(model)))
+        _sync()
+        torch.cuda.synchronize()
+    per, n = defaultdict(float), 0
+    for ev in prof.events():
+        if "CUDA" in str(getattr(ev, "device_type", "")):
+            per[ev.name[:100]] += ev.time_range.elapsed_us() / 1e3
+            n += 1
+    ranked = sorted(per.items(), key=lambda kv: -kv[1])
+    return {"gpu_ms": sum(per.values()), "launches": n, "top_ms": dict(ranked[:top])}
+
+
 def torch_rows(a, prompt_np, context_np):
     """transformers' Qwen3.5 with fla's kernels (when importable), same shape, bf16."""
     try:
@@ -188,8 +216,15 @@ def main(argv=None):
         rows.setdefault("_logits", {})[name] = logits
         row["decode_tok_s"], row["tokens"] = mlx_decode(model, context, a.decode)
         row["launches_per_decode_step"] = mlx_launches_per_step(model, context)
+        if name == "patched":
+            row["prefill_gpu"] = mlx_prefill_kernels(model, prompt)
         rows[f"mlx-lm {name}"] = row
-        print(name, {k: v for k, v in row.items() if k != "tokens"}, flush=True)
+        print(name, {k: v for k, v in row.items() if k not in ("tokens", "prefill_gpu")}, flush=True)
+        if row.get("prefill_gpu"):
+            g = row["prefill_gpu"]
+            print(f"  prefill GPU time {g['gpu_ms']:.1f} ms in {g['launches']} launches; largest:", flush=True)
+            for k, v in g["top_ms"].items():
+                print(f"    {v:8.2f} ms  {k}", flush=True)
     same = rows["mlx-lm patched"]["tokens"] == rows["mlx-lm unpatched"]["tokens"]
     rows["same_greedy_tokens"] = same
     lg = rows.pop("_logits")
