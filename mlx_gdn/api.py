@@ -8,7 +8,8 @@ import mlx.core as mx
 
 from . import backends
 from .gating import FusedGating
-from .validate import check_rule, check_update, rule_key, update_key
+from . import serving
+from .validate import check_rule, check_update, rule_key, serving_requested, update_key
 
 
 def _run(plan, q, k, v, state, mask, **gates):
@@ -32,7 +33,11 @@ def gated_delta_rule(
     *,
     backend: str = "auto",
     algorithm: str = "auto",
-) -> Tuple[mx.array, mx.array]:
+    cu_seqlens: Optional[mx.array] = None,
+    state_indices: Optional[mx.array] = None,
+    return_states=None,
+    check_values: bool = True,
+):
     """Gated delta rule with precomputed gates.
 
     q, k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv] (Hv a multiple of Hk), all one float dtype.
@@ -41,7 +46,32 @@ def gated_delta_rule(
     q is expected L2-normalised with ``Dk**-0.5`` folded in (see `normalize_qk`); no scale is applied.
     Returns y [B, T, Hv, Dv] in q's dtype and the new float32 state.
     backend: "auto", "metal", "cuda" or "ops"; algorithm: "auto", "recurrent" or "chunked".
+
+    Serving (keyword-only; any of the first three takes the serving path, see `mlx_gdn.serving`):
+    cu_seqlens: int32 [N + 1], 0 = c_0 <= ... <= c_N = T; needs B == 1. Sequence n is tokens
+    c_n .. c_{n+1} - 1 (lengths 0 and 1 allowed), each from its own initial state; `state` is then
+    [N, Hv, Dv, Dk] (or None: zeros) and so is the returned state.
+    state_indices: int32 [N] (N = B without cu_seqlens): `state` is a pool [S, Hv, Dv, Dk];
+    sequence n starts from row state_indices[n] (negative: zeros, and nothing is written back) and
+    the returned state is the pool with those rows replaced by the final states. Rebind the
+    pool's name to the result (``y, pool = f(..., state=pool, ...)``) and MLX updates it in place.
+    return_states: "steps" adds a third value [B, T, Hv, Dv, Dk], the state after every token
+    (with cu_seqlens: after each packed token); an int C adds [B, T // C, Hv, Dv, Dk], the states
+    after tokens C, 2C, ... (with cu_seqlens counted within each sequence: sequence n's
+    len_n // C states start at slot `mlx_gdn.serving.boundary_offsets(cu_seqlens, C)[n]`, and the
+    slots past the last sequence's are zero). A masked token's state is the one before it.
+    check_values: checks cu_seqlens (starts at 0, non-decreasing, ends at T) and state_indices
+    (below S, no row twice) by reading them to the host, a sync per call; pass False in a
+    server's hot loop once the inputs are known good (bad values then give undefined results).
+    On Metal and CUDA serving calls run on the recurrent kernels (also when algorithm is
+    "chunked"); the ops backend runs packed sequences one by one (reading cu_seqlens to the host).
     """
+    if serving_requested(cu_seqlens, state_indices, return_states):
+        planned = serving.plan(
+            backend, algorithm, rule_key(q, k, v, g, beta, None, mask),
+            lambda: check_rule(q, k, v, g, beta, None, mask), state, cu_seqlens, state_indices, return_states,
+        )
+        return serving.run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values, g=g, beta=beta)
     plan = backends.plan(
         backend, algorithm, rule_key(q, k, v, g, beta, state, mask), lambda: check_rule(q, k, v, g, beta, state, mask)
     )
@@ -63,7 +93,11 @@ def gated_delta_update(
     allow_neg_eigval: bool = False,
     backend: str = "auto",
     algorithm: str = "auto",
-) -> Tuple[mx.array, mx.array]:
+    cu_seqlens: Optional[mx.array] = None,
+    state_indices: Optional[mx.array] = None,
+    return_states=None,
+    check_values: bool = True,
+):
     """Gated delta rule with the gating fused in (Qwen3.5's form).
 
     q, k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; a, b: [B, T, Hv]; A_log, dt_bias: [Hv].
@@ -71,7 +105,17 @@ def gated_delta_update(
     with ``lower_bound``), beta = sigmoid(b) (times 2 with ``allow_neg_eigval``).
     state: [B, Hv, Dv, Dk] float32 or None; mask: [B, T] bool or None.
     Returns y [B, T, Hv, Dv] in q's dtype and the new float32 state.
+    Serving arguments as `gated_delta_rule`.
     """
+    if serving_requested(cu_seqlens, state_indices, return_states):
+        planned = serving.plan(
+            backend, algorithm,
+            update_key(q, k, v, a, b, A_log, dt_bias, None, mask, lower_bound, allow_neg_eigval),
+            lambda: check_update(q, k, v, a, b, A_log, dt_bias, None, mask, lower_bound, allow_neg_eigval),
+            state, cu_seqlens, state_indices, return_states,
+        )
+        gating = FusedGating(a, b, A_log, dt_bias, lower_bound, allow_neg_eigval)
+        return serving.run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values, gating=gating)
     plan = backends.plan(
         backend,
         algorithm,

@@ -82,8 +82,38 @@ def resolve(backend: str, algorithm: str, p: Problem) -> Tuple[ModuleType, str]:
     Raises ValueError for an unknown or unavailable backend or algorithm. Shapes a kernel
     cannot take go to the ops backend with the same algorithm.
     """
-    check_choice("backend", backend, BACKENDS)
     check_choice("algorithm", algorithm, ALGORITHMS)
+    name = _pick(backend)
+    mod = module(name)
+    algo = mod.choose_algorithm(p) if algorithm == "auto" else algorithm
+    if mod.supports(p, algo):
+        return mod, algo
+    ops = module("ops")
+    if ops.supports(p, algo):
+        return ops, algo
+    raise ValueError(f"algorithm {algo!r} is not available for this input (backend {name!r})")
+
+
+def resolve_serving(backend: str, algorithm: str, p: Problem, s) -> Tuple[ModuleType, str]:
+    """(backend module, algorithm) that runs a serving call (`validate.Serving` s).
+
+    Each backend's `serving_algorithm(p, s, algorithm)` says which of its algorithms runs the
+    call (None: it cannot); the Metal and CUDA backends run every serving call with their
+    recurrent kernels, a requested "chunked" included. Otherwise the ops backend runs it.
+    """
+    check_choice("algorithm", algorithm, ALGORITHMS)
+    mod = module(_pick(backend))
+    algo = mod.choose_algorithm(p) if algorithm == "auto" else algorithm
+    run_algo = mod.serving_algorithm(p, s, algo)
+    if run_algo is not None:
+        return mod, run_algo
+    ops = module("ops")
+    return ops, ops.serving_algorithm(p, s, algo)
+
+
+def _pick(backend: str) -> str:
+    """Name of the backend that `backend` ("auto" or a name) means here; raises if unavailable."""
+    check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         name = "ops"
         for cand in _GPU_ORDER:
@@ -101,14 +131,7 @@ def resolve(backend: str, algorithm: str, p: Problem) -> Tuple[ModuleType, str]:
                 + (f" ({reason})" if reason else "")
                 + f"; available: {', '.join(available_backends())}"
             )
-    mod = module(name)
-    algo = mod.choose_algorithm(p) if algorithm == "auto" else algorithm
-    if mod.supports(p, algo):
-        return mod, algo
-    ops = module("ops")
-    if ops.supports(p, algo):
-        return ops, algo
-    raise ValueError(f"algorithm {algo!r} is not available for this input (backend {name!r})")
+    return name
 
 
 # What a call runs, remembered: (key, default device type) -> answer. Within one process the

@@ -1,0 +1,83 @@
+"""Serving calls: packed sequences (cu_seqlens), state pools (state_indices) and per-step
+states (return_states), planned, run on a backend and written back into the pool.
+
+Layouts (also in `mlx_gdn.gated_delta_rule`'s docstring):
+- states with return_states="steps": [B, T, Hv, Dv, Dk], the state after each token; with
+  cu_seqlens, index t is the state after packed token t (its own sequence's state).
+- states with return_states=C: [B, T // C, Hv, Dv, Dk], the states after tokens C, 2C, ... With
+  cu_seqlens, boundaries are counted within each sequence: sequence n has len_n // C of them, in
+  slots `boundary_offsets(cu_seqlens, C)[n]` onwards; the slots past the last sequence's are zero.
+- pool write-back: a scatter of the N final states into rows state_indices (negative: dropped).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from . import backends
+from .validate import check_serving, check_serving_values, serving_key
+
+
+def boundary_offsets(cu_seqlens, C: int) -> np.ndarray:
+    """int64 [N + 1]: sequence n's boundary states (return_states=C with cu_seqlens) are slots
+    off[n] .. off[n + 1] - 1 of the returned states. Reads cu_seqlens to the host."""
+    lens = np.diff(np.asarray(cu_seqlens, dtype=np.int64))
+    return np.concatenate([[0], np.cumsum(lens // int(C))])
+
+
+def plan(backend, algorithm, base_key, check_base, state, cu_seqlens, state_indices, return_states):
+    """(problem, serving options, backend module, algorithm) of a serving call, remembered per
+    signature like `backends.plan`. base_key / check_base: the plain call's key and check, both
+    made with state=None (the state's leading size depends on the serving arguments)."""
+    skey = serving_key(state, cu_seqlens, state_indices, return_states)
+    key = None if base_key is None or skey is None else ("serving", base_key, skey, backend, algorithm,
+                                                          tuple(backends.CHUNKED_FROM_T.items()))
+
+    def make():
+        p = check_base()
+        s = check_serving(p, state, cu_seqlens, state_indices, return_states)
+        return (p, s) + backends.resolve_serving(backend, algorithm, p, s)
+
+    return make() if key is None else backends.remembered(key, make)
+
+
+def write_back(pool: mx.array, state_indices: mx.array, final: mx.array) -> mx.array:
+    """pool with rows state_indices[n] replaced by final[n]; negative indices write nothing.
+
+    One scatter of N rows, so the cost does not grow with the pool's size; MLX runs it in place
+    when nothing else holds the pool (the caller rebinds its name to the result). A padding slot
+    writes the value another writer of the same row writes (the first live sequence's row and
+    final state, or row 0's own value when every slot is padding), so duplicate indices in the
+    scatter always carry equal values and need no host-side filtering.
+    """
+    live = state_indices >= 0
+    first = mx.argmax(live)  # first live sequence (0 when none)
+    first_row = state_indices[first]
+    any_live = first_row >= 0
+    fallback_row = mx.maximum(first_row, 0)
+    fallback = mx.where(any_live, final[first], pool[fallback_row])
+    rows = mx.where(live, state_indices, fallback_row)
+    vals = mx.where(live[:, None, None, None], final, fallback[None])
+    return mx.put_along_axis(pool, rows.reshape(-1, 1, 1, 1), vals, axis=0)
+
+
+def run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values: bool, **gates):
+    """(y, state) or (y, state, states) of a planned serving call; see the module docstring."""
+    p, s, mod, algo = planned
+    if check_values:
+        check_serving_values(p, s, cu_seqlens, state_indices)
+    init = state if state is not None else mx.zeros((s.N, p.Hv, p.Dv, p.Dk), dtype=mx.float32)
+    if p.T == 0:
+        y = mx.zeros((p.B, 0, p.Hv, p.Dv), dtype=p.dtype)
+        final = None if s.pooled else init
+        states = mx.zeros((p.B, 0, p.Hv, p.Dv, p.Dk), dtype=mx.float32)
+    else:
+        y, final, states = mod.run_serving(p, s, q, k, v, init, mask, cu_seqlens, state_indices, algorithm=algo,
+                                           **gates)
+    if s.pooled:
+        new_state = state if final is None else write_back(state, state_indices, final)
+    else:
+        new_state = final
+    return (y, new_state, states) if s.every else (y, new_state)
+
