@@ -45,11 +45,18 @@ def plan(backend, algorithm, base_key, check_base, state, cu_seqlens, state_indi
 def write_back(pool: mx.array, state_indices: mx.array, final: mx.array) -> mx.array:
     """pool with rows state_indices[n] replaced by final[n]; negative indices write nothing.
 
-    One scatter of N rows, so the cost does not grow with the pool's size; MLX runs it in place
-    when nothing else holds the pool (the caller rebinds its name to the result). A padding slot
-    writes the value another writer of the same row writes (the first live sequence's row and
-    final state, or row 0's own value when every slot is padding), so duplicate indices in the
-    scatter always carry equal values and need no host-side filtering.
+    One scatter of N rows. MLX runs a scatter in place only when nothing else holds the pool's
+    buffer when the scatter is launched, and a read of the pool still pending in the same graph
+    (the kernel's, or a gather) holds it: the scatter then copies all S rows, a cost that grows
+    with the pool (measured: bench/NOTES.md, "Serving"). So the rows and values are evaluated
+    first (the kernel runs now: one wait per call), and the scatter left lazy runs in place once
+    the caller has rebound its name to the result (``y, pool = f(..., state=pool)``). Under a
+    function transformation (mx.compile), where nothing can be evaluated, the scatter stays lazy
+    and copies.
+
+    A padding slot writes the value another writer of the same row writes (the first live
+    sequence's row and final state, or row 0's own value when every slot is padding), so
+    duplicate indices in the scatter always carry equal values and need no host-side filtering.
     """
     live = state_indices >= 0
     first = mx.argmax(live)  # first live sequence (0 when none)
@@ -57,9 +64,13 @@ def write_back(pool: mx.array, state_indices: mx.array, final: mx.array) -> mx.a
     any_live = first_row >= 0
     fallback_row = mx.maximum(first_row, 0)
     fallback = mx.where(any_live, final[first], pool[fallback_row])
-    rows = mx.where(live, state_indices, fallback_row)
+    rows = mx.where(live, state_indices, fallback_row).reshape(-1, 1, 1, 1)
     vals = mx.where(live[:, None, None, None], final, fallback[None])
-    return mx.put_along_axis(pool, rows.reshape(-1, 1, 1, 1), vals, axis=0)
+    try:
+        mx.eval(rows, vals)
+    except ValueError:  # inside mx.compile / grad: evaluation is not allowed there
+        pass
+    return mx.put_along_axis(pool, rows, vals, axis=0)
 
 
 def run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values: bool, **gates):

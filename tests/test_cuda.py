@@ -117,7 +117,7 @@ from serving_cases import BF16 as _BF16, Case as _Case, check_call as _check_cal
 from serving_cases import make_call as _make_call, run_call as _run_call  # noqa: E402
 
 SERVING = [
-    _Case(lens=None, B=64, T=1, Hk=16, Hv=32, Dk=128, Dv=128, dtype=_BF16, pool=1024, fused=True),
+    _Case(lens=None, B=64, T=1, Hk=16, Hv=32, Dk=128, Dv=128, dtype=_BF16, pool=160, fused=True),
     _Case(lens=None, B=8, T=5, Hk=2, Hv=4, Dk=128, Dv=128, pool=16, every=1, masked=True),
     _Case(lens=(300, 0, 1, 77), Hk=2, Hv=4, Dk=128, Dv=128, dtype=_BF16, pool=8, every=64),
     _Case(lens=(33, 64, 2), Hk=2, Hv=4, Dk=128, Dv=128, gate="key", every=1, masked=True),
