@@ -54,7 +54,10 @@ def gated_delta_rule(
     state_indices: int32 [N] (N = B without cu_seqlens): `state` is a pool [S, Hv, Dv, Dk];
     sequence n starts from row state_indices[n] (negative: zeros, and nothing is written back) and
     the returned state is the pool with those rows replaced by the final states. Rebind the
-    pool's name to the result (``y, pool = f(..., state=pool, ...)``) and MLX updates it in place.
+    pool's name to the result (``y, pool = f(..., state=pool, ...)``) and MLX updates it in place:
+    the call evaluates its N final states first (a wait per call) so that the scatter into the
+    pool finds no pending read of it, and its cost does not grow with S (under mx.compile the
+    scatter copies the pool).
     return_states: "steps" adds a third value [B, T, Hv, Dv, Dk], the state after every token
     (with cu_seqlens: after each packed token); an int C adds [B, T // C, Hv, Dv, Dk], the states
     after tokens C, 2C, ... (with cu_seqlens counted within each sequence: sequence n's
