@@ -12,7 +12,9 @@ import mlx.core as mx
 from .validate import ALGORITHMS, BACKENDS, Problem, check_choice
 
 # Each backend module provides: available(), unavailable_reason(), supports(p, algorithm),
-# choose_algorithm(p), run(p, q, k, v, state, mask, *, algorithm, g, beta, gating).
+# choose_algorithm(p), run(p, q, k, v, state, mask, *, algorithm, g, beta, gating), and for
+# serving calls serving_algorithm(p, s, algorithm) (the algorithm it runs them with, or None)
+# and run_serving(p, s, q, k, v, state, mask, cu_seqlens, state_indices, *, algorithm, g, beta, gating).
 _MODULES = {"metal": "mlx_gdn.metal.backend", "cuda": "mlx_gdn.cuda.backend", "ops": "mlx_gdn.ops.backend"}
 # Order in which "auto" tries the GPU backends.
 _GPU_ORDER = ("metal", "cuda")
