@@ -8,9 +8,17 @@ Layouts (also in `mlx_gdn.gated_delta_rule`'s docstring):
   cu_seqlens, boundaries are counted within each sequence: sequence n has len_n // C of them, in
   slots `boundary_offsets(cu_seqlens, C)[n]` onwards; the slots past the last sequence's are zero.
 - pool write-back: a scatter of the N final states into rows state_indices (negative: dropped).
+
+Which path runs (each backend's `serving_algorithm`): on Metal and CUDA, packed sequences
+without return_states under algorithm "chunked" (asked for, or chosen by "auto" from the total
+T) run one plain call per sequence (`run_per_sequence`: the chunked kernels for long sequences,
+initial rows gathered from the pool, N of them); every other serving call is one launch of the
+recurrent kernels, which read pool rows in place. The ops backend runs everything in MLX ops.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import mlx.core as mx
 import numpy as np
@@ -73,6 +81,46 @@ def write_back(pool: mx.array, state_indices: mx.array, final: mx.array) -> mx.a
     return mx.put_along_axis(pool, rows, vals, axis=0)
 
 
+# The algorithm name a backend's `serving_algorithm` gives for packed sequences it runs one plain
+# call each (its chunked kernels for the long ones), see `run_per_sequence`.
+PER_SEQUENCE = "per-sequence"
+
+
+def _slice_gates(gates: dict, sl: slice) -> dict:
+    """The gate inputs of tokens `sl` (g/beta, or a FusedGating's a/b)."""
+    from .gating import FusedGating
+
+    gating = gates.get("gating")
+    if gating is not None:
+        return dict(gating=FusedGating(gating.a[:, sl], gating.b[:, sl], gating.A_log, gating.dt_bias,
+                                       gating.lower_bound, gating.allow_neg_eigval))
+    return dict(g=gates["g"][:, sl], beta=gates["beta"][:, sl])
+
+
+def run_per_sequence(mod, p, s, q, k, v, init, mask, cu_seqlens, **gates):
+    """(y, final states [N, ...]) of packed sequences, one plain call of backend `mod` each (its
+    chunked kernels from the backend's crossover length on, or for any length where the table has
+    none: then "chunked" was asked for). Reads cu_seqlens to the host; init: [N, Hv, Dv, Dk]."""
+    cu = np.array(cu_seqlens).tolist()
+    t0 = backends.CHUNKED_FROM_T.get(mod.name)
+    ys, finals = [], []
+    for n in range(s.N):
+        a, b = cu[n], cu[n + 1]
+        if a == b:
+            finals.append(init[n : n + 1])
+            continue
+        pn = dataclasses.replace(p, B=1, T=b - a)
+        want = "chunked" if t0 is None or pn.T >= t0 else "recurrent"
+        mod_n, algo = backends.resolve(mod.name, want if mod.supports(pn, want) else "recurrent", pn)
+        sl = slice(a, b)
+        y, fin = mod_n.run(pn, q[:, sl], k[:, sl], v[:, sl], init[n : n + 1], None if mask is None else mask[:, sl],
+                           algorithm=algo, **_slice_gates(gates, sl))
+        ys.append(y)
+        finals.append(fin)
+    y = mx.concatenate(ys, axis=1) if ys else mx.zeros((1, 0, p.Hv, p.Dv), p.dtype)
+    return y, mx.concatenate(finals, axis=0)
+
+
 def run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values: bool, **gates):
     """(y, state) or (y, state, states) of a planned serving call; see the module docstring."""
     p, s, mod, algo = planned
@@ -83,6 +131,12 @@ def run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values: 
         y = mx.zeros((p.B, 0, p.Hv, p.Dv), dtype=p.dtype)
         final = None if s.pooled else init
         states = mx.zeros((p.B, 0, p.Hv, p.Dv, p.Dk), dtype=mx.float32)
+    elif algo == PER_SEQUENCE:
+        from .ops.serving import gather_rows
+
+        rows = gather_rows(init, state_indices) if s.pooled else init
+        y, final = run_per_sequence(mod, p, s, q, k, v, rows, mask, cu_seqlens, **gates)
+        states = None
     else:
         y, final, states = mod.run_serving(p, s, q, k, v, init, mask, cu_seqlens, state_indices, algorithm=algo,
                                            **gates)

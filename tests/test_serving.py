@@ -230,3 +230,25 @@ def test_metal_pool_decode_columns_in_fours(Dk, no_ops, monkeypatch):
     with sim.simulated_metal():
         out = run_call(c, "metal", "recurrent")
     check_call(c, out, f"seed {seed}, Dk {Dk}")
+
+
+@pytest.mark.parametrize("case", [
+    Case(lens=(70, 0, 1, 9), pool=6, masked=True),
+    Case(lens=(33, 4), Hk=2, Hv=4, fused=True, dtype=BF16),
+    Case(lens=(20, 3), gate="key"),
+], ids=lambda c: c.label())
+def test_metal_packed_chunked_runs_per_sequence(case, no_ops, monkeypatch):
+    """Packed sequences without return_states under "chunked": one plain call per sequence on the
+    Metal kernels (chunked where they take the sequence), the pool's rows gathered and written back."""
+    from mlx_gdn.metal import backend as metal
+
+    algos = []
+    real_run = metal.run
+    monkeypatch.setattr(metal, "run", lambda *a, **k: algos.append(k["algorithm"]) or real_run(*a, **k))
+    seed = fresh_seed()
+    c = make_call(case, seed)
+    with sim.simulated_metal():
+        out = run_call(c, "metal", "chunked")
+    check_call(c, out, f"seed {seed}, {case.label()}")
+    expected = ["recurrent" if case.gate == "key" else "chunked"] * sum(n > 0 for n in case.lens)
+    assert algos == expected, algos

@@ -69,8 +69,14 @@ def run(p: Problem, q, k, v, state, mask, *, algorithm, g=None, beta=None, gatin
 
 
 def serving_algorithm(p: Problem, s, algorithm: str):
-    """Serving calls run on the recurrent kernels (a requested "chunked" included: the chunked
-    kernels take no pools, packed sequences or per-step states); None where they cannot."""
+    """How this backend runs a serving call: packed sequences without per-step states under
+    "chunked" one plain call each (`serving.PER_SEQUENCE`: the chunked kernels take no pools,
+    packed sequences or per-step states); everything else on the recurrent kernels ("recurrent",
+    a requested "chunked" included); None where those cannot take it."""
+    if algorithm == "chunked" and s.packed and not s.every:
+        from ..serving import PER_SEQUENCE
+
+        return PER_SEQUENCE
     return "recurrent" if launch.supports_serving(p, s) else None
 
 
