@@ -5,9 +5,9 @@
   result so MLX updates it in place); the same step against a small pool shows whether the cost
   grows with S. Peers: the same step as gather, plain call, scatter (what a caller does without
   `state_indices`); fla's fused_recurrent with torch indexing around it, where fla is installed.
-- prefill: sequences of mixed lengths packed along T (`cu_seqlens`), against the same sequences
-  one plain call each (which may take the chunked kernels) and fla's chunk_gated_delta_rule with
-  cu_seqlens, where installed.
+- prefill: sequences of mixed lengths packed along T (`cu_seqlens`; algorithm "auto", and
+  "recurrent": one launch of the recurrent kernel over all sequences), against the same
+  sequences one plain call each and fla's chunk_gated_delta_rule with cu_seqlens, where installed.
 
 Every contender's output is checked against the plain per-sequence calls of this package
 (themselves tested against the float64 reference) before it is timed.
@@ -177,9 +177,13 @@ def prefill_cells(cfg: dict, budget: float, seed: int) -> List[dict]:
         def packed():
             return _update(x, None, cu_seqlens=cu, check_values=False)
 
+        def packed_recurrent():
+            return _update(x, None, cu_seqlens=cu, check_values=False, algorithm="recurrent")
+
         y_ref, s_ref = per_sequence()
         mx.eval(y_ref, s_ref)
-        calls: Dict[str, Callable] = {"mlx_gdn cu_seqlens": packed, "mlx_gdn call per sequence": per_sequence}
+        calls: Dict[str, Callable] = {"mlx_gdn cu_seqlens": packed, "mlx_gdn cu_seqlens recurrent": packed_recurrent,
+                                      "mlx_gdn call per sequence": per_sequence}
         sync = {name: mlx_sync for name in calls}
         convert = {}
         if fla is not None:
