@@ -122,6 +122,7 @@ SERVING = [
     _Case(lens=(300, 0, 1, 77), Hk=2, Hv=4, Dk=128, Dv=128, dtype=_BF16, pool=8, every=64),
     _Case(lens=(33, 64, 2), Hk=2, Hv=4, Dk=128, Dv=128, gate="key", every=1, masked=True),
     _Case(lens=(1000, 24), Hk=2, Hv=4, Dk=128, Dv=128, fused=True),
+    _Case(lens=(700, 0, 130, 1), Hk=2, Hv=4, Dk=128, Dv=128, dtype=_BF16, pool=6, masked=True),
 ]
 
 
@@ -134,6 +135,7 @@ def test_serving(case, algorithm, monkeypatch):
         raise AssertionError("the ops backend ran a serving call meant for CUDA")
 
     monkeypatch.setattr(ops_backend, "run_serving", refuse)
+    monkeypatch.setattr(ops_backend, "run", refuse)
     seed = fresh_seed()
     c = _make_call(case, seed)
     _check_call(c, _run_call(c, "cuda", algorithm), f"seed {seed}, {case.label()}, cuda {algorithm}")
