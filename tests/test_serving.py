@@ -252,3 +252,23 @@ def test_metal_packed_chunked_runs_per_sequence(case, no_ops, monkeypatch):
     check_call(c, out, f"seed {seed}, {case.label()}")
     expected = ["recurrent" if case.gate == "key" else "chunked"] * sum(n > 0 for n in case.lens)
     assert algos == expected, algos
+
+
+def test_boundary_offsets_index_each_sequences_states():
+    """return_states=C with cu_seqlens: sequence n's states are slots off[n] .. off[n+1] - 1, equal
+    to the states of the same sequence run alone."""
+    seed = fresh_seed()
+    case = Case(lens=(9, 2, 0, 7), every=3)
+    c = make_call(case, seed)
+    _, _, states = run_call(c, "ops")
+    off = serving.boundary_offsets(c.cu, 3)
+    assert off.tolist() == [0, 3, 3, 3, 5], off
+    cu = np.array(c.cu)
+    x = c.x
+    for n in range(case.N):
+        a, b = int(cu[n]), int(cu[n + 1])
+        _, _, alone = mlx_gdn.gated_delta_rule(x.q[:, a:b], x.k[:, a:b], x.v[:, a:b], x.g[:, a:b], x.beta[:, a:b],
+                                               c.state[n : n + 1], return_states=3, backend="ops")
+        got = np.array(states[0, int(off[n]) : int(off[n + 1])])
+        assert np.allclose(got, np.array(alone[0]), rtol=1e-6, atol=1e-7), f"seed {seed}, sequence {n}"
+    assert not np.array(states[0, 5:]).any()
