@@ -37,7 +37,7 @@ def gated_delta_rule(
     state_indices: Optional[mx.array] = None,
     return_states=None,
     check_values: bool = True,
-):
+) -> Tuple[mx.array, ...]:
     """Gated delta rule with precomputed gates.
 
     q, k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv] (Hv a multiple of Hk), all one float dtype.
@@ -100,7 +100,7 @@ def gated_delta_update(
     state_indices: Optional[mx.array] = None,
     return_states=None,
     check_values: bool = True,
-):
+) -> Tuple[mx.array, ...]:
     """Gated delta rule with the gating fused in (Qwen3.5's form).
 
     q, k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; a, b: [B, T, Hv]; A_log, dt_bias: [Hv].

@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from serving_cases import BF16, F32, Case, check_call, make_call, run_call
+from serving_cases import BF16, Case, check_call, make_call, run_call
 
 import mlx_gdn
 from mlx_gdn import backends, serving
