@@ -272,3 +272,20 @@ def test_boundary_offsets_index_each_sequences_states():
         got = np.array(states[0, int(off[n]) : int(off[n + 1])])
         assert np.allclose(got, np.array(alone[0]), rtol=1e-6, atol=1e-7), f"seed {seed}, sequence {n}"
     assert not np.array(states[0, 5:]).any()
+
+
+def test_pooled_step_under_compile():
+    """Under mx.compile nothing can be evaluated: the write-back stays lazy and the step still
+    returns the same pool."""
+    seed = fresh_seed()
+    c = make_call(Case(lens=None, B=3, T=1, pool=6), seed)
+    x = c.x
+
+    def step(q, pool):
+        return mlx_gdn.gated_delta_rule(q, x.k, x.v, x.g, x.beta, pool, state_indices=c.idx, check_values=False,
+                                        backend="ops")
+
+    y, pool = step(x.q, c.state)
+    yc, poolc = mx.compile(step)(x.q, c.state)
+    assert np.array_equal(np.array(pool), np.array(poolc)) and np.array_equal(np.array(y), np.array(yc)), f"seed {seed}"
+    check_call(c, (yc, poolc), f"seed {seed}, compiled")
