@@ -9,7 +9,8 @@
 // lane's part adds into 4 independent partial sums (acc) to shorten its dependent chain.
 //
 // Inputs (strided views allowed), outputs, template arguments and launch geometry: as
-// recurrent_prefill.metal, except that TB is not used.
+// recurrent_prefill.metal, except that TB is not used; of the serving variants, GDN_POOL only
+// (state_idx [B] int32 picks each sequence's row of a state pool, negative = zeros).
 //
 // Vocabulary used (the CUDA prelude maps it): thread_position_in_threadgroup,
 // threadgroup_position_in_grid, simd_shuffle_xor, static_cast; metal::exp, metal::log,
@@ -45,6 +46,14 @@ const int tid = static_cast<int>(thread_position_in_threadgroup.x);
 const int n = static_cast<int>(threadgroup_position_in_grid.z);  // bi * Hv + hv
 const int bi = n / Hv;
 const int hv = n - bi * Hv;
+#if GDN_POOL
+const int slot = state_idx[bi * state_idx_strides[0]];
+const bool has_state = slot >= 0;
+const int srow = has_state ? slot : 0;
+#else
+const bool has_state = true;
+const int srow = bi;
+#endif
 const int hk = hv / (Hv / Hk);
 const int r_loc = tid / L;
 const int j = tid - r_loc * L;
@@ -78,7 +87,7 @@ const int64_t m0 = bi * mask_strides[0], mT = mask_strides[1];
 const int64_t y0 = (static_cast<int64_t>(bi) * T * Hv + hv) * Dv + row;
 
 float s[PER];
-const int64_t s_in = bi * state_in_strides[0] + hv * state_in_strides[1] +
+const int64_t s_in = srow * state_in_strides[0] + hv * state_in_strides[1] +
                      row_c * state_in_strides[2] + LANE_COL * j * state_in_strides[3];
 const int64_t s_inC = state_in_strides[3];
 #if GDN_VEC4_MOVES
@@ -89,7 +98,7 @@ if (s_inC == 1 && (reinterpret_cast<size_t>(state_in + s_in) & 15) == 0) {
   for (int m = 0; m < PER / 4; ++m) {
     float4 f;
     f.x = f.y = f.z = f.w = 0.0f;
-    if (live) {
+    if (live && has_state) {
       f = *reinterpret_cast<const float4*>(state_in + s_in + 4 * L * m);
     }
     s[4 * m] = f.x;
@@ -102,7 +111,7 @@ if (s_inC == 1 && (reinterpret_cast<size_t>(state_in + s_in) & 15) == 0) {
 {
   GDN_UNROLL
   for (int i = 0; i < PER; ++i) {
-    s[i] = live ? state_in[s_in + GDN_COL(i) * s_inC] : 0.0f;
+    s[i] = (live && has_state) ? state_in[s_in + GDN_COL(i) * s_inC] : 0.0f;
   }
 }
 

@@ -22,7 +22,19 @@
 // Outputs: y [B, T, Hv, Dv] (InT), state_out [B, Hv, Dv, Dk] float32.
 // Template: InT, Dk, Dv, Hk, Hv, L (lanes per row, divides 32), R (rows per threadgroup, R * L a
 // multiple of 32), TB (tokens per block), KEYGATE, LOWER, NEG.
-// Launch: threadgroup (R * L, 1, 1); grid (R * L * ceil(Dv / R), 1, B * Hv) threads.
+// Launch: threadgroup (R * L, 1, 1); grid (R * L * ceil(Dv / R), 1, N * Hv) threads, N = B
+// sequences (or N packed ones with GDN_VARLEN).
+//
+// Serving variants (each off unless its macro is 1; the launcher defines them for serving calls):
+//   GDN_POOL:   input state_idx [N] int32; sequence n starts from state_in row state_idx[n] (state_in
+//               is a pool [S, Hv, Dv, Dk]), or from zeros where it is negative. state_out is [N, ...].
+//   GDN_VARLEN: input cu_seqlens [N + 1] int32; B = 1 and sequence n is tokens cu[n] .. cu[n+1] - 1.
+//   GDN_STEPS:  output states [B, NS, Hv, Dv, Dk] float32, template CS: the state after every CS-th
+//               token of each sequence (a masked token's state is the one before it). Without
+//               GDN_VARLEN slot m of batch b is the state after token (m + 1) CS. With it, sequence n
+//               fills slots off[n] .. off[n] + len_n / CS - 1, off[n] = sum over m < n of len_m / CS
+//               (so CS = 1 gives the state after every packed token), and slots past the last
+//               sequence's are zero.
 //
 // Vocabulary used (the CUDA prelude maps it): thread_position_in_threadgroup,
 // threadgroup_position_in_grid, simd_shuffle_xor, threadgroup arrays,
@@ -35,6 +47,7 @@ constexpr int GS = KEYGATE ? TB * Dk : TB;
 #ifndef GDN_DT_KEY
 #define GDN_DT_KEY 0
 #endif
+// GDN_POOL, GDN_VARLEN and GDN_STEPS are left undefined (0 in #if) by plain launches.
 
 threadgroup float k_s[TB * Dk];
 threadgroup float q_s[TB * Dk];
@@ -46,9 +59,38 @@ threadgroup int m_s[TB];
 const int T = q_shape[1];
 const int tid = static_cast<int>(thread_position_in_threadgroup.x);
 const int row0 = static_cast<int>(threadgroup_position_in_grid.x) * R;
-const int n = static_cast<int>(threadgroup_position_in_grid.z);  // bi * Hv + hv
-const int bi = n / Hv;
-const int hv = n - bi * Hv;
+const int n = static_cast<int>(threadgroup_position_in_grid.z);  // seq * Hv + hv
+const int seq = n / Hv;
+const int hv = n - seq * Hv;
+#if GDN_VARLEN
+const int bi = 0;
+const int t_begin = cu_seqlens[seq];
+const int t_end = cu_seqlens[seq + 1];
+#else
+const int bi = seq;
+const int t_begin = 0;
+const int t_end = T;
+#endif
+#if GDN_POOL
+const int slot = state_idx[seq * state_idx_strides[0]];
+const bool has_state = slot >= 0;
+const int srow = has_state ? slot : 0;
+#else
+const bool has_state = true;
+const int srow = seq;
+#endif
+#if GDN_STEPS
+// First slot of this sequence in `states`.
+#if GDN_VARLEN
+int st_base = 0;
+for (int m = 0; m < seq; ++m) {
+  st_base += (cu_seqlens[m + 1] - cu_seqlens[m]) / CS;
+}
+const int st_slots = T / CS;  // B = 1 with packed sequences
+#else
+const int st_base = bi * (T / CS);
+#endif
+#endif
 const int hk = hv / (Hv / Hk);
 const int r_loc = tid / L;
 const int j = tid - r_loc * L;
@@ -77,13 +119,29 @@ const int64_t m0 = bi * mask_strides[0], mT = mask_strides[1];
 const int64_t y0 = (static_cast<int64_t>(bi) * T * Hv + hv) * Dv + row;
 
 float s[PER];
-const int64_t s_in = bi * state_in_strides[0] + hv * state_in_strides[1] +
+const int64_t s_in = srow * state_in_strides[0] + hv * state_in_strides[1] +
                      (live ? row : 0) * state_in_strides[2] + j * state_in_strides[3];
 const int64_t s_inC = L * state_in_strides[3];
 GDN_UNROLL
 for (int i = 0; i < PER; ++i) {
-  s[i] = live ? state_in[s_in + i * s_inC] : 0.0f;
+  s[i] = (live && has_state) ? state_in[s_in + i * s_inC] : 0.0f;
 }
+
+// After token t (absolute index) of this sequence: store the state where GDN_STEPS asks for it.
+#undef GDN_KEEP_STATE
+#if GDN_STEPS
+#define GDN_KEEP_STATE(t)                                                                        \
+  if (((t) - t_begin + 1) % CS == 0 && live) {                                                   \
+    const int64_t st_off =                                                                       \
+        ((static_cast<int64_t>(st_base + ((t) - t_begin + 1) / CS - 1) * Hv + hv) * Dv + row) * Dk + j; \
+    GDN_UNROLL                                                                                   \
+    for (int i = 0; i < PER; ++i) {                                                              \
+      states[st_off + i * L] = s[i];                                                             \
+    }                                                                                            \
+  }
+#else
+#define GDN_KEEP_STATE(t)
+#endif
 
 #if GDN_FUSED
 const float log_rate_h = static_cast<float>(A_log[hv * A_log_strides[0]]);
@@ -99,8 +157,8 @@ const float lower_bound_v = 0.0f;  // unused: LOWER is false
 #endif
 #endif
 
-for (int t0 = 0; t0 < T; t0 += TB) {
-  const int nb = (T - t0) < TB ? (T - t0) : TB;
+for (int t0 = t_begin; t0 < t_end; t0 += TB) {
+  const int nb = (t_end - t0) < TB ? (t_end - t0) : TB;
   // The previous block's readers are done before the block is overwritten.
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int i = tid; i < nb * Dk; i += NT) {
@@ -157,6 +215,7 @@ for (int t0 = 0; t0 < T; t0 += TB) {
       if (live && j == 0) {
         y[y_off] = static_cast<InT>(0.0f);
       }
+      GDN_KEEP_STATE(t0 + tt);
       continue;
     }
     const int kq = tt * Dk + j;
@@ -193,8 +252,21 @@ for (int t0 = 0; t0 < T; t0 += TB) {
     if (live && j == 0) {
       y[y_off] = static_cast<InT>(out);
     }
+    GDN_KEEP_STATE(t0 + tt);
   }
 }
+#if GDN_STEPS && GDN_VARLEN
+// The last sequence zeroes the slots no sequence fills (sum of len / CS can be below T / CS).
+if (seq == static_cast<int>(threadgroups_per_grid.z) / Hv - 1 && live) {
+  for (int m = st_base + (t_end - t_begin) / CS; m < st_slots; ++m) {
+    const int64_t st_off = ((static_cast<int64_t>(m) * Hv + hv) * Dv + row) * Dk + j;
+    GDN_UNROLL
+    for (int i = 0; i < PER; ++i) {
+      states[st_off + i * L] = 0.0f;
+    }
+  }
+}
+#endif
 
 if (live) {
   const int64_t s_out = (static_cast<int64_t>(n) * Dv + row) * Dk + j;

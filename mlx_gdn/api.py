@@ -6,9 +6,9 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from . import backends
+from . import backends, serving
 from .gating import FusedGating
-from .validate import check_rule, check_update, kernel_backend, rule_key, update_key
+from .validate import check_rule, check_update, kernel_backend, rule_key, serving_requested, update_key
 
 
 def _run(plan, q, k, v, state, mask, **gates):
@@ -47,7 +47,11 @@ def gated_delta_rule(
     backend: str = "auto",
     algorithm: str = "auto",
     use_kernel: bool = True,
-) -> Tuple[mx.array, mx.array]:
+    cu_seqlens: Optional[mx.array] = None,
+    state_indices: Optional[mx.array] = None,
+    return_states=None,
+    check_values: bool = True,
+) -> Tuple[mx.array, ...]:
     """Gated delta rule with precomputed gates.
 
     q, k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv] (Hv a multiple of Hk), all one float dtype.
@@ -60,8 +64,36 @@ def gated_delta_rule(
     backend: "auto", "metal", "cuda" or "ops"; algorithm: "auto", "recurrent" or "chunked".
     use_kernel: False runs the ops path (backend "ops"), as mlx-lm's flag of that name; with an
     explicit "metal" or "cuda" backend it is a ValueError.
+
+    Serving (keyword-only; any of the first three takes the serving path, see `mlx_gdn.serving`):
+    cu_seqlens: int32 [N + 1], 0 = c_0 <= ... <= c_N = T; needs B == 1. Sequence n is tokens
+    c_n .. c_{n+1} - 1 (lengths 0 and 1 allowed), each from its own initial state; `state` is then
+    [N, Hv, Dv, Dk] (or None: zeros) and so is the returned state.
+    state_indices: int32 [N] (N = B without cu_seqlens): `state` is a pool [S, Hv, Dv, Dk];
+    sequence n starts from row state_indices[n] (negative: zeros, and nothing is written back) and
+    the returned state is the pool with those rows replaced by the final states. Rebind the
+    pool's name to the result (``y, pool = f(..., state=pool, ...)``) and MLX updates it in place:
+    the call evaluates its N final states first (a wait per call) so that the scatter into the
+    pool finds no pending read of it, and its cost does not grow with S (under mx.compile the
+    scatter copies the pool).
+    return_states: "steps" adds a third value [B, T, Hv, Dv, Dk], the state after every token
+    (with cu_seqlens: after each packed token); an int C adds [B, T // C, Hv, Dv, Dk], the states
+    after tokens C, 2C, ... (with cu_seqlens counted within each sequence: sequence n's
+    len_n // C states start at slot `mlx_gdn.serving.boundary_offsets(cu_seqlens, C)[n]`, and the
+    slots past the last sequence's are zero). A masked token's state is the one before it.
+    check_values: checks cu_seqlens (starts at 0, non-decreasing, ends at T) and state_indices
+    (below S, no row twice) by reading them to the host, a sync per call; pass False in a
+    server's hot loop once the inputs are known good (bad values then give undefined results).
+    On Metal and CUDA serving calls run on the recurrent kernels (also when algorithm is
+    "chunked"); the ops backend runs packed sequences one by one (reading cu_seqlens to the host).
     """
     backend = kernel_backend(backend, use_kernel)
+    if serving_requested(cu_seqlens, state_indices, return_states):
+        planned = serving.plan(
+            backend, algorithm, rule_key(q, k, v, g, beta, None, mask),
+            lambda: check_rule(q, k, v, g, beta, None, mask), state, cu_seqlens, state_indices, return_states,
+        )
+        return serving.run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values, g=g, beta=beta)
     plan = backends.plan(
         backend, algorithm, rule_key(q, k, v, g, beta, state, mask), lambda: check_rule(q, k, v, g, beta, state, mask)
     )
@@ -84,7 +116,11 @@ def gated_delta_update(
     backend: str = "auto",
     algorithm: str = "auto",
     use_kernel: bool = True,
-) -> Tuple[mx.array, mx.array]:
+    cu_seqlens: Optional[mx.array] = None,
+    state_indices: Optional[mx.array] = None,
+    return_states=None,
+    check_values: bool = True,
+) -> Tuple[mx.array, ...]:
     """Gated delta rule with the gating fused in; takes every call mlx-lm's models make.
 
     q, k: [B, T, Hk, Dk]; v: [B, T, Hv, Dv]; b: [B, T, Hv].
@@ -100,8 +136,18 @@ def gated_delta_update(
     (float32 when state is None).
     use_kernel: False runs the ops path (mlx-lm's flag; models pass ``not self.training``); with
     an explicit "metal" or "cuda" backend it is a ValueError.
+    Serving arguments as `gated_delta_rule`.
     """
     backend = kernel_backend(backend, use_kernel)
+    if serving_requested(cu_seqlens, state_indices, return_states):
+        planned = serving.plan(
+            backend, algorithm,
+            update_key(q, k, v, a, b, A_log, dt_bias, None, mask, lower_bound, allow_neg_eigval),
+            lambda: check_update(q, k, v, a, b, A_log, dt_bias, None, mask, lower_bound, allow_neg_eigval),
+            state, cu_seqlens, state_indices, return_states,
+        )
+        gating = FusedGating(a, b, A_log, dt_bias, lower_bound, allow_neg_eigval)
+        return serving.run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values, gating=gating)
     plan = backends.plan(
         backend,
         algorithm,

@@ -13,7 +13,9 @@ from .validate import ALGORITHMS, BACKENDS, Problem, check_choice
 
 # Each backend module provides: name, available(), unavailable_reason(), supports(p, algorithm),
 # choose_algorithm(p), variants(p, algorithm, lower, neg, dt_key) (the kernel variants a call launches,
-# `fallback.Variant`; empty for ops) and run(p, q, k, v, state, mask, *, algorithm, g, beta, gating).
+# `fallback.Variant`; empty for ops), run(p, q, k, v, state, mask, *, algorithm, g, beta, gating), and for
+# serving calls serving_algorithm(p, s, algorithm) (the algorithm it runs them with, or None)
+# and run_serving(p, s, q, k, v, state, mask, cu_seqlens, state_indices, *, algorithm, g, beta, gating).
 _MODULES = {"metal": "mlx_gdn.metal.backend", "cuda": "mlx_gdn.cuda.backend", "ops": "mlx_gdn.ops.backend"}
 # Order in which "auto" tries the GPU backends.
 _GPU_ORDER = ("metal", "cuda")
@@ -83,7 +85,6 @@ def resolve(backend: str, algorithm: str, p: Problem) -> Tuple[ModuleType, str]:
     Raises ValueError for an unknown or unavailable backend or algorithm. Shapes a kernel
     cannot take go to the ops backend with the same algorithm.
     """
-    check_choice("backend", backend, BACKENDS)
     check_choice("algorithm", algorithm, ALGORITHMS)
     name = pick_backend(backend)
     mod = module(name)
@@ -96,12 +97,30 @@ def resolve(backend: str, algorithm: str, p: Problem) -> Tuple[ModuleType, str]:
     raise ValueError(f"algorithm {algo!r} is not available for this input (backend {name!r})")
 
 
+def resolve_serving(backend: str, algorithm: str, p: Problem, s) -> Tuple[ModuleType, str]:
+    """(backend module, algorithm) that runs a serving call (`validate.Serving` s).
+
+    Each backend's `serving_algorithm(p, s, algorithm)` says which of its algorithms runs the
+    call (None: it cannot); the Metal and CUDA backends run every serving call with their
+    recurrent kernels, a requested "chunked" included. Otherwise the ops backend runs it.
+    """
+    check_choice("algorithm", algorithm, ALGORITHMS)
+    mod = module(pick_backend(backend))
+    algo = mod.choose_algorithm(p) if algorithm == "auto" else algorithm
+    run_algo = mod.serving_algorithm(p, s, algo)
+    if run_algo is not None:
+        return mod, run_algo
+    ops = module("ops")
+    return ops, ops.serving_algorithm(p, s, algo)
+
+
 def pick_backend(backend: str) -> str:
     """The backend name `backend` ("auto" or a name) stands for here, before shapes are looked at.
 
     "auto": the first GPU backend available with the default device a GPU (or its simulator
     active), else "ops". A name: itself, or ValueError when it is not available.
     """
+    check_choice("backend", backend, BACKENDS)
     if backend == "auto":
         name = "ops"
         for cand in _GPU_ORDER:

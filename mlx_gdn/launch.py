@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from . import backends
-from .validate import Problem
+from .validate import Problem, Serving
 
 # Tokens up to which the unstaged decode body runs; longer calls stage blocks of tokens.
 DECODE_MAX_T = 4
@@ -198,6 +198,7 @@ def recurrent_spec(
     path: Optional[str] = None,
     vec4: bool = False,
     dt_key: bool = False,
+    serve: Optional[Serving] = None,
 ) -> LaunchSpec:
     """Launch spec of the recurrent kernel for problem `p`.
 
@@ -208,6 +209,7 @@ def recurrent_spec(
     of four; the CUDA backend asks for it (16-byte state loads and stores).
     Fused per-key gates (p.fused and p.gate == "key"): a is [B, T, Hv, Dk], A_log [Hv], dt_bias [Hv]
     or, with `dt_key`, [Hv, Dk] (GDN_DT_KEY).
+    serve: a serving call's options (`serving_spec`); None for a plain call.
     """
     path = path or choose_path(p)
     if path not in ("decode", "prefill"):
@@ -225,7 +227,8 @@ def recurrent_spec(
         gate_names: Sequence[str] = ("a", "b", "A_log", "dt_bias") + (("lower_bound",) if lower else ())
     else:
         gate_names = ("g", "beta")
-    names = ("q", "k", "v") + tuple(gate_names) + ("state_in",) + (("mask",) if p.masked else ())
+    serving = _serving_parts(p, serve, path)
+    names = ("q", "k", "v") + tuple(gate_names) + ("state_in",) + serving["inputs"] + (("mask",) if p.masked else ())
 
     template = [
         ("InT", p.dtype),
@@ -238,26 +241,61 @@ def recurrent_spec(
     ]
     if path == "prefill":
         template.append(("TB", _block_tokens(p.Dk, R, key_gate)))
-    template += [("KEYGATE", key_gate), ("LOWER", lower), ("NEG", bool(p.fused and neg))]
+    template += [("KEYGATE", key_gate), ("LOWER", lower), ("NEG", bool(p.fused and neg))] + serving["template"]
 
     vec4 = bool(vec4 and path == "decode" and (p.Dk // L) % 4 == 0)
     dt_key = bool(dt_key and p.fused and key_gate)
     variant = ("update" if p.fused else "rule") + ("_masked" if p.masked else "") + ("_v4" if vec4 else "")
     variant += "_dtkey" if dt_key else ""
+    variant += serving["suffix"]
     return LaunchSpec(
         name=f"gdn_recurrent_{path}_{variant}",
         body=f"recurrent_{path}.metal",
         headers=(GATES_HEADER,),
         defines=(("GDN_FUSED", int(p.fused)), ("GDN_MASKED", int(p.masked)), ("GDN_LOWER", int(lower)),
-                 ("GDN_VEC4", int(vec4)), ("GDN_DT_KEY", int(dt_key))),
+                 ("GDN_VEC4", int(vec4)), ("GDN_DT_KEY", int(dt_key))) + serving["defines"],
         input_names=names,
-        output_names=("y", "state_out"),
+        output_names=("y", "state_out") + serving["outputs"],
         template=tuple(template),
-        grid=(threads * groups, 1, p.B * p.Hv),
+        grid=(threads * groups, 1, serving["N"] * p.Hv),
         threadgroup=(threads, 1, 1),
-        output_shapes=((p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)),
-        output_dtypes=(p.dtype, mx.float32),
+        output_shapes=((p.B, p.T, p.Hv, p.Dv), (serving["N"], p.Hv, p.Dv, p.Dk)) + serving["shapes"],
+        output_dtypes=(p.dtype, mx.float32) + (mx.float32,) * len(serving["outputs"]),
     )
+
+
+def _serving_parts(p: Problem, serve: Optional[Serving], path: str) -> dict:
+    """What a serving call adds to a recurrent launch: inputs state_idx (GDN_POOL) and
+    cu_seqlens (GDN_VARLEN), output `states` with template CS (GDN_STEPS), a grid over N
+    sequences. Plain calls get nothing, so their variants are unchanged."""
+    if serve is None:
+        return dict(inputs=(), outputs=(), template=[], defines=(), suffix="", shapes=(), N=p.B)
+    if path == "decode" and (serve.packed or serve.every):
+        raise ValueError("the decode body takes state pools only; packed sequences and states run on prefill")
+    outputs, shapes, template = (), (), []
+    if serve.every:
+        outputs, shapes = ("states",), ((p.B, serve.slots, p.Hv, p.Dv, p.Dk),)
+        template = [("CS", serve.every)]
+    suffix = ("_pool" if serve.pooled else "") + ("_varlen" if serve.packed else "") + ("_states" if serve.every else "")
+    return dict(
+        inputs=(("state_idx",) if serve.pooled else ()) + (("cu_seqlens",) if serve.packed else ()),
+        outputs=outputs, template=template, suffix=suffix, shapes=shapes, N=serve.N,
+        defines=(("GDN_POOL", int(serve.pooled)), ("GDN_VARLEN", int(serve.packed)), ("GDN_STEPS", int(bool(serve.every)))),
+    )
+
+
+def supports_serving(p: Problem, s: Serving) -> bool:
+    """True when the recurrent bodies take this serving call (else it runs on the ops backend)."""
+    if not supports_recurrent(p) or s.N * p.Hv > 65535:
+        return False
+    sizes = (s.rows * p.Hv * p.Dv * p.Dk, p.B * max(s.slots, 1) * p.Hv * p.Dv * p.Dk)
+    return max(sizes) <= _INT32_MAX
+
+
+def serving_path(p: Problem, s: Serving) -> str:
+    """Body a serving call runs: the decode body for a pool at few tokens, else prefill (the only
+    body with packed sequences and per-step states)."""
+    return "decode" if not s.packed and not s.every and p.T <= DECODE_MAX_T else "prefill"
 
 
 _LOWER_BOUND_ARRAYS: Dict[float, mx.array] = {}
@@ -327,3 +365,35 @@ def run_recurrent(p: Problem, q, k, v, state, mask, *, kernel_for, g=None, beta=
     ins = recurrent_inputs(q, k, v, state, mask, g=g, beta=beta, gating=gating)
     y, new_state = kern(inputs=ins, **kw, **launch_options()) if POISON_OUTPUTS else kern(inputs=ins, **kw)
     return y, new_state
+
+
+@lru_cache(maxsize=512)
+def serving_launcher(p: Problem, s: Serving, lower: bool, neg: bool, kernel_for, vec4: bool = False,
+                     dt_key: bool = False):
+    """`recurrent_launcher` for a serving call."""
+    spec = recurrent_spec(p, lower=lower, neg=neg, path=serving_path(p, s), vec4=vec4, serve=s, dt_key=dt_key)
+    return spec, kernel_for(spec), spec.call_kwargs()
+
+
+@backends.on_clear
+def _clear_serving_launchers():
+    serving_launcher.cache_clear()
+
+
+def run_serving(p: Problem, s: Serving, q, k, v, state, mask, cu_seqlens, state_indices, *, kernel_for,
+                g=None, beta=None, gating=None, vec4: bool = False):
+    """(y, final states [N,Hv,Dv,Dk], states or None) from one recurrent launch of a serving call.
+
+    state: the pool [S,Hv,Dv,Dk] (read at rows state_indices[n] inside the kernel) or the
+    initial states [N,Hv,Dv,Dk]; cu_seqlens / state_indices: int32 or None as `s` says.
+    """
+    if gating is None:
+        lower = neg = dt_key = False
+    else:
+        lower, neg = gating.lower_bound is not None, bool(gating.allow_neg_eigval)
+        dt_key = gating.dt_key
+    _, kern, kw = serving_launcher(p, s, lower, neg, kernel_for, vec4, dt_key)
+    ins = recurrent_inputs(q, k, v, state, None, g=g, beta=beta, gating=gating)
+    ins += ([state_indices] if s.pooled else []) + ([cu_seqlens] if s.packed else []) + ([mask] if mask is not None else [])
+    outs = kern(inputs=ins, **kw, **launch_options())
+    return outs[0], outs[1], (outs[2] if s.every else None)

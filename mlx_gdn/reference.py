@@ -116,3 +116,19 @@ def layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk: int, D
     g, beta = gates(a, b, A_log, dt_bias)
     y, S = delta_rule(q, k, v, g, beta, state, m)
     return y, inp[:, 1:], S
+
+
+def delta_rule_steps(q, k, v, g, beta, state=None, mask=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`delta_rule` that also returns the state after every token: states [B, T, Hv, Dv, Dk]
+    (a masked token's is the one before it)."""
+    q, k, v, g, beta = (to_numpy(x) for x in (q, k, v, g, beta))
+    B, T = q.shape[:2]
+    Hv, Dv, Dk = v.shape[2], v.shape[3], q.shape[3]
+    S = np.zeros((B, Hv, Dv, Dk)) if state is None else to_numpy(state)
+    m = None if mask is None else np.asarray(to_numpy(mask) != 0)
+    ys, states = np.zeros((B, T, Hv, Dv)), np.zeros((B, T, Hv, Dv, Dk))
+    for t in range(T):
+        sl = slice(t, t + 1)
+        y, S = delta_rule(q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], S, None if m is None else m[:, sl])
+        ys[:, t], states[:, t] = y[:, 0], S
+    return ys, S, states

@@ -226,3 +226,125 @@ def kernel_backend(backend, use_kernel) -> str:
         f"use_kernel=False asks for the ops path but backend={backend!r} asks for a kernel; "
         f"pass backend='auto' or 'ops' with use_kernel=False, or use_kernel=True"
     )
+
+
+# Serving arguments (cu_seqlens, state_indices, return_states): shapes and dtypes here, checked
+# once per signature like the rest; values (`check_serving_values`) on every call that asks.
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The serving options of one call, derived once from validated shapes.
+
+    N: sequences (B, or len(cu_seqlens) - 1); packed: cu_seqlens given (B == 1, sequences packed
+    along T); pooled: state_indices given (state is a pool of `rows` rows); rows: leading size of
+    `state` (N without a pool); every: 0 (no per-step states), 1 ("steps") or C (states after
+    tokens C, 2C, ... of each sequence); slots: length of the returned states' second axis.
+    """
+
+    N: int
+    packed: bool
+    pooled: bool
+    rows: int
+    every: int
+    slots: int
+
+
+def serving_requested(cu_seqlens, state_indices, return_states) -> bool:
+    """True when any serving argument is given (the call then takes the serving path)."""
+    return cu_seqlens is not None or state_indices is not None or return_states is not None
+
+
+def serving_key(cu_seqlens, state_indices, return_states, check_values) -> Optional[tuple]:
+    """Signature of the serving arguments (shapes, dtypes and options), or None when one is unhashable."""
+    return signature((cu_seqlens, state_indices), (type(return_states), return_states, bool(check_values)))
+
+
+def _require_index_array(name: str, x, what: str) -> mx.array:
+    _require_array(name, x)
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be 1-D {what}, got shape {tuple(x.shape)}")
+    if x.dtype != mx.int32:
+        raise TypeError(f"{name} must be int32 {what}, got {_name_dtype(x.dtype)}")
+    return x
+
+
+def check_serving(p: Problem, state, cu_seqlens, state_indices, return_states) -> Serving:
+    """Validate the serving arguments' shapes, dtypes and options against problem `p` (whose
+    Problem was built without `state`: its leading size depends on them) and `state`."""
+    if cu_seqlens is not None:
+        _require_index_array("cu_seqlens", cu_seqlens, "[N + 1]")
+        if cu_seqlens.shape[0] < 1:
+            raise ValueError("cu_seqlens must hold at least one offset (0), got an empty array")
+        if p.B != 1:
+            raise ValueError(f"cu_seqlens packs sequences along T and requires B == 1, got B={p.B}")
+        N = cu_seqlens.shape[0] - 1
+    else:
+        N = p.B
+    if return_states is None:
+        every = 0
+    elif isinstance(return_states, str):
+        if return_states != "steps":
+            raise ValueError(f"return_states must be 'steps', a positive int or None, got {return_states!r}")
+        every = 1
+    elif isinstance(return_states, (int, np.integer)) and not isinstance(return_states, (bool, np.bool_)):
+        if return_states <= 0:
+            raise ValueError(f"return_states must be 'steps', a positive int or None, got {return_states!r}")
+        every = int(return_states)
+    else:
+        raise TypeError(f"return_states must be 'steps', a positive int or None, got {type(return_states).__name__}")
+    if state_indices is not None:
+        _require_index_array("state_indices", state_indices, f"[N] (N = {N} sequences)")
+        if state_indices.shape[0] != N:
+            raise ValueError(
+                f"state_indices must have one entry per sequence, N = {N}"
+                f" ({'len(cu_seqlens) - 1' if cu_seqlens is not None else 'B'}), got {state_indices.shape[0]}"
+            )
+        if state is None:
+            raise ValueError("state_indices needs state: the pool [S, Hv, Dv, Dk] the indices point into, got None")
+    rows = N
+    if state is not None:
+        _require_array("state", state)
+        if state.ndim != 4 or tuple(state.shape[1:]) != (p.Hv, p.Dv, p.Dk):
+            raise ValueError(
+                f"state must have shape [{'S' if state_indices is not None else 'N'}, Hv, Dv, Dk] with "
+                f"(Hv, Dv, Dk) = {(p.Hv, p.Dv, p.Dk)}, got {tuple(state.shape)}"
+            )
+        if state_indices is None and state.shape[0] != N:
+            raise ValueError(
+                f"state must have shape [N, Hv, Dv, Dk] = {(N, p.Hv, p.Dv, p.Dk)} (one row per sequence"
+                f"{', N = len(cu_seqlens) - 1' if cu_seqlens is not None else ''}), got {tuple(state.shape)}"
+            )
+        if state.dtype != mx.float32:
+            raise TypeError(f"state must be float32 in a serving call (pools and packed initial states are kept in float32), got {_name_dtype(state.dtype)}")
+        rows = state.shape[0]
+        if state_indices is not None and rows < 1:
+            raise ValueError(f"state (the pool) must have at least one row, got shape {tuple(state.shape)}")
+    slots = p.T if every == 1 else (p.T // every if every else 0)
+    return Serving(N, cu_seqlens is not None, state_indices is not None, rows, every, slots)
+
+
+def check_serving_values(p: Problem, s: Serving, cu_seqlens, state_indices) -> None:
+    """Checks on the values of cu_seqlens and state_indices. Reads both to the host: a sync."""
+    if cu_seqlens is not None:
+        cu = np.array(cu_seqlens)
+        if cu[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {int(cu[0])}")
+        if (np.diff(cu) < 0).any():
+            at = int(np.argmax(np.diff(cu) < 0))
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {int(cu[at])} then {int(cu[at + 1])} at {at}")
+        if cu[-1] != p.T:
+            raise ValueError(f"cu_seqlens must end at T = {p.T} (q.shape[1]), got {int(cu[-1])}")
+    if state_indices is not None:
+        idx = np.array(state_indices)
+        if (idx >= s.rows).any():
+            raise ValueError(
+                f"state_indices must be < the pool's {s.rows} rows (negative: a padding slot), got {int(idx.max())}"
+            )
+        live = idx[idx >= 0]
+        if len(np.unique(live)) != len(live):
+            vals, counts = np.unique(live, return_counts=True)
+            raise ValueError(
+                f"state_indices must not repeat a row (two sequences would write one row), got {int(vals[counts > 1][0])} "
+                f"{int(counts[counts > 1][0])} times"
+            )

@@ -253,3 +253,18 @@ def test_chunked_ops_contender_states_its_float32_bound():
 
     (c,) = [c for c in discover() if c.route == ("ops", "chunked") and c.gating == "fused"]
     assert c.meta["tolerance"] == {"float32": float32_tolerance()}
+
+
+def test_serving_mode_tiny(tmp_path):
+    """--serving: a pooled decode step at two pool sizes and packed prefills, each checked
+    against plain per-sequence calls before it is timed."""
+    out = tmp_path / "serving.json"
+    rec = cli.main(["--serving", "--quick", "--batch", "3", "--pools", "4,64", "--packs", "5+0+1,9+3",
+                    "--dims", "1,2,32,16", "--budget", "0.01", "--json", str(out)], console=_quiet())
+    rows = rec["results"]
+    decode = [r for r in rows if r["mode"] == "decode"]
+    prefill = [r for r in rows if r["mode"] == "prefill"]
+    assert {r["S"] for r in decode} == {4, 64} and {tuple(r["lens"]) for r in prefill} == {(5, 0, 1), (9, 3)}
+    assert {r["contender"] for r in decode} >= {"mlx_gdn state_indices", "mlx_gdn gather+call+scatter"}
+    assert all(r["rel_err"] < 1e-4 and r["median_ms"] > 0 and r["reps"] >= 3 for r in rows), rows
+    assert json.loads(out.read_text())["schema"] == "mlx-gdn-bench-serving/1"

@@ -187,3 +187,31 @@ def test_mlx_lm_model_calls(model):
         y_lm = mx.where(m[:, :, None, None], y_lm, 0.0).astype(y.dtype)
         ey, es = rel_error(y, y_lm), rel_error(s, s_lm)
         assert ey < 2e-2 and es < 2e-2, f"{model} T={T}: y {ey:.2e}, state {es:.2e}, seed={seed + T}"
+# Serving calls (cu_seqlens, state pools, per-step states) on the recurrent kernels, at a real
+# layer's head sizes; cases and reference shared with tests/test_serving.py.
+from serving_cases import BF16 as _BF16, Case as _Case, check_call as _check_call  # noqa: E402
+from serving_cases import make_call as _make_call, run_call as _run_call  # noqa: E402
+
+SERVING = [
+    _Case(lens=None, B=64, T=1, Hk=16, Hv=32, Dk=128, Dv=128, dtype=_BF16, pool=160, fused=True),
+    _Case(lens=None, B=8, T=5, Hk=2, Hv=4, Dk=128, Dv=128, pool=16, every=1, masked=True),
+    _Case(lens=(300, 0, 1, 77), Hk=2, Hv=4, Dk=128, Dv=128, dtype=_BF16, pool=8, every=64),
+    _Case(lens=(33, 64, 2), Hk=2, Hv=4, Dk=128, Dv=128, gate="key", every=1, masked=True),
+    _Case(lens=(1000, 24), Hk=2, Hv=4, Dk=128, Dv=128, fused=True),
+    _Case(lens=(700, 0, 130, 1), Hk=2, Hv=4, Dk=128, Dv=128, dtype=_BF16, pool=6, masked=True),
+]
+
+
+@pytest.mark.parametrize("algorithm", ["recurrent", "chunked"])
+@pytest.mark.parametrize("case", SERVING, ids=[c.label() for c in SERVING])
+def test_serving(case, algorithm, monkeypatch):
+    from mlx_gdn.ops import backend as ops_backend
+
+    def refuse(*a, **k):
+        raise AssertionError("the ops backend ran a serving call meant for CUDA")
+
+    monkeypatch.setattr(ops_backend, "run_serving", refuse)
+    monkeypatch.setattr(ops_backend, "run", refuse)
+    seed = fresh_seed()
+    c = _make_call(case, seed)
+    _check_call(c, _run_call(c, "cuda", algorithm), f"seed {seed}, {case.label()}, cuda {algorithm}")

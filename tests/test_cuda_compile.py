@@ -24,7 +24,7 @@ from mlx_gdn import launch
 from mlx_gdn.cuda import chunked as cuda_chunked
 from mlx_gdn.cuda import kernel as cuda
 from mlx_gdn.launch import compact
-from mlx_gdn.validate import Problem
+from mlx_gdn.validate import Problem, Serving
 
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
@@ -86,7 +86,43 @@ def _recurrent_tu() -> str:
             parts.append(cuda.kernel_text(f"custom_kernel_{spec.name}_{i}", header, compact(spec.source()), inputs, outputs,
                                           list(spec.template)))
             i += 1
+    parts += _serving_variants(i)
     return "".join(parts)
+
+
+# Serving variants of the recurrent bodies (GDN_POOL, GDN_VARLEN, GDN_STEPS):
+# (path, fused, key gate, masked, pooled, packed, every)
+SERVING = [
+    ("decode", False, False, False, True, False, 0),
+    ("decode", True, False, True, True, False, 0),
+    ("prefill", False, True, True, True, True, 1),
+    ("prefill", True, False, False, False, True, 64),
+    ("prefill", False, False, True, True, False, 16),
+    ("prefill", True, False, True, True, True, 0),
+]
+
+
+def _serving_variants(i0: int) -> list:
+    parts = []
+    for i, (path, fused, key, masked, pooled, packed, every) in enumerate(SERVING, start=i0):
+        Dk, Dv = DIMS[i % len(DIMS)]
+        dt = DTYPES[i % len(DTYPES)]
+        T = 1 if path == "decode" else 256
+        B = 1 if packed else 2
+        p = Problem(B, T, 2, 4, Dk, Dv, dt, "key" if key else "scalar", masked, fused)
+        N = 3 if packed else B
+        s = Serving(N, packed, pooled, 8 if pooled else N, every, (T if every == 1 else T // every) if every else 0)
+        spec = launch.recurrent_spec(p, path=path, vec4=path == "decode", serve=s)
+        ndim = {"q": 4, "k": 4, "v": 4, "state_in": 4, "mask": 2, "g": 4 if key else 3, "beta": 3, "a": 3, "b": 3,
+                "A_log": 1, "dt_bias": 1, "state_idx": 1, "cu_seqlens": 1}
+        dtypes = {"state_in": mx.float32, "mask": mx.bool_, "A_log": mx.float32, "dt_bias": mx.float32,
+                  "beta": mx.float32, "state_idx": mx.int32, "cu_seqlens": mx.int32}
+        inputs = [(n, dtypes.get(n, dt), ndim[n]) for n in spec.input_names]
+        outputs = list(zip(spec.output_names, spec.output_dtypes))
+        header = _undefine(spec) + compact(spec.header())
+        parts.append(cuda.kernel_text(f"custom_kernel_{spec.name}_{i}", header, compact(spec.source()), inputs, outputs,
+                                      list(spec.template)))
+    return parts
 
 
 def _chunked_tu() -> str:

@@ -23,6 +23,7 @@ def _env():
     ("fused_vs_precomputed.py", ["--tokens", "5", "--reps", "2", "--batch", "2"]),
     ("fused_vs_precomputed.py", ["--tokens", "3", "--reps", "1", "--dtype", "float32"]),
     ("simulate_metal_kernel.py", ["--rows", "3", "--cols", "70"]),
+    ("serve_pool.py", ["--quiet"]),
 ])
 def test_script(script, args):
     p = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=EXAMPLES, env=_env(),

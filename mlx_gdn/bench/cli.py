@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
                     "a float64 reference first. Defaults depend on the device (CPU or GPU).",
     )
     p.add_argument("--quick", action="store_true", help="a small sweep (under two minutes on a 2-core CPU)")
+    p.add_argument("--serving", action="store_true",
+                   help="the serving benchmark instead (pooled decode step, packed prefill; see mlx_gdn.bench.serving)")
     p.add_argument("--preset", action="append", choices=[*PRESETS, "all"], help="layer shape (repeatable), (Hk, Hv, Dk, Dv): " + "; ".join(f"{n} {d}" for n, d in PRESETS.items()))
     p.add_argument("--hk", type=int, help="key heads (free shape)")
     p.add_argument("--hv", type=int, help="value heads (free shape)")
@@ -74,6 +76,10 @@ def _select(found: List[Contender], patterns: Optional[List[str]]) -> List[Conte
 def main(argv: Optional[List[str]] = None, extra_contenders: Optional[List[Contender]] = None,
          console: Optional[Console] = None) -> dict:
     """Run the CLI; returns the record that --json writes (empty for --list / --compare)."""
+    if "--serving" in (sys.argv[1:] if argv is None else argv):
+        from .serving import main as serving_main
+
+        return serving_main(sys.argv[1:] if argv is None else argv, console)
     args = parser().parse_args(argv)
     # A pipe gets a wide table rather than rich's 80 columns.
     console = console or Console(width=None if sys.stdout.isatty() else 160)

@@ -48,3 +48,19 @@ def run(p: Problem, q, k, v, state, mask, *, algorithm, g=None, beta=None, gatin
     from .recurrent import recurrent_rule
 
     return recurrent_rule(q, k, v, g, beta, state, mask)
+
+
+def serving_algorithm(p: Problem, s, algorithm: str) -> str:
+    """Every serving call, with the algorithm asked for (`ops.serving` says how)."""
+    return algorithm
+
+
+def run_serving(p: Problem, s, q, k, v, state, mask, cu_seqlens, state_indices, *, algorithm, g=None, beta=None,
+                gating=None):
+    """(y, final states [N,Hv,Dv,Dk], states or None) of a serving call in MLX ops."""
+    from .serving import gather_rows, run_serving as run
+
+    if gating is not None:
+        g, beta = gating.compute()
+    init = gather_rows(state, state_indices) if s.pooled else state
+    return run(p, s, q, k, v, g, beta, init, mask, cu_seqlens, algorithm=algorithm)

@@ -33,6 +33,11 @@ def chunk_len() -> int:
     return CHUNK["gpu" if mx.default_device().type == mx.gpu else "cpu"]
 
 
+def chunk_size(T: int) -> int:
+    """Steps per chunk `chunked_rule` uses for T tokens on the default device."""
+    return _chunk_size(T)
+
+
 def _chunk_size(T: int) -> int:
     """Power of two: chunk_len(), or less for short inputs so padding stays small."""
     c, full = 1, chunk_len()
@@ -194,8 +199,14 @@ def chunked_rule(
     beta: mx.array,
     state: mx.array,
     mask: Optional[mx.array] = None,
-) -> Tuple[mx.array, mx.array]:
+    *,
+    every: int = 0,
+):
     """Gated delta rule in chunks of up to chunk_len() steps; same contract as `recurrent_rule`.
+
+    every: 0, or a multiple of `chunk_size(T)`: then a third value, the states after tokens
+    every, 2 every, ... [B, T // every, Hv, Dv, Dk] float32 (the chunk-end states the state
+    pass forms anyway).
 
     q, k: [B,T,Hk,Dk]; v: [B,T,Hv,Dv]; g: [B,T,Hv] or [B,T,Hv,Dk] in [0, 1]; beta: [B,T,Hv];
     state: [B,Hv,Dv,Dk] float32; mask: [B,T] bool/int or None (a masked step leaves the state
@@ -240,12 +251,19 @@ def chunked_rule(
     # Split once rather than index per chunk: the gradient of each index is a full-size
     # scatter, which would make the backward pass quadratic in the number of chunks.
     parts = [[p.squeeze(3) for p in mx.split(x, N, axis=3)] for x in (WQ, Uv, Yv, Kd, gam_c)]
-    ys = []
+    if every and every % C:
+        raise ValueError(f"every must be a multiple of the chunk length {C}, got {every}")
+    ys, kept = [], []
     for n in range(N):
         y, S = _pass_c(S, *(p[n] for p in parts))
         ys.append(y)
+        if every and ((n + 1) * C) % every == 0 and (n + 1) * C <= T:
+            kept.append(S.reshape(B, Hv, Dv, Dk))
     y = mx.stack(ys, axis=3)  # [B,Hk,R,N,C,Dv]
     y = y.transpose(0, 3, 4, 1, 2, 5).reshape(B, N * C, Hv, Dv)[:, :T]
     if mask is not None:
         y = mx.where(m[:, :, None, None], y, 0.0)
-    return y.astype(out_dtype), S.reshape(B, Hv, Dv, Dk)
+    if not every:
+        return y.astype(out_dtype), S.reshape(B, Hv, Dv, Dk)
+    states = mx.stack(kept, axis=1) if kept else mx.zeros((B, 0, Hv, Dv, Dk), f32)
+    return y.astype(out_dtype), S.reshape(B, Hv, Dv, Dk), states

@@ -49,6 +49,16 @@ def recurrent_rule(
     state: [B,Hv,Dv,Dk] float32; mask: [B,T] or None.
     Returns y [B,T,Hv,Dv] in q's dtype and the new float32 state.
     """
+    y, state, _ = recurrent_rule_states(q, k, v, g, beta, state, mask, every=0)
+    return y, state
+
+
+def recurrent_rule_states(q, k, v, g, beta, state, mask=None, *, every: int = 1):
+    """`recurrent_rule` that also returns the states after tokens every, 2 every, ...
+
+    Returns (y, state, states): states [B, T // every, Hv, Dv, Dk] float32 (None when every is 0).
+    A masked step's state is the one before it.
+    """
     B, T, Hk, _ = q.shape
     Hv = v.shape[2]
     out_dtype = q.dtype
@@ -64,10 +74,15 @@ def recurrent_rule(
     # scatter a full-size gradient per step (quadratic in T).
     steps = [_steps(x, T) for x in (q, k, v, g, beta)]
     masks = _steps(mask, T) if mask is not None else [None] * T
-    ys = []
+    ys, kept = [], []
     for t in range(T):
         q_t, k_t, v_t, g_t, beta_t = (s[t] for s in steps)
         y, state = _step_compiled(state, q_t, k_t, v_t, g_t, beta_t, masks[t])
         ys.append(y)
+        if every and (t + 1) % every == 0:
+            kept.append(state)
     y = mx.stack(ys, axis=1) if ys else mx.zeros((B, 0, Hv, v.shape[3]), f32)
-    return y.astype(out_dtype), state
+    states = None
+    if every:
+        states = mx.stack(kept, axis=1) if kept else mx.zeros((B, 0) + tuple(state.shape[1:]), f32)
+    return y.astype(out_dtype), state, states

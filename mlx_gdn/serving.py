@@ -1,0 +1,148 @@
+"""Serving calls: packed sequences (cu_seqlens), state pools (state_indices) and per-step
+states (return_states), planned, run on a backend and written back into the pool.
+
+Layouts (also in `mlx_gdn.gated_delta_rule`'s docstring):
+- states with return_states="steps": [B, T, Hv, Dv, Dk], the state after each token; with
+  cu_seqlens, index t is the state after packed token t (its own sequence's state).
+- states with return_states=C: [B, T // C, Hv, Dv, Dk], the states after tokens C, 2C, ... With
+  cu_seqlens, boundaries are counted within each sequence: sequence n has len_n // C of them, in
+  slots `boundary_offsets(cu_seqlens, C)[n]` onwards; the slots past the last sequence's are zero.
+- pool write-back: a scatter of the N final states into rows state_indices (negative: dropped).
+
+Which path runs (each backend's `serving_algorithm`): on Metal and CUDA, packed sequences
+without return_states under algorithm "chunked" (asked for, or chosen by "auto" from the total
+T) run one plain call per sequence (`run_per_sequence`: the chunked kernels for long sequences,
+initial rows gathered from the pool, N of them); every other serving call is one launch of the
+recurrent kernels, which read pool rows in place. The ops backend runs everything in MLX ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import mlx.core as mx
+import numpy as np
+
+from . import backends
+from .validate import check_serving, check_serving_values, serving_key
+
+
+def boundary_offsets(cu_seqlens, C: int) -> np.ndarray:
+    """int64 [N + 1]: sequence n's boundary states (return_states=C with cu_seqlens) are slots
+    off[n] .. off[n + 1] - 1 of the returned states. Reads cu_seqlens to the host."""
+    lens = np.diff(np.asarray(cu_seqlens, dtype=np.int64))
+    return np.concatenate([[0], np.cumsum(lens // int(C))])
+
+
+def plan(backend, algorithm, base_key, check_base, state, cu_seqlens, state_indices, return_states):
+    """(problem, serving options, backend module, algorithm) of a serving call, remembered per
+    signature like `backends.plan`. base_key / check_base: the plain call's key and check, both
+    made with state=None (the state's leading size depends on the serving arguments)."""
+    skey = serving_key(state, cu_seqlens, state_indices, return_states)
+    key = None if base_key is None or skey is None else ("serving", base_key, skey, backend, algorithm,
+                                                          tuple(backends.CHUNKED_FROM_T.items()))
+
+    def make():
+        p = check_base()
+        s = check_serving(p, state, cu_seqlens, state_indices, return_states)
+        return (p, s) + backends.resolve_serving(backend, algorithm, p, s)
+
+    return make() if key is None else backends.remembered(key, make)
+
+
+def write_back(pool: mx.array, state_indices: mx.array, final: mx.array) -> mx.array:
+    """pool with rows state_indices[n] replaced by final[n]; negative indices write nothing.
+
+    One scatter of N rows. MLX runs a scatter in place only when nothing else holds the pool's
+    buffer when the scatter is launched, and a read of the pool still pending in the same graph
+    (the kernel's, or a gather) holds it: the scatter then copies all S rows, a cost that grows
+    with the pool (measured: bench/NOTES.md, "Serving"). So the rows and values are evaluated
+    first (the kernel runs now: one wait per call), and the scatter left lazy runs in place once
+    the caller has rebound its name to the result (``y, pool = f(..., state=pool)``). Under a
+    function transformation (mx.compile), where nothing can be evaluated, the scatter stays lazy
+    and copies.
+
+    A padding slot writes the value another writer of the same row writes (the first live
+    sequence's row and final state, or row 0's own value when every slot is padding), so
+    duplicate indices in the scatter always carry equal values and need no host-side filtering.
+    """
+    live = state_indices >= 0
+    first = mx.argmax(live)  # first live sequence (0 when none)
+    first_row = state_indices[first]
+    any_live = first_row >= 0
+    fallback_row = mx.maximum(first_row, 0)
+    fallback = mx.where(any_live, final[first], pool[fallback_row])
+    rows = mx.where(live, state_indices, fallback_row).reshape(-1, 1, 1, 1)
+    vals = mx.where(live[:, None, None, None], final, fallback[None])
+    try:
+        mx.eval(rows, vals)
+    except ValueError:  # inside mx.compile / grad: evaluation is not allowed there
+        pass
+    return mx.put_along_axis(pool, rows, vals, axis=0)
+
+
+# The algorithm name a backend's `serving_algorithm` gives for packed sequences it runs one plain
+# call each (its chunked kernels for the long ones), see `run_per_sequence`.
+PER_SEQUENCE = "per-sequence"
+
+
+def _slice_gates(gates: dict, sl: slice) -> dict:
+    """The gate inputs of tokens `sl` (g/beta, or a FusedGating's a/b)."""
+    from .gating import FusedGating
+
+    gating = gates.get("gating")
+    if gating is not None:
+        return dict(gating=FusedGating(gating.a[:, sl], gating.b[:, sl], gating.A_log, gating.dt_bias,
+                                       gating.lower_bound, gating.allow_neg_eigval))
+    return dict(g=gates["g"][:, sl], beta=gates["beta"][:, sl])
+
+
+def run_per_sequence(mod, p, s, q, k, v, init, mask, cu_seqlens, **gates):
+    """(y, final states [N, ...]) of packed sequences, one plain call of backend `mod` each (its
+    chunked kernels from the backend's crossover length on, or for any length where the table has
+    none: then "chunked" was asked for). Reads cu_seqlens to the host; init: [N, Hv, Dv, Dk]."""
+    cu = np.array(cu_seqlens).tolist()
+    t0 = backends.CHUNKED_FROM_T.get(mod.name)
+    ys, finals = [], []
+    for n in range(s.N):
+        a, b = cu[n], cu[n + 1]
+        if a == b:
+            finals.append(init[n : n + 1])
+            continue
+        pn = dataclasses.replace(p, B=1, T=b - a)
+        want = "chunked" if t0 is None or pn.T >= t0 else "recurrent"
+        mod_n, algo = backends.resolve(mod.name, want if mod.supports(pn, want) else "recurrent", pn)
+        sl = slice(a, b)
+        y, fin = mod_n.run(pn, q[:, sl], k[:, sl], v[:, sl], init[n : n + 1], None if mask is None else mask[:, sl],
+                           algorithm=algo, **_slice_gates(gates, sl))
+        ys.append(y)
+        finals.append(fin)
+    y = mx.concatenate(ys, axis=1) if ys else mx.zeros((1, 0, p.Hv, p.Dv), p.dtype)
+    return y, mx.concatenate(finals, axis=0)
+
+
+def run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values: bool, **gates):
+    """(y, state) or (y, state, states) of a planned serving call; see the module docstring."""
+    p, s, mod, algo = planned
+    if check_values:
+        check_serving_values(p, s, cu_seqlens, state_indices)
+    init = state if state is not None else mx.zeros((s.N, p.Hv, p.Dv, p.Dk), dtype=mx.float32)
+    if p.T == 0:
+        y = mx.zeros((p.B, 0, p.Hv, p.Dv), dtype=p.dtype)
+        final = None if s.pooled else init
+        states = mx.zeros((p.B, 0, p.Hv, p.Dv, p.Dk), dtype=mx.float32)
+    elif algo == PER_SEQUENCE:
+        from .ops.serving import gather_rows
+
+        rows = gather_rows(init, state_indices) if s.pooled else init
+        y, final = run_per_sequence(mod, p, s, q, k, v, rows, mask, cu_seqlens, **gates)
+        states = None
+    else:
+        y, final, states = mod.run_serving(p, s, q, k, v, init, mask, cu_seqlens, state_indices, algorithm=algo,
+                                           **gates)
+    if s.pooled:
+        new_state = state if final is None else write_back(state, state_indices, final)
+    else:
+        new_state = final
+    return (y, new_state, states) if s.every else (y, new_state)
+

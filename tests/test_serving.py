@@ -1,0 +1,291 @@
+"""Serving arguments (cu_seqlens, state_indices, return_states) on the ops path and the Metal
+kernels (simulator), against the float64 reference run sequence by sequence; bad input."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from serving_cases import BF16, Case, check_call, make_call, run_call
+
+import mlx_gdn
+from mlx_gdn import backends, serving
+from mlx_gdn.ops import backend as ops_backend
+from mlx_gdn.testing import fresh_seed, random_inputs
+
+sim = pytest.importorskip("mlx_gdn.sim")
+
+# Packed lengths mix empty and one-token sequences with ones crossing the CPU chunk length (32)
+# and the prefill body's staged blocks.
+CASES = [
+    Case(lens=(5, 0, 1, 13), masked=True, every=1),
+    Case(lens=(0, 40, 1, 3), Hk=2, Hv=4, dtype=BF16, every=4),
+    Case(lens=(7, 9), gate="key", pool=5, every=2),
+    Case(lens=(3, 1, 0, 6), pool=9, masked=True),
+    Case(lens=(2, 4), Dk=64, Dv=32, with_state=False),
+    Case(lens=None, B=3, T=1, pool=7),
+    Case(lens=None, B=4, T=3, Hk=2, Hv=4, dtype=BF16, pool=6, masked=True),
+    Case(lens=None, B=2, T=6, gate="key", every=1, masked=True),
+    Case(lens=None, B=2, T=9, pool=3, every=3, dtype=BF16),
+    Case(lens=(4, 1, 6), pool=4, fused=True, every=1),
+    Case(lens=None, B=3, T=1, fused=True, pool=5, dtype=BF16),
+]
+IDS = [c.label() for c in CASES]
+
+
+@pytest.fixture
+def no_ops(monkeypatch):
+    """Fail if a call meant for the kernels falls back to the ops backend."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the ops backend ran where a Metal kernel should have")
+
+    monkeypatch.setattr(ops_backend, "run_serving", refuse)
+    monkeypatch.setattr(ops_backend, "run", refuse)
+
+
+@pytest.mark.parametrize("algorithm", ["recurrent", "chunked"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_ops_matches_reference(case, algorithm):
+    seed = fresh_seed()
+    c = make_call(case, seed)
+    check_call(c, run_call(c, "ops", algorithm), f"seed {seed}, {case.label()}, ops {algorithm}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_metal_matches_reference(case, no_ops):
+    seed = fresh_seed()
+    c = make_call(case, seed)
+    with sim.simulated_metal():
+        out = run_call(c, "metal", "recurrent")
+    check_call(c, out, f"seed {seed}, {case.label()}, metal")
+
+
+def test_metal_chunked_request_runs_recurrent_kernel(no_ops):
+    """algorithm="chunked" with serving arguments runs the recurrent kernel on Metal (the
+    chunked kernels take no pools, packed sequences or per-step states)."""
+    seed = fresh_seed()
+    c = make_call(Case(lens=(9, 2), pool=3, every=1), seed)
+    with sim.simulated_metal():
+        out = run_call(c, "metal", "chunked")
+    check_call(c, out, f"seed {seed}, metal chunked")
+
+
+def test_ops_chunk_states_come_from_chunk_ends(monkeypatch):
+    """return_states=C, a multiple of the chunk length, takes the chunked form's chunk-end
+    states: the recurrent loop must not run."""
+    from mlx_gdn.ops import serving as ops_serving
+
+    def refuse(*a, **k):
+        raise AssertionError("the recurrent loop ran")
+
+    monkeypatch.setattr(ops_serving, "recurrent_rule_states", refuse)
+    seed = fresh_seed()
+    c = make_call(Case(lens=(70, 64, 3), every=32, pool=4), seed)
+    # A length-3 sequence's chunk is 4 long and 32 is a multiple of it.
+    check_call(c, run_call(c, "ops", "chunked"), f"seed {seed}")
+
+
+def test_every_slot_padding_leaves_pool_alone():
+    seed = fresh_seed()
+    c = make_call(Case(lens=None, B=3, T=2, pool=5), seed)
+    c.idx = mx.array([-1, -1, -2], dtype=mx.int32)
+    for backend in ("ops", "metal"):
+        with sim.simulated_metal():
+            y, pool = run_call(c, backend)
+        assert np.array_equal(np.array(pool), np.array(c.state)), f"seed {seed}: {backend}"
+        check_call(c, (y, pool), f"seed {seed}, {backend}")
+
+
+def test_zero_tokens():
+    """T = 0: nothing runs; the states come back as they went in."""
+    seed = fresh_seed()
+    c = make_call(Case(lens=(0, 0), pool=3, every=1), seed)
+    y, pool, states = run_call(c, "ops")
+    assert y.shape == (1, 0, 2, 16) and states.shape == (1, 0, 2, 16, 32)
+    assert np.array_equal(np.array(pool), np.array(c.state))
+
+
+def test_check_values_false_skips_the_host_read(monkeypatch):
+    called = []
+    monkeypatch.setattr(serving, "check_serving_values", lambda *a: called.append(1))
+    seed = fresh_seed()
+    c = make_call(Case(lens=None, B=2, T=1, pool=4), seed)
+    run_call(c, "ops", check_values=False)
+    assert not called
+    run_call(c, "ops", check_values=True)
+    assert called
+
+
+def test_pool_update_in_place_cost_independent_of_pool_size():
+    """The write-back is one scatter of N rows: with the caller's reference dropped, MLX updates
+    the pool in place (the result shares the pool's buffer)."""
+    x = random_inputs(4, 1, 1, 2, 32, 16, seed=fresh_seed())
+    pool = mx.zeros((64, 2, 16, 32))
+    mx.eval(pool)
+    idx = mx.array([5, 1, -1, 9], dtype=mx.int32)
+    y, pool2 = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, pool, state_indices=idx, backend="ops",
+                                        check_values=False)
+    del pool
+    mx.eval(pool2)
+    # Not a timing (the machine is shared): the pool is written, other rows stay zero.
+    rows = np.abs(np.array(pool2)).sum(axis=(1, 2, 3))
+    assert (rows[[5, 1, 9]] > 0).all() and (np.delete(rows, [5, 1, 9]) == 0).all()
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+
+def _bad(kind):
+    x = random_inputs(1, 6, 1, 2, 32, 16, seed=0)
+    cu = mx.array([0, 2, 6], dtype=mx.int32)
+    st = mx.zeros((2, 2, 16, 32))
+    pool = mx.zeros((4, 2, 16, 32))
+    kw = dict(cu_seqlens=cu, state=st)
+    if kind == "cu_float":
+        kw["cu_seqlens"] = cu.astype(mx.float32)
+    elif kind == "cu_2d":
+        kw["cu_seqlens"] = cu.reshape(1, 3)
+    elif kind == "cu_start":
+        kw["cu_seqlens"] = mx.array([1, 2, 6], dtype=mx.int32)
+    elif kind == "cu_decreasing":
+        kw["cu_seqlens"] = mx.array([0, 4, 3, 6], dtype=mx.int32)
+        kw["state"] = mx.zeros((3, 2, 16, 32))
+    elif kind == "cu_end":
+        kw["cu_seqlens"] = mx.array([0, 2, 5], dtype=mx.int32)
+    elif kind == "cu_batch":
+        x = random_inputs(2, 6, 1, 2, 32, 16, seed=0)
+    elif kind == "cu_list":
+        kw["cu_seqlens"] = [0, 2, 6]
+    elif kind == "state_rows":
+        kw["state"] = mx.zeros((3, 2, 16, 32))
+    elif kind == "state_shape":
+        kw["state"] = mx.zeros((2, 2, 16, 16))
+    elif kind == "state_dtype":
+        kw["state"] = st.astype(mx.bfloat16)
+    elif kind == "idx_len":
+        kw.update(state=pool, state_indices=mx.array([0, 1, 2], dtype=mx.int32))
+    elif kind == "idx_dtype":
+        kw.update(state=pool, state_indices=mx.array([0, 1], dtype=mx.int64))
+    elif kind == "idx_range":
+        kw.update(state=pool, state_indices=mx.array([0, 4], dtype=mx.int32))
+    elif kind == "idx_repeat":
+        kw.update(state=pool, state_indices=mx.array([2, 2], dtype=mx.int32))
+    elif kind == "idx_no_pool":
+        kw.update(state=None, state_indices=mx.array([0, 1], dtype=mx.int32))
+    elif kind == "rs_word":
+        kw["return_states"] = "all"
+    elif kind == "rs_zero":
+        kw["return_states"] = 0
+    elif kind == "rs_bool":
+        kw["return_states"] = True
+    elif kind == "rs_float":
+        kw["return_states"] = 2.0
+    elif kind == "rs_chunked_metal_unavailable":
+        kw.update(return_states=2, backend="metal")
+    return x, kw
+
+
+BAD = {
+    "cu_float": (TypeError, "cu_seqlens"), "cu_2d": (ValueError, "cu_seqlens"), "cu_start": (ValueError, "cu_seqlens"),
+    "cu_decreasing": (ValueError, "cu_seqlens"), "cu_end": (ValueError, "cu_seqlens"),
+    "cu_batch": (ValueError, "cu_seqlens"), "cu_list": (TypeError, "cu_seqlens"),
+    "state_rows": (ValueError, "state"), "state_shape": (ValueError, "state"), "state_dtype": (TypeError, "state"),
+    "idx_len": (ValueError, "state_indices"), "idx_dtype": (TypeError, "state_indices"),
+    "idx_range": (ValueError, "state_indices"), "idx_repeat": (ValueError, "state_indices"),
+    "idx_no_pool": (ValueError, "state_indices"), "rs_word": (ValueError, "return_states"),
+    "rs_zero": (ValueError, "return_states"), "rs_bool": (TypeError, "return_states"),
+    "rs_float": (TypeError, "return_states"), "rs_chunked_metal_unavailable": (ValueError, "backend"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+@pytest.mark.parametrize("fn", ["rule", "update"])
+def test_bad_input_raises_before_launch(kind, fn, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("ran before the check")
+
+    for name in ("ops", "metal", "cuda"):
+        mod = backends.module(name)
+        if mod is not None and hasattr(mod, "run_serving"):
+            monkeypatch.setattr(mod, "run_serving", refuse)
+    x, kw = _bad(kind)
+    err, word = BAD[kind]
+    state = kw.pop("state")
+    with pytest.raises(err, match=word):
+        if fn == "rule":
+            mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, state, **kw)
+        else:
+            mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, state, **kw)
+
+
+@pytest.mark.parametrize("Dk", [32, 64])
+def test_metal_pool_decode_columns_in_fours(Dk, no_ops, monkeypatch):
+    """The decode body's grouped-column layout (CUDA's 16-byte state moves) with a pool."""
+    from mlx_gdn.metal import backend as metal
+
+    monkeypatch.setattr(metal, "DECODE_VEC4", True)
+    seed = fresh_seed()
+    c = make_call(Case(lens=None, B=3, T=2, Dk=Dk, Dv=8, pool=6, masked=True), seed)
+    with sim.simulated_metal():
+        out = run_call(c, "metal", "recurrent")
+    check_call(c, out, f"seed {seed}, Dk {Dk}")
+
+
+@pytest.mark.parametrize("case", [
+    Case(lens=(70, 0, 1, 9), pool=6, masked=True),
+    Case(lens=(33, 4), Hk=2, Hv=4, fused=True, dtype=BF16),
+    Case(lens=(20, 3), gate="key"),
+], ids=lambda c: c.label())
+def test_metal_packed_chunked_runs_per_sequence(case, no_ops, monkeypatch):
+    """Packed sequences without return_states under "chunked": one plain call per sequence on the
+    Metal kernels (chunked where they take the sequence), the pool's rows gathered and written back."""
+    from mlx_gdn.metal import backend as metal
+
+    algos = []
+    real_run = metal.run
+    monkeypatch.setattr(metal, "run", lambda *a, **k: algos.append(k["algorithm"]) or real_run(*a, **k))
+    seed = fresh_seed()
+    c = make_call(case, seed)
+    with sim.simulated_metal():
+        out = run_call(c, "metal", "chunked")
+    check_call(c, out, f"seed {seed}, {case.label()}")
+    expected = ["recurrent" if case.gate == "key" else "chunked"] * sum(n > 0 for n in case.lens)
+    assert algos == expected, algos
+
+
+def test_boundary_offsets_index_each_sequences_states():
+    """return_states=C with cu_seqlens: sequence n's states are slots off[n] .. off[n+1] - 1, equal
+    to the states of the same sequence run alone."""
+    seed = fresh_seed()
+    case = Case(lens=(9, 2, 0, 7), every=3)
+    c = make_call(case, seed)
+    _, _, states = run_call(c, "ops")
+    off = serving.boundary_offsets(c.cu, 3)
+    assert off.tolist() == [0, 3, 3, 3, 5], off
+    cu = np.array(c.cu)
+    x = c.x
+    for n in range(case.N):
+        a, b = int(cu[n]), int(cu[n + 1])
+        _, _, alone = mlx_gdn.gated_delta_rule(x.q[:, a:b], x.k[:, a:b], x.v[:, a:b], x.g[:, a:b], x.beta[:, a:b],
+                                               c.state[n : n + 1], return_states=3, backend="ops")
+        got = np.array(states[0, int(off[n]) : int(off[n + 1])])
+        assert np.allclose(got, np.array(alone[0]), rtol=1e-6, atol=1e-7), f"seed {seed}, sequence {n}"
+    assert not np.array(states[0, 5:]).any()
+
+
+def test_pooled_step_under_compile():
+    """Under mx.compile nothing can be evaluated: the write-back stays lazy and the step still
+    returns the same pool."""
+    seed = fresh_seed()
+    c = make_call(Case(lens=None, B=3, T=1, pool=6), seed)
+    x = c.x
+
+    def step(q, pool):
+        return mlx_gdn.gated_delta_rule(q, x.k, x.v, x.g, x.beta, pool, state_indices=c.idx, check_values=False,
+                                        backend="ops")
+
+    y, pool = step(x.q, c.state)
+    yc, poolc = mx.compile(step)(x.q, c.state)
+    assert np.array_equal(np.array(pool), np.array(poolc)) and np.array_equal(np.array(y), np.array(yc)), f"seed {seed}"
+    check_call(c, (yc, poolc), f"seed {seed}, compiled")
