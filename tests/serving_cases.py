@@ -35,6 +35,7 @@ class Case:
     every: int = 0
     fused: bool = False
     with_state: bool = True
+    fused_gate: str = "scalar"  # "key": Kimi's per-key a [B,T,Hv,Dk] and dt_bias [Hv,Dk]
 
     @property
     def N(self) -> int:
@@ -49,6 +50,7 @@ class Case:
         return (f"{shape}-Hk{self.Hk}Hv{self.Hv}Dk{self.Dk}Dv{self.Dv}-{str(self.dtype).split('.')[-1]}-{self.gate}"
                 + ("-mask" if self.masked else "") + (f"-pool{self.pool}" if self.pool else "")
                 + (f"-every{self.every}" if self.every else "") + ("-fused" if self.fused else "")
+                + ("-keygates" if self.fused_gate == "key" else "")
                 + ("" if self.with_state else "-nostate"))
 
 
@@ -68,7 +70,7 @@ def make_call(case: Case, seed: int) -> Call:
     rng = np.random.default_rng(seed + 1)
     B, T = (1, sum(case.lens)) if case.lens is not None else (case.B, case.T)
     x = random_inputs(B, T, case.Hk, case.Hv, case.Dk, case.Dv, dtype=case.dtype, seed=seed, gate=case.gate,
-                      mask=case.masked and T > 0, with_state=False)
+                      mask=case.masked and T > 0, with_state=False, fused_gate=case.fused_gate)
     cu = None
     if case.lens is not None:
         cu = mx.array(np.concatenate([[0], np.cumsum(case.lens)]).astype(np.int32))

@@ -29,6 +29,8 @@ CASES = [
     Case(lens=None, B=2, T=9, pool=3, every=3, dtype=BF16),
     Case(lens=(4, 1, 6), pool=4, fused=True, every=1),
     Case(lens=None, B=3, T=1, fused=True, pool=5, dtype=BF16),
+    Case(lens=(3, 0, 8), gate="key", fused=True, fused_gate="key", pool=4, every=1),
+    Case(lens=None, B=2, T=1, gate="key", fused=True, fused_gate="key", pool=3, masked=True),
 ]
 IDS = [c.label() for c in CASES]
 
