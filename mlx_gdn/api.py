@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from . import backends
+from . import autodiff, backends
 from .gating import FusedGating
 from .validate import check_rule, check_update, rule_key, update_key
 
@@ -18,7 +18,7 @@ def _run(plan, q, k, v, state, mask, **gates):
         state = mx.zeros((p.B, p.Hv, p.Dv, p.Dk), dtype=mx.float32)
     if p.T == 0:
         return mx.zeros((p.B, 0, p.Hv, p.Dv), dtype=p.dtype), state
-    return mod.run(p, q, k, v, state, mask, algorithm=algo, **gates)
+    return autodiff.run(p, mod, algo, q, k, v, state, mask, **gates)
 
 
 def gated_delta_rule(
