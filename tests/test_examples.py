@@ -22,6 +22,7 @@ def _env():
     ("quickstart.py", ["--tokens", "9"]),
     ("fused_vs_precomputed.py", ["--tokens", "5", "--reps", "2", "--batch", "2"]),
     ("fused_vs_precomputed.py", ["--tokens", "3", "--reps", "1", "--dtype", "float32"]),
+    ("finetune_lora.py", ["--steps", "3", "--batch", "2", "--length", "40"]),
 ])
 def test_script(script, args):
     p = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=EXAMPLES, env=_env(),

@@ -88,8 +88,8 @@ class _GatedDeltaBase(nn.Module):
     """Everything between the projections, shared by the Qwen3.5 and Qwen3-Next layouts.
 
     Subclasses define `_project(inputs) -> (qkv [B,S,conv_dim], z [B,S,Hv,Dv], b [B,S,Hv], a [B,S,Hv])`.
-    ``backend`` picks the `gated_delta_update` backend at inference; training always uses "ops"
-    so gradients flow through MLX ops.
+    ``backend`` picks the `gated_delta_update` backend, in training as at inference (every backend
+    has gradients: `mlx_gdn.autodiff`).
     """
 
     def _init_common(self, config, backend: str) -> None:
@@ -180,7 +180,7 @@ class _GatedDeltaBase(nn.Module):
             conv_state = mx.zeros((B, n_keep, self.conv_dim), dtype=qkv.dtype)
         state = cache[1] if cache is not None else None
         lengths = getattr(cache, "lengths", None) if cache is not None else None
-        backend = "ops" if self.training else self.backend
+        backend = self.backend
 
         if S == 1 and not self.training and lengths is None:
             w = self["conv1d"]["weight"]
