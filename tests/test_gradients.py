@@ -250,6 +250,25 @@ def test_gradients_match_ops_autodiff(backend, algorithm, simulator, D, dtype):
         assert err < tol, f"{backend}/{algorithm} {dtype}, seed={seed}: d{n} relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("backend,algorithm,simulator,D", PATHS[:3], ids=[f"{b}-{a}" for b, a, _, _ in PATHS[:3]])
+def test_extreme_gates(backend, algorithm, simulator, D):
+    """Gates of exactly 0, 1e-30 and 1 among ordinary ones: every gradient (dg at g = 0 too, where
+    log g is -inf) equals autodiff through the exact recurrence."""
+    seed = fresh_seed()
+    x = random_inputs(1, 40, 1, 2, *D, seed=seed)
+    g = np.array(x.g)
+    g[0, 3::9], g[0, 5::9], g[0, 7::9] = 0.0, 1e-30, 1.0
+    x.g = mx.array(g)
+    W, V = _weights(x, seed)
+    with _simulator(simulator):
+        got = _grads(_call(x, False, backend, algorithm), x, False, W, V)
+    want = _ops_autodiff(x, W, V)
+    assert float(mx.abs(want["g"][0, 3::9]).max()) > 0
+    for n in RULE_INPUTS:
+        err = reference.rel_error(got[n], want[n])
+        assert err < 1e-4, f"{backend}/{algorithm}, seed={seed}: d{n} relative error {err:.2e}"
+
+
 # --- properties --------------------------------------------------------------------------------
 
 

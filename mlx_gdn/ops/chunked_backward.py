@@ -24,6 +24,9 @@ import mlx.core as mx
 from .chunked import _pass, _pass_c, _to_chunks, from_chunk_layout, intra_chunk, to_chunk_layout
 
 
+_G_FLOOR = 1e-30
+
+
 def _state_adjoint(dS, dy, W, Qe, Kd, gam_c):
     """dS_n from dS_{n+1} for one chunk. dS [B,Hk,R,Dv,Dk]; dy [...,C,Dv]; W, Qe, Kd [...,C,Dk]."""
     dU = Kd @ mx.swapaxes(dS, -1, -2)  # [..., C, Dv]
@@ -63,6 +66,11 @@ def chunked_vjp(
     Hv, Dv = v.shape[2], v.shape[3]
     R = Hv // Hk
     f32 = mx.float32
+    # The chunked form works with log g, whose gradient is lost where g = 0 (log 0 = -inf):
+    # there the backward runs at g = 1e-30 instead (states differ by 1e-30 of their size) and
+    # passes the gradient straight to g. Below that floor dL/dg changes by O(1e-30) only.
+    g = g.astype(f32)
+    g = g + mx.stop_gradient(mx.maximum(g, _G_FLOOR) - g)
     lay = to_chunk_layout(q, k, v, g, beta, mask)
     WQ, Uv, Yv, Kd, gam_c = intra_chunk(lay)
     N = lay.N
