@@ -9,10 +9,11 @@ state per step. Given the cotangents dy, dS_T of (y, S_T):
 2. Their adjoints, from the last chunk back: with a chunk's operands (`ops.chunked._pass`)
    S_{n+1} = gam_C S_n + U^T Kd, U = Uv - W S_n^T and y_n = Yv + Qe S_n^T,
    dS_n = gam_C dS_{n+1} + dy_n^T Qe - (Kd dS_{n+1}^T)^T W.
-3. With every S_n and dS_{n+1} known the chunks are independent: one vector-Jacobian product
-   of the chunk map (q, k, v, g, beta, S_n) -> (y_n, S_{n+1}), batched over all chunks, gives
-   dq, dk, dv, dg, dbeta (MLX autodiff of the chunk-local algebra: the inverse of (I + A),
-   the log-decays, masks and padding, the sum over the value heads sharing a key head).
+3. With every S_n and dS_{n+1} known the chunks are independent: the gradient of
+   <dy, y> + sum_n <dS_{n+1}, S_{n+1}> over all chunks at once, S_n and dS_{n+1} held constant,
+   is dq, dk, dv, dg, dbeta (MLX autodiff of the chunk-local algebra: the inverse of (I + A),
+   the log-decays, masks and padding, the sum over the value heads sharing a key head). The
+   chunk operands are formed once and serve steps 1-3.
 """
 
 from __future__ import annotations
@@ -36,14 +37,6 @@ def _state_adjoint(dS, dy, W, Qe, Kd, gam_c):
 _state_adjoint_c = mx.compile(_state_adjoint)
 
 
-def _chunk_map(q, k, v, g, beta, mask, starts):
-    """Every chunk's (y, end state) from its start state; starts [B,Hk,R,N,Dv,Dk].
-    Returns y [B,T,Hv,Dv] float32 and the end states, shaped as `starts`."""
-    lay = to_chunk_layout(q, k, v, g, beta, mask)
-    Y, ends = _pass(starts, *intra_chunk(lay))
-    return from_chunk_layout(Y, lay), ends
-
-
 def chunked_vjp(
     q: mx.array,
     k: mx.array,
@@ -62,20 +55,35 @@ def chunked_vjp(
     and dtype. Masked steps get zero gradients; key heads shared by several value heads get
     the sum over those heads.
     """
-    B, T, Hk, Dk = q.shape
-    Hv, Dv = v.shape[2], v.shape[3]
-    R = Hv // Hk
     f32 = mx.float32
     # The chunked form works with log g, whose gradient is lost where g = 0 (log 0 = -inf):
     # there the backward runs at g = 1e-30 instead (states differ by 1e-30 of their size) and
     # passes the gradient straight to g. Below that floor dL/dg changes by O(1e-30) only.
-    g = g.astype(f32)
-    g = g + mx.stop_gradient(mx.maximum(g, _G_FLOOR) - g)
+    def floored(g):
+        g = g.astype(f32)
+        return g + mx.stop_gradient(mx.maximum(g, _G_FLOOR) - g)
+
+    def surrogate(q, k, v, g, beta):
+        return _surrogate(q, k, v, floored(g), beta, state, mask, dy, dstate)
+
+    (_, dstate0), grads = mx.value_and_grad(surrogate, argnums=(0, 1, 2, 3, 4))(q, k, v, g, beta)
+    return (*grads, dstate0)
+
+
+def _surrogate(q, k, v, g, beta, state, mask, dy, dstate):
+    """(<dy, y> + sum_n <dS_{n+1}, S_{n+1}>, dS_0), with each chunk's start state S_n and the
+    adjoint dS_{n+1} of its end state held constant: the gradient of the first with respect to
+    q, k, v, g, beta is the VJP. The chunk operands are computed once, shared by the constant
+    state and adjoint passes (through stop_gradient) and the differentiated chunk map."""
+    B, T, Hk, Dk = q.shape
+    Hv, Dv = v.shape[2], v.shape[3]
+    R = Hv // Hk
+    f32 = mx.float32
     lay = to_chunk_layout(q, k, v, g, beta, mask)
-    WQ, Uv, Yv, Kd, gam_c = intra_chunk(lay)
+    ops = intra_chunk(lay)
     N = lay.N
     C = lay.qc.shape[4]
-    parts = [[p.squeeze(3) for p in mx.split(x, N, axis=3)] for x in (WQ, Uv, Yv, Kd, gam_c)]
+    parts = [[p.squeeze(3) for p in mx.split(mx.stop_gradient(x), N, axis=3)] for x in ops]
 
     S = state.astype(f32).reshape(B, Hk, R, Dv, Dk)
     starts = []
@@ -88,9 +96,8 @@ def chunked_vjp(
     dy = dy.astype(f32)
     if mask is not None:
         dy = mx.where(mask.astype(mx.bool_)[:, :, None, None], dy, 0.0)
-    if N * C > T:
-        dy = mx.pad(dy, [(0, 0), (0, N * C - T), (0, 0), (0, 0)])
-    dyc = [p.squeeze(3) for p in mx.split(_to_chunks(dy, B, N, C, Hk, R), N, axis=3)]
+    dyp = mx.pad(dy, [(0, 0), (0, N * C - T), (0, 0), (0, 0)]) if N * C > T else dy
+    dyc = [p.squeeze(3) for p in mx.split(_to_chunks(dyp, B, N, C, Hk, R), N, axis=3)]
 
     dS = dstate.astype(f32).reshape(B, Hk, R, Dv, Dk)
     ends_bar = [None] * N
@@ -98,14 +105,8 @@ def chunked_vjp(
         ends_bar[n] = dS
         wq = parts[0][n]
         dS = _state_adjoint_c(dS, dyc[n], wq[..., :C, :], wq[..., C:, :], parts[3][n], parts[4][n])
-    dstate0 = dS.reshape(B, Hv, Dv, Dk)
 
-    starts = mx.stack(starts, axis=3)
-    ends_bar = mx.stack(ends_bar, axis=3)
-    _, grads = mx.vjp(
-        lambda q, k, v, g, beta, st: _chunk_map(q, k, v, g, beta, mask, st),
-        [q, k, v, g, beta, starts],
-        [dy[:, :T], ends_bar],
-    )
-    dq, dk, dv, dg, dbeta, _ = grads
-    return dq, dk, dv, dg, dbeta, dstate0
+    Y, ends = _pass(mx.stack(starts, axis=3), *ops)
+    y = from_chunk_layout(Y, lay)
+    value = (y * dy).sum() + (ends * mx.stack(ends_bar, axis=3)).sum()
+    return value, dS.reshape(B, Hv, Dv, Dk)
