@@ -393,3 +393,32 @@ def test_tiny_qwen3_5_training_through_the_chosen_backend(backend, simulator, mo
     for name in ref:
         err = reference.rel_error(new[name], ref[name])
         assert err < 1e-4, f"seed={seed}: {name} gradient relative error {err:.2e}"
+
+
+# --- on a real NVIDIA GPU -------------------------------------------------------------------------
+
+
+def _has_cuda() -> bool:
+    from mlx_gdn.cuda.backend import available
+
+    return bool(available()) and mx.default_device().type == mx.gpu and not sim.cuda_active()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("fused", [False, True], ids=["rule", "update"])
+@pytest.mark.parametrize("algorithm", ["recurrent", "chunked"])
+def test_cuda_gradients_match_reference(algorithm, fused, dtype):
+    """The CUDA kernels' forward with the chunked backward, at Qwen3.5's head sizes, several chunks,
+    GQA and masks: directional derivatives against the float64 reference (float32: the ops
+    chunked form's bound on this device, TF32 products included; bfloat16: 2e-2)."""
+    from mlx_gdn.ops.chunked import float32_tolerance
+
+    seed = fresh_seed()
+    x = random_inputs(2, 150, 2, 4, 128, 128, seed=seed, dtype=dtype, mask=True)
+    W, V = _weights(x, seed)
+    _assert_routed(x, fused, "cuda", algorithm)
+    grads = _grads(_call(x, fused, "cuda", algorithm), x, fused, W, V)
+    tol = float32_tolerance() if dtype == mx.float32 else 2e-2
+    check_directional(grads, x, fused, W, V, seed, f"cuda/{algorithm} {dtype}", tol=tol)
