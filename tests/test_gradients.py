@@ -269,6 +269,26 @@ def test_extreme_gates(backend, algorithm, simulator, D):
         assert err < 1e-4, f"{backend}/{algorithm}, seed={seed}: d{n} relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("group", [0, 1, 2, 3])
+@pytest.mark.parametrize("gate", ["scalar", "key"])
+def test_backward_in_groups_of_chunks(group, gate, monkeypatch):
+    """The chunk-local gradients formed for all chunks at once (group 0) or a few chunks at a time
+    (the last group shorter) give the VJP of autodiff through the exact recurrence."""
+    from mlx_gdn.ops import chunked_backward
+    from mlx_gdn.ops.chunked import chunk_len
+
+    seed = fresh_seed()
+    T = 4 * chunk_len() + 22  # five chunks
+    x = random_inputs(2, T, 1, 2, 16, 8, seed=seed, gate=gate, mask=True)
+    W, V = _weights(x, seed)
+    monkeypatch.setattr(chunked_backward, "GROUP", group)
+    got = _grads(_call(x, False, "ops", "recurrent"), x, False, W, V)
+    want = _ops_autodiff(x, W, V)
+    for n in RULE_INPUTS:
+        err = reference.rel_error(got[n], want[n])
+        assert err < 1e-5, f"group {group}, seed={seed}: d{n} relative error {err:.2e}"
+
+
 # --- properties --------------------------------------------------------------------------------
 
 
@@ -327,9 +347,8 @@ def test_no_initial_state(algorithm):
 
 def test_peak_memory_linear_in_T():
     """Forward and backward at T=4096 keep one state per chunk, not per step: the peak stays
-    below the size of the per-step states (T * Hv * Dv * Dk floats) that autodiff through the
-    recurrence keeps. Measured on the CPU: about 170 MB here, against 268 MB of per-step states
-    (and 3.5 GB peak for autodiff through the ops recurrence)."""
+    well below the size of the per-step states (T * Hv * Dv * Dk floats, 268 MB here) that
+    autodiff through the recurrence keeps (its peak: 3.5 GB). Measured on the CPU: 113 MB."""
     if mx.default_device().type != mx.cpu:
         pytest.skip("measured on the CPU")
     seed = fresh_seed()
@@ -347,7 +366,7 @@ def test_peak_memory_linear_in_T():
     peak = mx.get_peak_memory() - base
     per_step_states = T * Hv * D * D * 4
     assert all(float(mx.abs(g).max()) > 0 for g in grads.values())
-    assert peak < 0.9 * per_step_states, f"peak {peak / 1e6:.0f} MB in {seconds:.1f} s (per-step states {per_step_states / 1e6:.0f} MB)"
+    assert peak < 0.6 * per_step_states, f"peak {peak / 1e6:.0f} MB in {seconds:.1f} s (per-step states {per_step_states / 1e6:.0f} MB)"
 
 
 # --- through a whole model ----------------------------------------------------------------------

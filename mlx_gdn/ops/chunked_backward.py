@@ -22,10 +22,16 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from .chunked import _pass, _pass_c, _to_chunks, from_chunk_layout, intra_chunk, to_chunk_layout
+from .chunked import _pass, _pass_c, _to_chunks, intra_chunk, to_chunk_layout
 
 
 _G_FLOOR = 1e-30
+_OPERANDS = ("qc", "kc", "vc", "lgc", "bc")
+# Chunks whose chunk-local gradients are formed together (0: all chunks at once). Smaller groups
+# keep fewer autodiff temporaries alive; measured on the CPU (float32, T=4096, Hv=4, Dk=Dv=64,
+# 32-step chunks): peak 152 MB with all 128 chunks at once, 97 MB in groups of 8, 99 MB in groups
+# of 32, with the same time (bench/NOTES.md). Not yet measured on a GPU (bench/train_bench.py --group).
+GROUP = 8
 
 
 def _state_adjoint(dS, dy, W, Qe, Kd, gam_c):
@@ -80,9 +86,14 @@ def _surrogate(q, k, v, g, beta, state, mask, dy, dstate):
     R = Hv // Hk
     f32 = mx.float32
     lay = to_chunk_layout(q, k, v, g, beta, mask)
-    ops = intra_chunk(lay)
     N = lay.N
     C = lay.qc.shape[4]
+    G = GROUP or N
+    shared = G >= N
+    # One group: the operands serve the constant passes and the differentiated map alike.
+    # Several: the passes get their own undifferentiated copy, so that each group's autodiff
+    # temporaries live and die with that group.
+    ops = intra_chunk(lay if shared else lay._replace(**{f: mx.stop_gradient(getattr(lay, f)) for f in _OPERANDS}))
     parts = [[p.squeeze(3) for p in mx.split(mx.stop_gradient(x), N, axis=3)] for x in ops]
 
     S = state.astype(f32).reshape(B, Hk, R, Dv, Dk)
@@ -97,16 +108,27 @@ def _surrogate(q, k, v, g, beta, state, mask, dy, dstate):
     if mask is not None:
         dy = mx.where(mask.astype(mx.bool_)[:, :, None, None], dy, 0.0)
     dyp = mx.pad(dy, [(0, 0), (0, N * C - T), (0, 0), (0, 0)]) if N * C > T else dy
-    dyc = [p.squeeze(3) for p in mx.split(_to_chunks(dyp, B, N, C, Hk, R), N, axis=3)]
+    dyc = _to_chunks(dyp, B, N, C, Hk, R)
+    dycs = [p.squeeze(3) for p in mx.split(dyc, N, axis=3)]
 
     dS = dstate.astype(f32).reshape(B, Hk, R, Dv, Dk)
     ends_bar = [None] * N
     for n in reversed(range(N)):
         ends_bar[n] = dS
         wq = parts[0][n]
-        dS = _state_adjoint_c(dS, dyc[n], wq[..., :C, :], wq[..., C:, :], parts[3][n], parts[4][n])
+        dS = _state_adjoint_c(dS, dycs[n], wq[..., :C, :], wq[..., C:, :], parts[3][n], parts[4][n])
 
-    Y, ends = _pass(mx.stack(starts, axis=3), *ops)
-    y = from_chunk_layout(Y, lay)
-    value = (y * dy).sum() + (ends * mx.stack(ends_bar, axis=3)).sum()
+    starts = mx.stack(starts, axis=3)
+    ends_bar = mx.stack(ends_bar, axis=3)
+    if shared:
+        Y, ends = _pass(starts, *ops)
+        value = (Y * dyc).sum() + (ends * ends_bar).sum()
+        return value, dS.reshape(B, Hv, Dv, Dk)
+    bounds = list(range(G, N, G))
+    groups = zip(*(mx.split(getattr(lay, f), bounds, axis=3) for f in _OPERANDS))
+    rest = zip(*(mx.split(x, bounds, axis=3) for x in (starts, ends_bar, dyc)))
+    value = 0.0
+    for operands, (sg, eg, dg) in zip(groups, rest):
+        Y, ends = _pass(sg, *intra_chunk(lay._replace(**dict(zip(_OPERANDS, operands)))))
+        value = value + (Y * dg).sum() + (ends * eg).sum()
     return value, dS.reshape(B, Hv, Dv, Dk)
