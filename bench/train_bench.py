@@ -177,14 +177,21 @@ def main():
     ap.add_argument("--budget", type=float, default=5.0, help="seconds of timed steps per path and shape")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--group", type=int, default=None,
+                    help="chunks per group in the chunked backward (mlx_gdn.ops.chunked_backward.GROUP; 0: all)")
     ARGS = ap.parse_args()
+    from mlx_gdn.ops import chunked_backward
+
+    if ARGS.group is not None:
+        chunked_backward.GROUP = ARGS.group
     Hk, Hv = (int(h) for h in ARGS.heads.split(","))
     D, dtype = ARGS.dim, DTYPES[ARGS.dtype]
     try:
         mem_limit = mx.device_info().get("memory_size") or mx.device_info().get("total_memory")
     except Exception:  # noqa: BLE001
         mem_limit = None
-    record = {"environment": environment(), "dtype": ARGS.dtype, "Hk": Hk, "Hv": Hv, "Dk": D, "Dv": D, "results": []}
+    record = {"environment": environment(), "dtype": ARGS.dtype, "Hk": Hk, "Hv": Hv, "Dk": D, "Dv": D,
+              "backward_group": chunked_backward.GROUP, "results": []}
     print(record["environment"]["device"], "| mlx", mx.__version__, "| commit", record["environment"]["git_commit"])
     for shape in ARGS.shapes.split(","):
         B, T = (int(s) for s in shape.split("x"))

@@ -12,8 +12,10 @@ state per step. Given the cotangents dy, dS_T of (y, S_T):
 3. With every S_n and dS_{n+1} known the chunks are independent: the gradient of
    <dy, y> + sum_n <dS_{n+1}, S_{n+1}> over all chunks at once, S_n and dS_{n+1} held constant,
    is dq, dk, dv, dg, dbeta (MLX autodiff of the chunk-local algebra: the inverse of (I + A),
-   the log-decays, masks and padding, the sum over the value heads sharing a key head). The
-   chunk operands are formed once and serve steps 1-3.
+   the log-decays, masks and padding, the sum over the value heads sharing a key head), taken
+   over groups of GROUP chunks so that one group's autodiff temporaries are alive at a time.
+   Up to GROUP chunks, the chunk operands are formed once and serve steps 1-3; beyond, the
+   passes take their own undifferentiated copy.
 """
 
 from __future__ import annotations
@@ -79,8 +81,7 @@ def chunked_vjp(
 def _surrogate(q, k, v, g, beta, state, mask, dy, dstate):
     """(<dy, y> + sum_n <dS_{n+1}, S_{n+1}>, dS_0), with each chunk's start state S_n and the
     adjoint dS_{n+1} of its end state held constant: the gradient of the first with respect to
-    q, k, v, g, beta is the VJP. The chunk operands are computed once, shared by the constant
-    state and adjoint passes (through stop_gradient) and the differentiated chunk map."""
+    q, k, v, g, beta is the VJP. The chunk map is differentiated GROUP chunks at a time."""
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2], v.shape[3]
     R = Hv // Hk
