@@ -6,8 +6,9 @@
 For each model: LoRA adapters on its last layers (`mlx_lm.tuner.linear_to_lora_layers`), then
 `mlx_lm.tuner.trainer.train` (the loop `mlx_lm.lora` runs) on the same token batches, once with
 mlx-lm's own Gated DeltaNet layers and once with them replaced by `mlx_gdn.patch` (whose training
-gradients come from the package's chunked backward). The two loss curves must agree within the
-dtype's tolerance; prints tokens per second and peak memory of both runs.
+gradients come from the package's chunked backward). The loss curves must agree within the dtype's
+tolerance (in bfloat16, against a float32 run: see `run_model`); prints tokens per second and peak
+memory of both runs.
 
 Models are entries of MODELS: a builder of a tiny random model. An entry whose layers
 `mlx_gdn.patch` does not replace (it patches none) is reported and skipped.
@@ -120,15 +121,27 @@ def finetune(model, data, steps: int, batch: int, seed: int, adapter_file: Path)
     return rec
 
 
-def run_model(name: str, steps: int, batch: int, length: int, dtype: str, lora_layers: int, seed: int) -> bool:
-    """Train one model unpatched and patched; print both curves; True when they agree."""
+def lora_model(name: str, dtype: str, lora_layers: int, seed: int):
+    """The tiny model `name` in `dtype` with frozen weights and LoRA adapters, drawn from `seed`."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     mx.random.seed(seed)
-    base = MODELS[name](getattr(mx, dtype))
-    base.freeze()
-    linear_to_lora_layers(base, lora_layers, {"rank": 4, "scale": 10.0, "dropout": 0.0})
-    mx.eval(base.parameters())
+    model = MODELS[name](getattr(mx, dtype))
+    model.freeze()
+    linear_to_lora_layers(model, lora_layers, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+    mx.eval(model.parameters())
+    return model
+
+
+def run_model(name: str, steps: int, batch: int, length: int, dtype: str, lora_layers: int, seed: int) -> bool:
+    """Train one model unpatched and patched; print the curves; True when they agree.
+
+    float32: the two curves within 1e-4 of each other at every step. bfloat16: the runs drift
+    apart as training goes on (each rounds differently, and the updates compound it), so each is
+    compared with a float32 run of the unpatched model instead: the patched curve must be within
+    2e-2 of it at every step, or no further from it than mlx-lm's own bfloat16 curve is.
+    """
+    base = lora_model(name, dtype, lora_layers, seed)
     patched = copy.deepcopy(base)  # the same weights and the same LoRA initialisation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a model without layers to replace is reported below
@@ -141,20 +154,32 @@ def run_model(name: str, steps: int, batch: int, length: int, dtype: str, lora_l
     with tempfile.TemporaryDirectory() as tmp:
         ref = finetune(base, data, steps, batch, seed, Path(tmp) / "ref.safetensors")
         new = finetune(patched, data, steps, batch, seed, Path(tmp) / "new.safetensors")
+        f32 = None
+        if dtype != "float32":
+            f32 = finetune(lora_model(name, "float32", lora_layers, seed), data, steps, batch, seed, Path(tmp) / "f32.safetensors")
     print(f"\n{name} ({dtype}, {n} layers patched, {trainable} trainable LoRA parameters, batch {batch} x {length} tokens)")
-    print(f"{'step':>4} {'mlx-lm loss':>12} {'patched loss':>13} {'rel diff':>9}")
-    worst = 0.0
-    for i, (a, b) in enumerate(zip(ref.losses, new.losses), 1):
-        d = abs(a - b) / abs(a)
-        worst = max(worst, d)
-        print(f"{i:>4} {a:>12.5f} {b:>13.5f} {d:>9.1e}")
+    truth = f32.losses if f32 else ref.losses
+    rel = lambda a, b: abs(a - b) / abs(b)  # noqa: E731
+    head = f"{'step':>4} {'mlx-lm loss':>12} {'patched loss':>13}"
+    print(head + (f" {'mlx-lm f32':>11} {'mlx-lm vs f32':>14} {'patched vs f32':>15}" if f32 else f" {'rel diff':>9}"))
+    for i, (a, b, t) in enumerate(zip(ref.losses, new.losses, truth), 1):
+        line = f"{i:>4} {a:>12.5f} {b:>13.5f}"
+        print(line + (f" {t:>11.5f} {rel(a, t):>14.1e} {rel(b, t):>15.1e}" if f32 else f" {rel(b, a):>9.1e}"))
     # The first step compiles the training step: its speed is not representative.
     speed = lambda r: np.median(r.tokens_per_s[1:] or r.tokens_per_s)  # noqa: E731
     print(f"tokens/s (median over steps 2..): mlx-lm {speed(ref):.0f}, patched {speed(new):.0f}")
     print(f"peak memory: mlx-lm {ref.peak_gb * 1e3:.1f} MB, patched {new.peak_gb * 1e3:.1f} MB")
-    ok = len(ref.losses) == len(new.losses) == steps and all(np.isfinite(ref.losses + new.losses))
-    ok = ok and worst <= TOLERANCE[dtype]
-    print(f"CHECK {'ok' if ok else 'FAILED'}: loss curves agree to {worst:.1e} (bound {TOLERANCE[dtype]:.0e})")
+    ok = len(ref.losses) == len(new.losses) == len(truth) == steps
+    ok = ok and all(np.isfinite(ref.losses + new.losses + truth))
+    worst_new = max(rel(b, t) for b, t in zip(new.losses, truth))
+    if f32:
+        worst_ref = max(rel(a, t) for a, t in zip(ref.losses, truth))
+        ok = ok and (worst_new <= TOLERANCE[dtype] or worst_new <= 1.25 * worst_ref)
+        what = f"patched {dtype} within {worst_new:.1e} of float32 (mlx-lm {dtype}: {worst_ref:.1e}; bound {TOLERANCE[dtype]:.0e} or 1.25x mlx-lm's)"
+    else:
+        ok = ok and worst_new <= TOLERANCE[dtype]
+        what = f"loss curves agree to {worst_new:.1e} (bound {TOLERANCE[dtype]:.0e})"
+    print(f"CHECK {'ok' if ok else 'FAILED'}: {what}")
     return ok
 
 
