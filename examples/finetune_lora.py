@@ -58,7 +58,8 @@ def tiny_qwen3_5(dtype):
 
 
 def tiny_kimi_linear(dtype):
-    """Kimi Linear: 3 Kimi Delta Attention layers (per-key gates) and 1 MLA attention layer."""
+    """Kimi Linear: 3 Kimi Delta Attention layers (per-key gates) and 1 MLA attention layer; dense
+    MLPs only (MLX's CPU gather-matmul of the experts takes float32 only)."""
     from mlx_lm.models import kimi_linear
 
     args = dict(
@@ -68,7 +69,7 @@ def tiny_kimi_linear(dtype):
         linear_attn_config=dict(kda_layers=[1, 2, 3], full_attn_layers=[4], num_heads=2, head_dim=32,
                                 short_conv_kernel_size=4),
         num_experts=4, num_experts_per_token=2, moe_intermediate_size=32, num_shared_experts=1,
-        first_k_dense_replace=1, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        first_k_dense_replace=4, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
     )
     return _finish(kimi_linear.Model(kimi_linear.ModelArgs.from_dict(args)), dtype)
 

@@ -16,12 +16,13 @@ __all__ = [
     "normalize_qk",
     "GatedDeltaNet",
     "patch",
+    "unpatch",
 ]
 
 
 def __getattr__(name):
     # The module and patch import mlx.nn lazily so the kernels stay importable alone.
-    if name in ("GatedDeltaNet", "patch"):
+    if name in ("GatedDeltaNet", "patch", "unpatch"):
         from . import models
 
         return getattr(models, name)

@@ -224,6 +224,26 @@ def test_per_key_gates(backend, algorithm, simulator):
     check_directional(grads, x, False, W, V, seed, f"{backend}/{algorithm} per-key gate")
 
 
+@pytest.mark.parametrize("A_log_shape", ["[Hv]", "[Hv, 1]"])
+@pytest.mark.parametrize("backend,algorithm,simulator", [
+    ("ops", "recurrent", None), ("ops", "chunked", None), ("metal", "recurrent", "metal"),
+])
+def test_fused_per_key_gates(backend, algorithm, simulator, A_log_shape):
+    """Kimi-style fused gating, a [B, T, Hv, Dk] and dt_bias [Hv, Dk] (A_log [Hv] or mlx-lm's
+    [Hv, 1]): gradients of a, b, A_log, dt_bias in their own shapes, against the reference."""
+    seed = fresh_seed()
+    x = random_inputs(1, 40, 1, 2, 32, 8, seed=seed, fused_gate="key", mask=True)
+    if A_log_shape == "[Hv, 1]":
+        x.A_log = x.A_log.reshape(-1, 1)
+    W, V = _weights(x, seed)
+    with _simulator(simulator):
+        _assert_routed(x, True, backend, algorithm)
+        grads = _grads(_call(x, True, backend, algorithm), x, True, W, V)
+    for n in ("a", "A_log", "dt_bias"):
+        assert grads[n].shape == getattr(x, n).shape, f"d{n} shape {grads[n].shape}"
+    check_directional(grads, x, True, W, V, seed, f"{backend}/{algorithm} fused per-key gates")
+
+
 # --- against the ops path's autodiff ------------------------------------------------------------
 
 

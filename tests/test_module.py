@@ -1,4 +1,5 @@
-"""The mlx-lm drop-in: mlx_gdn.GatedDeltaNet / Qwen3NextGatedDeltaNet and mlx_gdn.patch.
+"""The mlx-lm drop-in for the Qwen families: mlx_gdn.GatedDeltaNet / Qwen3NextGatedDeltaNet and
+mlx_gdn.patch (every family: tests/test_families.py).
 
 Every test builds tiny random mlx-lm models (real mlx-lm classes) from a fresh seed, reported in
 the assertion messages, and compares the patched model with the unpatched one.
@@ -182,7 +183,7 @@ def test_patched_logits_match_prompt_and_decode(model_type):
 
     ref_full, ref_steps = run(model)
     n = mlx_gdn.patch(model)
-    assert n == 3, f"seed={seed}: replaced {n} layers"
+    assert n == 3 and dict(n.items()) == {model_type: 3}, f"seed={seed}: replaced {n!r}"
     assert all(isinstance(l, mlx_gdn.models.layers._GatedDeltaBase) for l in gdn_layers(model))
     full, steps = run(model)
     msg = f"seed={seed} {model_type} {dtype}"
@@ -389,7 +390,7 @@ def test_patch_on_model_without_gdn_layers_warns_and_returns_zero():
                            num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=VOCAB, num_key_value_heads=2)
     model = llama.Model(args)
     before = tree_flatten(model.parameters())
-    with pytest.warns(UserWarning, match="no Gated DeltaNet layers"):
+    with pytest.warns(UserWarning, match="no gated delta layers"):
         assert mlx_gdn.patch(model) == 0
     after = tree_flatten(model.parameters())
     assert [k for k, _ in after] == [k for k, _ in before]

@@ -1,14 +1,25 @@
-"""Drop-in Gated DeltaNet layers for mlx-lm's Qwen3.5 / Qwen3.5-MoE and Qwen3-Next models.
+"""Drop-in gated delta rule layers for the mlx-lm model families that run the rule.
 
-`GatedDeltaNet` has the parameters, names and shapes of mlx-lm's Qwen3.5 ``GatedDeltaNet``
-(conv1d, in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, dt_bias, A_log, norm, out_proj), so
-the same checkpoints load; `Qwen3NextGatedDeltaNet` has Qwen3-Next's fused projections
-(in_proj_qkvz, in_proj_ba). Both share everything between the projections and route the
-recurrence through `mlx_gdn.gated_delta_update`. `patch` lives in `mlx_gdn.models.patch`.
+Every class has the parameters, names, shapes and call of one mlx-lm layer class, so the same
+checkpoints load, and routes the recurrence through `mlx_gdn.gated_delta_update`:
+
+    GatedDeltaNet                 qwen3_5.GatedDeltaNet (Qwen3.5, Qwen3.5-MoE)
+    Qwen3NextGatedDeltaNet        qwen3_next.Qwen3NextGatedDeltaNet
+    KimiDeltaAttention            kimi_linear.KimiDeltaAttention
+    KimiK3DeltaAttention          kimi_k3.KimiK3DeltaAttention
+    BailingKDA                    bailing_moe_v3.BailingKDA (Ling)
+    OlmoHybridGatedDeltaNet       olmo_hybrid.GatedDeltaNet
+
+The two Qwen layouts share `_GatedDeltaBase` (one conv over q, k and v, scalar gates, a fused
+T=1 step); the Kimi and Bailing layers share `_KeyGatedBase` (per-key decay gates). All of them
+are pad-proof: a masked position (left padding, or right padding beyond a cache's ``lengths``)
+reaches neither the recurrent state nor the convolution state (`causal_conv`). `patch` lives in
+`mlx_gdn.models.patch`.
 """
 
 from __future__ import annotations
 
+import importlib
 from functools import lru_cache, partial
 from typing import Any, Optional, Tuple
 
@@ -20,7 +31,17 @@ from ..gating import normalize_qk
 from ..validate import BACKENDS, check_choice
 from . import decode_step
 
-__all__ = ["GatedDeltaNet", "Qwen3NextGatedDeltaNet", "RMSNormGated"]
+__all__ = [
+    "GatedDeltaNet",
+    "Qwen3NextGatedDeltaNet",
+    "KimiDeltaAttention",
+    "KimiK3DeltaAttention",
+    "BailingKDA",
+    "OlmoHybridGatedDeltaNet",
+    "RMSNormGated",
+    "DropInLayer",
+    "causal_conv",
+]
 
 # mlx-lm's l2norm eps (added to the sum of squares of q and k).
 _QK_EPS = 1e-6
@@ -45,6 +66,94 @@ class RMSNormGated(nn.Module):
         if gate is None:
             return x.astype(hidden_states.dtype)
         return _silu_gate(hidden_states, gate, x)
+
+
+def causal_conv(x: mx.array, conv: nn.Module, state: Optional[mx.array], n_keep: int,
+                mask: Optional[mx.array] = None, lengths: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
+    """Depthwise causal convolution with SiLU over a stream carried in a conv state, pad-proof.
+
+    x [B, S, C]; conv: mlx-lm's depthwise ``nn.Conv1d`` (weight [C, K, 1], no padding);
+    state [B, n_keep, C] in x's dtype, or None (zeros: the start of a sequence); n_keep = K - 1;
+    mask [B, S] bool or None; lengths [B] int or None (a cache's per-sequence valid lengths for
+    this call, right padding beyond them). Returns (silu(conv) [B, S, C], new state [B, n_keep, C]).
+
+    Masked inputs are zeroed before the convolution: a left pad then reads as the zeros a fresh
+    state holds, so a padded sequence's outputs equal its unpadded ones. The new state holds the
+    n_keep inputs before each sequence's end (``lengths``), so right padding never enters it.
+    """
+    if mask is not None:
+        x = mx.where(mask[..., None], x, 0)
+    B, S, C = x.shape
+    if state is None:
+        state = mx.zeros((B, n_keep, C), dtype=x.dtype)
+    conv_input = mx.concatenate([state, x], axis=1)
+    if lengths is not None:
+        ends = mx.clip(lengths, 0, S)
+        positions = (ends[:, None] + mx.arange(n_keep))[..., None]
+        new_state = mx.take_along_axis(conv_input, positions, axis=1)
+    else:
+        new_state = mx.contiguous(conv_input[:, S:, :])
+    return nn.silu(conv(conv_input)), new_state
+
+
+def _cache_lengths(cache) -> Optional[mx.array]:
+    return getattr(cache, "lengths", None) if cache is not None else None
+
+
+class DropInLayer(nn.Module):
+    """What every drop-in layer shares: adoption of an mlx-lm layer's contents and the backend.
+
+    ``backend`` ("auto", "metal", "cuda", "ops") is what the layer passes to `gated_delta_update`,
+    in training as at inference (every backend has gradients: `mlx_gdn.autodiff`). Subclasses
+    name the mlx-lm class they stand in for in ``MLX_LM_CLASS`` ("module:Class" under
+    ``mlx_lm.models``).
+    """
+
+    MLX_LM_CLASS = ""
+
+    @classmethod
+    def mlx_lm_class(cls) -> type:
+        """The mlx-lm layer class this class stands in for (imports mlx-lm)."""
+        module, name = cls.MLX_LM_CLASS.split(":")
+        return getattr(importlib.import_module(f"mlx_lm.models.{module}"), name)
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, backend: str = "auto") -> "DropInLayer":
+        """A layer of this class sharing `layer`'s submodules and arrays (weights stay where they are,
+        quantized projections stay quantized), its sizes, training mode and frozen parameters."""
+        check_choice("backend", backend, BACKENDS)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new._adopt(layer, backend)
+        return new
+
+    def _adopt(self, layer: nn.Module, backend: str) -> None:
+        for key, value in layer.__dict__.items():
+            object.__setattr__(self, key, value)
+        self._no_grad = set(layer._no_grad)
+        for key, value in layer.items():
+            self[key] = value
+        self.backend = check_choice("backend", backend, BACKENDS)
+        if not hasattr(self, "sharding_group"):
+            self.sharding_group = None
+
+    def _backend(self) -> str:
+        return self.backend
+
+    def to_mlx_lm(self) -> nn.Module:
+        """An instance of the mlx-lm class sharing this layer's submodules, arrays and state."""
+        cls = self.mlx_lm_class()
+        old = cls.__new__(cls)
+        nn.Module.__init__(old)
+        for key, value in self.__dict__.items():
+            if key != "backend":
+                object.__setattr__(old, key, value)
+        old._no_grad = set(self._no_grad)
+        for key, value in self.items():
+            old[key] = value
+        if "_step" in old.__dict__:
+            old._step = None  # a compiled step traced on another object
+        return old
 
 
 @lru_cache(maxsize=None)
@@ -84,12 +193,11 @@ def _decode_prep(K: int, Hk: int, Dk: int, masked: bool):
     return mx.compile(prep)
 
 
-class _GatedDeltaBase(nn.Module):
+class _GatedDeltaBase(DropInLayer):
     """Everything between the projections, shared by the Qwen3.5 and Qwen3-Next layouts.
 
     Subclasses define `_project(inputs) -> (qkv [B,S,conv_dim], z [B,S,Hv,Dv], b [B,S,Hv], a [B,S,Hv])`.
-    ``backend`` picks the `gated_delta_update` backend, in training as at inference (every backend
-    has gradients: `mlx_gdn.autodiff`).
+    ``backend`` as in `DropInLayer`.
     """
 
     def _init_common(self, config, backend: str) -> None:
@@ -123,23 +231,6 @@ class _GatedDeltaBase(nn.Module):
         self.A_log = mx.log(mx.random.uniform(low=0, high=16, shape=(self.num_v_heads,)))
         self.norm = RMSNormGated(self.head_v_dim, eps=self.layer_norm_epsilon)
         self.out_proj = nn.Linear(self.value_dim, self.hidden_size, bias=False)
-
-    @classmethod
-    def from_layer(cls, layer: nn.Module, backend: str = "auto") -> "_GatedDeltaBase":
-        """A layer of this class sharing `layer`'s submodules and arrays (weights stay where they are,
-        quantized projections stay quantized), its sizes, training mode and frozen parameters."""
-        check_choice("backend", backend, BACKENDS)
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for key, value in layer.__dict__.items():
-            object.__setattr__(new, key, value)
-        new._no_grad = set(layer._no_grad)
-        for key, value in layer.items():
-            new[key] = value
-        new.backend = backend
-        if not hasattr(new, "sharding_group"):
-            new.sharding_group = None
-        return new
 
     def _project(self, inputs: mx.array):
         raise NotImplementedError
@@ -179,8 +270,8 @@ class _GatedDeltaBase(nn.Module):
         else:
             conv_state = mx.zeros((B, n_keep, self.conv_dim), dtype=qkv.dtype)
         state = cache[1] if cache is not None else None
-        lengths = getattr(cache, "lengths", None) if cache is not None else None
-        backend = self.backend
+        lengths = _cache_lengths(cache)
+        backend = self._backend()
 
         if S == 1 and not self.training and lengths is None:
             w = self["conv1d"]["weight"]
@@ -202,18 +293,9 @@ class _GatedDeltaBase(nn.Module):
             if cache is not None:
                 cache[0] = new_conv
         else:
-            if mask is not None:
-                qkv = mx.where(mask[..., None], qkv, 0)
-            conv_input = mx.concatenate([conv_state, qkv], axis=1)
+            conv_out, new_conv = causal_conv(qkv, self["conv1d"], conv_state, n_keep, mask, lengths)
             if cache is not None:
-                if lengths is not None:
-                    # Per-sequence ends: keep the n_keep inputs before each sequence's end.
-                    ends = mx.clip(lengths, 0, S)
-                    positions = (ends[:, None] + mx.arange(n_keep))[..., None]
-                    cache[0] = mx.take_along_axis(conv_input, positions, axis=1)
-                else:
-                    cache[0] = mx.contiguous(conv_input[:, -n_keep:, :])
-            conv_out = nn.silu(self.conv1d(conv_input))
+                cache[0] = new_conv
             q, k, v = mx.split(conv_out, [self.key_dim, 2 * self.key_dim], -1)
             q = q.reshape(B, S, self.num_k_heads, self.head_k_dim)
             k = k.reshape(B, S, self.num_k_heads, self.head_k_dim)
@@ -237,6 +319,8 @@ class GatedDeltaNet(_GatedDeltaBase):
     Call: ``layer(inputs [B, S, hidden], mask=None, cache=None) -> [B, S, hidden]``.
     """
 
+    MLX_LM_CLASS = "qwen3_5:GatedDeltaNet"
+
     def __init__(self, config, backend: str = "auto"):
         super().__init__()
         self._init_common(config, backend)
@@ -256,6 +340,8 @@ class GatedDeltaNet(_GatedDeltaBase):
 class Qwen3NextGatedDeltaNet(_GatedDeltaBase):
     """Qwen3-Next Gated DeltaNet layer (mlx-lm ``qwen3_next.Qwen3NextGatedDeltaNet`` layout:
     per-key-head interleaved ``in_proj_qkvz`` and ``in_proj_ba``). Same call as `GatedDeltaNet`."""
+
+    MLX_LM_CLASS = "qwen3_next:Qwen3NextGatedDeltaNet"
 
     def __init__(self, config, backend: str = "auto"):
         super().__init__()
@@ -286,3 +372,160 @@ class Qwen3NextGatedDeltaNet(_GatedDeltaBase):
         qkv = mx.concatenate([q.reshape(B, S, -1), k.reshape(B, S, -1), v.reshape(B, S, -1)], axis=-1)
         return qkv, z, b, a
 
+
+
+class _KeyGatedBase(DropInLayer):
+    """Layers with one decay gate per key column (Kimi Linear, Kimi K3, Bailing MoE V3).
+
+    Sizes read at every call (so `model.shard` may change them): ``num_heads`` H and ``head_dim``
+    D (keys and values alike); ``A_log`` holds H rates in any shape, ``dt_bias`` H * D biases.
+    Construct with the mlx-lm class's arguments (``Class(args, ...)``, plus ``backend=``) or
+    adopt a loaded layer with `from_layer`.
+    """
+
+    lower_bound = None
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__()
+        self._adopt(self.mlx_lm_class()(*args, **kwargs), backend)
+
+    def _recur(self, q, k, v, a, b, state, mask):
+        """q, k, v [B, T, H, D] after the convolution; a [B, T, H*D]; b [B, T, H].
+        Returns y [B, T, H, D] and the new state [B, H, D, D]."""
+        B, T, H, D = q.shape
+        q, k = normalize_qk(q, k, eps=_QK_EPS)
+        return gated_delta_update(
+            q, k, v, a.reshape(B, T, H, D), b,
+            self["A_log"].reshape(H, 1), self["dt_bias"].reshape(H, D),
+            state, mask, lower_bound=self.lower_bound, backend=self._backend(),
+        )
+
+    def _gate_output(self, out, gate):
+        """o_norm(out) * sigmoid(gate) over [B, T, H, D]; returns [B, T, H*D]."""
+        B, T = out.shape[:2]
+        return (self["o_norm"](out) * mx.sigmoid(gate.reshape(out.shape))).reshape(B, T, -1)
+
+
+class KimiDeltaAttention(_KeyGatedBase):
+    """Kimi Linear delta attention (mlx-lm ``kimi_linear.KimiDeltaAttention``): separate q, k, v
+    projections each with a short conv, low-rank decay and output gates.
+
+    Call: ``layer(x [B, T, hidden], mask=None, cache=None) -> [B, T, hidden]``; cache: mlx-lm
+    ArraysCache(size=4) (q, k, v conv states, recurrent state)."""
+
+    MLX_LM_CLASS = "kimi_linear:KimiDeltaAttention"
+
+    def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Optional[Any] = None) -> mx.array:
+        B, T, _ = x.shape
+        H, D, n_keep = self.num_heads, self.head_dim, self.conv_kernel - 1
+        lengths = _cache_lengths(cache)
+        states = [cache[i] for i in range(4)] if cache is not None else [None] * 4
+        qkv = []
+        for i, name in enumerate("qkv"):
+            y, states[i] = causal_conv(self[f"{name}_proj"](x), self[f"{name}_conv"]["conv"], states[i], n_keep,
+                                       mask, lengths)
+            qkv.append(y.reshape(B, T, H, D))
+        a = self["f_b_proj"](self["f_a_proj"](x))
+        out, states[3] = self._recur(*qkv, a, self["b_proj"](x), states[3], mask)
+        if cache is not None:
+            for i in range(4):
+                cache[i] = states[i]
+            cache.advance(T)
+        gate = self["g_b_proj"](self["g_a_proj"](x))
+        return self["o_proj"](self._gate_output(out, gate))
+
+
+class KimiK3DeltaAttention(_KeyGatedBase):
+    """Kimi K3 delta attention (mlx-lm ``kimi_k3.KimiK3DeltaAttention``): one fused qkv projection
+    and conv, decay gates with ``lower_bound``, a low-rank or full-rank output gate.
+
+    Call as `KimiDeltaAttention`; cache: mlx-lm ArraysCache(size=2) (conv state, recurrent state)."""
+
+    MLX_LM_CLASS = "kimi_k3:KimiK3DeltaAttention"
+
+    def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Optional[Any] = None) -> mx.array:
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        conv_state, state = (cache[0], cache[1]) if cache is not None else (None, None)
+        qkv, conv_state = causal_conv(self["qkv_proj"](x), self["qkv_conv"]["conv"], conv_state,
+                                      self.conv_kernel - 1, mask, _cache_lengths(cache))
+        q, k, v = mx.split(qkv.reshape(B, T, 3, H, D), 3, axis=2)
+        a = self["f_b_proj"](self["f_a_proj"](x))
+        out, state = self._recur(q[:, :, 0], k[:, :, 0], v[:, :, 0], a, self["b_proj"](x), state, mask)
+        if cache is not None:
+            cache[0], cache[1] = conv_state, state
+            cache.advance(T)
+        gate = self["g_proj"](x) if self.use_full_rank_gate else self["g_b_proj"](self["g_a_proj"](x))
+        return self["o_proj"](self._gate_output(out, gate))
+
+
+class BailingKDA(_KeyGatedBase):
+    """Bailing MoE V3 (Ling) delta attention (mlx-lm ``bailing_moe_v3.BailingKDA``): q, k, v
+    projections with their own convs, full-rank decay gate with ``lower_bound``, output gate.
+
+    Call as `KimiDeltaAttention`; cache: mlx-lm ArraysCache(size=4)."""
+
+    MLX_LM_CLASS = "bailing_moe_v3:BailingKDA"
+
+    def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Optional[Any] = None) -> mx.array:
+        B, T, _ = x.shape
+        H, D, n_keep = self.num_heads, self.head_dim, self.conv_kernel_size - 1
+        lengths = _cache_lengths(cache)
+        states = [cache[i] for i in range(4)] if cache is not None else [None] * 4
+        qkv = []
+        for i, name in enumerate("qkv"):
+            y, states[i] = causal_conv(self[f"{name}_proj"](x), self[f"{name}_conv1d"], states[i], n_keep,
+                                       mask, lengths)
+            qkv.append(y.reshape(B, T, H, D))
+        # b in float32, as the mlx-lm layer passes it
+        out, states[3] = self._recur(*qkv, self["f_proj"](x), self["b_proj"](x).astype(mx.float32), states[3], mask)
+        if cache is not None:
+            for i in range(4):
+                cache[i] = states[i]
+            cache.advance(T)
+        out = self["o_norm"](out)
+        gate = self["g_proj"](x).reshape(out.shape).astype(mx.float32)
+        out = out * mx.sigmoid(gate).astype(out.dtype)
+        return self["o_proj"](out.reshape(B, T, -1))
+
+
+class OlmoHybridGatedDeltaNet(DropInLayer):
+    """OLMo Hybrid Gated DeltaNet (mlx-lm ``olmo_hybrid.GatedDeltaNet``): q, k, v projections with
+    their own convs, scalar gates, beta in [0, 2] with ``allow_neg_eigval``.
+
+    Unlike the mlx-lm layer, padding never reaches the conv state or the convolution (mlx-lm's
+    convolves pad tokens into the first real ones and keeps them in the conv state).
+    Call: ``layer(x [B, S, hidden], mask=None, cache=None) -> [B, S, hidden]``; cache: mlx-lm
+    ArraysCache(size=4). Construct with ``OlmoHybridGatedDeltaNet(args, backend=...)`` or
+    `from_layer`."""
+
+    MLX_LM_CLASS = "olmo_hybrid:GatedDeltaNet"
+
+    def __init__(self, args, backend: str = "auto"):
+        super().__init__()
+        self._adopt(self.mlx_lm_class()(args), backend)
+
+    def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Optional[Any] = None) -> mx.array:
+        B, S, _ = x.shape
+        n_keep = self.conv_kernel_size - 1
+        lengths = _cache_lengths(cache)
+        states = [cache[i] for i in range(4)] if cache is not None else [None] * 4
+        heads = (self.num_k_heads, self.num_k_heads, self.num_v_heads)
+        dims = (self.head_k_dim, self.head_k_dim, self.head_v_dim)
+        qkv = []
+        for i, name in enumerate("qkv"):
+            y, states[i] = causal_conv(self[f"{name}_proj"](x), self[f"{name}_conv1d"], states[i], n_keep,
+                                       mask, lengths)
+            qkv.append(y.reshape(B, S, heads[i], dims[i]))
+        q, k = normalize_qk(qkv[0], qkv[1], eps=_QK_EPS)
+        out, states[3] = gated_delta_update(
+            q, k, qkv[2], self["a_proj"](x), self["b_proj"](x), self["A_log"], self["dt_bias"], states[3], mask,
+            allow_neg_eigval=self.allow_neg_eigval, backend=self._backend(),
+        )
+        if cache is not None:
+            for i in range(4):
+                cache[i] = states[i]
+            cache.advance(S)
+        Dv = self.head_v_dim
+        out = self["o_norm"](out.reshape(-1, Dv), self["g_proj"](x).reshape(-1, Dv))
+        return self["o_proj"](out.reshape(B, S, -1))
