@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from . import backends, serving
+from . import autodiff, backends, serving
 from .gating import FusedGating
 from .validate import check_rule, check_update, kernel_backend, rule_key, serving_requested, update_key
 
@@ -20,12 +20,12 @@ def _run(plan, q, k, v, state, mask, **gates):
         return mx.zeros((p.B, 0, p.Hv, p.Dv), dtype=p.dtype), state
     if state.dtype != mx.float32:
         return _run_in_float32(p, mod, algo, q, k, v, state, mask, gates)
-    return mod.run(p, q, k, v, state, mask, algorithm=algo, **gates)
+    return autodiff.run(p, mod, algo, q, k, v, state, mask, **gates)
 
 
 def _run_in_float32(p, mod, algo, q, k, v, state, mask, gates):
     """A half-precision state: the recurrence runs in float32, the new state returns in its dtype."""
-    y, new_state = mod.run(p, q, k, v, state.astype(mx.float32), mask, algorithm=algo, **gates)
+    y, new_state = autodiff.run(p, mod, algo, q, k, v, state.astype(mx.float32), mask, **gates)
     return y, new_state.astype(state.dtype)
 
 

@@ -24,6 +24,7 @@ def _env():
     ("fused_vs_precomputed.py", ["--tokens", "3", "--reps", "1", "--dtype", "float32"]),
     ("simulate_metal_kernel.py", ["--rows", "3", "--cols", "70"]),
     ("serve_pool.py", ["--quiet"]),
+    ("finetune_lora.py", ["--steps", "3", "--batch", "2", "--length", "40"]),
 ])
 def test_script(script, args):
     p = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=EXAMPLES, env=_env(),

@@ -103,10 +103,10 @@ def _cache_lengths(cache) -> Optional[mx.array]:
 class DropInLayer(nn.Module):
     """What every drop-in layer shares: adoption of an mlx-lm layer's contents and the backend.
 
-    ``backend`` ("auto", "metal", "cuda", "ops") is what the layer passes to `gated_delta_update`
-    at inference; in training mode the layer runs the "ops" backend so gradients flow through
-    MLX ops. Subclasses name the mlx-lm class they stand in for in ``MLX_LM_CLASS``
-    ("module:Class" under ``mlx_lm.models``).
+    ``backend`` ("auto", "metal", "cuda", "ops") is what the layer passes to `gated_delta_update`,
+    in training as at inference (every backend has gradients: `mlx_gdn.autodiff`). Subclasses
+    name the mlx-lm class they stand in for in ``MLX_LM_CLASS`` ("module:Class" under
+    ``mlx_lm.models``).
     """
 
     MLX_LM_CLASS = ""
@@ -138,7 +138,7 @@ class DropInLayer(nn.Module):
             self.sharding_group = None
 
     def _backend(self) -> str:
-        return "ops" if self.training else self.backend
+        return self.backend
 
     def to_mlx_lm(self) -> nn.Module:
         """An instance of the mlx-lm class sharing this layer's submodules, arrays and state."""

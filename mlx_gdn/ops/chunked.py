@@ -17,7 +17,7 @@ products. Memory is O(T (Dk + Dv + C)) per head plus one Dv x Dk state per head 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 
@@ -179,6 +179,79 @@ def _to_chunks(x: mx.array, B, N, C, Hk, R) -> mx.array:
     return x.transpose(order)
 
 
+class ChunkLayout(NamedTuple):
+    """One call's inputs in float32 chunk layout, masked and padded steps made identity steps.
+
+    qc, kc [B,Hk,1,N,C,Dk]; vc [B,Hk,R,N,C,Dv]; lgc, bc [B,Hk,R,N,C(,Dk)] (log-gate, beta);
+    m: the [B,T] bool mask or None; T: the unpadded length.
+    """
+
+    qc: mx.array
+    kc: mx.array
+    vc: mx.array
+    lgc: mx.array
+    bc: mx.array
+    m: Optional[mx.array]
+    T: int
+
+    @property
+    def N(self) -> int:
+        return self.qc.shape[3]
+
+    @property
+    def key_gate(self) -> bool:
+        return self.lgc.ndim == 6
+
+
+def to_chunk_layout(q, k, v, g, beta, mask=None) -> ChunkLayout:
+    """The chunked form's operands (float32) for inputs shaped as `chunked_rule`'s."""
+    B, T, Hk, Dk = q.shape
+    R = v.shape[2] // Hk
+    f32 = mx.float32
+    q, k, v, g, beta = (x.astype(f32) for x in (q, k, v, g, beta))
+    lg = _log_gate(g)
+    m = None
+    if mask is not None:
+        # A masked step is an identity step: gate 1, no write; its inputs are ignored.
+        m = mask.astype(mx.bool_)
+        mq = m[:, :, None, None]
+        q, k, v = (mx.where(mq, x, 0.0) for x in (q, k, v))
+        mg = m[:, :, None] if lg.ndim == 3 else mq
+        lg = mx.where(mg, lg, 0.0)
+        beta = mx.where(m[:, :, None], beta, 0.0)
+    C = _chunk_size(T)
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:
+        # Padded steps are identity steps too (zeros in k, v and beta, log-gate 0).
+        padt = lambda x: mx.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+        q, k, v, lg, beta = (padt(x) for x in (q, k, v, lg, beta))
+    return ChunkLayout(
+        _to_chunks(q, B, N, C, Hk, 1),
+        _to_chunks(k, B, N, C, Hk, 1),
+        _to_chunks(v, B, N, C, Hk, R),
+        _to_chunks(lg, B, N, C, Hk, R),
+        _to_chunks(beta, B, N, C, Hk, R),
+        m,
+        T,
+    )
+
+
+def from_chunk_layout(y: mx.array, lay: ChunkLayout) -> mx.array:
+    """[B,Hk,R,N,C,Dv] (values per step in chunk layout) -> [B,T,Hv,Dv] float32, masked steps 0."""
+    B, Hk, R, N, C, Dv = y.shape
+    y = y.transpose(0, 3, 4, 1, 2, 5).reshape(B, N * C, Hk * R, Dv)[:, : lay.T]
+    if lay.m is not None:
+        y = mx.where(lay.m[:, :, None, None], y, 0.0)
+    return y
+
+
+def intra_chunk(lay: ChunkLayout):
+    """(WQ, Uv, Yv, Kd, gam_c): every chunk's operands of the state pass (see `_pass`)."""
+    intra = _intra_key_c if lay.key_gate else _intra_scalar_c
+    return intra(lay.qc, lay.kc, lay.vc, lay.lgc, lay.bc)
+
+
 def float32_tolerance() -> float:
     """Relative error bound of this path for float32 inputs on the current default device.
 
@@ -221,35 +294,12 @@ def chunked_rule(
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2], v.shape[3]
     R = Hv // Hk
-    out_dtype = q.dtype
-    f32 = mx.float32
-    q, k, v, g, beta = (x.astype(f32) for x in (q, k, v, g, beta))
-    lg = _log_gate(g)
-    if mask is not None:
-        # A masked step is an identity step: gate 1, no write; its inputs are ignored.
-        m = mask.astype(mx.bool_)
-        mq = m[:, :, None, None]
-        q, k, v = (mx.where(mq, x, 0.0) for x in (q, k, v))
-        mg = m[:, :, None] if lg.ndim == 3 else mq
-        lg = mx.where(mg, lg, 0.0)
-        beta = mx.where(m[:, :, None], beta, 0.0)
-    C = _chunk_size(T)
-    N = -(-T // C)
-    pad = N * C - T
-    if pad:
-        # Padded steps are identity steps too (zeros in k, v and beta, log-gate 0).
-        padt = lambda x: mx.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-        q, k, v, lg, beta = (padt(x) for x in (q, k, v, lg, beta))
-    qc = _to_chunks(q, B, N, C, Hk, 1)  # [B,Hk,1,N,C,Dk]
-    kc = _to_chunks(k, B, N, C, Hk, 1)
-    vc = _to_chunks(v, B, N, C, Hk, R)  # [B,Hk,R,N,C,Dv]
-    lgc = _to_chunks(lg, B, N, C, Hk, R)  # [B,Hk,R,N,C(,Dk)]
-    bc = _to_chunks(beta, B, N, C, Hk, R)
-    intra = _intra_scalar_c if g.ndim == 3 else _intra_key_c
-    WQ, Uv, Yv, Kd, gam_c = intra(qc, kc, vc, lgc, bc)
+    lay = to_chunk_layout(q, k, v, g, beta, mask)
+    WQ, Uv, Yv, Kd, gam_c = intra_chunk(lay)
     S = state.reshape(B, Hk, R, Dv, Dk)
     # Split once rather than index per chunk: the gradient of each index is a full-size
     # scatter, which would make the backward pass quadratic in the number of chunks.
+    N, C = lay.N, lay.qc.shape[4]
     parts = [[p.squeeze(3) for p in mx.split(x, N, axis=3)] for x in (WQ, Uv, Yv, Kd, gam_c)]
     if every and every % C:
         raise ValueError(f"every must be a multiple of the chunk length {C}, got {every}")
@@ -259,11 +309,9 @@ def chunked_rule(
         ys.append(y)
         if every and ((n + 1) * C) % every == 0 and (n + 1) * C <= T:
             kept.append(S.reshape(B, Hv, Dv, Dk))
-    y = mx.stack(ys, axis=3)  # [B,Hk,R,N,C,Dv]
-    y = y.transpose(0, 3, 4, 1, 2, 5).reshape(B, N * C, Hv, Dv)[:, :T]
-    if mask is not None:
-        y = mx.where(m[:, :, None, None], y, 0.0)
+    y = from_chunk_layout(mx.stack(ys, axis=3), lay).astype(q.dtype)
+    S = S.reshape(B, Hv, Dv, Dk)
     if not every:
-        return y.astype(out_dtype), S.reshape(B, Hv, Dv, Dk)
-    states = mx.stack(kept, axis=1) if kept else mx.zeros((B, 0, Hv, Dv, Dk), f32)
-    return y.astype(out_dtype), S.reshape(B, Hv, Dv, Dk), states
+        return y, S
+    states = mx.stack(kept, axis=1) if kept else mx.zeros((B, 0, Hv, Dv, Dk), mx.float32)
+    return y, S, states

@@ -623,7 +623,29 @@ class SimMetalKernel:
             if out is not None:
                 np.copyto(out, guard.data)
         del keep
-        return [_from_numpy(o, dt) for o, dt in zip(outs_np, output_dtypes)]
+        return _without_transforms(self.name, ins, [_from_numpy(o, dt) for o, dt in zip(outs_np, output_dtypes)])
+
+
+def _not_implemented(transform: str, kernel: str):
+    # MLX's CustomKernel primitive defines no transforms: Primitive::vjp (jvp, vmap) throws
+    # std::invalid_argument, which Python sees as ValueError with this message.
+    def raise_(*_):
+        raise ValueError(
+            f"[Primitive::{transform}] Not implemented for CustomKernel (simulated kernel '{kernel}')."
+        )
+
+    return raise_
+
+
+def _without_transforms(kernel: str, inputs, outputs):
+    """`outputs`, tied to `inputs` the way a real kernel's are: computed from NumPy copies they
+    would be constants to MLX, and a gradient through them silently zero. Routed through a
+    custom function whose vjp, jvp and vmap raise as MLX's CustomKernel does."""
+    fn = mx.custom_function(lambda *_: list(outputs))
+    fn.vjp(_not_implemented("vjp", kernel))
+    fn.jvp(_not_implemented("jvp", kernel))
+    fn.vmap(_not_implemented("vmap", kernel))
+    return fn(*inputs)
 
 
 class _Guarded:

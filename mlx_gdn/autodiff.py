@@ -1,0 +1,67 @@
+"""Gradients for every path: each call's forward wrapped in `mx.custom_function` whose VJP is
+the chunked backward in MLX ops (`ops.chunked_backward`).
+
+Kernels (Metal, CUDA) have no VJP of their own, and autodiff through the ops recurrence keeps
+one Dv x Dk state per step (O(T Dk Dv) memory); the chunked backward keeps one per chunk. The
+ops paths take it too: measured on the CPU (T=4096, Hk=2, Hv=4, Dk=Dv=64, float32), forward and
+backward peaked at 133 MB through it after the ops chunked forward, 246 MB by autodiff through
+the ops chunked form and 3.5 GB by autodiff through the ops recurrence (bench/NOTES.md).
+The fused gates chain through `gating.compute_gates` by MLX autodiff; the mask is a constant.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import mlx.core as mx
+
+from .gating import FusedGating, compute_gates
+from .ops.chunked_backward import chunked_vjp
+from .validate import Problem
+
+
+def run(p: Problem, mod, algorithm: str, q, k, v, state, mask, *, g=None, beta=None, gating=None) -> Tuple[mx.array, mx.array]:
+    """`mod.run(p, ...)` with a VJP: (y [B,T,Hv,Dv] in q's dtype, state [B,Hv,Dv,Dk] float32).
+
+    Gradients reach q, k, v, state and g, beta (or a, b, A_log, dt_bias of `gating`); the mask
+    is a constant.
+    """
+    if gating is None:
+        return _rule(p, mod, algorithm, mask)(q, k, v, g, beta, state)
+    fused = _update(p, mod, algorithm, mask, gating.lower_bound, gating.allow_neg_eigval)
+    return fused(q, k, v, gating.a, gating.b, gating.A_log, gating.dt_bias, state)
+
+
+def _rule(p, mod, algorithm, mask):
+    @mx.custom_function
+    def forward(q, k, v, g, beta, state):
+        return tuple(mod.run(p, q, k, v, state, mask, algorithm=algorithm, g=g, beta=beta))
+
+    @forward.vjp
+    def backward(primals, cotangents, outputs):
+        q, k, v, g, beta, state = primals
+        dy, dstate = cotangents
+        return chunked_vjp(q, k, v, g, beta, state, mask, dy, dstate)
+
+    return forward
+
+
+def _update(p, mod, algorithm, mask, lower_bound, allow_neg_eigval):
+    def gates(a, b, A_log, dt_bias):
+        return compute_gates(a, b, A_log, dt_bias, lower_bound, allow_neg_eigval)
+
+    @mx.custom_function
+    def forward(q, k, v, a, b, A_log, dt_bias, state):
+        gating = FusedGating(a, b, A_log, dt_bias, lower_bound, allow_neg_eigval)
+        return tuple(mod.run(p, q, k, v, state, mask, algorithm=algorithm, gating=gating))
+
+    @forward.vjp
+    def backward(primals, cotangents, outputs):
+        q, k, v, a, b, A_log, dt_bias, state = primals
+        dy, dstate = cotangents
+        g, beta = gates(a, b, A_log, dt_bias)
+        dq, dk, dv, dg, dbeta, ds = chunked_vjp(q, k, v, g, beta, state, mask, dy, dstate)
+        _, (da, db, dA_log, ddt_bias) = mx.vjp(gates, [a, b, A_log, dt_bias], [dg, dbeta])
+        return dq, dk, dv, da, db, dA_log, ddt_bias, ds
+
+    return forward
