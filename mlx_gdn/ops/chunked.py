@@ -12,6 +12,10 @@ T = (I + A)^-1, W = T diag(beta gamma) K and Uv = T diag(beta) V:
 All of it except the last line and the S0 products is independent across chunks, so it
 runs batched over every chunk at once; the chunk-to-chunk state pass is a loop of small
 products. Memory is O(T (Dk + Dv + C)) per head plus one Dv x Dk state per head and chunk.
+
+Every decay (pairwise, from the chunk start, to the chunk end) is formed by `gating.decay_exp`:
+exactly 0 below exp(-40), so no subnormal float enters the products (trained layers' gates drive
+most cumulative decays far below float32's normal range, and CPUs crawl through subnormals).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from functools import lru_cache
 from typing import Optional, Tuple
 
 import mlx.core as mx
+
+from ..gating import decay_exp
 
 # Steps per chunk by device type. CPU: measured (bench/NOTES.md, "Chunked prefill"): the
 # intra-chunk work grows with C while the state pass does not shrink with it. GPU: 64, the
@@ -66,9 +72,14 @@ def _pair_log_decay(lg: mx.array, strict: mx.array, axis: int) -> mx.array:
     return mx.cumsum(mx.where(strict, lg, 0.0), axis=axis)
 
 
-def _unit_lower_inverse(A: mx.array) -> mx.array:
+def _unit_lower_inverse(A: mx.array, keep: Optional[mx.array] = None) -> mx.array:
     """(I + A)^-1 for A [..., C, C] strictly lower triangular, C a power of two.
 
+    keep [..., C, C] bool, for a scalar gate: False where the decay between steps i and j was
+    flushed to 0. Entry (i, j) of the inverse is a sum of products of A along paths from i to j,
+    each carrying that same decay (the pairwise decays telescope), so it is set to 0 there as it
+    is formed: products of such entries would go subnormal. Per-key gates mix keys along a path,
+    so they have no such mask.
     Substitution inside diagonal blocks, then block merges
     [[X, 0], [A21, Y]]^-1 = [[X^-1, 0], [-Y^-1 A21 X^-1, Y^-1]]. Stable where the power
     series of A is not (repeated keys make A's powers grow like binomials).
@@ -76,21 +87,25 @@ def _unit_lower_inverse(A: mx.array) -> mx.array:
     C = A.shape[-1]
     s = min(_BLOCK, C)
     nb = C // s
-    blocks = mx.stack([A[..., b * s:(b + 1) * s, b * s:(b + 1) * s] for b in range(nb)], axis=-3)
+    diag = lambda M: mx.stack([M[..., b * s:(b + 1) * s, b * s:(b + 1) * s] for b in range(nb)], axis=-3)  # noqa: E731
+    flush = (lambda m, x: x) if keep is None else (lambda m, x: mx.where(m, x, 0.0))  # noqa: E731
+    blocks, kb = diag(A), None if keep is None else diag(keep)
     inv = mx.broadcast_to(mx.eye(s, dtype=A.dtype), blocks.shape)
     rows = [inv[..., 0, :]]
     for i in range(1, s):
         # Row i of the inverse only needs rows < i (A is strictly lower).
         prev = mx.stack(rows, axis=-2)
-        rows.append(inv[..., i, :] - (blocks[..., i, :i, None] * prev).sum(-2))
+        row = inv[..., i, :] - (blocks[..., i, :i, None] * prev).sum(-2)
+        rows.append(flush(None if kb is None else kb[..., i, :], row))
     inv = mx.stack(rows, axis=-2)  # [..., nb, s, s]
     while s < C:
         nb //= 2
-        a21 = mx.stack(
-            [A[..., (2 * p + 1) * s:(2 * p + 2) * s, 2 * p * s:(2 * p + 1) * s] for p in range(nb)], axis=-3
+        low = lambda M: mx.stack(  # noqa: E731
+            [M[..., (2 * p + 1) * s:(2 * p + 2) * s, 2 * p * s:(2 * p + 1) * s] for p in range(nb)], axis=-3
         )
+        a21, k21 = low(A), None if keep is None else low(keep)
         x, y = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
-        z = -((y @ a21) @ x)
+        z = -flush(k21, flush(k21, y @ a21) @ x)
         top = mx.concatenate([x, mx.zeros_like(x)], axis=-1)
         bot = mx.concatenate([z, y], axis=-1)
         inv = mx.concatenate([top, bot], axis=-2)
@@ -104,15 +119,16 @@ def _intra_scalar(q, k, v, lg, beta):
     C = q.shape[-2]
     strict, lower = _tri_masks(C)
     L = _pair_log_decay(lg[..., :, None], strict, axis=-2)  # [..., C, C]
-    decay = mx.where(lower, mx.exp(L), 0.0)
+    decay = mx.where(lower, decay_exp(L), 0.0)
+    keep = decay > 0
     G = mx.cumsum(lg, axis=-1)
-    gam = mx.exp(G)[..., None]  # [..., C, 1]
-    end = mx.exp(L[..., -1, :])[..., None]  # gamma_C / gamma_j, [..., C, 1]
+    gam = decay_exp(G)[..., None]  # [..., C, 1]
+    end = decay_exp(L[..., -1, :])[..., None]  # gamma_C / gamma_j, [..., C, 1]
     gam_c = gam[..., -1:, :]  # [..., 1, 1]
     kt = mx.swapaxes(k, -1, -2)
     A = (k @ kt) * decay * beta[..., None]
     P = (q @ kt) * decay
-    return _finish(q, k, v, A, P, gam, end, gam_c, beta)
+    return _finish(q, k, v, A, P, gam, end, gam_c, beta, keep)
 
 
 def _intra_key(q, k, v, lg, beta):
@@ -125,27 +141,33 @@ def _intra_key(q, k, v, lg, beta):
     # Split once (not index per chunk) so the backward pass stays linear in N.
     for qn, kn, lgn in zip(*(mx.split(x, N, axis=3) for x in (q, k, lg))):
         L = _pair_log_decay(lgn[..., 0, :, None, :], strict[..., None], axis=-3)  # [..., C, C, Dk]
-        decay = mx.where(lower[..., None], mx.exp(L), 0.0)
+        decay = mx.where(lower[..., None], decay_exp(L), 0.0)
         kj = kn[..., 0, None, :, :]  # [..., 1, C, Dk]
         A_list.append((kn[..., 0, :, None, :] * kj * decay).sum(-1))
         P_list.append((qn[..., 0, :, None, :] * kj * decay).sum(-1))
     A = mx.stack(A_list, axis=3) * beta[..., None]
     P = mx.stack(P_list, axis=3)
     G = mx.cumsum(lg, axis=-2)
-    gam = mx.exp(G)  # [..., C, Dk]
+    gam = decay_exp(G)  # [..., C, Dk]
     gam_c = gam[..., -1:, :]  # [..., 1, Dk]
     # gamma_C / gamma_j per column, as a sum over steps j+1..C-1 (never a difference of sums).
-    end = mx.exp(mx.cumsum(lg, axis=-2, reverse=True, inclusive=False))
+    end = decay_exp(mx.cumsum(lg, axis=-2, reverse=True, inclusive=False))
     return _finish(q, k, v, A, P, gam, end, gam_c, beta)
 
 
-def _finish(q, k, v, A, P, gam, end, gam_c, beta):
-    """From A, P and the decays to the per-chunk operands of the state pass."""
+def _finish(q, k, v, A, P, gam, end, gam_c, beta, keep=None):
+    """From A, P and the decays to the per-chunk operands of the state pass; keep [..., C, C]
+    (scalar gate): where the pairwise decay is not flushed."""
     strict, _ = _tri_masks(A.shape[-1])
-    Tinv = _unit_lower_inverse(mx.where(strict, A, 0.0))
+    Tinv = _unit_lower_inverse(mx.where(strict, A, 0.0), keep)
     W = Tinv @ ((beta[..., None] * gam) * k)  # [..., C, Dk]
     Uv = Tinv @ (beta[..., None] * v)  # [..., C, Dv]
     Qe = gam * q - P @ W  # y's coefficient on S0
+    if keep is not None:
+        # With a scalar gate, row i of W and Qe carries the decay from the chunk start to step i
+        # (gam_i): zero where that was flushed, so that no sub-floor row meets the state.
+        live = gam > 0
+        W, Qe = mx.where(live, W, 0.0), mx.where(live, Qe, 0.0)
     Yv = P @ Uv  # y's part independent of S0
     Kd = end * k  # what each step writes into the chunk-end state
     WQ = mx.concatenate([W, Qe], axis=-2)  # one product with S0 per chunk

@@ -10,6 +10,8 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
+from ..gating import flush_decay
+
 
 def _step(state, q_t, k_t, v_t, g_t, beta_t, m_t):
     """One step. state [B,Hv,Dv,Dk] f32; q_t,k_t [B,Hv,Dk]; v_t [B,Hv,Dv]; g_t [B,Hv] or [B,Hv,Dk];
@@ -54,6 +56,9 @@ def recurrent_rule(
     out_dtype = q.dtype
     f32 = mx.float32
     q, k, v, g, beta = (x.astype(f32) for x in (q, k, v, g, beta))
+    # Decays below exp(-40) become exact zeros: g * state would otherwise go subnormal, which
+    # CPUs without flush-to-zero run many times slower (gating.LOG_DECAY_FLOOR).
+    g = flush_decay(g)
     if Hv != Hk:
         # Value head h reads key head h // (Hv // Hk).
         q = mx.repeat(q, Hv // Hk, axis=2)
