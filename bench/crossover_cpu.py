@@ -135,7 +135,7 @@ def profile(T, reps, gates):
     ops = oc._intra_scalar_c(qc, kc, vc, lgc, bc)
     mx.eval(ops)
     parts = [[p.squeeze(3) for p in mx.split(t, N, axis=3)] for t in ops]
-    S0 = x.state.reshape(B, Hk, R, Dv, Dk)
+    S0 = mx.swapaxes(x.state.reshape(B, Hk, R, Dv, Dk), -1, -2)  # the pass carries the state transposed
 
     def state_pass():
         S, ys = S0, []
