@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -158,6 +159,8 @@ def show(path=None, out=sys.stdout) -> None:
                 print(f"  {backend} {dtype}: " + (f"chunked from T={t0}" if t0 is not None else "never chunked"),
                       file=out)
     print(f"this process: {here}, mlx {vers['mlx']}, mlx-gdn {vers['mlx_gdn']}", file=out)
+    if Path(p) != tuning.cache_path():
+        print(f"(algorithm='auto' reads {tuning.cache_path()}, not this file)", file=out)
 
 
 def main(argv=None) -> int:

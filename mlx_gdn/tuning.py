@@ -45,7 +45,8 @@ def device_name() -> str:
     dev = mx.default_device()
     name = ""
     try:
-        name = str(mx.device_info().get("device_name", ""))
+        info = mx.device_info()
+        name = str(info.get("device_name") or info.get("architecture") or "")
     except Exception:  # noqa: BLE001 (older MLX: no device_info)
         pass
     return f"{'gpu' if dev.type == mx.gpu else 'cpu'} {name or 'unknown'}".strip()

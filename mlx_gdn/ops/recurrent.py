@@ -16,6 +16,9 @@ from ..gating import flush_decay
 def _step(state, q_t, k_t, v_t, g_t, beta_t, m_t):
     """One step. state [B,Hv,Dv,Dk] f32; q_t,k_t [B,Hv,Dk]; v_t [B,Hv,Dv]; g_t [B,Hv] or [B,Hv,Dk];
     beta_t [B,Hv]; m_t [B] bool or None."""
+    # Decays below exp(-40) become exact zeros: g * state would otherwise go subnormal, which
+    # CPUs without flush-to-zero run many times slower (gating.LOG_DECAY_FLOOR).
+    g_t = flush_decay(g_t)
     decay = g_t[..., None, None] if g_t.ndim == 2 else g_t[..., None, :]
     s = state * decay
     kv = (s * k_t[..., None, :]).sum(-1)
@@ -33,6 +36,8 @@ _step_compiled = mx.compile(_step)
 
 def _steps(x: mx.array, T: int):
     """x [B, T, ...] as T arrays [B, ...]."""
+    if T == 1:  # a decode step: no split op
+        return [x.squeeze(1)]
     return [part.squeeze(1) for part in mx.split(x, T, axis=1)] if T > 0 else []
 
 
@@ -56,9 +61,6 @@ def recurrent_rule(
     out_dtype = q.dtype
     f32 = mx.float32
     q, k, v, g, beta = (x.astype(f32) for x in (q, k, v, g, beta))
-    # Decays below exp(-40) become exact zeros: g * state would otherwise go subnormal, which
-    # CPUs without flush-to-zero run many times slower (gating.LOG_DECAY_FLOOR).
-    g = flush_decay(g)
     if Hv != Hk:
         # Value head h reads key head h // (Hv // Hk).
         q = mx.repeat(q, Hv // Hk, axis=2)
@@ -74,5 +76,8 @@ def recurrent_rule(
         q_t, k_t, v_t, g_t, beta_t = (s[t] for s in steps)
         y, state = _step_compiled(state, q_t, k_t, v_t, g_t, beta_t, masks[t])
         ys.append(y)
-    y = mx.stack(ys, axis=1) if ys else mx.zeros((B, 0, Hv, v.shape[3]), f32)
+    if T == 1:
+        y = mx.expand_dims(ys[0], 1)
+    else:
+        y = mx.stack(ys, axis=1) if ys else mx.zeros((B, 0, Hv, v.shape[3]), f32)
     return y.astype(out_dtype), state
