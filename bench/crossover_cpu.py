@@ -62,6 +62,8 @@ def contenders():
                                                     backend="ops", algorithm=algorithm)
 
     out = {"recurrent": ours("recurrent"), "chunked": ours("chunked")}
+    # What a model gets: backend and algorithm "auto" (on the CPU: ops, by CHUNKED_FROM_T).
+    out["auto"] = lambda s: mlx_gdn.gated_delta_update(s.q, s.k, s.v, s.a, s.b, s.A_log, s.dt_bias, s.state)
     try:
         from mlx_lm.models.gated_delta import gated_delta_update
 
