@@ -169,20 +169,22 @@ def _finish(q, k, v, A, P, gam, end, gam_c, beta, keep=None):
         live = gam > 0
         W, Qe = mx.where(live, W, 0.0), mx.where(live, Qe, 0.0)
     Yv = P @ Uv  # y's part independent of S0
-    Kd = end * k  # what each step writes into the chunk-end state
+    # What each step writes into the chunk-end state, transposed ([..., Dk, C]) and made contiguous
+    # here, batched, so that the pass's product with it takes no transposed operand.
+    KdT = mx.contiguous(mx.swapaxes(end * k, -1, -2))
     WQ = mx.concatenate([W, Qe], axis=-2)  # one product with S0 per chunk
-    return WQ, Uv, Yv, Kd, gam_c
+    return WQ, Uv, Yv, KdT, gam_c
 
 
-def _pass(St, WQ, Uv, Yv, Kd, gam_c):
-    """One chunk of the state pass. St [B,Hk,R,Dk,Dv]: the state transposed, so that the product
-    with it needs no transposed operand (about 20% faster with the CPU's BLAS, bench/NOTES.md);
-    the rest one chunk's operands."""
+def _pass(St, WQ, Uv, Yv, KdT, gam_c):
+    """One chunk of the state pass. St [B,Hk,R,Dk,Dv]: the state transposed, so that no product
+    takes a transposed operand (each layout change measured 15-25% less pass time with the CPU's
+    BLAS, bench/NOTES.md); the rest one chunk's operands."""
     C = Uv.shape[-2]
     X = WQ @ St  # [..., 2C, Dv]
     U = Uv - X[..., :C, :]
     Y = Yv + X[..., C:, :]
-    St = mx.swapaxes(gam_c, -1, -2) * St + mx.swapaxes(Kd, -1, -2) @ U
+    St = mx.swapaxes(gam_c, -1, -2) * St + KdT @ U
     return Y, St
 
 
@@ -261,11 +263,11 @@ def chunked_rule(
     lgc = _to_chunks(lg, B, N, C, Hk, R)  # [B,Hk,R,N,C(,Dk)]
     bc = _to_chunks(beta, B, N, C, Hk, R)
     intra = _intra_scalar_c if g.ndim == 3 else _intra_key_c
-    WQ, Uv, Yv, Kd, gam_c = intra(qc, kc, vc, lgc, bc)
+    WQ, Uv, Yv, KdT, gam_c = intra(qc, kc, vc, lgc, bc)
     St = mx.swapaxes(state.reshape(B, Hk, R, Dv, Dk), -1, -2)
     # Split once rather than index per chunk: the gradient of each index is a full-size
     # scatter, which would make the backward pass quadratic in the number of chunks.
-    parts = [[p.squeeze(3) for p in mx.split(x, N, axis=3)] for x in (WQ, Uv, Yv, Kd, gam_c)]
+    parts = [[p.squeeze(3) for p in mx.split(x, N, axis=3)] for x in (WQ, Uv, Yv, KdT, gam_c)]
     ys = []
     for n in range(N):
         y, St = _pass_c(St, *(p[n] for p in parts))
