@@ -25,12 +25,11 @@ _GPU_ORDER = ("metal", "cuda")
 # Backend -> smallest T at which the chunked form wins (or dtype name -> that T). None: never
 # chosen automatically. A tuning file for this device (`python -m mlx_gdn.tune`, `tuning`) overrides it.
 # "ops": the 2-core CPU, bench/crossover_cpu.py with a trained layer's gates (bench/NOTES.md,
-# "CPU crossover with trained gates"): float32 chunked leads from T=8; with bf16 inputs the two tie
-# within noise from T=8 to 64 and chunked leads from 128, so 32 (float16 unmeasured, converted to
-# float32 first like bf16). "metal": no Apple GPU to measure on; NOTES gives a model only (a
-# tuning run decides). "cuda": H100, bench/cuda_bench.py (bench/NOTES.md, "CUDA / H100"): chunked
-# leads from T=128 at B=1 in bf16 and ties in float32.
-CHUNKED_FROM_T = {"ops": {"float32": 8, "bfloat16": 32, "float16": 32}, "metal": None, "cuda": 128}
+# "CPU crossover with trained gates"): the recurrence leads up to T=32-64 and chunked from 128, in
+# float32 and bf16 alike. "metal": no Apple GPU to measure on; NOTES gives a model only (a tuning
+# run decides). "cuda": H100, bench/cuda_bench.py (bench/NOTES.md, "CUDA / H100"): chunked leads
+# from T=128 at B=1 in bf16 and ties in float32.
+CHUNKED_FROM_T = {"ops": 128, "metal": None, "cuda": 128}
 
 
 def prefers_chunked(backend: str, p: Problem) -> bool:
