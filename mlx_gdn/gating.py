@@ -60,12 +60,14 @@ def decay_exp(log_g: mx.array) -> mx.array:
     return mx.where(keep, mx.exp(mx.where(keep, log_g, 0.0)), 0.0)
 
 
+@partial(mx.compile, shapeless=True)
 def flush_decay(g: mx.array) -> mx.array:
     """g with values below exp(LOG_DECAY_FLOOR) set to exactly 0; the gradient passes as for g.
 
     The derivative of a step's output by its own gate does not depend on that gate's value, so
     the unflushed gradient is the exact one for the flushed value too.
     """
+    # Compiled: one launch per call instead of five.
     flushed = mx.where(g < _DECAY_MIN, 0.0, g)
     return g + mx.stop_gradient(flushed - g)
 
