@@ -43,7 +43,8 @@ def _rate_times(A_log, x):
 # Decays below exp(LOG_DECAY_FLOOR) (about 4e-18) are formed as exact zeros. What such a decay
 # multiplies is below float32's resolution next to anything it is added to, yet carrying it costs
 # dearly: its products with the state, keys and other decays fall below float32's smallest normal
-# (exp(-87.3)), and a CPU without flush-to-zero runs subnormal arithmetic many times slower.
+# (exp(-87.3)), and a CPU without flush-to-zero runs subnormal arithmetic slower (a state multiply
+# 2x on the 2-core AMD CPU, more under load; bench/NOTES.md, "CPU crossover with trained gates").
 # Half the normal range: a product of two kept decays (>= exp(-80)) stays normal with three
 # orders of magnitude to spare for the key and beta factors it meets.
 LOG_DECAY_FLOOR = -40.0

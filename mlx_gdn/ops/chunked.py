@@ -15,7 +15,7 @@ products. Memory is O(T (Dk + Dv + C)) per head plus one Dv x Dk state per head 
 
 Every decay (pairwise, from the chunk start, to the chunk end) is formed by `gating.decay_exp`:
 exactly 0 below exp(-40), so no subnormal float enters the products (trained layers' gates drive
-most cumulative decays far below float32's normal range, and CPUs crawl through subnormals).
+most cumulative decays far below float32's normal range, and CPUs run subnormals slower).
 """
 
 from __future__ import annotations
