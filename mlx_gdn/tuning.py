@@ -118,11 +118,15 @@ def crossover(backend: str, dtype: str):
     entry = current_entry()
     if entry is None:
         return False, None
-    cell = entry.get("backends", {}).get(backend, {}).get(dtype)
+    per_backend = entry.get("backends")
+    per_dtype = per_backend.get(backend) if isinstance(per_backend, dict) else None
+    cell = per_dtype.get(dtype) if isinstance(per_dtype, dict) else None
     if not isinstance(cell, dict) or "chunked_from_t" not in cell:
         return False, None
     t0 = cell["chunked_from_t"]
-    return True, (int(t0) if t0 is not None else None)
+    if t0 is not None and (isinstance(t0, bool) or not isinstance(t0, int) or t0 < 1):
+        return False, None  # a hand-edited or damaged value: the built-in table answers
+    return True, t0
 
 
 def reload() -> None:

@@ -2,6 +2,7 @@
 the file on the device (and versions) it was made for, and only there."""
 
 import io
+import json
 
 import mlx.core as mx
 import pytest
@@ -96,9 +97,17 @@ def test_tuning_of_other_devices_and_versions_is_ignored(tuning_file, monkeypatc
         assert "gpu Another GPU" in tuning.read(tuning_file)["devices"]
 
 
-def test_unreadable_file_means_defaults(tuning_file):
-    tuning_file.write_text("{not json")
+@pytest.mark.parametrize("backends_field", [None, [1, 2], {"ops": {"float32": {"chunked_from_t": "soon"}}},
+                                            {"ops": {"float32": {"chunked_from_t": 0}}}, {"ops": 3}])
+def test_unreadable_file_means_defaults(tuning_file, backends_field):
+    """An unparsable file, or this device's entry (right versions) with a damaged field."""
+    if backends_field is None:
+        tuning_file.write_text("{not json")
+    else:
+        entry = dict(tuning.versions(), backends=backends_field)
+        tuning_file.write_text(json.dumps({"format": tuning.FORMAT, "devices": {FAKE_GPU: entry}}))
     tuning.reload()
+    assert tuning.current_entry() is None or backends_field is not None
     assert tuning.crossover("ops", "float32") == (False, None)
     for dtype in (mx.float32, mx.bfloat16):
         name = str(dtype).rsplit(".", 1)[-1]
