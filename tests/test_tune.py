@@ -107,7 +107,6 @@ def test_unreadable_file_means_defaults(tuning_file, backends_field):
         entry = dict(tuning.versions(), backends=backends_field)
         tuning_file.write_text(json.dumps({"format": tuning.FORMAT, "devices": {FAKE_GPU: entry}}))
     tuning.reload()
-    assert tuning.current_entry() is None or backends_field is not None
     assert tuning.crossover("ops", "float32") == (False, None)
     for dtype in (mx.float32, mx.bfloat16):
         name = str(dtype).rsplit(".", 1)[-1]
