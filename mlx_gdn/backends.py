@@ -9,6 +9,7 @@ from typing import Tuple
 
 import mlx.core as mx
 
+from . import tuning
 from .validate import ALGORITHMS, BACKENDS, Problem, check_choice
 
 # Each backend module provides: name, available(), unavailable_reason(), supports(p, algorithm),
@@ -24,12 +25,14 @@ _GPU_ORDER = ("metal", "cuda")
 # Where `algorithm="auto"` switches from the recurrent to the chunked form, per backend: prompt
 # lengths measured by the benchmark (bench/NOTES.md says with which command); below them the
 # recurrent path is as fast or faster.
-# Backend -> smallest T at which the chunked form wins. None: never chosen automatically.
-# "ops": measured on the 2-core CPU with bench/crossover_cpu.py (bench/NOTES.md, "Chunked
-# prefill"): with the machine quiet, chunked leads from T=8 on (ties or trails at T <= 4).
-# "metal": no Apple GPU to measure on; NOTES gives a model only. "cuda": H100, bench/cuda_bench.py
-# (bench/NOTES.md, "CUDA / H100"): chunked leads from T=128 at B=1 in bf16 and ties in float32.
-CHUNKED_FROM_T = {"ops": 8, "metal": None, "cuda": 128}
+# Backend -> smallest T at which the chunked form wins (or dtype name -> that T). None: never
+# chosen automatically. A tuning file for this device (`python -m mlx_gdn.tune`, `tuning`) overrides it.
+# "ops": the 2-core CPU, bench/crossover_cpu.py with a trained layer's gates (bench/NOTES.md,
+# "CPU crossover with trained gates"): the recurrence leads up to T=32-64 and chunked from 128, in
+# float32 and bf16 alike. "metal": no Apple GPU to measure on; NOTES gives a model only (a tuning
+# run decides). "cuda": H100, bench/cuda_bench.py (bench/NOTES.md, "CUDA / H100"): chunked leads
+# from T=128 at B=1 in bf16 and ties in float32.
+CHUNKED_FROM_T = {"ops": 128, "metal": None, "cuda": 128}
 
 
 def prefers_chunked(backend: str, p: Problem) -> bool:
@@ -40,8 +43,26 @@ def prefers_chunked(backend: str, p: Problem) -> bool:
     than the recurrence (bench/NOTES.md, "Chunked prefill"); a folded form (decay split between K and Q columns) overflows for
     gates near 0 unless they are bounded below.
     """
-    t0 = CHUNKED_FROM_T.get(backend)
+    t0 = chunked_from(backend, p.dtype)
     return t0 is not None and p.T >= t0 and p.gate == "scalar"
+
+
+def chunked_from(backend: str, dtype: mx.Dtype):
+    """Smallest T at which `algorithm="auto"` runs `backend`'s chunked form for inputs of `dtype`
+    (None: never): this device's tuning result where there is one, else CHUNKED_FROM_T."""
+    name = str(dtype).rsplit(".", 1)[-1]
+    found, t0 = tuning.crossover(backend, name)
+    return t0 if found else builtin_chunked_from(backend, name)
+
+
+def builtin_chunked_from(backend: str, dtype_name: str):
+    """CHUNKED_FROM_T's answer for `backend` and a dtype name ("float32", "bfloat16", ...)."""
+    t0 = CHUNKED_FROM_T.get(backend)
+    return t0.get(dtype_name) if isinstance(t0, dict) else t0
+
+
+def _table_key():
+    return tuple((b, tuple(sorted(t.items())) if isinstance(t, dict) else t) for b, t in CHUNKED_FROM_T.items())
 
 
 # Backend name -> why its module could not be imported (reported when it is asked for).
@@ -176,7 +197,7 @@ def plan(backend: str, algorithm: str, key, check, options=(False, False, False)
     """
     if key is None:
         return _make_plan(backend, algorithm, check, options)
-    return remembered((key, backend, algorithm, tuple(CHUNKED_FROM_T.items())), _make_plan, backend, algorithm, check,
+    return remembered((key, backend, algorithm, _table_key()), _make_plan, backend, algorithm, check,
                       options)
 
 

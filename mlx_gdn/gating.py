@@ -28,27 +28,63 @@ def _rate_softplus(A_log, x):
     sp = softplus(x)
     low = x < -20.0
     log_sp = mx.where(low, x, mx.log(mx.where(low, 1.0, sp)))
-    return mx.where(big, mx.exp(mx.where(big, A_log, 0.0) + log_sp), mx.exp(mx.where(big, 0.0, A_log)) * sp)
+    # Capped where the product overflows: its decay is 0 either way, and exp(inf)'s gradient
+    # times a zero cotangent would be NaN.
+    log_prod = mx.minimum(mx.where(big, A_log, 0.0) + log_sp, _LOG_RATE_MAX)
+    return mx.where(big, mx.exp(log_prod), mx.exp(mx.where(big, 0.0, A_log)) * sp)
 
 
 def _rate_times(A_log, x):
     """exp(A_log) * x for x of either sign."""
     big = (A_log > _LOG_RATE_MAX) & (x != 0)
     ax = mx.where(big, mx.abs(x), 1.0)
-    scaled = mx.where(x > 0, 1.0, -1.0) * mx.exp(mx.where(big, A_log, 0.0) + mx.log(ax))
+    scaled = mx.where(x > 0, 1.0, -1.0) * mx.exp(mx.minimum(mx.where(big, A_log, 0.0) + mx.log(ax), _LOG_RATE_MAX))
     return mx.where(big, scaled, mx.exp(mx.minimum(A_log, _LOG_RATE_MAX)) * x)
+
+
+# Decays below exp(LOG_DECAY_FLOOR) (about 4e-18) are formed as exact zeros. What such a decay
+# multiplies is below float32's resolution next to anything it is added to, yet carrying it costs
+# dearly: its products with the state, keys and other decays fall below float32's smallest normal
+# (exp(-87.3)), and a CPU without flush-to-zero runs subnormal arithmetic slower (a state multiply
+# 2x on the 2-core AMD CPU, more under load; bench/NOTES.md, "CPU crossover with trained gates").
+# Half the normal range: a product of two kept decays (>= exp(-80)) stays normal with three
+# orders of magnitude to spare for the key and beta factors it meets.
+LOG_DECAY_FLOOR = -40.0
+_DECAY_MIN = math.exp(LOG_DECAY_FLOOR)
+
+
+def decay_exp(log_g: mx.array) -> mx.array:
+    """exp(log_g), exactly 0 where log_g < LOG_DECAY_FLOOR (log_g <= 0, -inf allowed).
+
+    exp only sees kept arguments, so the result and its gradient (0 where flushed, where the true
+    one is below exp(-40) anyway) stay finite.
+    """
+    keep = log_g >= LOG_DECAY_FLOOR
+    return mx.where(keep, mx.exp(mx.where(keep, log_g, 0.0)), 0.0)
+
+
+@partial(mx.compile, shapeless=True)
+def flush_decay(g: mx.array) -> mx.array:
+    """g with values below exp(LOG_DECAY_FLOOR) set to exactly 0; the gradient passes as for g.
+
+    The derivative of a step's output by its own gate does not depend on that gate's value, so
+    the unflushed gradient is the exact one for the flushed value too.
+    """
+    # Compiled: one launch per call instead of five.
+    flushed = mx.where(g < _DECAY_MIN, 0.0, g)
+    return g + mx.stop_gradient(flushed - g)
 
 
 @partial(mx.compile, shapeless=True)
 def _decay(a, A_log, dt_bias):
     x = a.astype(mx.float32) + dt_bias.astype(mx.float32)
-    return mx.exp(-_rate_softplus(A_log.astype(mx.float32), x))
+    return decay_exp(-_rate_softplus(A_log.astype(mx.float32), x))
 
 
 @partial(mx.compile, shapeless=True)
 def _decay_bounded(a, A_log, dt_bias, lower_bound):
     x = a.astype(mx.float32) + dt_bias.astype(mx.float32)
-    return mx.exp(lower_bound * mx.sigmoid(_rate_times(A_log.astype(mx.float32), x)))
+    return decay_exp(lower_bound * mx.sigmoid(_rate_times(A_log.astype(mx.float32), x)))
 
 
 @partial(mx.compile, shapeless=True)

@@ -31,3 +31,16 @@ def pytest_runtest_makereport(item, call):
         seeds = drawn_seeds()
         if seeds:
             rep.sections.append(("seeds drawn with mlx_gdn.testing.fresh_seed()", ", ".join(map(str, seeds))))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_tuning(tmp_path_factory):
+    # A tuning file in the developer's home (python -m mlx_gdn.tune) would change what
+    # algorithm="auto" picks; tests see an empty one unless they write their own.
+    import os
+
+    from mlx_gdn import tuning
+
+    os.environ["MLX_GDN_CACHE"] = str(tmp_path_factory.mktemp("tuning") / "tuning.json")
+    tuning.reload()
+    yield

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List
 
 import mlx.core as mx
 
@@ -72,4 +72,29 @@ def copy_bandwidth(nbytes: int, budget: float = 1.0, host: bool = False) -> dict
         out["host_copy_GBps"] = moved / h["median_s"] / 1e9
         if out["host_copy_GBps"] > out["GBps"]:
             out.update(op="numpy copyto (float32)", median_s=h["median_s"], GBps=out["host_copy_GBps"])
+    return out
+
+
+def alternating_rounds(calls: Dict[str, Callable[[], Any]], sync: Callable[[Any], None], *, rounds: int,
+                       round_s: float = 0.05, max_calls: int = 50) -> Dict[str, List[float]]:
+    """name -> per-round median seconds per call, the contenders taking turns round by round.
+
+    On a shared or throttling machine, load drifts between rounds and hits every contender alike,
+    so ratios taken round by round are steadier than separate timings. Each contender is warmed up
+    (one call) first; within a round it repeats until `round_s` seconds or `max_calls` calls; the
+    starting contender rotates between rounds.
+    """
+    names = list(calls)
+    for name in names:
+        sync(calls[name]())
+    out: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times: List[float] = []
+            start = time.perf_counter()
+            while len(times) < max_calls and (not times or time.perf_counter() - start < round_s):
+                t0 = time.perf_counter()
+                sync(calls[name]())
+                times.append(time.perf_counter() - t0)
+            out[name].append(statistics.median(times))
     return out

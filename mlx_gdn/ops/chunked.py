@@ -12,6 +12,10 @@ T = (I + A)^-1, W = T diag(beta gamma) K and Uv = T diag(beta) V:
 All of it except the last line and the S0 products is independent across chunks, so it
 runs batched over every chunk at once; the chunk-to-chunk state pass is a loop of small
 products. Memory is O(T (Dk + Dv + C)) per head plus one Dv x Dk state per head and chunk.
+
+Every decay (pairwise, from the chunk start, to the chunk end) is formed by `gating.decay_exp`:
+exactly 0 below exp(-40), so no subnormal float enters the products (trained layers' gates drive
+most cumulative decays far below float32's normal range, and CPUs run subnormals slower).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from functools import lru_cache
 from typing import NamedTuple, Optional, Tuple
 
 import mlx.core as mx
+
+from ..gating import decay_exp
 
 # Steps per chunk by device type. CPU: measured (bench/NOTES.md, "Chunked prefill"): the
 # intra-chunk work grows with C while the state pass does not shrink with it. GPU: 64, the
@@ -70,9 +76,14 @@ def _pair_log_decay(lg: mx.array, strict: mx.array, axis: int) -> mx.array:
     return mx.cumsum(mx.where(strict, lg, 0.0), axis=axis)
 
 
-def _unit_lower_inverse(A: mx.array) -> mx.array:
+def _unit_lower_inverse(A: mx.array, keep: Optional[mx.array] = None) -> mx.array:
     """(I + A)^-1 for A [..., C, C] strictly lower triangular, C a power of two.
 
+    keep [..., C, C] bool, for a scalar gate: False where the decay between steps i and j was
+    flushed to 0. Entry (i, j) of the inverse is a sum of products of A along paths from i to j,
+    each carrying that same decay (the pairwise decays telescope), so it is set to 0 there as it
+    is formed: products of such entries would go subnormal. Per-key gates mix keys along a path,
+    so they have no such mask.
     Substitution inside diagonal blocks, then block merges
     [[X, 0], [A21, Y]]^-1 = [[X^-1, 0], [-Y^-1 A21 X^-1, Y^-1]]. Stable where the power
     series of A is not (repeated keys make A's powers grow like binomials).
@@ -80,21 +91,25 @@ def _unit_lower_inverse(A: mx.array) -> mx.array:
     C = A.shape[-1]
     s = min(_BLOCK, C)
     nb = C // s
-    blocks = mx.stack([A[..., b * s:(b + 1) * s, b * s:(b + 1) * s] for b in range(nb)], axis=-3)
+    diag = lambda M: mx.stack([M[..., b * s:(b + 1) * s, b * s:(b + 1) * s] for b in range(nb)], axis=-3)  # noqa: E731
+    flush = (lambda m, x: x) if keep is None else (lambda m, x: mx.where(m, x, 0.0))  # noqa: E731
+    blocks, kb = diag(A), None if keep is None else diag(keep)
     inv = mx.broadcast_to(mx.eye(s, dtype=A.dtype), blocks.shape)
     rows = [inv[..., 0, :]]
     for i in range(1, s):
         # Row i of the inverse only needs rows < i (A is strictly lower).
         prev = mx.stack(rows, axis=-2)
-        rows.append(inv[..., i, :] - (blocks[..., i, :i, None] * prev).sum(-2))
+        row = inv[..., i, :] - (blocks[..., i, :i, None] * prev).sum(-2)
+        rows.append(flush(None if kb is None else kb[..., i, :], row))
     inv = mx.stack(rows, axis=-2)  # [..., nb, s, s]
     while s < C:
         nb //= 2
-        a21 = mx.stack(
-            [A[..., (2 * p + 1) * s:(2 * p + 2) * s, 2 * p * s:(2 * p + 1) * s] for p in range(nb)], axis=-3
+        low = lambda M: mx.stack(  # noqa: E731
+            [M[..., (2 * p + 1) * s:(2 * p + 2) * s, 2 * p * s:(2 * p + 1) * s] for p in range(nb)], axis=-3
         )
+        a21, k21 = low(A), None if keep is None else low(keep)
         x, y = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
-        z = -((y @ a21) @ x)
+        z = -flush(k21, flush(k21, y @ a21) @ x)
         top = mx.concatenate([x, mx.zeros_like(x)], axis=-1)
         bot = mx.concatenate([z, y], axis=-1)
         inv = mx.concatenate([top, bot], axis=-2)
@@ -108,15 +123,16 @@ def _intra_scalar(q, k, v, lg, beta):
     C = q.shape[-2]
     strict, lower = _tri_masks(C)
     L = _pair_log_decay(lg[..., :, None], strict, axis=-2)  # [..., C, C]
-    decay = mx.where(lower, mx.exp(L), 0.0)
+    decay = mx.where(lower, decay_exp(L), 0.0)
+    keep = decay > 0
     G = mx.cumsum(lg, axis=-1)
-    gam = mx.exp(G)[..., None]  # [..., C, 1]
-    end = mx.exp(L[..., -1, :])[..., None]  # gamma_C / gamma_j, [..., C, 1]
+    gam = decay_exp(G)[..., None]  # [..., C, 1]
+    end = decay_exp(L[..., -1, :])[..., None]  # gamma_C / gamma_j, [..., C, 1]
     gam_c = gam[..., -1:, :]  # [..., 1, 1]
     kt = mx.swapaxes(k, -1, -2)
     A = (k @ kt) * decay * beta[..., None]
     P = (q @ kt) * decay
-    return _finish(q, k, v, A, P, gam, end, gam_c, beta)
+    return _finish(q, k, v, A, P, gam, end, gam_c, beta, keep)
 
 
 def _intra_key(q, k, v, lg, beta):
@@ -129,41 +145,51 @@ def _intra_key(q, k, v, lg, beta):
     # Split once (not index per chunk) so the backward pass stays linear in N.
     for qn, kn, lgn in zip(*(mx.split(x, N, axis=3) for x in (q, k, lg))):
         L = _pair_log_decay(lgn[..., 0, :, None, :], strict[..., None], axis=-3)  # [..., C, C, Dk]
-        decay = mx.where(lower[..., None], mx.exp(L), 0.0)
+        decay = mx.where(lower[..., None], decay_exp(L), 0.0)
         kj = kn[..., 0, None, :, :]  # [..., 1, C, Dk]
         A_list.append((kn[..., 0, :, None, :] * kj * decay).sum(-1))
         P_list.append((qn[..., 0, :, None, :] * kj * decay).sum(-1))
     A = mx.stack(A_list, axis=3) * beta[..., None]
     P = mx.stack(P_list, axis=3)
     G = mx.cumsum(lg, axis=-2)
-    gam = mx.exp(G)  # [..., C, Dk]
+    gam = decay_exp(G)  # [..., C, Dk]
     gam_c = gam[..., -1:, :]  # [..., 1, Dk]
     # gamma_C / gamma_j per column, as a sum over steps j+1..C-1 (never a difference of sums).
-    end = mx.exp(mx.cumsum(lg, axis=-2, reverse=True, inclusive=False))
+    end = decay_exp(mx.cumsum(lg, axis=-2, reverse=True, inclusive=False))
     return _finish(q, k, v, A, P, gam, end, gam_c, beta)
 
 
-def _finish(q, k, v, A, P, gam, end, gam_c, beta):
-    """From A, P and the decays to the per-chunk operands of the state pass."""
+def _finish(q, k, v, A, P, gam, end, gam_c, beta, keep=None):
+    """From A, P and the decays to the per-chunk operands of the state pass; keep [..., C, C]
+    (scalar gate): where the pairwise decay is not flushed."""
     strict, _ = _tri_masks(A.shape[-1])
-    Tinv = _unit_lower_inverse(mx.where(strict, A, 0.0))
+    Tinv = _unit_lower_inverse(mx.where(strict, A, 0.0), keep)
     W = Tinv @ ((beta[..., None] * gam) * k)  # [..., C, Dk]
     Uv = Tinv @ (beta[..., None] * v)  # [..., C, Dv]
     Qe = gam * q - P @ W  # y's coefficient on S0
+    if keep is not None:
+        # With a scalar gate, row i of W and Qe carries the decay from the chunk start to step i
+        # (gam_i): zero where that was flushed, so that no sub-floor row meets the state.
+        live = gam > 0
+        W, Qe = mx.where(live, W, 0.0), mx.where(live, Qe, 0.0)
     Yv = P @ Uv  # y's part independent of S0
-    Kd = end * k  # what each step writes into the chunk-end state
+    # What each step writes into the chunk-end state, transposed ([..., Dk, C]) and made contiguous
+    # here, batched, so that the pass's product with it takes no transposed operand.
+    KdT = mx.contiguous(mx.swapaxes(end * k, -1, -2))
     WQ = mx.concatenate([W, Qe], axis=-2)  # one product with S0 per chunk
-    return WQ, Uv, Yv, Kd, gam_c
+    return WQ, Uv, Yv, KdT, gam_c
 
 
-def _pass(S, WQ, Uv, Yv, Kd, gam_c):
-    """One chunk of the state pass. S [B,Hk,R,Dv,Dk]; the rest one chunk's operands."""
+def _pass(St, WQ, Uv, Yv, KdT, gam_c):
+    """One chunk of the state pass. St [B,Hk,R,Dk,Dv]: the state transposed, so that no product
+    takes a transposed operand (each layout change measured 15-25% less pass time with the CPU's
+    BLAS, bench/NOTES.md); the rest one chunk's operands."""
     C = Uv.shape[-2]
-    X = WQ @ mx.swapaxes(S, -1, -2)  # [..., 2C, Dv]
+    X = WQ @ St  # [..., 2C, Dv]
     U = Uv - X[..., :C, :]
     Y = Yv + X[..., C:, :]
-    S = gam_c * S + mx.swapaxes(U, -1, -2) @ Kd
-    return Y, S
+    St = mx.swapaxes(gam_c, -1, -2) * St + KdT @ U
+    return Y, St
 
 
 _intra_scalar_c = mx.compile(_intra_scalar)
@@ -247,7 +273,7 @@ def from_chunk_layout(y: mx.array, lay: ChunkLayout) -> mx.array:
 
 
 def intra_chunk(lay: ChunkLayout):
-    """(WQ, Uv, Yv, Kd, gam_c): every chunk's operands of the state pass (see `_pass`)."""
+    """(WQ, Uv, Yv, KdT, gam_c): every chunk's operands of the state pass (see `_pass`)."""
     intra = _intra_key_c if lay.key_gate else _intra_scalar_c
     return intra(lay.qc, lay.kc, lay.vc, lay.lgc, lay.bc)
 
@@ -295,22 +321,22 @@ def chunked_rule(
     Hv, Dv = v.shape[2], v.shape[3]
     R = Hv // Hk
     lay = to_chunk_layout(q, k, v, g, beta, mask)
-    WQ, Uv, Yv, Kd, gam_c = intra_chunk(lay)
-    S = state.reshape(B, Hk, R, Dv, Dk)
+    WQ, Uv, Yv, KdT, gam_c = intra_chunk(lay)
+    St = mx.swapaxes(state.reshape(B, Hk, R, Dv, Dk), -1, -2)
     # Split once rather than index per chunk: the gradient of each index is a full-size
     # scatter, which would make the backward pass quadratic in the number of chunks.
     N, C = lay.N, lay.qc.shape[4]
-    parts = [[p.squeeze(3) for p in mx.split(x, N, axis=3)] for x in (WQ, Uv, Yv, Kd, gam_c)]
+    parts = [[p.squeeze(3) for p in mx.split(x, N, axis=3)] for x in (WQ, Uv, Yv, KdT, gam_c)]
     if every and every % C:
         raise ValueError(f"every must be a multiple of the chunk length {C}, got {every}")
     ys, kept = [], []
     for n in range(N):
-        y, S = _pass_c(S, *(p[n] for p in parts))
+        y, St = _pass_c(St, *(p[n] for p in parts))
         ys.append(y)
         if every and ((n + 1) * C) % every == 0 and (n + 1) * C <= T:
-            kept.append(S.reshape(B, Hv, Dv, Dk))
+            kept.append(mx.swapaxes(St, -1, -2).reshape(B, Hv, Dv, Dk))
     y = from_chunk_layout(mx.stack(ys, axis=3), lay).astype(q.dtype)
-    S = S.reshape(B, Hv, Dv, Dk)
+    S = mx.swapaxes(St, -1, -2).reshape(B, Hv, Dv, Dk)
     if not every:
         return y, S
     states = mx.stack(kept, axis=1) if kept else mx.zeros((B, 0, Hv, Dv, Dk), mx.float32)

@@ -36,9 +36,10 @@ _OPERANDS = ("qc", "kc", "vc", "lgc", "bc")
 GROUP = 8
 
 
-def _state_adjoint(dS, dy, W, Qe, Kd, gam_c):
-    """dS_n from dS_{n+1} for one chunk. dS [B,Hk,R,Dv,Dk]; dy [...,C,Dv]; W, Qe, Kd [...,C,Dk]."""
-    dU = Kd @ mx.swapaxes(dS, -1, -2)  # [..., C, Dv]
+def _state_adjoint(dS, dy, W, Qe, KdT, gam_c):
+    """dS_n from dS_{n+1} for one chunk. dS [B,Hk,R,Dv,Dk]; dy [...,C,Dv]; W, Qe [...,C,Dk];
+    KdT [...,Dk,C] (the chunk-end write operand, transposed as the forward pass keeps it)."""
+    dU = mx.swapaxes(dS @ KdT, -1, -2)  # [..., C, Dv]
     return gam_c * dS + mx.swapaxes(dy, -1, -2) @ Qe - mx.swapaxes(dU, -1, -2) @ W
 
 
@@ -97,12 +98,14 @@ def _surrogate(q, k, v, g, beta, state, mask, dy, dstate):
     ops = intra_chunk(lay if shared else lay._replace(**{f: mx.stop_gradient(getattr(lay, f)) for f in _OPERANDS}))
     parts = [[p.squeeze(3) for p in mx.split(mx.stop_gradient(x), N, axis=3)] for x in ops]
 
-    S = state.astype(f32).reshape(B, Hk, R, Dv, Dk)
+    # The forward's state pass carries each state transposed ([..., Dk, Dv]); so do the chunk
+    # starts and end adjoints here (the surrogate pairs transposed ends with transposed adjoints).
+    St = mx.swapaxes(state.astype(f32).reshape(B, Hk, R, Dv, Dk), -1, -2)
     starts = []
     for n in range(N):
-        starts.append(S)
+        starts.append(St)
         if n + 1 < N:
-            _, S = _pass_c(S, *(p[n] for p in parts))
+            _, St = _pass_c(St, *(p[n] for p in parts))
 
     # dy in chunk layout: masked steps wrote y = 0, so their cotangent stops here.
     dy = dy.astype(f32)
@@ -115,7 +118,7 @@ def _surrogate(q, k, v, g, beta, state, mask, dy, dstate):
     dS = dstate.astype(f32).reshape(B, Hk, R, Dv, Dk)
     ends_bar = [None] * N
     for n in reversed(range(N)):
-        ends_bar[n] = dS
+        ends_bar[n] = mx.swapaxes(dS, -1, -2)
         wq = parts[0][n]
         dS = _state_adjoint_c(dS, dycs[n], wq[..., :C, :], wq[..., C:, :], parts[3][n], parts[4][n])
 
