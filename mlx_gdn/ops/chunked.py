@@ -20,7 +20,7 @@ most cumulative decays far below float32's normal range, and CPUs run subnormals
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import NamedTuple, Optional, Tuple
 
 import mlx.core as mx
@@ -117,17 +117,20 @@ def _unit_lower_inverse(A: mx.array, keep: Optional[mx.array] = None) -> mx.arra
     return inv[..., 0, :, :]
 
 
-def _intra_scalar(q, k, v, lg, beta):
+def _intra_scalar(q, k, v, lg, beta, flush=True):
     """Chunk-local quantities for a scalar gate; q, k [B,Hk,1,N,C,Dk], v [B,Hk,R,N,C,Dv],
-    lg, beta [B,Hk,R,N,C]."""
+    lg, beta [B,Hk,R,N,C]. flush: decays below exp(LOG_DECAY_FLOOR) become exact zeros (the
+    forward); False keeps them (the backward, whose gradient by a gate near 0 runs through the
+    tiny decays that span it)."""
+    ex = decay_exp if flush else mx.exp
     C = q.shape[-2]
     strict, lower = _tri_masks(C)
     L = _pair_log_decay(lg[..., :, None], strict, axis=-2)  # [..., C, C]
-    decay = mx.where(lower, decay_exp(L), 0.0)
-    keep = decay > 0
+    decay = mx.where(lower, ex(L), 0.0)
+    keep = decay > 0 if flush else None
     G = mx.cumsum(lg, axis=-1)
-    gam = decay_exp(G)[..., None]  # [..., C, 1]
-    end = decay_exp(L[..., -1, :])[..., None]  # gamma_C / gamma_j, [..., C, 1]
+    gam = ex(G)[..., None]  # [..., C, 1]
+    end = ex(L[..., -1, :])[..., None]  # gamma_C / gamma_j, [..., C, 1]
     gam_c = gam[..., -1:, :]  # [..., 1, 1]
     kt = mx.swapaxes(k, -1, -2)
     A = (k @ kt) * decay * beta[..., None]
@@ -135,9 +138,11 @@ def _intra_scalar(q, k, v, lg, beta):
     return _finish(q, k, v, A, P, gam, end, gam_c, beta, keep)
 
 
-def _intra_key(q, k, v, lg, beta):
+def _intra_key(q, k, v, lg, beta, flush=True):
     """Chunk-local quantities for a per-key gate; lg [B,Hk,R,N,C,Dk]. The pairwise decay has a
-    Dk axis here, so it is formed one chunk at a time to keep memory at O(C^2 Dk) per head."""
+    Dk axis here, so it is formed one chunk at a time to keep memory at O(C^2 Dk) per head.
+    flush: as `_intra_scalar`'s."""
+    ex = decay_exp if flush else mx.exp
     C = q.shape[-2]
     strict, lower = _tri_masks(C)
     A_list, P_list = [], []
@@ -145,17 +150,17 @@ def _intra_key(q, k, v, lg, beta):
     # Split once (not index per chunk) so the backward pass stays linear in N.
     for qn, kn, lgn in zip(*(mx.split(x, N, axis=3) for x in (q, k, lg))):
         L = _pair_log_decay(lgn[..., 0, :, None, :], strict[..., None], axis=-3)  # [..., C, C, Dk]
-        decay = mx.where(lower[..., None], decay_exp(L), 0.0)
+        decay = mx.where(lower[..., None], ex(L), 0.0)
         kj = kn[..., 0, None, :, :]  # [..., 1, C, Dk]
         A_list.append((kn[..., 0, :, None, :] * kj * decay).sum(-1))
         P_list.append((qn[..., 0, :, None, :] * kj * decay).sum(-1))
     A = mx.stack(A_list, axis=3) * beta[..., None]
     P = mx.stack(P_list, axis=3)
     G = mx.cumsum(lg, axis=-2)
-    gam = decay_exp(G)  # [..., C, Dk]
+    gam = ex(G)  # [..., C, Dk]
     gam_c = gam[..., -1:, :]  # [..., 1, Dk]
     # gamma_C / gamma_j per column, as a sum over steps j+1..C-1 (never a difference of sums).
-    end = decay_exp(mx.cumsum(lg, axis=-2, reverse=True, inclusive=False))
+    end = ex(mx.cumsum(lg, axis=-2, reverse=True, inclusive=False))
     return _finish(q, k, v, A, P, gam, end, gam_c, beta)
 
 
@@ -194,6 +199,8 @@ def _pass(St, WQ, Uv, Yv, KdT, gam_c):
 
 _intra_scalar_c = mx.compile(_intra_scalar)
 _intra_key_c = mx.compile(_intra_key)
+_intra_scalar_exact_c = mx.compile(partial(_intra_scalar, flush=False))
+_intra_key_exact_c = mx.compile(partial(_intra_key, flush=False))
 _pass_c = mx.compile(_pass)
 
 
@@ -272,9 +279,13 @@ def from_chunk_layout(y: mx.array, lay: ChunkLayout) -> mx.array:
     return y
 
 
-def intra_chunk(lay: ChunkLayout):
-    """(WQ, Uv, Yv, KdT, gam_c): every chunk's operands of the state pass (see `_pass`)."""
-    intra = _intra_key_c if lay.key_gate else _intra_scalar_c
+def intra_chunk(lay: ChunkLayout, flush: bool = True):
+    """(WQ, Uv, Yv, KdT, gam_c): every chunk's operands of the state pass (see `_pass`).
+    flush=False keeps decays below the floor (for the backward: see `_intra_scalar`)."""
+    if flush:
+        intra = _intra_key_c if lay.key_gate else _intra_scalar_c
+    else:
+        intra = _intra_key_exact_c if lay.key_gate else _intra_scalar_exact_c
     return intra(lay.qc, lay.kc, lay.vc, lay.lgc, lay.bc)
 
 

@@ -95,7 +95,8 @@ def _surrogate(q, k, v, g, beta, state, mask, dy, dstate):
     # One group: the operands serve the constant passes and the differentiated map alike.
     # Several: the passes get their own undifferentiated copy, so that each group's autodiff
     # temporaries live and die with that group.
-    ops = intra_chunk(lay if shared else lay._replace(**{f: mx.stop_gradient(getattr(lay, f)) for f in _OPERANDS}))
+    ops = intra_chunk(lay if shared else lay._replace(**{f: mx.stop_gradient(getattr(lay, f)) for f in _OPERANDS}),
+                      flush=False)
     parts = [[p.squeeze(3) for p in mx.split(mx.stop_gradient(x), N, axis=3)] for x in ops]
 
     # The forward's state pass carries each state transposed ([..., Dk, Dv]); so do the chunk
@@ -133,6 +134,6 @@ def _surrogate(q, k, v, g, beta, state, mask, dy, dstate):
     rest = zip(*(mx.split(x, bounds, axis=3) for x in (starts, ends_bar, dyc)))
     value = 0.0
     for operands, (sg, eg, dg) in zip(groups, rest):
-        Y, ends = _pass(sg, *intra_chunk(lay._replace(**dict(zip(_OPERANDS, operands)))))
+        Y, ends = _pass(sg, *intra_chunk(lay._replace(**dict(zip(_OPERANDS, operands))), flush=False))
         value = value + (Y * dg).sum() + (ends * eg).sum()
     return value, dS.reshape(B, Hv, Dv, Dk)
