@@ -78,13 +78,15 @@ def flush_decay(g: mx.array) -> mx.array:
 @partial(mx.compile, shapeless=True)
 def _decay(a, A_log, dt_bias):
     x = a.astype(mx.float32) + dt_bias.astype(mx.float32)
-    return decay_exp(-_rate_softplus(A_log.astype(mx.float32), x))
+    # Not flushed here: compute_g gives mlx-lm's values (tiny ones included); the ops paths flush
+    # the decays they multiply (`flush_decay`, `decay_exp` in the chunked form).
+    return mx.exp(-_rate_softplus(A_log.astype(mx.float32), x))
 
 
 @partial(mx.compile, shapeless=True)
 def _decay_bounded(a, A_log, dt_bias, lower_bound):
     x = a.astype(mx.float32) + dt_bias.astype(mx.float32)
-    return decay_exp(lower_bound * mx.sigmoid(_rate_times(A_log.astype(mx.float32), x)))
+    return mx.exp(lower_bound * mx.sigmoid(_rate_times(A_log.astype(mx.float32), x)))
 
 
 @partial(mx.compile, shapeless=True)
