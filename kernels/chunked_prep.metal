@@ -57,9 +57,7 @@ for (uint i = tid; i < C; i += NT) {
     lg = gdn_log_decay(float(a[gi]), metal::exp(log_rate), log_rate, float(dt_bias[hv]), lower_bound[0], LOWER);
     be = gdn_beta(float(b[gi]), NEG);
 #else
-    float gv = float(g[gi]);
-    // log 0 = -inf: sums of -inf stay -inf and exp gives 0; no inf - inf ever forms.
-    lg = gv > 0.0f ? metal::log(gv) : -INFINITY;
+    lg = gdn_log_gate(float(g[gi]));
     be = float(beta[gi]);
 #endif
   }

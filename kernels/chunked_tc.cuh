@@ -14,6 +14,7 @@
 // EXACT = false: bf16 operands (m16n8k16), float32 accumulation.
 // EXACT = true:  float32 operands as three tf32 products (big*big + big*small + small*big,
 //                m16n8k8), which keeps float32 inputs at float32-level error.
+// The gate math comes from gates.h, which launchers put before this header.
 #ifndef GDN_CHUNKED_TC_CUH
 #define GDN_CHUNKED_TC_CUH
 
@@ -344,22 +345,6 @@ __device__ __forceinline__ unsigned dynamic_smem_bytes() {
 #endif
 }
 
-__device__ __forceinline__ float softplus(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-// exp(A_log) overflows float32 above 88, and inf * 0 is NaN; past it rate * z is formed as
-// exp(A_log + log z). Below x = -20, log softplus(x) equals x to float precision.
-__device__ __forceinline__ float rate_softplus(float rate, float log_rate, float x) {
-  if (log_rate <= 88.0f) return rate * softplus(x);
-  return expf(log_rate + (x < -20.0f ? x : logf(softplus(x))));
-}
-__device__ __forceinline__ float rate_times(float rate, float log_rate, float x) {
-  if (log_rate <= 88.0f) return rate * x;
-  if (x == 0.0f) return 0.0f;
-  const float m = expf(log_rate + logf(fabsf(x)));
-  return x > 0.0f ? m : -m;
-}
-
 // Inclusive prefix sum of x over the 64 threads 0..63 (two warps), via `scratch[2]`.
 __device__ __forceinline__ float scan64(float x, int tid, float* scratch) {
   const int lane = tid & 31;
@@ -506,18 +491,11 @@ __device__ void prep(const TI* q, const TI* k, const TI* v, const TGA* ga, const
     if constexpr (MASKED) live = static_cast<bool>(mask[(long)b * T + t0 + tid]);
     if (live) {
       if constexpr (FUSED) {
-        const float x = f32(ga[gi]) + f32(dt_bias[h]);
         const float log_rate = f32(A_log[h]);
-        const float rate = expf(log_rate);
-        if constexpr (HAS_LB) {
-          gl = f32(lb[0]) * sigmoid(rate_times(rate, log_rate, x));
-        } else {
-          gl = -rate_softplus(rate, log_rate, x);
-        }
-        beta = sigmoid(f32(gb[gi]));
-        if constexpr (NEG) beta *= 2.0f;
+        gl = gdn_log_decay(f32(ga[gi]), expf(log_rate), log_rate, f32(dt_bias[h]), HAS_LB ? f32(lb[0]) : 0.0f, HAS_LB);
+        beta = gdn_beta(f32(gb[gi]), NEG);
       } else {
-        gl = logf(f32(ga[gi]));
+        gl = gdn_log_gate(f32(ga[gi]));
         beta = f32(gb[gi]);
       }
     }

@@ -87,7 +87,7 @@ def _recurrent_tu() -> str:
 
 
 def _chunked_tu() -> str:
-    parts = [MLX_HEADER, cuda.source_text("chunked_tc.cuh")]
+    parts = [MLX_HEADER, cuda_chunked.header()]
     prep_cases = [  # dtype, Dk, Dv, fused, masked, lower, neg
         (mx.bfloat16, 128, 128, False, False, False, False),
         (mx.float32, 256, 192, True, True, True, True),

@@ -5,6 +5,7 @@ masks, GQA, fused or precomputed gating.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
@@ -35,6 +36,17 @@ STATE_REGS: Optional[bool] = None
 STATE_REGS_MIN_WARPS = 4
 # Warps per block of that launch: None picks by parallelism (`_regs_config`); tests set it.
 STATE_REGS_NW: Optional[int] = None
+
+
+# Header of every chunked launch, in order: the gate math shared with every other kernel, then
+# the tensor-core kernels.
+HEADERS = (launch.GATES_HEADER, "chunked_tc.cuh")
+
+
+@lru_cache(maxsize=None)
+def header() -> str:
+    """The header text of the chunked launches (`HEADERS`, compacted); one object per process."""
+    return "".join(source_text(h) for h in HEADERS)
 
 
 def supports_chunked(p: Problem) -> bool:
@@ -148,7 +160,7 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
 
     psmem = prep_smem(p.Dk, p.Dv, exact)
     prep = _kernel("gdn_cuda_chunked_prep", PREP_INPUTS, PREP_OUTPUTS, source_text("chunked_prep.cu"),
-                   source_text("chunked_tc.cuh"), psmem)
+                   header(), psmem)
     W, U, Aqk, G = prep(
         inputs=[q, k, v, gate_a, gate_b, a_log, dt_bias, lb, m],
         template=[("Dk", p.Dk), ("Dv", p.Dv), ("EXACT", exact), ("FUSED", fused), ("MASKED", masked),
@@ -171,7 +183,7 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
         kname, body, threads = "gdn_cuda_chunked_state", "chunked_state.cu", THREADS * state_nh(rows)
         template = [("Dk", p.Dk), ("Dv", p.Dv), ("BV", rows), ("EXACT", exact), ("MASKED", masked),
                     ("SHARE_WQ", share), ("NH", state_nh(rows))]
-    step = _kernel(kname, STATE_INPUTS, STATE_OUTPUTS, source_text(body), source_text("chunked_tc.cuh"), smem)
+    step = _kernel(kname, STATE_INPUTS, STATE_OUTPUTS, source_text(body), header(), smem)
     y, new_state = step(
         inputs=[q, k, W, U, Aqk, G, state, m],
         template=template,

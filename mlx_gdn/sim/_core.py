@@ -688,7 +688,7 @@ def cuda_kernel(
     ``simulated_metal()`` instead. Grids count threads, as for MLX's CUDA kernels; launchers keep
     them whole multiples of the block.
     """
-    if "GDN_CUDA_PRELUDE_H" in header:
+    if "#define GDN_CUDA_PRELUDE_H" in header:
         raise SimError(
             f"[cuda_kernel sim] kernel '{name}' is a Metal-vocabulary body behind the CUDA prelude; "
             "simulate it with simulated_metal()"

@@ -1,10 +1,24 @@
-// Gate math and loop helpers shared by the recurrent kernel bodies (recurrent_decode.metal, recurrent_prefill.metal).
+// Gate math for every kernel: the recurrent bodies (recurrent_decode.metal, recurrent_prefill.metal),
+// the decode layer body (decode_layer.metal) and both chunked kernel families (Metal and CUDA).
 //
-// Portable subset: plain C++ arithmetic plus metal::exp, metal::log and metal::fabs (float).
-// The CUDA prelude must define those three in a `metal` namespace before this header.
+// The same math as mlx_gdn/gating.py (the one Python definition, for the ops paths): decay
+// g = exp(-exp(A_log) * softplus(a + dt_bias)), or exp(lower_bound * sigmoid(exp(A_log) * (a + dt_bias)))
+// with lower_bound, formed in log space where exp(A_log) overflows float32; write strength
+// beta = sigmoid(b), doubled with allow_neg_eigval. What pins the two together: every path is
+// compared with the float64 reference (mlx_gdn/reference.py) on fused gates, mild and trained-like,
+// lower_bound and allow_neg_eigval included (tests/test_ops_recurrent.py, test_metal_recurrent.py,
+// test_metal_chunked.py, test_cuda_sim.py, test_decode_layer.py).
+//
+// Per head and per key: a gate per head reads a[b, t, hv] and dt_bias[hv]; a gate per key column
+// reads a[b, t, hv, d] and dt_bias[hv] or dt_bias[hv, d] (`gdn_dt_bias_index`); A_log is per head
+// either way, so rate and log_rate are computed once per head by the caller.
+//
+// Written in the Metal vocabulary: plain C++ arithmetic plus metal::exp, metal::log and metal::fabs
+// (float). Metal has them; the CUDA prelude (cuda_prelude.h) and both simulators define them; the
+// CUDA-only chunked kernels, which go without the prelude, get the three from the block below.
 // Everything is float32: the gates feed a float32 state.
-#ifndef GDN_RECURRENT_GATES_H
-#define GDN_RECURRENT_GATES_H
+#ifndef GDN_GATES_H
+#define GDN_GATES_H
 
 #ifndef GDN_INLINE
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -23,6 +37,21 @@
 #else
 #define GDN_UNROLL
 #endif
+#endif
+
+#if (defined(__CUDACC__) || defined(__CUDACC_RTC__)) && !defined(GDN_CUDA_PRELUDE_H)
+namespace metal {
+__device__ __forceinline__ float exp(float x) { return expf(x); }
+__device__ __forceinline__ float log(float x) { return logf(x); }
+__device__ __forceinline__ float fabs(float x) { return fabsf(x); }
+}  // namespace metal
+#endif
+
+// +inf as a float; NVRTC does not promise the INFINITY macro.
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define GDN_INF __int_as_float(0x7f800000)
+#else
+#define GDN_INF INFINITY
 #endif
 
 // 1 / (1 + exp(-z)); exp only ever sees a non-positive argument, so nothing overflows.
@@ -60,8 +89,8 @@ GDN_INLINE float gdn_rate_times(float rate, float log_rate, float x) {
   return x > 0.0f ? m : -m;
 }
 
-// Log of the decay g from the raw projection a (DESIGN.md section 1); log_rate = A_log and
-// rate = exp(A_log), computed once per head by the caller.
+// Log of the decay g from the raw projection a; log_rate = A_log and rate = exp(A_log), computed
+// once per head by the caller. Per key column: call it per column with that column's a and dt_bias.
 // lower: log g = lower_bound * sigmoid(rate * (a + dt_bias));
 // else:  log g = -rate * softplus(a + dt_bias).
 GDN_INLINE float gdn_log_decay(float a, float rate, float log_rate, float dt_bias, float lower_bound, bool lower) {
@@ -80,4 +109,11 @@ GDN_INLINE float gdn_beta(float b, bool neg) {
   return neg ? 2.0f * s : s;
 }
 
-#endif  // GDN_RECURRENT_GATES_H
+// log g of a precomputed gate, with log 0 = -inf: sums of -inf stay -inf and exp gives 0, and
+// no inf - inf ever forms where decays are sums over steps.
+GDN_INLINE float gdn_log_gate(float g) { return g > 0.0f ? metal::log(g) : -GDN_INF; }
+
+// Element of dt_bias for key column d of value head hv: [Hv] (one per head) or [Hv, Dk].
+GDN_INLINE int gdn_dt_bias_index(int hv, int d, int Dk, bool dt_key) { return dt_key ? hv * Dk + d : hv; }
+
+#endif  // GDN_GATES_H
