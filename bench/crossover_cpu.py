@@ -78,8 +78,8 @@ def profile(T, reps):
     vc, lgc, bc = (oc._to_chunks(t, B, N, C, Hk, R) for t in (v, lg, beta))
     mx.eval(qc, kc, vc, lgc, bc)
     full = _time(lambda x: oc.chunked_rule(x.q, x.k, x.v, x.g, x.beta, x.state), [x], reps)[0]
-    intra = _time(lambda _: oc._intra_scalar_c(qc, kc, vc, lgc, bc), [x], reps)[0]
-    ops = oc._intra_scalar_c(qc, kc, vc, lgc, bc)
+    intra = _time(lambda _: oc._kkt_scalar_c(qc, kc, vc, lgc, bc), [x], reps)[0]
+    ops = oc._kkt_scalar_c(qc, kc, vc, lgc, bc)
     mx.eval(ops)
     WQ, Uv, Yv, Kd, gam_c = ops
     S0 = x.state.reshape(B, Hk, R, s["Dv"], s["Dk"])
@@ -87,7 +87,7 @@ def profile(T, reps):
     def state_pass(_):
         S, ys = S0, []
         for n in range(N):
-            y, S = oc._pass_c(S, WQ[:, :, :, n], Uv[:, :, :, n], Yv[:, :, :, n], Kd[:, :, :, n], gam_c[:, :, :, n])
+            y, S = oc._state_output_c(S, WQ[:, :, :, n], Uv[:, :, :, n], Yv[:, :, :, n], Kd[:, :, :, n], gam_c[:, :, :, n])
             ys.append(y)
         return ys + [S]
 
@@ -108,7 +108,7 @@ def main():
     a = ap.parse_args()
     oc.CHUNK = {"cpu": a.chunk, "gpu": a.chunk}
     if a.no_compile:
-        oc._intra_scalar_c, oc._intra_key_c, oc._pass_c = oc._intra_scalar, oc._intra_key, oc._pass
+        oc._kkt_scalar_c, oc._kkt_key_c, oc._state_output_c = oc._kkt_scalar, oc._kkt_key, oc._state_output
     import mlx_lm
 
     print(f"device {mx.default_device()}, {platform.processor() or platform.machine()}, mlx {mx.__version__}, "

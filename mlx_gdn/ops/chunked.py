@@ -12,6 +12,11 @@ T = (I + A)^-1, W = T diag(beta gamma) K and Uv = T diag(beta) V:
 All of it except the last line and the S0 products is independent across chunks, so it
 runs batched over every chunk at once; the chunk-to-chunk state pass is a loop of small
 products. Memory is O(T (Dk + Dv + C)) per head plus one Dv x Dk state per head and chunk.
+
+Stages, named alike in the Metal and CUDA kernels: `kkt_solve` (A and Q K^T with their decays,
+then T = (I + A)^-1; `_kkt_scalar` / `_kkt_key`, then `_solve_wy`), `wy` (W and Uv, in
+`_solve_wy`), `state` (the pass over chunk states) and `output` (the readout Y, which needs the
+state entering its chunk, so it is formed in the same pass: `_state_output`).
 """
 
 from __future__ import annotations
@@ -98,9 +103,9 @@ def _unit_lower_inverse(A: mx.array) -> mx.array:
     return inv[..., 0, :, :]
 
 
-def _intra_scalar(q, k, v, lg, beta):
-    """Chunk-local quantities for a scalar gate; q, k [B,Hk,1,N,C,Dk], v [B,Hk,R,N,C,Dv],
-    lg, beta [B,Hk,R,N,C]."""
+def _kkt_scalar(q, k, v, lg, beta):
+    """Stage kkt_solve's products for a scalar gate, then `_solve_wy`; q, k [B,Hk,1,N,C,Dk],
+    v [B,Hk,R,N,C,Dv], lg, beta [B,Hk,R,N,C]."""
     C = q.shape[-2]
     strict, lower = _tri_masks(C)
     L = _pair_log_decay(lg[..., :, None], strict, axis=-2)  # [..., C, C]
@@ -112,12 +117,13 @@ def _intra_scalar(q, k, v, lg, beta):
     kt = mx.swapaxes(k, -1, -2)
     A = (k @ kt) * decay * beta[..., None]
     P = (q @ kt) * decay
-    return _finish(q, k, v, A, P, gam, end, gam_c, beta)
+    return _solve_wy(q, k, v, A, P, gam, end, gam_c, beta)
 
 
-def _intra_key(q, k, v, lg, beta):
-    """Chunk-local quantities for a per-key gate; lg [B,Hk,R,N,C,Dk]. The pairwise decay has a
-    Dk axis here, so it is formed one chunk at a time to keep memory at O(C^2 Dk) per head."""
+def _kkt_key(q, k, v, lg, beta):
+    """Stage kkt_solve's products for a per-key gate, then `_solve_wy`; lg [B,Hk,R,N,C,Dk].
+    The pairwise decay has a Dk axis here, so it is formed one chunk at a time to keep memory at
+    O(C^2 Dk) per head."""
     C = q.shape[-2]
     strict, lower = _tri_masks(C)
     A_list, P_list = [], []
@@ -136,11 +142,12 @@ def _intra_key(q, k, v, lg, beta):
     gam_c = gam[..., -1:, :]  # [..., 1, Dk]
     # gamma_C / gamma_j per column, as a sum over steps j+1..C-1 (never a difference of sums).
     end = mx.exp(mx.cumsum(lg, axis=-2, reverse=True, inclusive=False))
-    return _finish(q, k, v, A, P, gam, end, gam_c, beta)
+    return _solve_wy(q, k, v, A, P, gam, end, gam_c, beta)
 
 
-def _finish(q, k, v, A, P, gam, end, gam_c, beta):
-    """From A, P and the decays to the per-chunk operands of the state pass."""
+def _solve_wy(q, k, v, A, P, gam, end, gam_c, beta):
+    """The triangular solve (end of stage kkt_solve) and stage wy: from A, P and the decays to the
+    per-chunk operands of the state pass."""
     strict, _ = _tri_masks(A.shape[-1])
     Tinv = _unit_lower_inverse(mx.where(strict, A, 0.0))
     W = Tinv @ ((beta[..., None] * gam) * k)  # [..., C, Dk]
@@ -152,8 +159,8 @@ def _finish(q, k, v, A, P, gam, end, gam_c, beta):
     return WQ, Uv, Yv, Kd, gam_c
 
 
-def _pass(S, WQ, Uv, Yv, Kd, gam_c):
-    """One chunk of the state pass. S [B,Hk,R,Dv,Dk]; the rest one chunk's operands."""
+def _state_output(S, WQ, Uv, Yv, Kd, gam_c):
+    """Stages state and output for one chunk. S [B,Hk,R,Dv,Dk]; the rest one chunk's operands."""
     C = Uv.shape[-2]
     X = WQ @ mx.swapaxes(S, -1, -2)  # [..., 2C, Dv]
     U = Uv - X[..., :C, :]
@@ -162,9 +169,9 @@ def _pass(S, WQ, Uv, Yv, Kd, gam_c):
     return Y, S
 
 
-_intra_scalar_c = mx.compile(_intra_scalar)
-_intra_key_c = mx.compile(_intra_key)
-_pass_c = mx.compile(_pass)
+_kkt_scalar_c = mx.compile(_kkt_scalar)
+_kkt_key_c = mx.compile(_kkt_key)
+_state_output_c = mx.compile(_state_output)
 
 
 def _to_chunks(x: mx.array, B, N, C, Hk, R) -> mx.array:
@@ -236,7 +243,7 @@ def chunked_rule(
     vc = _to_chunks(v, B, N, C, Hk, R)  # [B,Hk,R,N,C,Dv]
     lgc = _to_chunks(lg, B, N, C, Hk, R)  # [B,Hk,R,N,C(,Dk)]
     bc = _to_chunks(beta, B, N, C, Hk, R)
-    intra = _intra_scalar_c if g.ndim == 3 else _intra_key_c
+    intra = _kkt_scalar_c if g.ndim == 3 else _kkt_key_c
     WQ, Uv, Yv, Kd, gam_c = intra(qc, kc, vc, lgc, bc)
     S = state.reshape(B, Hk, R, Dv, Dk)
     # Split once rather than index per chunk: the gradient of each index is a full-size
@@ -244,7 +251,7 @@ def chunked_rule(
     parts = [[p.squeeze(3) for p in mx.split(x, N, axis=3)] for x in (WQ, Uv, Yv, Kd, gam_c)]
     ys = []
     for n in range(N):
-        y, S = _pass_c(S, *(p[n] for p in parts))
+        y, S = _state_output_c(S, *(p[n] for p in parts))
         ys.append(y)
     y = mx.stack(ys, axis=3)  # [B,Hk,R,N,C,Dv]
     y = y.transpose(0, 3, 4, 1, 2, 5).reshape(B, N * C, Hv, Dv)[:, :T]
