@@ -99,10 +99,10 @@ def _chunked_tu() -> str:
         inputs = [("q", dt, 4), ("k", dt, 4), ("v", dt, 4), ("gate_a", dt, 3), ("gate_b", mx.float32, 3),
                   ("A_log", mx.float32, 1), ("dt_bias", mx.float32, 1), ("lower_bound", mx.float32, 1),
                   ("mask", mx.bool_ if masked else mx.float32, 2 if masked else 1)]
-        outputs = list(zip(cuda_chunked.PREP_OUTPUTS, (ot, ot, ot, mx.float32)))
+        outputs = list(zip(cuda_chunked.KKT_WY_OUTPUTS, (ot, ot, ot, mx.float32)))
         template = [("Dk", Dk), ("Dv", Dv), ("EXACT", exact), ("FUSED", fused), ("MASKED", masked),
                     ("HAS_LB", lower), ("NEG", neg)]
-        parts.append(cuda.kernel_text(f"custom_kernel_prep_{i}", "", cuda.source_text("chunked_prep.cu"), inputs, outputs, template))
+        parts.append(cuda.kernel_text(f"custom_kernel_prep_{i}", "", cuda.source_text("chunked/kkt_solve_wy.cu"), inputs, outputs, template))
     state_cases = [  # dtype, Dk, Dv, masked, B (B=4 takes 128-row slices on 8 warps)
         (mx.bfloat16, 128, 128, False, 1),
         (mx.bfloat16, 128, 128, True, 4),
@@ -121,7 +121,7 @@ def _chunked_tu() -> str:
         outputs = [("y", dt), ("state_out", mx.float32)]
         template = [("Dk", Dk), ("Dv", Dv), ("BV", bv), ("EXACT", exact), ("MASKED", masked), ("SHARE_WQ", share),
                     ("NH", cuda_chunked.state_nh(bv))]
-        parts.append(cuda.kernel_text(f"custom_kernel_state_{i}", "", cuda.source_text("chunked_state.cu"), inputs, outputs, template))
+        parts.append(cuda.kernel_text(f"custom_kernel_state_{i}", "", cuda.source_text("chunked/state_output.cu"), inputs, outputs, template))
     regs_cases = [  # dtype, Dk, Dv, masked, warps: the state pass with S in registers
         (mx.bfloat16, 128, 128, False, 8),
         (mx.bfloat16, 64, 192, True, 4),
@@ -134,7 +134,7 @@ def _chunked_tu() -> str:
                   ("mask", mx.bool_ if masked else mx.float32, 2 if masked else 1)]
         outputs = [("y", dt), ("state_out", mx.float32)]
         template = [("Dk", Dk), ("Dv", Dv), ("NW", nw), ("MASKED", masked)]
-        parts.append(cuda.kernel_text(f"custom_kernel_state_regs_{i}", "", cuda.source_text("chunked_state_regs.cu"),
+        parts.append(cuda.kernel_text(f"custom_kernel_state_regs_{i}", "", cuda.source_text("chunked/state_output_regs.cu"),
                                       inputs, outputs, template))
     return "".join(parts)
 

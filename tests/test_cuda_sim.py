@@ -1,4 +1,4 @@
-"""The CUDA tensor-core kernels (kernels/chunked_tc.cuh) on the CPU, through the simulator.
+"""The CUDA tensor-core kernels (kernels/chunked/*.cuh) on the CPU, through the simulator.
 
 `mlx_gdn.sim.simulated_cuda()` compiles the same kernel text as the GPU gets, with CPU meanings
 for blocks, warps, shared memory, mma.sync, ldmatrix and cp.async (mlx_gdn/sim/cuda_vocab.h).

@@ -1,6 +1,10 @@
-"""The CUDA chunked form: a tensor-core kernel pair (kernels/chunked_tc.cuh, chunked_prep.cu,
-chunked_state.cu, chunked_state_regs.cu) and its shared-memory arithmetic. Scalar gates,
+"""The CUDA chunked form: a tensor-core kernel pair and its shared-memory arithmetic. Scalar gates,
 masks, GQA, fused or precomputed gating.
+
+Sources in kernels/chunked/: common.cuh, then kkt_solve.cuh, wy.cuh, state.cuh and state_regs.cuh
+(see common.cuh for what each holds), and one body per launch: kkt_solve_wy.cu (stages kkt_solve
+and wy, every chunk in parallel), then state_output.cu or state_output_regs.cu (stages state and
+output, chunks in order).
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ from .. import launch
 from ..validate import Problem
 from .kernel import _dummy, _kernel, source_text
 
-CHUNK = 64  # tokens per chunk (gdn_tc::C)
-THREADS = 128  # threads per block of the prep launch (gdn_tc::NTHREADS); the state launch has 128 NH
+CHUNK = 64  # tokens per chunk (gdn_tc::C), as the ops form on a GPU (ops.chunked.CHUNK)
+THREADS = 128  # threads per block of launch 1 (gdn_tc::NTHREADS); the state launch has 128 NH
 SMEM_LIMIT = 232448  # dynamic shared memory one block may use on Hopper (227 KiB)
 CHUNKED_DIMS = (64, 128, 192, 256)
 # Value rows per block of the state pass: None picks by parallelism (`_choose_bv`);
@@ -25,7 +29,7 @@ CHUNK_BV: Optional[int] = None
 MIN_STATE_BLOCKS = 128
 # Value-slice width from which the state launch runs 8 warps instead of 4 (`state_nh`).
 STATE_NH2_FROM = 32
-# The state pass with S in registers (gdn_tc::state_pass_regs, bf16/f16, Dk <= 128) in place of
+# The state pass with S in registers (gdn_tc::state_output_regs, bf16/f16, Dk <= 128) in place of
 # the shared-memory one: None chooses by shape (`_regs_config`), True takes it wherever it
 # applies, False never. Every block of it loads whole chunks for its 16 value rows per warp, so
 # it pays where blocks are wide: on the H100 (bench/cuda_host_split_709d9c8.json, Qwen3.5 shape,
@@ -38,9 +42,10 @@ STATE_REGS_MIN_WARPS = 4
 STATE_REGS_NW: Optional[int] = None
 
 
-# Header of every chunked launch, in order: the gate math shared with every other kernel, then
-# the tensor-core kernels.
-HEADERS = (launch.GATES_HEADER, "chunked_tc.cuh")
+# Header of every chunked launch, in order: the gate math shared with every other kernel, the
+# helpers every stage uses, then the stages.
+HEADERS = (launch.GATES_HEADER,) + tuple(
+    f"chunked/{f}.cuh" for f in ("common", "kkt_solve", "wy", "state", "state_regs"))
 
 
 @lru_cache(maxsize=None)
@@ -61,8 +66,8 @@ def supports_chunked(p: Problem) -> bool:
     )
 
 
-PREP_INPUTS = ("q", "k", "v", "gate_a", "gate_b", "A_log", "dt_bias", "lower_bound", "mask")
-PREP_OUTPUTS = ("W", "U", "Aqk", "G")
+KKT_WY_INPUTS = ("q", "k", "v", "gate_a", "gate_b", "A_log", "dt_bias", "lower_bound", "mask")
+KKT_WY_OUTPUTS = ("W", "U", "Aqk", "G")
 STATE_INPUTS = ("q", "k", "W", "U", "Aqk", "G", "state_in", "mask")
 STATE_OUTPUTS = ("y", "state_out")
 
@@ -71,8 +76,8 @@ def _ld(exact: bool, D: int) -> int:
     return D + (4 if exact else 8)  # gdn_tc::Ld
 
 
-def prep_smem(Dk: int, Dv: int, exact: bool) -> int:
-    """Bytes of shared memory of the prep launch (gdn_tc::prep_smem)."""
+def kkt_solve_wy_smem(Dk: int, Dv: int, exact: bool) -> int:
+    """Bytes of shared memory of launch 1 (gdn_tc::kkt_solve_wy_smem)."""
     es = 4 if exact else 2
     lk, lv = _ld(exact, Dk), _ld(exact, Dv)
     return (CHUNK * lk + CHUNK * max(lk, lv)) * es + (2 * CHUNK * (CHUNK + 4) + 3 * CHUNK + 8) * 4
@@ -158,10 +163,10 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
         lower = neg = False
     m = mask if masked else dummy
 
-    psmem = prep_smem(p.Dk, p.Dv, exact)
-    prep = _kernel("gdn_cuda_chunked_prep", PREP_INPUTS, PREP_OUTPUTS, source_text("chunked_prep.cu"),
-                   header(), psmem)
-    W, U, Aqk, G = prep(
+    psmem = kkt_solve_wy_smem(p.Dk, p.Dv, exact)
+    kkt_wy = _kernel("gdn_cuda_chunked_kkt_solve_wy", KKT_WY_INPUTS, KKT_WY_OUTPUTS,
+                     source_text("chunked/kkt_solve_wy.cu"), header(), psmem)
+    W, U, Aqk, G = kkt_wy(
         inputs=[q, k, v, gate_a, gate_b, a_log, dt_bias, lb, m],
         template=[("Dk", p.Dk), ("Dv", p.Dv), ("EXACT", exact), ("FUSED", fused), ("MASKED", masked),
                   ("HAS_LB", lower), ("NEG", neg)],
@@ -176,11 +181,11 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
     regs = _regs_config(p)
     if regs is not None:  # S in registers: 16 value rows per warp
         nw, smem = regs
-        kname, body, threads, rows = "gdn_cuda_chunked_state_regs", "chunked_state_regs.cu", 32 * nw, 16 * nw
+        kname, body, threads, rows = "gdn_cuda_chunked_state_output_regs", "chunked/state_output_regs.cu", 32 * nw, 16 * nw
         template = [("Dk", p.Dk), ("Dv", p.Dv), ("NW", nw), ("MASKED", masked)]
     else:
         rows, share, smem = _state_config(p)
-        kname, body, threads = "gdn_cuda_chunked_state", "chunked_state.cu", THREADS * state_nh(rows)
+        kname, body, threads = "gdn_cuda_chunked_state_output", "chunked/state_output.cu", THREADS * state_nh(rows)
         template = [("Dk", p.Dk), ("Dv", p.Dv), ("BV", rows), ("EXACT", exact), ("MASKED", masked),
                     ("SHARE_WQ", share), ("NH", state_nh(rows))]
     step = _kernel(kname, STATE_INPUTS, STATE_OUTPUTS, source_text(body), header(), smem)

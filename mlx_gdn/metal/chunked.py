@@ -1,9 +1,10 @@
 """The chunked form as two Metal kernels (simdgroup 8x8 matrix products), for long prompts.
 
-kernels/chunked_prep.metal computes every chunk's state-independent operands in parallel
-(one threadgroup per chunk and head); kernels/chunked_state.metal then carries the state
-through the chunks in order (one threadgroup per head and tile of state rows). The math is
-that of `ops.chunked`.
+kernels/chunked/kkt_solve_wy.metal (stages kkt_solve and wy) computes every chunk's
+state-independent operands in parallel (one threadgroup per chunk and head);
+kernels/chunked/state_output.metal (stages state and output) then carries the state through the
+chunks in order (one threadgroup per head and tile of state rows). The math and the stage names
+are those of `ops.chunked` and the CUDA kernels.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from ..launch import GATES_HEADER, LaunchSpec, lower_bound_array
 from ..validate import Problem
 from .kernel import kernel
 
-CHUNK = 32  # steps per chunk: six C x C float32 matrices must fit in threadgroup memory
+# Steps per chunk. 32, not the CUDA kernels' 64, because threadgroup memory forces it: stage
+# kkt_solve keeps six C x C float32 matrices (A, P, the two solves, their products with P) in it,
+# 24 KiB at C = 32 and 96 KiB at C = 64, past the 32 KiB a Metal threadgroup may use.
+CHUNK = 32
 NSG = 4  # simdgroups per threadgroup
 _STATE_TILE_FLOATS = 4096  # threadgroup floats for the state tile (16 KB)
 _INT32_MAX = 2**31 - 1
@@ -42,9 +46,9 @@ def _specs(p: Problem, N: int, *, lower: bool = False, neg: bool = False):
     f32 = mx.float32
     gate_names = ("a", "b", "A_log", "dt_bias", "lower_bound") if p.fused else ("g", "beta")
     variant = ("update" if p.fused else "rule") + ("_masked" if p.masked else "")
-    prep = LaunchSpec(
-        name=f"gdn_chunked_prep_{variant}",
-        body="chunked_prep.metal",
+    kkt_wy = LaunchSpec(
+        name=f"gdn_chunked_kkt_solve_wy_{variant}",
+        body="chunked/kkt_solve_wy.metal",
         headers=(GATES_HEADER,),
         defines=(("GDN_FUSED", int(p.fused)), ("GDN_MASKED", int(p.masked))),
         input_names=("q", "k", "v") + gate_names + (("mask",) if p.masked else ()),
@@ -65,8 +69,8 @@ def _specs(p: Problem, N: int, *, lower: bool = False, neg: bool = False):
         ensure_row_contiguous=True,  # the bodies index rows directly
     )
     state = LaunchSpec(
-        name="gdn_chunked_state",
-        body="chunked_state.metal",
+        name="gdn_chunked_state_output",
+        body="chunked/state_output.metal",
         headers=(),
         defines=(),
         input_names=("wq", "uy", "kd", "gc", "state_in", "steps"),
@@ -78,7 +82,7 @@ def _specs(p: Problem, N: int, *, lower: bool = False, neg: bool = False):
         output_dtypes=(p.dtype, f32),
         ensure_row_contiguous=True,
     )
-    return prep, state
+    return kkt_wy, state
 
 
 def _launch(spec: LaunchSpec, arrays):
@@ -89,14 +93,14 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
     """(y [B,T,Hv,Dv] in p.dtype, state [B,Hv,Dv,Dk] float32) for validated inputs: two launches.
 
     q, k: [B,T,Hk,Dk]; v: [B,T,Hv,Dv]; g, beta: [B,T,Hv] (or `gating`, a FusedGating, whose
-    gates the prep kernel computes); state: [B,Hv,Dv,Dk] float32; mask: [B,T] bool/int or None.
+    gates the first kernel computes); state: [B,Hv,Dv,Dk] float32; mask: [B,T] bool/int or None.
     The kernels read the inputs as they come (any float dtype); the last chunk's tail and masked
-    steps are identity steps inside the prep kernel.
+    steps are identity steps inside the first kernel.
     """
     N = -(-p.T // CHUNK)
     lower = gating is not None and gating.lower_bound is not None
     neg = gating is not None and bool(gating.allow_neg_eigval)
-    prep, st = _specs(p, N, lower=lower, neg=neg)
+    kkt_wy, st = _specs(p, N, lower=lower, neg=neg)
     arrays = {"q": q, "k": k, "v": v}
     if gating is not None:
         arrays.update(a=gating.a, b=gating.b, A_log=gating.A_log, dt_bias=gating.dt_bias,
@@ -107,5 +111,5 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
         steps = beta
     if mask is not None:
         arrays["mask"] = mask
-    wq, uy, kd, gc = _launch(prep, arrays)
+    wq, uy, kd, gc = _launch(kkt_wy, arrays)
     return _launch(st, {"wq": wq, "uy": uy, "kd": kd, "gc": gc, "state_in": state, "steps": steps})

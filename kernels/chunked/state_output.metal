@@ -1,6 +1,6 @@
-// Chunked gated delta rule, part 2 of 2: the state pass over chunks, in order. One threadgroup
+// Chunked gated delta rule, launch 2 of 2, stages state and output: the pass over chunks, in order. One threadgroup
 // of NSG simdgroups per (tile of RV state rows, value head hv, batch b); the tile S [RV, Dk]
-// stays in threadgroup memory for the whole sequence. Per chunk, from chunked_prep's operands:
+// stays in threadgroup memory for the whole sequence. Per chunk, from kkt_solve_wy's operands:
 //   U = Uv + (-W) S^T          [C, RV]
 //   Y = Yv + Qe S^T            [C, RV]  -> y
 //   S = gamma_C S + U^T Kd     [RV, Dk]

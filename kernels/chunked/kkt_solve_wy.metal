@@ -1,5 +1,5 @@
-// Chunked gated delta rule, part 1 of 2: everything inside one chunk that does not depend on
-// the state entering it. One threadgroup of NSG simdgroups per (chunk n, value head hv, batch bz).
+// Chunked gated delta rule, launch 1 of 2, stages kkt_solve and wy (named as in ops/chunked.py
+// and the CUDA kernels): everything inside one chunk that does not depend on the state entering it. One threadgroup of NSG simdgroups per (chunk n, value head hv, batch bz).
 //
 // Inputs as the public API takes them: q, k: [B, T, Hk, Dk], v: [B, T, Hv, Dv] (InT); gates
 // g, beta: [B, T, Hv] (GDN_FUSED 0), or a, b: [B, T, Hv], A_log, dt_bias: [Hv], lower_bound: [4] (element 0 used)
@@ -81,7 +81,7 @@ const device InT* kc = k + ((bz * T + t0) * Hk + hk) * Dk;
 const device InT* qc = q + ((bz * T + t0) * Hk + hk) * Dk;
 const device InT* vc = v + ((bz * T + t0) * Hv + hv) * Dv;
 
-// A = K K^T and P = Q K^T (lower-triangular 8x8 tiles), accumulated over slabs of Dk.
+// Stage kkt_solve. A = K K^T and P = Q K^T (lower-triangular 8x8 tiles), accumulated over slabs of Dk.
 constexpr uint NJ = (TC * TC + NSG - 1) / NSG;
 simdgroup_float8x8 acc_a[NJ];
 simdgroup_float8x8 acc_p[NJ];
@@ -180,7 +180,7 @@ device float* wq_ = wq + head * (2 * C * Dk);
 device float* uy_ = uy + head * (2 * C * Dv);
 device float* kd_ = kd + head * (C * Dk);
 
-// Per slab of Dk: -W = M1 K and Qe = diag(gamma) Q + (P M1) K, and Kd.
+// Stage wy (and output's chunk-local terms). Per slab of Dk: -W = M1 K and Qe = diag(gamma) Q + (P M1) K, and Kd.
 for (uint d = 0; d < Dk; d += 8) {
   for (uint e = tid; e < C * 8; e += NT) {
     uint i = e / 8, c = e % 8;

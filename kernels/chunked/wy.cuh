@@ -1,0 +1,134 @@
+// Stage wy of the CUDA chunked kernels (see common.cuh), in launch 1, which runs the gates,
+// stage kkt_solve (helpers in kkt_solve.cuh) and this stage for one chunk.
+#ifndef GDN_CHUNKED_WY_CUH
+#define GDN_CHUNKED_WY_CUH
+
+namespace gdn_tc {
+
+// Shared memory (bytes) of launch 1; cuda/chunked.py mirrors the formula.
+template <int Dk, int Dv, bool EXACT>
+__host__ __device__ constexpr int kkt_solve_wy_smem() {
+  using ST = typename Operand<EXACT>::T;
+  constexpr int LK = Ld<ST, Dk>::value, LV = Ld<ST, Dv>::value;
+  return (C * LK + C * (LK > LV ? LK : LV)) * (int)sizeof(ST) + (2 * C * (C + 4) + 3 * C + 8) * 4;
+}
+
+
+// ---------------------------------------------------------------------------------------
+// Launch 1, stages kkt_solve and wy: per (chunk, value head, batch) block.
+// ---------------------------------------------------------------------------------------
+template <int Dk, int Dv, bool EXACT, bool FUSED, bool MASKED, bool HAS_LB, bool NEG, class TI, class TGA, class TGB,
+          class TAL, class TDB, class TLB, class TM, class OT>
+__device__ void kkt_solve_wy(const TI* q, const TI* k, const TI* v, const TGA* ga, const TGB* gb, const TAL* A_log,
+                             const TDB* dt_bias, const TLB* lb, const TM* mask, int T, int Hk, int Hv, OT* W, OT* U,
+                             OT* Aqk, float* Gout) {
+  using ST = typename Operand<EXACT>::T;
+  constexpr int LK = Ld<ST, Dk>::value, LV = Ld<ST, Dv>::value, LA = C + 4;
+  constexpr int LX = LK > LV ? LK : LV;
+  GDN_EXTERN_SMEM(float4, smem_prep);
+  if (dynamic_smem_bytes() < (unsigned)kkt_solve_wy_smem<Dk, Dv, EXACT>()) __trap();
+  ST* sK = reinterpret_cast<ST*>(smem_prep);
+  ST* sX = sK + C * LK;  // Q, later V
+  float* sA = reinterpret_cast<float*>(sX + C * LX);
+  float* sT = sA + C * LA;
+  float* sG = sT + C * LA;
+  float* sBeta = sG + C;  // beta: U = T diag(beta) V
+  float* sBw = sBeta + C;  // beta exp(G): W = T diag(beta exp(G)) K
+  float* scratch = sBw + C;
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int NTc = gridDim.x, Tp = NTc * C;
+  const int hk = h / (Hv / Hk);
+  const int t0 = c * C;
+  const int rows = min(C, T - t0);
+
+  const long qrow = (long)Hk * Dk;
+  const TI* kc = k + (((long)b * T + t0) * Hk + hk) * Dk;
+  const TI* qc = q + (((long)b * T + t0) * Hk + hk) * Dk;
+  load_rows<Dk, LK>(sK, kc, qrow, rows, tid);
+  load_rows<Dk, LX>(sX, qc, qrow, rows, tid);
+  cp_async_commit();
+
+  // Gates: log-decay and beta per step; masked and padding steps are identity steps.
+  float gl = 0.0f, beta = 0.0f;
+  if (tid < C && tid < rows) {
+    const long gi = ((long)b * T + t0 + tid) * Hv + h;
+    bool live = true;
+    if constexpr (MASKED) live = static_cast<bool>(mask[(long)b * T + t0 + tid]);
+    if (live) {
+      if constexpr (FUSED) {
+        const float log_rate = f32(A_log[h]);
+        gl = gdn_log_decay(f32(ga[gi]), expf(log_rate), log_rate, f32(dt_bias[h]), HAS_LB ? f32(lb[0]) : 0.0f, HAS_LB);
+        beta = gdn_beta(f32(gb[gi]), NEG);
+      } else {
+        gl = gdn_log_gate(f32(ga[gi]));
+        beta = f32(gb[gi]);
+      }
+    }
+  }
+  const float G = scan64(gl, tid, scratch);
+  if (tid < C) {
+    sG[tid] = G;
+    sBeta[tid] = beta;
+    sBw[tid] = beta * expf(G);
+    Gout[((long)b * Hv + h) * Tp + t0 + tid] = G;
+  }
+  cp_async_wait_all();
+  __syncthreads();
+
+  // Stage kkt_solve: A (strictly lower, into shared) and Aqk (lower with diagonal, to global).
+  // Warp w: rows 16w..16w+15.
+  {
+    const int r0 = 16 * warp;
+    float acc[8][4];
+    zero(acc);
+    warp_mma<EXACT, Dk>(acc, ARows<ST>{sK + r0 * LK, LK}, BCols<ST>{sK, LK});
+    for_acc(acc, [&](int r, int j, float x) {
+      const int i = r0 + r;
+      sA[i * LA + j] = i > j ? sBeta[i] * x * expf(sG[i] - sG[j]) : 0.0f;
+    });
+    zero(acc);
+    warp_mma<EXACT, Dk>(acc, ARows<ST>{sX + r0 * LX, LX}, BCols<ST>{sK, LK});
+    OT* aq = Aqk + (((long)b * Hv + h) * NTc + c) * C * C;
+    for_acc_pairs(acc, [&](int r, int j, float x0, float x1) {
+      const int i = r0 + r;
+      store_pair(aq + i * C + j, i >= j ? x0 * expf(sG[i] - sG[j]) : 0.0f,
+                 i >= j + 1 ? x1 * expf(sG[i] - sG[j + 1]) : 0.0f);
+    });
+  }
+  __syncthreads();  // Q no longer read: V takes its place while T is solved
+  const TI* vc = v + (((long)b * T + t0) * Hv + h) * Dv;
+  load_rows<Dv, LX>(sX, vc, (long)Hv * Dv, rows, tid);
+  cp_async_commit();
+  invert_unit_lower<LA>(sA, sT, tid);  // T = (I + A)^-1, the end of stage kkt_solve
+  cp_async_wait_all();
+  __syncthreads();
+
+  // Stage wy: W = T diag(beta exp(G)) K, U = T diag(beta) V, in column blocks of 64.
+  {
+    const int r0 = 16 * warp;
+    OT* Wc = W + (((long)b * Hv + h) * Tp + t0) * Dk;
+    OT* Uc = U + (((long)b * Hv + h) * Tp + t0) * Dv;
+    const auto tw = a_fn([&](int r, int kk) { return sT[(r0 + r) * LA + kk] * sBw[kk]; });
+    const auto tu = a_fn([&](int r, int kk) { return sT[(r0 + r) * LA + kk] * sBeta[kk]; });
+#pragma unroll 1
+    for (int n0 = 0; n0 < Dk; n0 += 64) {
+      float acc[8][4];
+      zero(acc);
+      warp_mma<EXACT, C>(acc, tw, BRows<ST>{sK + n0, LK});
+      for_acc_pairs(acc, [&](int r, int j, float x0, float x1) { store_pair(Wc + (long)(r0 + r) * Dk + n0 + j, x0, x1); });
+    }
+#pragma unroll 1
+    for (int n0 = 0; n0 < Dv; n0 += 64) {
+      float acc[8][4];
+      zero(acc);
+      warp_mma<EXACT, C>(acc, tu, BRows<ST>{sX + n0, LX});
+      for_acc_pairs(acc, [&](int r, int j, float x0, float x1) { store_pair(Uc + (long)(r0 + r) * Dv + n0 + j, x0, x1); });
+    }
+  }
+}
+
+}  // namespace gdn_tc
+
+#endif  // GDN_CHUNKED_WY_CUH
