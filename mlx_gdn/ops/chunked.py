@@ -29,9 +29,14 @@ import mlx.core as mx
 
 # Steps per chunk by device type. CPU: measured (bench/NOTES.md, "Chunked prefill"): the
 # intra-chunk work grows with C while the state pass does not shrink with it. GPU: 64, the
-# usual choice for fewer sequential steps; not measured here.
+# usual choice for fewer sequential steps and the CUDA kernels' chunk; not measured here.
 CHUNK = {"cpu": 32, "gpu": 64}
 _BLOCK = 16  # diagonal blocks of (I + A) inverted by substitution before the block merges
+# Per-key gates: which form of stage kkt_solve's products `chunked_rule` uses by default. The
+# folded one ran the per-key call at B=1, T=1024, Hk=2, Hv=4, Dk=Dv=128 in 1.69 s against the
+# pairwise one's 2.45 s (best of 3 on the 2-core CPU, shared with other jobs at the time; the
+# recurrence took 0.43 s there).
+KEY_FORM = "folded"
 
 
 def chunk_len() -> int:
@@ -145,6 +150,82 @@ def _kkt_key(q, k, v, lg, beta):
     return _solve_wy(q, k, v, A, P, gam, end, gam_c, beta)
 
 
+# The folded per-key form (`_kkt_key_folded`) forms its decays as products of factors in [0, 1];
+# a factor below exp(FOLD_LOG_FLOOR) (about 4e-18) is formed as exactly 0. The product it belongs
+# to is then below that too (its other factors are at most 1), so the entry of A or P it drops is
+# below 4e-18 |k_i| |k_j| against the identity of (I + A): nothing float32 can see, while carrying
+# it would put subnormal floats into the products (slow on CPUs without flush-to-zero).
+FOLD_LOG_FLOOR = -40.0
+_FOLD_BLOCK = 16  # sub-chunk of the folded form: pairs inside one are formed exactly
+
+
+def _fold_exp(x: mx.array) -> mx.array:
+    """exp(x) for x <= 0 (-inf allowed), exactly 0 below FOLD_LOG_FLOOR; finite gradients."""
+    keep = x >= FOLD_LOG_FLOOR
+    return mx.where(keep, mx.exp(mx.where(keep, x, 0.0)), 0.0)
+
+
+def _kkt_key_folded(q, k, v, lg, beta):
+    """Stage kkt_solve's products for a per-key gate with the decay folded into the operands,
+    then `_solve_wy`; same arguments and result as `_kkt_key`.
+
+    The decay between steps j <= i of column d is exp(b_i - b_j), b the cumulative log-gate.
+    Folding it as (K * exp(b)) (K * exp(-b))^T overflows for gates near 0, so the chunk is cut
+    into sub-chunks of _FOLD_BLOCK steps and every factor is a decay over steps in order, in [0, 1]:
+    for i in sub-chunk I and j in an earlier sub-chunk J,
+        exp(b_i - b_j) = exp(b_i - e_{I-1}) exp(e_{I-1} - e_J) exp(e_J - b_j),
+    with e_J the cumulative log-gate at the end of sub-chunk J: the left factor scales row i of K
+    (or Q), the right one row j of K, the middle one is one Dk vector per pair of sub-chunks, and
+    the block is a matrix product. Each factor is a sum of log-gates over its own steps (never a
+    difference of sums), so log 0 = -inf only ever gives exp(-inf) = 0. Pairs inside one
+    sub-chunk take the exact pairwise form of `_kkt_key` (a Dk axis over _FOLD_BLOCK^2 pairs,
+    not C^2). Flushing: see FOLD_LOG_FLOOR.
+    """
+    C, Dk = q.shape[-2], q.shape[-1]
+    s = min(_FOLD_BLOCK, C)
+    nb = C // s
+    pre = lg.shape[:-2]
+    blk = lambda x: x.reshape(*x.shape[:-2], nb, s, x.shape[-1])  # noqa: E731  [..., nb, s, Dk]
+    lgb = blk(lg)
+    qb, kb = blk(q), blk(k)
+    # Within each sub-chunk: decay from its start through step i, and from step j to its end.
+    left = _fold_exp(mx.cumsum(lgb, axis=-2))
+    right = _fold_exp(mx.cumsum(lgb, axis=-2, reverse=True, inclusive=False))
+    # Between sub-chunks: decay over the whole sub-chunks strictly between J and I.
+    tot = lgb.sum(-2)  # [..., nb, Dk]
+    strict_b, _ = _tri_masks(nb)
+    between = mx.cumsum(mx.where(strict_b[..., None], tot[..., :, None, :], 0.0), axis=-3)  # [..., I, J, Dk]
+    # Shift by one sub-chunk: pair (I, J) needs the sum over J+1..I-1, i.e. entry (I-1, J).
+    mid = mx.concatenate([mx.zeros_like(between[..., :1, :, :]), between[..., :-1, :, :]], axis=-3)
+    mid = mx.where(strict_b[..., None], _fold_exp(mid), 0.0)  # [..., nb(I), nb(J), Dk]
+    kr = (kb * right)[..., None, :, :, :]  # [..., 1, nb(J), s, Dk]
+    kr_t = mx.swapaxes(kr, -1, -2)
+
+    def off_diagonal(xb):
+        xl = (xb * left)[..., :, None, :, :] * mid[..., :, :, None, :]  # [..., I, J, s, Dk]
+        return xl @ kr_t  # [..., I, J, s, s]
+
+    strict_s, lower_s = _tri_masks(s)
+    L = _pair_log_decay(lgb[..., :, None, :], strict_s[..., None], axis=-3)  # [..., nb, s, s, Dk]
+    dec = mx.where(lower_s[..., None], mx.exp(L), 0.0)
+    kj = kb[..., None, :, :]  # [..., nb, 1, s, Dk]
+
+    def assemble(xb):
+        full = off_diagonal(xb)  # strictly lower sub-chunk pairs, zero elsewhere
+        diag = (xb[..., :, :, None, :] * kj * dec).sum(-1)  # [..., nb, s, s]
+        eye = mx.eye(nb, dtype=mx.bool_)[..., None, None]
+        full = mx.where(eye, diag[..., :, None, :, :], full)
+        return mx.swapaxes(full, -3, -2).reshape(*pre, C, C)
+
+    A = assemble(kb) * beta[..., None]
+    P = assemble(qb)
+    G = mx.cumsum(lg, axis=-2)
+    gam = mx.exp(G)  # [..., C, Dk]
+    gam_c = gam[..., -1:, :]  # [..., 1, Dk]
+    end = mx.exp(mx.cumsum(lg, axis=-2, reverse=True, inclusive=False))
+    return _solve_wy(q, k, v, A, P, gam, end, gam_c, beta)
+
+
 def _solve_wy(q, k, v, A, P, gam, end, gam_c, beta):
     """The triangular solve (end of stage kkt_solve) and stage wy: from A, P and the decays to the
     per-chunk operands of the state pass."""
@@ -171,7 +252,9 @@ def _state_output(S, WQ, Uv, Yv, Kd, gam_c):
 
 _kkt_scalar_c = mx.compile(_kkt_scalar)
 _kkt_key_c = mx.compile(_kkt_key)
+_kkt_key_folded_c = mx.compile(_kkt_key_folded)
 _state_output_c = mx.compile(_state_output)
+_KEY_FORMS = {"pairwise": _kkt_key_c, "folded": _kkt_key_folded_c}
 
 
 def _to_chunks(x: mx.array, B, N, C, Hk, R) -> mx.array:
@@ -203,6 +286,7 @@ def chunked_rule(
     beta: mx.array,
     state: mx.array,
     mask: Optional[mx.array] = None,
+    key_form: Optional[str] = None,
 ) -> Tuple[mx.array, mx.array]:
     """Gated delta rule in chunks of up to chunk_len() steps; same contract as `recurrent_rule`.
 
@@ -215,7 +299,12 @@ def chunked_rule(
     (about 1e-7 measured on the CPU). Exception: MLX's CUDA backend runs float32 matmuls in
     TF32 unless the environment has MLX_ENABLE_TF32=0 before MLX's first matmul; the stated
     bound there is 2e-3. bf16/fp16 inputs: below 2e-2 on every device.
+
+    key_form (per-key g only): "pairwise" (`_kkt_key`) or "folded" (`_kkt_key_folded`); None
+    takes KEY_FORM.
     """
+    if key_form is not None and key_form not in _KEY_FORMS:
+        raise ValueError(f"key_form must be one of {sorted(_KEY_FORMS)} or None, got {key_form!r}")
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2], v.shape[3]
     R = Hv // Hk
@@ -243,7 +332,7 @@ def chunked_rule(
     vc = _to_chunks(v, B, N, C, Hk, R)  # [B,Hk,R,N,C,Dv]
     lgc = _to_chunks(lg, B, N, C, Hk, R)  # [B,Hk,R,N,C(,Dk)]
     bc = _to_chunks(beta, B, N, C, Hk, R)
-    intra = _kkt_scalar_c if g.ndim == 3 else _kkt_key_c
+    intra = _kkt_scalar_c if g.ndim == 3 else _KEY_FORMS[key_form or KEY_FORM]
     WQ, Uv, Yv, Kd, gam_c = intra(qc, kc, vc, lgc, bc)
     S = state.reshape(B, Hk, R, Dv, Dk)
     # Split once rather than index per chunk: the gradient of each index is a full-size
