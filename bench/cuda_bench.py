@@ -88,7 +88,7 @@ def mlx_lm_call():
     from mlx_lm.models.gated_delta import gated_delta_ops
 
     def call(x):
-        g = mlx_gdn.compute_g(x.a, x.A_log, x.dt_bias)
+        g = mlx_gdn.compute_g(x.A_log, x.a, x.dt_bias)
         beta = mlx_gdn.compute_beta(x.b)
         y, s = gated_delta_ops(x.q, x.k, x.v, g, beta, x.state)
         mx.async_eval(y, s)
@@ -135,7 +135,7 @@ def torch_sync():
 def check(B, T, dtype):
     """Relative error of the CUDA paths (and fla) against the float64 reference at one shape."""
     x = make_mlx_sets(B, T, dtype, 1)[0]
-    g = mlx_gdn.compute_g(x.a, x.A_log, x.dt_bias)
+    g = mlx_gdn.compute_g(x.A_log, x.a, x.dt_bias)
     beta = mlx_gdn.compute_beta(x.b)
     yr, sr = delta_rule(x.q, x.k, x.v, g, beta, x.state)
     res = {}

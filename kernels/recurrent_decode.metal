@@ -26,6 +26,11 @@ constexpr int PER = Dk / L;  // state columns per lane
 #define GDN_VEC4 0
 #endif
 #define GDN_COL(i) (GDN_VEC4 ? (4 * L * ((i) >> 2) + ((i) & 3)) : (L * (i)))
+// GDN_DT_KEY (fused per-key gates only): dt_bias is [Hv, Dk], one value per key column.
+#ifndef GDN_DT_KEY
+#define GDN_DT_KEY 0
+#endif
+#undef GDN_DT
 constexpr int LANE_COL = GDN_VEC4 ? 4 : 1;  // lane j's first column is LANE_COL * j
 // The 16-byte moves themselves are CUDA's (the Metal layout is unmeasured on Apple GPUs).
 #undef GDN_VEC4_MOVES
@@ -57,7 +62,9 @@ const int64_t k0 = bi * k_strides[0] + hk * k_strides[2] + LANE_COL * j * k_stri
 const int64_t kT = k_strides[1], kC = k_strides[3];
 const int64_t v0 = bi * v_strides[0] + hv * v_strides[2] + row_c * v_strides[3], vT = v_strides[1];
 #if GDN_FUSED
-const int64_t a0 = bi * a_strides[0] + hv * a_strides[2], aT = a_strides[1];
+// KEYGATE: a [B, T, Hv, Dk], one gate per key column, computed per column at each step.
+const int64_t a0 = bi * a_strides[0] + hv * a_strides[2] + (KEYGATE ? LANE_COL * j * a_strides[3] : 0);
+const int64_t aT = a_strides[1], aC = KEYGATE ? a_strides[3] : 0;
 const int64_t b0 = bi * b_strides[0] + hv * b_strides[2], bT = b_strides[1];
 #else
 const int64_t g0 = bi * g_strides[0] + hv * g_strides[2] + (KEYGATE ? LANE_COL * j * g_strides[3] : 0);
@@ -102,7 +109,18 @@ if (s_inC == 1 && (reinterpret_cast<size_t>(state_in + s_in) & 15) == 0) {
 #if GDN_FUSED
 const float log_rate_h = static_cast<float>(A_log[hv * A_log_strides[0]]);
 const float rate_h = metal::exp(log_rate_h);
+#if GDN_DT_KEY
+// dt_bias [Hv, Dk]: this lane's columns, kept in registers.
+float dt_k[PER];
+GDN_UNROLL
+for (int i = 0; i < PER; ++i) {
+  dt_k[i] = static_cast<float>(dt_bias[hv * dt_bias_strides[0] + (LANE_COL * j + GDN_COL(i)) * dt_bias_strides[1]]);
+}
+#define GDN_DT(i) dt_k[i]
+#else
 const float dt_bias_h = static_cast<float>(dt_bias[hv * dt_bias_strides[0]]);
+#define GDN_DT(i) dt_bias_h
+#endif
 #if GDN_LOWER
 const float lower_bound_v = lower_bound[0];
 #else
@@ -122,7 +140,8 @@ for (int t = 0; t < T; ++t) {
   }
 #endif
 #if GDN_FUSED
-  const float gt = gdn_decay(static_cast<float>(a[a0 + t * aT]), rate_h, log_rate_h, dt_bias_h, lower_bound_v, LOWER);
+  const float gt = KEYGATE ? 1.0f
+                           : gdn_decay(static_cast<float>(a[a0 + t * aT]), rate_h, log_rate_h, GDN_DT(0), lower_bound_v, LOWER);
   const float bt = gdn_beta(static_cast<float>(b[b0 + t * bT]), NEG);
 #else
   const float gt = KEYGATE ? 1.0f : static_cast<float>(g[g0 + t * gT]);
@@ -141,7 +160,12 @@ for (int t = 0; t < T; ++t) {
       s[i] *= gt;
     }
 #else
-    s[i] *= gt;
+    if (KEYGATE) {
+      s[i] *= gdn_decay(static_cast<float>(a[a0 + t * aT + GDN_COL(i) * aC]), rate_h, log_rate_h, GDN_DT(i),
+                        lower_bound_v, LOWER);
+    } else {
+      s[i] *= gt;
+    }
 #endif
     acc[i & 3] += s[i] * kr[i];
   }

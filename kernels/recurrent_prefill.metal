@@ -13,7 +13,9 @@
 //
 // Inputs (names set by mlx_gdn/launch.py):
 //   q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; state_in [B, Hv, Dv, Dk] float32;
-//   GDN_FUSED:  a, b [B, T, Hv]; A_log, dt_bias [Hv]; lower_bound [4] float32 (element 0 used) only with GDN_LOWER
+//   GDN_FUSED:  a [B, T, Hv] (KEYGATE false) or [B, T, Hv, Dk] (KEYGATE true); b [B, T, Hv]; A_log [Hv];
+//               dt_bias [Hv], or [Hv, Dk] with GDN_DT_KEY (KEYGATE only);
+//               lower_bound [4] float32 (element 0 used) only with GDN_LOWER
 //   otherwise:  g [B, T, Hv] (KEYGATE false) or [B, T, Hv, Dk] (KEYGATE true); beta [B, T, Hv]
 //   GDN_MASKED: mask [B, T] (bool or integer; false/0 = skip the step, y = 0)
 // Inputs may be strided views (read through *_strides); outputs are row-contiguous.
@@ -30,6 +32,9 @@
 constexpr int NT = R * L;      // threads per threadgroup
 constexpr int PER = Dk / L;    // state columns per lane
 constexpr int GS = KEYGATE ? TB * Dk : TB;
+#ifndef GDN_DT_KEY
+#define GDN_DT_KEY 0
+#endif
 
 threadgroup float k_s[TB * Dk];
 threadgroup float q_s[TB * Dk];
@@ -58,6 +63,7 @@ const int64_t k0 = bi * k_strides[0] + hk * k_strides[2], kT = k_strides[1], kC 
 const int64_t v0 = bi * v_strides[0] + hv * v_strides[2], vT = v_strides[1], vC = v_strides[3];
 #if GDN_FUSED
 const int64_t a0 = bi * a_strides[0] + hv * a_strides[2], aT = a_strides[1];
+const int64_t aC = KEYGATE ? a_strides[3] : 0;  // a per key column (KEYGATE)
 const int64_t b0 = bi * b_strides[0] + hv * b_strides[2], bT = b_strides[1];
 #else
 const int64_t g0 = bi * g_strides[0] + hv * g_strides[2], gT = g_strides[1];
@@ -82,7 +88,10 @@ for (int i = 0; i < PER; ++i) {
 #if GDN_FUSED
 const float log_rate_h = static_cast<float>(A_log[hv * A_log_strides[0]]);
 const float rate_h = metal::exp(log_rate_h);
-const float dt_bias_h = static_cast<float>(dt_bias[hv * dt_bias_strides[0]]);
+const float dt_bias_h = GDN_DT_KEY ? 0.0f : static_cast<float>(dt_bias[hv * dt_bias_strides[0]]);
+#if GDN_DT_KEY
+const int64_t dt0 = hv * dt_bias_strides[0], dtC = dt_bias_strides[1];
+#endif
 #if GDN_LOWER
 const float lower_bound_v = lower_bound[0];
 #else
@@ -99,7 +108,17 @@ for (int t0 = 0; t0 < T; t0 += TB) {
     const int c = i - tt * Dk;
     k_s[i] = static_cast<float>(k[k0 + (t0 + tt) * kT + c * kC]);
     q_s[i] = static_cast<float>(q[q0 + (t0 + tt) * qT + c * qC]);
-#if !GDN_FUSED
+#if GDN_FUSED
+    if (KEYGATE) {
+      // Each (token, column) gate once per threadgroup; every row then reads it staged.
+#if GDN_DT_KEY
+      const float dtb = static_cast<float>(dt_bias[dt0 + c * dtC]);
+#else
+      const float dtb = dt_bias_h;
+#endif
+      g_s[i] = gdn_decay(static_cast<float>(a[a0 + (t0 + tt) * aT + c * aC]), rate_h, log_rate_h, dtb, lower_bound_v, LOWER);
+    }
+#else
     if (KEYGATE) {
       g_s[i] = static_cast<float>(g[g0 + (t0 + tt) * gT + c * gC]);
     }
@@ -113,7 +132,9 @@ for (int t0 = 0; t0 < T; t0 += TB) {
   for (int i = tid; i < nb; i += NT) {
     const int t = t0 + i;
 #if GDN_FUSED
-    g_s[i] = gdn_decay(static_cast<float>(a[a0 + t * aT]), rate_h, log_rate_h, dt_bias_h, lower_bound_v, LOWER);
+    if (!KEYGATE) {
+      g_s[i] = gdn_decay(static_cast<float>(a[a0 + t * aT]), rate_h, log_rate_h, dt_bias_h, lower_bound_v, LOWER);
+    }
     beta_s[i] = gdn_beta(static_cast<float>(b[b0 + t * bT]), NEG);
 #else
     if (!KEYGATE) {

@@ -7,10 +7,13 @@ comparisons of every path, on fused gates, pin the two together.
 
 from __future__ import annotations
 
+import math
+import numbers
 from functools import partial
 from typing import Optional, Tuple
 
 import mlx.core as mx
+import numpy as np
 
 
 def softplus(x: mx.array) -> mx.array:
@@ -58,12 +61,16 @@ def _write_strength(b, scale):
     return scale * mx.sigmoid(b.astype(mx.float32))
 
 
-def compute_g(a: mx.array, A_log: mx.array, dt_bias: mx.array, lower_bound: Optional[float] = None) -> mx.array:
-    """Decay gate from the model's raw projections.
+def compute_g(A_log: mx.array, a: mx.array, dt_bias: mx.array, lower_bound: Optional[float] = None) -> mx.array:
+    """Decay gate from the model's raw projections, in mlx-lm's argument order.
 
-    a: [..., Hv] any float dtype; A_log, dt_bias: [Hv]. Returns float32 [..., Hv] in (0, 1]:
     ``exp(-exp(A_log) * softplus(a + dt_bias))``, or with ``lower_bound``
-    ``exp(lower_bound * sigmoid(exp(A_log) * (a + dt_bias)))``.
+    ``exp(lower_bound * sigmoid(exp(A_log) * (a + dt_bias)))``; float32 of the three inputs'
+    broadcast shape, values in (0, 1]. Shapes broadcast as in NumPy (as mlx-lm's ``compute_g``
+    does): a [..., Hv] with A_log, dt_bias [Hv] for one gate per head, or a [..., Hv, Dk] with
+    A_log [Hv, 1] and dt_bias [Hv, 1] or [Hv, Dk] for one gate per key column. Any float dtypes;
+    the sum a + dt_bias is formed in float32. Where exp(A_log) overflows float32 the product is
+    formed in log space, so the gate keeps its limit (mlx-lm's gives NaN there).
     Compiled, so the elementwise chain is one kernel on GPU backends.
     """
     if lower_bound is None:
@@ -77,18 +84,38 @@ def compute_beta(b: mx.array, allow_neg_eigval: bool = False) -> mx.array:
 
 
 def compute_gates(a, b, A_log, dt_bias, lower_bound=None, allow_neg_eigval=False) -> Tuple[mx.array, mx.array]:
-    """(g, beta), both float32 [B, T, Hv], from a, b: [B, T, Hv] and A_log, dt_bias: [Hv]."""
-    return compute_g(a, A_log, dt_bias, lower_bound), compute_beta(b, allow_neg_eigval)
+    """(g, beta) as `gated_delta_update` computes them, in its argument order.
 
-
-def normalize_qk(q: mx.array, k: mx.array, eps: float = 1e-6) -> Tuple[mx.array, mx.array]:
-    """L2-normalise q and k over the last axis and fold ``Dk**-0.5`` into q.
-
-    q, k: [..., Dk], any float dtype; returns arrays of the same shapes and dtypes.
-    ``eps`` is added to the sum of squares (as in mlx-lm and fla's l2norm).
+    a: [B, T, Hv] (g [B, T, Hv]) or [B, T, Hv, Dk] (g [B, T, Hv, Dk], one gate per key column);
+    b: [B, T, Hv] (beta [B, T, Hv]); A_log: [Hv] or [Hv, 1], one rate per head; dt_bias: [Hv] or
+    [Hv, 1] per head, or [Hv, Dk] with a per-key a. Unlike `compute_g`, which broadcasts as
+    given, A_log and dt_bias are always read per head (and key column). Both outputs float32.
     """
-    dk = q.shape[-1]
-    inv = dk**-0.5
+    return FusedGating(a, b, A_log, dt_bias, lower_bound, allow_neg_eigval).compute()
+
+
+def _check_inv_scale(inv_scale) -> float:
+    if isinstance(inv_scale, (bool, np.bool_)) or not isinstance(inv_scale, numbers.Real):
+        raise TypeError(f"inv_scale must be a float or None, got {type(inv_scale).__name__}")
+    if not (math.isfinite(inv_scale) and inv_scale > 0):
+        raise ValueError(f"inv_scale must be finite and > 0, got {inv_scale!r}")
+    return float(inv_scale)
+
+
+def normalize_qk(
+    q: mx.array, k: mx.array, inv_scale: Optional[float] = None, eps: float = 1e-6
+) -> Tuple[mx.array, mx.array]:
+    """L2-normalise q and k over the last axis and fold the readout scale into q.
+
+    q, k: [..., Dk], any float dtype; returns arrays of the same shapes and dtypes. With s =
+    inv_scale: ``s**2 * rms_norm(q, eps * s**2)`` and ``s * rms_norm(k, eps * s**2)`` (mlx-lm's
+    form). At s = ``Dk**-0.5``, the value every model passes (None means it), that is
+    ``Dk**-0.5 * q / sqrt(sum(q^2) + eps)`` and ``k / sqrt(sum(k^2) + eps)``: ``eps`` is added
+    to the sum of squares (as in mlx-lm and fla's l2norm). inv_scale: a float > 0 or None.
+    mlx-lm's keyword call ``normalize_qk(q, k, inv_scale=..., eps=...)`` works unchanged and
+    gives its answer.
+    """
+    inv = q.shape[-1] ** -0.5 if inv_scale is None else _check_inv_scale(inv_scale)
     # rms_norm adds eps to the mean of squares, so scale it to act on the sum.
     rms_eps = eps * inv * inv
     return (inv * inv) * mx.fast.rms_norm(q, None, rms_eps), inv * mx.fast.rms_norm(k, None, rms_eps)
@@ -97,15 +124,36 @@ def normalize_qk(q: mx.array, k: mx.array, eps: float = 1e-6) -> Tuple[mx.array,
 class FusedGating:
     """The raw gate inputs of `gated_delta_update`, carried to a backend that fuses them.
 
-    a, b: [B, T, Hv]; A_log, dt_bias: [Hv]; any float dtypes.
+    a: [B, T, Hv] or [B, T, Hv, Dk] (per key column); b: [B, T, Hv]; any float dtypes.
+    Kept canonical for the kernels: A_log [Hv]; dt_bias [Hv] (per head) or [Hv, Dk] (per head
+    and key column, `dt_key`). Accepts the [Hv, 1] forms mlx-lm's per-key models pass.
     """
 
     __slots__ = ("a", "b", "A_log", "dt_bias", "lower_bound", "allow_neg_eigval")
 
     def __init__(self, a, b, A_log, dt_bias, lower_bound=None, allow_neg_eigval=False):
+        if A_log.ndim == 2:
+            A_log = A_log.reshape(-1)
+        if dt_bias.ndim == 2 and dt_bias.shape[1] == 1:
+            dt_bias = dt_bias.reshape(-1)
         self.a, self.b, self.A_log, self.dt_bias = a, b, A_log, dt_bias
         self.lower_bound, self.allow_neg_eigval = lower_bound, allow_neg_eigval
 
+    @property
+    def key(self) -> bool:
+        """a has one gate per key column."""
+        return self.a.ndim == 4
+
+    @property
+    def dt_key(self) -> bool:
+        """dt_bias has one value per key column ([Hv, Dk])."""
+        return self.dt_bias.ndim == 2
+
     def compute(self) -> Tuple[mx.array, mx.array]:
-        """(g, beta) float32 [B, T, Hv], for backends that take precomputed gates."""
-        return compute_gates(self.a, self.b, self.A_log, self.dt_bias, self.lower_bound, self.allow_neg_eigval)
+        """(g, beta) float32: g [B, T, Hv] or [B, T, Hv, Dk] (shape of a), beta [B, T, Hv]."""
+        A_log, dt_bias = self.A_log, self.dt_bias
+        if self.key:
+            A_log = A_log[:, None]
+            if not self.dt_key:
+                dt_bias = dt_bias[:, None]
+        return compute_g(A_log, self.a, dt_bias, self.lower_bound), compute_beta(self.b, self.allow_neg_eigval)

@@ -197,6 +197,7 @@ def recurrent_spec(
     neg: bool = False,
     path: Optional[str] = None,
     vec4: bool = False,
+    dt_key: bool = False,
 ) -> LaunchSpec:
     """Launch spec of the recurrent kernel for problem `p`.
 
@@ -205,6 +206,8 @@ def recurrent_spec(
     path: "decode", "prefill" or None (by T, see `choose_path`). vec4: the decode body keeps each
     lane's state columns in groups of four adjacent ones (GDN_VEC4), where a lane has a multiple
     of four; the CUDA backend asks for it (16-byte state loads and stores).
+    Fused per-key gates (p.fused and p.gate == "key"): a is [B, T, Hv, Dk], A_log [Hv], dt_bias [Hv]
+    or, with `dt_key`, [Hv, Dk] (GDN_DT_KEY).
     """
     path = path or choose_path(p)
     if path not in ("decode", "prefill"):
@@ -238,13 +241,15 @@ def recurrent_spec(
     template += [("KEYGATE", key_gate), ("LOWER", lower), ("NEG", bool(p.fused and neg))]
 
     vec4 = bool(vec4 and path == "decode" and (p.Dk // L) % 4 == 0)
+    dt_key = bool(dt_key and p.fused and key_gate)
     variant = ("update" if p.fused else "rule") + ("_masked" if p.masked else "") + ("_v4" if vec4 else "")
+    variant += "_dtkey" if dt_key else ""
     return LaunchSpec(
         name=f"gdn_recurrent_{path}_{variant}",
         body=f"recurrent_{path}.metal",
         headers=(GATES_HEADER,),
         defines=(("GDN_FUSED", int(p.fused)), ("GDN_MASKED", int(p.masked)), ("GDN_LOWER", int(lower)),
-                 ("GDN_VEC4", int(vec4))),
+                 ("GDN_VEC4", int(vec4)), ("GDN_DT_KEY", int(dt_key))),
         input_names=names,
         output_names=("y", "state_out"),
         template=tuple(template),
@@ -295,13 +300,14 @@ def _clear_launchers():
 
 
 @lru_cache(maxsize=512)
-def recurrent_launcher(p: Problem, lower: bool, neg: bool, path: Optional[str], kernel_for, vec4: bool = False):
+def recurrent_launcher(p: Problem, lower: bool, neg: bool, path: Optional[str], kernel_for, vec4: bool = False,
+                       dt_key: bool = False):
     """(spec, kernel object, call keyword arguments) for one problem, built once.
 
     A decode loop repeats one problem every step; everything here is a pure function of it, so
     a step's host work is the input list and the kernel call.
     """
-    spec = recurrent_spec(p, lower=lower, neg=neg, path=path, vec4=vec4)
+    spec = recurrent_spec(p, lower=lower, neg=neg, path=path, vec4=vec4, dt_key=dt_key)
     return spec, kernel_for(spec), spec.call_kwargs()
 
 
@@ -313,10 +319,11 @@ def run_recurrent(p: Problem, q, k, v, state, mask, *, kernel_for, g=None, beta=
     "prefill" or None (by T); vec4: see `recurrent_spec`.
     """
     if gating is None:
-        lower = neg = False
+        lower = neg = dt_key = False
     else:
         lower, neg = gating.lower_bound is not None, bool(gating.allow_neg_eigval)
-    _, kern, kw = recurrent_launcher(p, lower, neg, path, kernel_for, vec4)
+        dt_key = gating.dt_key
+    _, kern, kw = recurrent_launcher(p, lower, neg, path, kernel_for, vec4, dt_key)
     ins = recurrent_inputs(q, k, v, state, mask, g=g, beta=beta, gating=gating)
     y, new_state = kern(inputs=ins, **kw, **launch_options()) if POISON_OUTPUTS else kern(inputs=ins, **kw)
     return y, new_state

@@ -33,8 +33,20 @@ def _sigmoid(z):
 
 
 def gates(a, b, A_log, dt_bias, lower_bound=None, allow_neg_eigval=False):
-    """float64 (g, beta) [B,T,Hv] from the raw projections (DESIGN.md section 1)."""
+    """float64 (g, beta) from the raw projections, computed per head (and key column).
+
+    a: [B,T,Hv] (g [B,T,Hv]) or [B,T,Hv,Dk] (g [B,T,Hv,Dk]); b: [B,T,Hv]; A_log: [Hv] or [Hv,1];
+    dt_bias: [Hv] or [Hv,1], or [Hv,Dk] with a per-key a.
+    """
     a, b, A_log, dt_bias = (to_numpy(x) for x in (a, b, A_log, dt_bias))
+    Hv = A_log.size
+    A_log = A_log.reshape(Hv)
+    if dt_bias.size == Hv:
+        dt_bias = dt_bias.reshape(Hv)
+    if a.ndim == 4:  # head axis is a's third: per-head values get a key-column axis
+        A_log = A_log[:, None]
+        if dt_bias.ndim == 1:
+            dt_bias = dt_bias[:, None]
     x = a + dt_bias
     rate = np.exp(A_log)
     if lower_bound is None:

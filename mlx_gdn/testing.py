@@ -42,12 +42,15 @@ def random_inputs(
     decay: str = "mixed",
     with_state: bool = True,
     mask: bool = False,
+    fused_gate: str = "scalar",
 ) -> Inputs:
     """Inputs for one call with q, k normalised as models do.
 
     decay: "mixed" spreads g over (0, 1] with some steps near 0 and some exactly 1;
     "slow" keeps g in [0.9, 1]; "one" sets g = 1 exactly. gate: "scalar" [B,T,Hv] or "key" [B,T,Hv,Dk].
     mask=True drops a few random steps (with gaps) per sequence. State is float32 [B,Hv,Dv,Dk].
+    fused_gate: "scalar" gives a [B,T,Hv], dt_bias [Hv]; "key" gives a [B,T,Hv,Dk] and dt_bias
+    [Hv,Dk] (Kimi-style per-key gates; A_log stays [Hv]).
     """
     rng = np.random.default_rng(seed)
     f32 = np.float32
@@ -70,6 +73,9 @@ def random_inputs(
     b = rng.standard_normal((B, T, Hv)) * 2.0
     A_log = np.log(rng.uniform(0.5, 16.0, (Hv,)))
     dt_bias = rng.standard_normal((Hv,))
+    if fused_gate == "key":
+        a = rng.standard_normal((B, T, Hv, Dk)) * 2.0
+        dt_bias = rng.standard_normal((Hv, Dk))
     state = mx.array(rng.standard_normal((B, Hv, Dv, Dk)).astype(f32) * 0.1) if with_state else None
     m = None
     if mask:

@@ -96,8 +96,8 @@ def _check_state_mask(state, mask, B, T, Hv, Dv, Dk):
     if state is not None:
         _require_array("state", state)
         _require_shape("state", state, (B, Hv, Dv, Dk), "[B, Hv, Dv, Dk]")
-        if state.dtype != mx.float32:
-            raise TypeError(f"state must be float32 (the recurrent state is kept in float32), got {_name_dtype(state.dtype)}")
+        # Any float dtype: the recurrence runs in float32 and the new state comes back in this one.
+        _require_float("state", state)
     if mask is not None:
         _require_array("mask", mask)
         _require_shape("mask", mask, (B, T), "[B, T]")
@@ -166,14 +166,7 @@ def check_rule(q, k, v, g, beta, state, mask) -> Problem:
 def check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval) -> Problem:
     """Validate the inputs of `gated_delta_update`; return the call's Problem."""
     B, T, Hk, Dk, Hv, Dv = _check_qkv(q, k, v)
-    for name, x in (("a", a), ("b", b)):
-        _require_array(name, x)
-        _require_float(name, x)
-        _require_shape(name, x, (B, T, Hv), "[B, T, Hv]")
-    for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
-        _require_array(name, x)
-        _require_float(name, x)
-        _require_shape(name, x, (Hv,), "[Hv]")
+    gate = _check_fused_gate_shapes(a, b, A_log, dt_bias, B, T, Hv, Dk)
     if lower_bound is not None:
         # Any real scalar (NumPy's included, as configs loaded with NumPy give them), never a bool.
         if isinstance(lower_bound, (bool, np.bool_)) or not isinstance(lower_bound, numbers.Real):
@@ -184,4 +177,52 @@ def check_update(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_
     if not isinstance(allow_neg_eigval, bool):
         raise TypeError(f"allow_neg_eigval must be a bool, got {type(allow_neg_eigval).__name__}")
     _check_state_mask(state, mask, B, T, Hv, Dv, Dk)
-    return Problem(B, T, Hk, Hv, Dk, Dv, q.dtype, "scalar", mask is not None, True)
+    return Problem(B, T, Hk, Hv, Dk, Dv, q.dtype, gate, mask is not None, True)
+
+
+def _check_fused_gate_shapes(a, b, A_log, dt_bias, B, T, Hv, Dk) -> str:
+    """Shapes of `gated_delta_update`'s gate inputs; "scalar" or "key" (a per key column).
+
+    a: [B, T, Hv] or [B, T, Hv, Dk]; b: [B, T, Hv]; A_log: [Hv] or [Hv, 1] (one rate per head);
+    dt_bias: [Hv] or [Hv, 1] (per head) or, with a per-key a, [Hv, Dk]. The [Hv, 1] forms are
+    what mlx-lm's per-key models pass; every accepted combination means the same per-head (or
+    per head and key column) formula.
+    """
+    for name, x in (("a", a), ("b", b), ("A_log", A_log), ("dt_bias", dt_bias)):
+        _require_array(name, x)
+        _require_float(name, x)
+    if tuple(a.shape) == (B, T, Hv):
+        gate = "scalar"
+    elif tuple(a.shape) == (B, T, Hv, Dk):
+        gate = "key"
+    else:
+        raise ValueError(
+            f"a must have shape [B, T, Hv] = {(B, T, Hv)} (one gate per head) or [B, T, Hv, Dk] = "
+            f"{(B, T, Hv, Dk)} (one per key column), got {tuple(a.shape)}"
+        )
+    _require_shape("b", b, (B, T, Hv), "[B, T, Hv]")
+    if tuple(A_log.shape) not in ((Hv,), (Hv, 1)):
+        raise ValueError(f"A_log must have shape [Hv] = {(Hv,)} or [Hv, 1] = {(Hv, 1)}, got {tuple(A_log.shape)}")
+    dt_shapes = [("[Hv]", (Hv,)), ("[Hv, 1]", (Hv, 1))]
+    if gate == "key":
+        dt_shapes.append(("[Hv, Dk]", (Hv, Dk)))
+    if tuple(dt_bias.shape) not in [shape for _, shape in dt_shapes]:
+        listed = " or ".join(f"{what} = {shape}" for what, shape in dt_shapes)
+        extra = "" if gate == "key" else " ([Hv, Dk] only with a per-key a of shape [B, T, Hv, Dk])"
+        raise ValueError(f"dt_bias must have shape {listed}{extra}, got {tuple(dt_bias.shape)}")
+    return gate
+
+
+def kernel_backend(backend, use_kernel) -> str:
+    """The backend a call asked for, after mlx-lm's `use_kernel` flag: False means "ops"."""
+    if not isinstance(use_kernel, bool):
+        raise TypeError(f"use_kernel must be a bool, got {type(use_kernel).__name__}")
+    if use_kernel:
+        return backend
+    if backend in ("auto", "ops"):
+        return "ops"
+    check_choice("backend", backend, BACKENDS)
+    raise ValueError(
+        f"use_kernel=False asks for the ops path but backend={backend!r} asks for a kernel; "
+        f"pass backend='auto' or 'ops' with use_kernel=False, or use_kernel=True"
+    )

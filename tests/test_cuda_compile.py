@@ -63,18 +63,21 @@ def _recurrent_tu() -> str:
     parts = [MLX_HEADER, cuda.source_text(cuda.PRELUDE)]
     i = 0
     for path in ("decode", "prefill"):
-        rule = [(False, key, masked, False, False) for key, masked in itertools.product((False, True), repeat=2)]
-        upd = [(True, False, m, lo, ng) for m, lo, ng in itertools.product((False, True), repeat=3)]
-        for fused, key, masked, lower, neg in rule + upd:
+        rule = [(False, key, masked, False, False, False) for key, masked in itertools.product((False, True), repeat=2)]
+        upd = [(True, False, m, lo, ng, False) for m, lo, ng in itertools.product((False, True), repeat=3)]
+        # fused per-key gates (a [B,T,Hv,Dk]), dt_bias per key column (GDN_DT_KEY) or per head
+        upd_key = [(True, True, m, lo, ng, dk) for m, lo, ng, dk in
+                   ((False, True, False, True), (True, False, True, True), (True, True, True, False), (False, False, False, False))]
+        for fused, key, masked, lower, neg, dt_key in rule + upd + upd_key:
             Dk, Dv = DIMS[i % len(DIMS)]
             dt = DTYPES[i % len(DTYPES)]
             T = 1 if path == "decode" else 64
             p = Problem(2, T, 2, 4, Dk, Dv, dt, "key" if key else "scalar", masked, fused)
             # decode: CUDA's grouped columns (16-byte state moves) and, every other variant, the
             # element-wise layout it falls back to
-            spec = launch.recurrent_spec(p, lower=lower, neg=neg, path=path, vec4=i % 2 == 0)
+            spec = launch.recurrent_spec(p, lower=lower, neg=neg, path=path, vec4=i % 2 == 0, dt_key=dt_key)
             ndim = {"q": 4, "k": 4, "v": 4, "state_in": 4, "mask": 2, "g": 4 if key else 3, "beta": 3,
-                    "a": 3, "b": 3, "A_log": 1, "dt_bias": 1, "lower_bound": 1}
+                    "a": 4 if key else 3, "b": 3, "A_log": 1, "dt_bias": 2 if dt_key else 1, "lower_bound": 1}
             dtypes = {"state_in": mx.float32, "mask": mx.bool_, "lower_bound": mx.float32, "A_log": mx.float32,
                       "dt_bias": mx.float32, "beta": mx.float32}
             inputs = [(n, dtypes.get(n, dt), ndim[n]) for n in spec.input_names]

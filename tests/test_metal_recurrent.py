@@ -40,8 +40,10 @@ def no_ops(monkeypatch):
     monkeypatch.setattr(ops_backend, "run", refuse)
 
 
-def _inputs(B, T, Hk, Hv, Dk, Dv, dtype, seed, *, gate="scalar", mask=False, decay="mixed", int_mask=False):
-    x = random_inputs(B, T, Hk, Hv, Dk, Dv, dtype=dtype, seed=seed, gate=gate, mask=mask, decay=decay)
+def _inputs(B, T, Hk, Hv, Dk, Dv, dtype, seed, *, gate="scalar", mask=False, decay="mixed", int_mask=False,
+            fused_gate="scalar"):
+    x = random_inputs(B, T, Hk, Hv, Dk, Dv, dtype=dtype, seed=seed, gate=gate, mask=mask, decay=decay,
+                      fused_gate=fused_gate)
     if int_mask and x.mask is not None:
         x.mask = x.mask.astype(mx.int32)
     return x
@@ -344,8 +346,6 @@ def test_supports_and_specs():
     assert not metal.supports(prob(128, B=70000, Hv=1, Hk=1), "recurrent")
     for Dk, Dv, T, gate in ((32, 1, 1, "scalar"), (128, 128, 1, "key"), (192, 200, 40, "scalar"), (512, 64, 9, "key")):
         for fused in (False, True):
-            if fused and gate == "key":
-                continue
             spec = launch.recurrent_spec(prob(Dk, Dv, T, gate, fused, True, BF16), lower=fused, neg=fused)
             assert all(g % t == 0 for g, t in zip(spec.grid, spec.threadgroup)), spec
             tmpl = dict(spec.template)
@@ -376,7 +376,7 @@ def test_compile_error_carries_compiler_message(monkeypatch):
     Dk=st.sampled_from([32, 64]),
     Dv=st.sampled_from([8, 32, 33, 64]),
     dtype=st.sampled_from([F32, F16, BF16]),
-    kind=st.sampled_from(["scalar", "key", "fused", "fused-lb"]),
+    kind=st.sampled_from(["scalar", "key", "fused", "fused-lb", "fused-key", "fused-key-lb"]),
     masked=st.booleans(),
     neg=st.booleans(),
 )
@@ -386,9 +386,9 @@ def test_property_small_shapes(B, T, Hk, ratio, Dk, Dv, dtype, kind, masked, neg
     seed = fresh_seed()
     Hv = Hk * ratio
     gate = "key" if kind == "key" else "scalar"
-    x = _inputs(B, T, Hk, Hv, Dk, Dv, dtype, seed, gate=gate, mask=masked)
+    x = _inputs(B, T, Hk, Hv, Dk, Dv, dtype, seed, gate=gate, mask=masked, fused_gate="key" if "key" in kind else "scalar")
     if kind.startswith("fused"):
-        lb = -4.0 if kind == "fused-lb" else None
+        lb = -4.0 if kind.endswith("-lb") else None
         y, s = run_update(x, lb, neg)
         y_ref, s_ref = ref_update(x, lb, neg)
     else:
@@ -417,3 +417,128 @@ def test_poisoned_outputs_reach_the_kernel_call(monkeypatch):
     # The real launch path accepts it (the simulator honours init_value like MLX).
     y, s = run_rule(x)
     _check(y, s, *reference.delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state), mx.float32, f"seed {seed}")
+
+
+# Fused per-key gates (Kimi Linear, Kimi K3, Bailing MoE V3): a [B, T, Hv, Dk], A_log [Hv] or
+# [Hv, 1], dt_bias [Hv, Dk] (GDN_DT_KEY) or per head.
+# (B, T, Hk, Hv, Dk, Dv, dtype, masked, lower_bound, allow_neg_eigval, form)
+PER_KEY_CASES = [
+    (1, 1, 1, 2, 32, 32, F32, False, None, False, "A[Hv,1]-dt[Hv,Dk]"),
+    (2, 3, 1, 2, 64, 24, BF16, True, -5.0, False, "A[Hv,1]-dt[Hv,Dk]"),
+    (1, 4, 2, 4, 128, 32, F32, True, None, True, "A[Hv]-dt[Hv]"),
+    (2, 2, 2, 2, 32, 40, BF16, False, -5.0, True, "A[Hv,1]-dt[Hv,1]"),
+    (1, 9, 1, 2, 32, 16, F32, True, -5.0, True, "A[Hv]-dt[Hv,Dk]"),
+    (2, 21, 1, 2, 64, 32, BF16, True, None, False, "A[Hv,1]-dt[Hv,Dk]"),
+    (1, 13, 2, 4, 128, 16, F32, False, -0.5, False, "A[Hv]-dt[Hv]"),
+    (1, 6, 1, 1, 64, 64, F16, True, None, True, "A[Hv,1]-dt[Hv,Dk]"),
+]
+
+
+def _per_key_form(x, form):
+    """x with A_log and dt_bias in one of the accepted per-key forms (same values per head)."""
+    Hv = x.A_log.shape[0]
+    A_log = x.A_log.reshape(Hv, 1) if form.startswith("A[Hv,1]") else x.A_log
+    per_head = x.dt_bias[:, 0]
+    dt = {"dt[Hv,Dk]": x.dt_bias, "dt[Hv]": per_head, "dt[Hv,1]": per_head.reshape(Hv, 1)}[form.split("-")[1]]
+    return dataclasses.replace(x, A_log=A_log, dt_bias=dt)
+
+
+@pytest.mark.parametrize("case", PER_KEY_CASES, ids=lambda c: "B{}T{}Hk{}Hv{}Dk{}Dv{}-{}{}-lb{}-neg{}-{}".format(
+    *c[:6], str(c[6]).split(".")[-1], "-mask" if c[7] else "", c[8], int(c[9]), c[10]))
+def test_per_key_update_matches_reference(case, no_ops):
+    B, T, Hk, Hv, Dk, Dv, dtype, masked, lower_bound, neg, form = case
+    seed = fresh_seed()
+    x = _per_key_form(_inputs(B, T, Hk, Hv, Dk, Dv, dtype, seed, mask=masked, fused_gate="key"), form)
+    p = check_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, x.mask, lower_bound, neg)
+    assert p.gate == "key" and metal.supports(p, "recurrent")
+    y, s = run_update(x, lower_bound, neg)
+    y_ref, s_ref = ref_update(x, lower_bound, neg)
+    _check(y, s, y_ref, s_ref, dtype, f"seed {seed}, case {case}")
+
+
+@pytest.mark.parametrize("T", [3, 7])
+@pytest.mark.parametrize("lower_bound", [None, -3.0])
+def test_per_key_fused_gates_at_extremes(T, lower_bound, no_ops):
+    """Per-key a far out on both sides, |b| large, and a head whose exp(A_log) overflows float32
+    (the kernel forms its products in log space, as the ops path does)."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    x = _inputs(1, T, 1, 2, 32, 32, F32, seed, decay="one", fused_gate="key")
+    a = rng.choice([-60.0, -20.0, -1e-3, 0.0, 15.0, 40.0], size=(1, T, 2, 32))
+    b = rng.choice([-30.0, -3.0, 0.0, 4.0, 30.0], size=(1, T, 2))
+    x.a, x.b = mx.array(a.astype(np.float32)), mx.array(b.astype(np.float32))
+    x.A_log = mx.array([1.0, 95.0])
+    y, s = run_update(x, lower_bound)
+    y_ref, s_ref = ref_update(x, lower_bound)
+    _check(y, s, y_ref, s_ref, F32, f"seed {seed}")
+
+
+@pytest.mark.parametrize("L", [1, 4, 16])
+def test_per_key_fused_decode_columns_in_fours(L, monkeypatch, no_ops):
+    """Per-key fused gates in the decode body with GDN_VEC4: each lane's a and dt_bias columns are
+    the same grouped columns as its state's."""
+    monkeypatch.setattr(metal, "DECODE_VEC4", True)
+    monkeypatch.setattr(launch, "lanes_per_row", lambda Dk, per_lane: L)
+    seed = fresh_seed()
+    x = _inputs(2, 2, 1, 2, 64, 40, F32, seed, mask=True, fused_gate="key")
+    y, s = run_update(x, -2.0, True)
+    y_ref, s_ref = ref_update(x, -2.0, True)
+    _check(y, s, y_ref, s_ref, F32, f"seed {seed}, L {L}")
+
+
+@pytest.mark.parametrize("path", ["decode", "prefill", "decode-vec4"])
+@pytest.mark.parametrize("dt_key", [False, True])
+def test_per_key_bodies_follow_strides(path, dt_key):
+    """As test_bodies_follow_strides, for the fused per-key inputs (a, A_log, dt_bias per key)."""
+    seed = fresh_seed()
+    path, vec4 = path.split("-")[0], path.endswith("vec4")
+    T = 3 if path == "decode" else 9
+    x = _inputs(2, T, 2, 4, 64, 40, F32, seed, mask=True, fused_gate="key")
+    if not dt_key:
+        x.dt_bias = x.dt_bias[:, 0]
+    nan = float("nan")
+    p = check_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, x.mask, -2.0, True)
+    arrays = dict(q=_interleaved(x.q, nan), k=_interleaved(x.k, nan), v=_interleaved(x.v, nan),
+                  state_in=_interleaved(x.state, nan), mask=_interleaved(x.mask, mx.logical_not(x.mask)),
+                  a=_interleaved(x.a, nan), b=_interleaved(x.b, nan), A_log=_interleaved(x.A_log, nan),
+                  dt_bias=_interleaved(x.dt_bias, nan), lower_bound=launch.lower_bound_array(-2.0))
+    spec = launch.recurrent_spec(p, lower=True, neg=True, path=path, vec4=vec4, dt_key=dt_key)
+    assert spec.name.endswith("_dtkey") == dt_key and ("_v4" in spec.name) == vec4
+    assert dict(spec.template)["KEYGATE"] and dict(spec.defines)["GDN_DT_KEY"] == int(dt_key)
+    with simulated_metal():
+        y, s = metal_kernel.kernel(spec)(inputs=spec.inputs(arrays), **spec.call_kwargs())
+        mx.eval(y, s)
+    y_ref, s_ref = ref_update(x, -2.0, True)
+    _check(y, s, y_ref, s_ref, F32, f"seed {seed}, path {path}, dt_key {dt_key}")
+
+
+def test_per_key_decode_after_prefill_equals_one_call(no_ops):
+    """Kimi's serving pattern: prefill, then single-token steps carrying the state, per-key gates."""
+    seed = fresh_seed()
+    T, cut = 11, 8
+    x = _per_key_form(_inputs(1, T, 1, 2, 64, 32, BF16, seed, mask=True, fused_gate="key"), "A[Hv,1]-dt[Hv,Dk]")
+    ys, s = [], x.state
+    for lo, hi in ((0, cut), (cut, cut + 1), (cut + 1, T)):
+        part = dataclasses.replace(x, q=x.q[:, lo:hi], k=x.k[:, lo:hi], v=x.v[:, lo:hi], a=x.a[:, lo:hi],
+                                   b=x.b[:, lo:hi], mask=x.mask[:, lo:hi], state=s)
+        y, s = run_update(part, -5.0)
+        ys.append(y)
+    y_ref, s_ref = ref_update(x, -5.0)
+    _check(mx.concatenate(ys, axis=1), s, y_ref, s_ref, BF16, f"seed {seed}")
+
+
+def test_chunked_kernels_refuse_per_key_fused_gates():
+    """The chunked kernels take scalar gates only: a per-key fused call asked for "chunked" runs on
+    the ops chunked path, and "auto" picks the recurrent kernel."""
+    from mlx_gdn import backends
+    from mlx_gdn.cuda import backend as cuda_backend
+
+    x = _inputs(1, 40, 1, 2, 64, 64, F32, 0, fused_gate="key")
+    p = check_update(x.q, x.k, x.v, x.a, x.b, x.A_log.reshape(2, 1), x.dt_bias, None, None, None, False)
+    assert p.gate == "key" and p.fused
+    assert not metal.supports(p, "chunked") and not cuda_backend.supports(p, "chunked")
+    with simulated_metal():
+        mod, algo = backends.resolve("metal", "chunked", p)
+        assert (mod.name, algo) == ("ops", "chunked")
+        mod, algo = backends.resolve("metal", "auto", p)
+        assert (mod.name, algo) == ("metal", "recurrent")

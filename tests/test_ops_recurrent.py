@@ -53,7 +53,7 @@ def test_gates_match_reference():
             assert rel_error(g, g_ref) < 1e-6 and rel_error(beta, beta_ref) < 1e-6, f"seed={seed}"
     # softplus must not overflow for large arguments: a huge `a` means a decay of ~0, not NaN.
     big = mx.full((1, 1, 5), 1e4)
-    g = mlx_gdn.compute_g(big, x.A_log, x.dt_bias)
+    g = mlx_gdn.compute_g(x.A_log, big, x.dt_bias)
     assert np.isfinite(to_numpy(g)).all() and (to_numpy(g) >= 0).all()
 
 
