@@ -113,6 +113,16 @@ GDN_INLINE float gdn_beta(float b, bool neg) {
 // no inf - inf ever forms where decays are sums over steps.
 GDN_INLINE float gdn_log_gate(float g) { return g > 0.0f ? metal::log(g) : -GDN_INF; }
 
+// Decays below exp(GDN_LOG_DECAY_FLOOR) (about 4e-18) are formed as exact zeros where a kernel
+// folds per-key decays into its operands (the chunked kernels): every such factor is at most 1,
+// so the product it belongs to is below the floor too, invisible next to the identity of
+// (I + A), while carrying it would put subnormal floats into the products. The ops form's
+// threshold is the same (ops/chunked.py, FOLD_LOG_FLOOR).
+#define GDN_LOG_DECAY_FLOOR -40.0f
+
+// exp(x) for a log-decay x <= 0 (-inf allowed), exactly 0 below GDN_LOG_DECAY_FLOOR.
+GDN_INLINE float gdn_decay_factor(float x) { return x >= GDN_LOG_DECAY_FLOOR ? metal::exp(x) : 0.0f; }
+
 // Element of dt_bias for key column d of value head hv: [Hv] (one per head) or [Hv, Dk].
 GDN_INLINE int gdn_dt_bias_index(int hv, int d, int Dk, bool dt_key) { return dt_key ? hv * Dk + d : hv; }
 
