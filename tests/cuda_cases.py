@@ -154,3 +154,34 @@ def test_chunked_state_in_registers_warps(nw, monkeypatch):
     monkeypatch.setattr(cuda, "STATE_REGS", True)
     monkeypatch.setattr(cuda, "STATE_REGS_NW", nw)
     check_case("chunked", 2, 150, 2, 4, 64, 128, "bf16", "scalar", True, True, None, False)
+
+
+@pytest.mark.parametrize("regs", [False, True])
+def test_chunked_exact_zero_gates(regs, monkeypatch):
+    """Precomputed gates of exactly 0 (valid: g in [0, 1]), alone, in runs and at a chunk's first
+    and last step, next to 1e-30 and exactly 1: finite and as the reference, in both state passes.
+    (The kernels take decays as differences of cumulative log-gates, and log 0 is -inf.)"""
+    from mlx_gdn.cuda import chunked as cuda
+
+    monkeypatch.setattr(cuda, "STATE_REGS", regs)
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    dtype = "bf16" if regs else "f32"
+    x = random_inputs(1, 150, 1, 2, 64, 64, dtype=DT[dtype], seed=seed)
+    g = np.asarray(to_numpy(x.g), np.float32)
+    g[:, [0, 10, 63, 64, 127]] = 0.0
+    g[:, 20:30] = 0.0
+    g[:, 30:40] = 1e-30
+    g[:, 40:50] = 1.0
+    g[rng.random(g.shape) < 0.05] = 0.0
+    g = mx.array(g)
+    p = check_rule(x.q, x.k, x.v, g, x.beta, x.state, None)
+    mod, algo = backends.resolve("cuda", "chunked", p)
+    assert mod.name == "cuda" and algo == "chunked", f"dispatch sent {p} to {mod.name}/{algo}"
+    y, s = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, g, x.beta, x.state, None, backend="cuda", algorithm="chunked")
+    mx.eval(y, s)
+    yr, sr = delta_rule(x.q, x.k, x.v, g, x.beta, x.state, None)
+    yn, sn = to_numpy(y), to_numpy(s)
+    assert np.isfinite(yn).all() and np.isfinite(sn).all(), f"non-finite output, seed={seed}"
+    ey, es = rel_error(yn, yr), rel_error(sn, sr)
+    assert ey < TOL[DT[dtype]] and es < TOL[DT[dtype]], f"y err {ey:.2e}, state err {es:.2e}, seed={seed}"

@@ -17,6 +17,7 @@ from mlx_gdn.sim import SimError, simulated_cuda
 from cuda_cases import check_case
 from cuda_cases import (  # noqa: F401  (collected here: the chunked tests, run in the simulator)
     test_chunked,
+    test_chunked_exact_zero_gates,
     test_chunked_state_in_registers,
     test_chunked_state_in_registers_warps,
     test_chunked_state_slice_widths,

@@ -67,6 +67,11 @@ __device__ void kkt_solve_wy(const TI* q, const TI* k, const TI* v, const TGA* g
       }
     }
   }
+  // A gate of exactly 0 (or a fused decay whose log overflows) has log-decay -inf, and the decays
+  // below are differences of G (exp(G_i - G_j)), where -inf - -inf is NaN. -200 in its place
+  // gives the same zero decay across that step (exp(-200) is 0 in float32, and no other step adds
+  // anything positive) and leaves every finite log-decay as it is.
+  if (!(gl > -GDN_INF)) gl = -200.0f;
   const float G = scan64(gl, tid, scratch);
   if (tid < C) {
     sG[tid] = G;
