@@ -101,6 +101,103 @@ __device__ __forceinline__ void invert_unit_lower(float* sA, float* sT, int tid)
   solve_tiles<3, LA>(sA, sT, tid);
 }
 
+
+// KEYGATE: shared memory (bytes) launch 1 adds for per-key gates: log-gates and two factor
+// arrays [C][Dk], and the decays between the 6 pairs of 16-row strips [6][Dk].
+template <int Dk>
+__host__ __device__ constexpr int key_smem() {
+  return (3 * C * Dk + 6 * Dk) * 4;
+}
+
+// KEYGATE: the chunk's per-key log-gates into sLG [C][Dk] (0 for masked and padding steps), then
+// the factors of the folded decays: sLeft [C][Dk], the decay from row i's 16-row strip's start
+// through i; sRight [C][Dk], from row j to its strip's end; sMid [6][Dk], over the strips strictly
+// between strip pair (I, J), J < I, stored at I (I - 1) / 2 + J. All 128 threads; ends with a barrier.
+template <int Dk, bool FUSED, bool MASKED, bool HAS_LB, bool DT_KEY, class TGA, class TAL, class TDB, class TLB, class TM>
+__device__ __forceinline__ void key_log_gates(float* sLG, float* sLeft, float* sRight, float* sMid, const TGA* ga,
+                                              const TAL* A_log, const TDB* dt_bias, const TLB* lb, const TM* mask,
+                                              int b, int h, int Hv, int T, int t0, int rows, int tid) {
+  for (int e = tid; e < C * Dk; e += NTHREADS) {
+    const int i = e / Dk, d = e - i * Dk;
+    float lg = 0.0f;
+    bool live = i < rows;
+    if constexpr (MASKED) live = live && static_cast<bool>(mask[(long)b * T + t0 + (i < rows ? i : 0)]);
+    if (live) {
+      const long gk = (((long)b * T + t0 + i) * Hv + h) * Dk + d;
+      if constexpr (FUSED) {
+        const float log_rate = f32(A_log[h]);
+        lg = gdn_log_decay(f32(ga[gk]), expf(log_rate), log_rate, f32(dt_bias[DT_KEY ? h * Dk + d : h]),
+                           HAS_LB ? f32(lb[0]) : 0.0f, HAS_LB);
+      } else {
+        lg = gdn_log_gate(f32(ga[gk]));
+      }
+    }
+    sLG[e] = lg;
+  }
+  __syncthreads();
+  for (int e = tid; e < C * Dk; e += NTHREADS) {
+    const int i = e / Dk, d = e - i * Dk, s0 = i & ~15;
+    float l = 0.0f, r = 0.0f;
+    for (int m = s0; m <= i; ++m) l += sLG[m * Dk + d];
+    for (int m = i + 1; m < s0 + 16; ++m) r += sLG[m * Dk + d];
+    sLeft[e] = gdn_decay_factor(l);
+    sRight[e] = gdn_decay_factor(r);
+  }
+  for (int e = tid; e < 6 * Dk; e += NTHREADS) {
+    const int pr = e / Dk, d = e - pr * Dk;
+    const int I = pr < 1 ? 1 : (pr < 3 ? 2 : 3), J = pr - I * (I - 1) / 2;
+    float x = 0.0f;
+    for (int m = 16 * (J + 1); m < 16 * I; ++m) x += sLG[m * Dk + d];
+    sMid[e] = gdn_decay_factor(x);
+  }
+  __syncthreads();
+}
+
+// KEYGATE, the products of stage kkt_solve for warp `warp`'s strip I (rows 16 I ..): for earlier
+// strips J, A = beta_i (K_I * left * mid(I, J)) (K_J * right)^T and Aqk the same with Q_I, as
+// tensor-core products; inside strip I every pair j <= i exactly (one decay per column); zero
+// above the diagonal. A into sA [C][LA], Aqk to aq [C][C].
+template <bool EXACT, int Dk, int LK, int LQ, int LA, class ST, class OT>
+__device__ __forceinline__ void key_kkt(const ST* sK, const ST* sQ, const float* sLG, const float* sLeft,
+                                        const float* sRight, const float* sMid, const float* sBeta, float* sA, OT* aq,
+                                        int warp) {
+  const int I = warp, r0 = 16 * warp, lane = threadIdx.x & 31;
+#pragma unroll 1
+  for (int J = 0; J < 4; ++J) {
+    if (J < I) {
+      const float* mid = sMid + (I * (I - 1) / 2 + J) * Dk;
+      const auto kr = b_fn([&](int kk, int n) { return f32(sK[(16 * J + n) * LK + kk]) * sRight[(16 * J + n) * Dk + kk]; });
+      float acc[2][4];
+      zero(acc);
+      warp_mma<EXACT, Dk>(acc, a_fn([&](int r, int kk) {
+        return f32(sK[(r0 + r) * LK + kk]) * sLeft[(r0 + r) * Dk + kk] * mid[kk];
+      }), kr);
+      for_acc(acc, [&](int r, int j, float x) { sA[(r0 + r) * LA + 16 * J + j] = sBeta[r0 + r] * x; });
+      zero(acc);
+      warp_mma<EXACT, Dk>(acc, a_fn([&](int r, int kk) {
+        return f32(sQ[(r0 + r) * LQ + kk]) * sLeft[(r0 + r) * Dk + kk] * mid[kk];
+      }), kr);
+      for_acc(acc, [&](int r, int j, float x) { aq[(r0 + r) * C + 16 * J + j] = cvt<OT>(x); });
+    } else {
+      for (int e = lane; e < 256; e += 32) {
+        const int r = e / 16, s = e % 16, i = r0 + r, j = 16 * J + s;
+        float sa = 0.0f, sp = 0.0f;
+        if (J == I && s <= r) {
+          for (int d = 0; d < Dk; ++d) {
+            float x = 0.0f;
+            for (int m = j + 1; m <= i; ++m) x += sLG[m * Dk + d];
+            const float f = gdn_decay_factor(x) * f32(sK[j * LK + d]);
+            sa += f32(sK[i * LK + d]) * f;
+            sp += f32(sQ[i * LQ + d]) * f;
+          }
+        }
+        sA[i * LA + j] = s < r && J == I ? sBeta[i] * sa : 0.0f;
+        aq[i * C + j] = cvt<OT>(sp);
+      }
+    }
+  }
+}
+
 }  // namespace gdn_tc
 
 #endif  // GDN_CHUNKED_KKT_SOLVE_CUH

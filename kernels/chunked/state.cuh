@@ -17,9 +17,13 @@ __host__ __device__ constexpr int state_smem() {
 // ---------------------------------------------------------------------------------------
 // Launch 2, stages state and output: per (value slice, value head, batch) block; walks the chunks in order.
 // ---------------------------------------------------------------------------------------
-template <int Dk, int Dv, int BV, bool EXACT, bool MASKED, bool SHARE_WQ, int NH, class TI, class OT, class TM>
+// KEYGATE: q and k are launch 1's Qg and Kd ([B, T, Hv, Dk], decays applied; Hk = Hv), Gc is 0,
+// and Gk [B, Hv, NTc, Dk] gives the chunk's decay per key column, which S takes column by column.
+template <int Dk, int Dv, int BV, bool EXACT, bool MASKED, bool SHARE_WQ, int NH, bool KEYGATE = false, class TI,
+          class OT, class TM>
 __device__ void state_output(const TI* q, const TI* k, const OT* W, const OT* U, const OT* Aqk, const float* Gc,
-                             const float* S0, const TM* mask, int T, int Hk, int Hv, TI* y, float* S_out) {
+                             const float* S0, const TM* mask, int T, int Hk, int Hv, TI* y, float* S_out,
+                             const float* Gk = nullptr) {
   using ST = typename Operand<EXACT>::T;
   static_assert(same_type<ST, OT>::value, "W, U, Aqk are stored in the operand type");
   constexpr int LK = Ld<ST, Dk>::value, LS = Dk + 8, LD = BV + 4, LA = Ld<ST, C>::value, LU = Ld<ST, BV>::value;
@@ -32,7 +36,7 @@ __device__ void state_output(const TI* q, const TI* k, const OT* W, const OT* U,
   constexpr int UN = MT * (Dk / 64) >= NW ? 64 : 32, NB = Dk / UN;
   static_assert(BV % 16 == 0 && Dk % 64 == 0 && BVW % 8 == 0, "BV multiple of 16 (8 per warp), Dk multiple of 64");
   GDN_EXTERN_SMEM(float4, smem_state);
-  if (dynamic_smem_bytes() < (unsigned)state_smem<Dk, BV, EXACT, SHARE_WQ>()) __trap();
+  if (dynamic_smem_bytes() < (unsigned)(state_smem<Dk, BV, EXACT, SHARE_WQ>() + (KEYGATE ? Dk * 4 : 0))) __trap();
   float* sS = reinterpret_cast<float*>(smem_state);  // [BV][LS]
   ST* sK = reinterpret_cast<ST*>(sS + BV * LS);       // [C][LK]
   ST* sW = sK + C * LK;
@@ -43,6 +47,7 @@ __device__ void state_output(const TI* q, const TI* k, const OT* W, const OT* U,
   float* sG = reinterpret_cast<float*>(sU + C * LU);
   float* sE = sG + C;
   float* sM = sE + C;
+  float* sGk = sM + C;  // KEYGATE: the chunk's decay per key column
 
   const int tid = threadIdx.x, warp = tid >> 5;
   const int v0 = blockIdx.x * BV, h = blockIdx.y, b = blockIdx.z;
@@ -87,6 +92,9 @@ __device__ void state_output(const TI* q, const TI* k, const OT* W, const OT* U,
     const int t0 = c * C, rows = min(C, T - t0);
     __syncthreads();  // previous step done with sK, sA, sD, sE, sM; its S update written
     issue_ka(c);
+    if constexpr (KEYGATE) {
+      for (int idx = tid; idx < Dk; idx += NTH) sGk[idx] = Gk[(bh * NTc + c) * Dk + idx];
+    }
     if (tid < C) sM[tid] = mlive;
     cp_async_wait_group<1>();  // W, Q, U, G of chunk c
     __syncthreads();
@@ -142,7 +150,7 @@ __device__ void state_output(const TI* q, const TI* k, const OT* W, const OT* U,
     for (int item = warp; item < MT * NB; item += NW) {
       const int m0 = 16 * (item % MT), n0 = UN * (item / MT);
       float acc[UN / 8][4];
-      for_acc(acc, [&](int r, int j, float& x) { x = eG * sS[(m0 + r) * LS + n0 + j]; });
+      for_acc(acc, [&](int r, int j, float& x) { x = (KEYGATE ? sGk[n0 + j] : eG) * sS[(m0 + r) * LS + n0 + j]; });
       warp_mma<EXACT, C>(acc, a_fn([&](int r, int kk) { return sD[kk * LD + m0 + r] * sE[kk]; }),
                          BRows<ST>{sK + n0, LK});
       for_acc(acc, [&](int r, int j, float x) { sS[(m0 + r) * LS + n0 + j] = x; });

@@ -55,10 +55,13 @@ def header() -> str:
 
 
 def supports_chunked(p: Problem) -> bool:
-    """Scalar gates, Dk and Dv in {64, 128, 192, 256}, grid axes within CUDA's limits."""
+    """Dk and Dv in {64, 128, 192, 256}, grid axes within CUDA's limits; per-key gates where
+    launch 1's per-key arrays fit in shared memory (Dk <= 128 at Dv <= 256)."""
+    key = p.gate == "key"
+    if key and kkt_solve_wy_smem(p.Dk, p.Dv, p.dtype == mx.float32, key=True) > SMEM_LIMIT:
+        return False
     return (
-        p.gate == "scalar"
-        and p.Dk in CHUNKED_DIMS
+        p.Dk in CHUNKED_DIMS
         and p.Dv in CHUNKED_DIMS
         and p.Hv <= 65535
         and p.B <= 65535
@@ -69,6 +72,10 @@ def supports_chunked(p: Problem) -> bool:
 KKT_WY_INPUTS = ("q", "k", "v", "gate_a", "gate_b", "A_log", "dt_bias", "lower_bound", "mask")
 KKT_WY_OUTPUTS = ("W", "U", "Aqk", "G")
 STATE_INPUTS = ("q", "k", "W", "U", "Aqk", "G", "state_in", "mask")
+# Per-key gates: launch 1 also gives the state pass its Q and K with the decays applied per column
+# (Qg, Kd) and each chunk's decay per column (Gk), which the state pass reads in place of q, k.
+KKT_WY_KEY_OUTPUTS = KKT_WY_OUTPUTS + ("Qg", "Kd", "Gk")
+STATE_KEY_INPUTS = ("Qg", "Kd", "W", "U", "Aqk", "G", "state_in", "mask", "Gk")
 STATE_OUTPUTS = ("y", "state_out")
 
 
@@ -76,8 +83,11 @@ def _ld(exact: bool, D: int) -> int:
     return D + (4 if exact else 8)  # gdn_tc::Ld
 
 
-def kkt_solve_wy_smem(Dk: int, Dv: int, exact: bool) -> int:
-    """Bytes of shared memory of launch 1 (gdn_tc::kkt_solve_wy_smem)."""
+def kkt_solve_wy_smem(Dk: int, Dv: int, exact: bool, key: bool = False) -> int:
+    """Bytes of shared memory of launch 1 (gdn_tc::kkt_solve_wy_smem, plus gdn_tc::key_smem for
+    per-key gates)."""
+    if key:
+        return kkt_solve_wy_smem(Dk, Dv, exact) + (3 * CHUNK * Dk + 6 * Dk) * 4
     es = 4 if exact else 2
     lk, lv = _ld(exact, Dk), _ld(exact, Dv)
     return (CHUNK * lk + CHUNK * max(lk, lv)) * es + (2 * CHUNK * (CHUNK + 4) + 3 * CHUNK + 8) * 4
@@ -114,9 +124,10 @@ def _state_config(p: Problem):
     """(BV, SHARE_WQ, smem) for the state launch, or None when nothing fits in shared memory."""
     exact = p.dtype == mx.float32
     first = _choose_bv(p)
+    extra = 4 * p.Dk if p.gate == "key" else 0  # the chunk's decay per key column
     for bv in [first] + [b for b in (64, 32, 16) if b < first]:
         for share in (False, True):
-            smem = state_smem(p.Dk, bv, exact, share)
+            smem = state_smem(p.Dk, bv, exact, share) + extra
             if smem <= SMEM_LIMIT:
                 return bv, share, smem
     return None
@@ -133,7 +144,7 @@ def _regs_config(p: Problem):
     """(warps, smem) of the register-state launch, or None where the shared-memory pass runs.
     Each warp owns 16 value rows; blocks of up to 8 warps, as wide as still gives
     MIN_STATE_BLOCKS blocks. By shape (STATE_REGS None) only blocks of STATE_REGS_MIN_WARPS or more."""
-    if STATE_REGS is False or p.dtype == mx.float32 or p.Dk not in (64, 128):
+    if STATE_REGS is False or p.dtype == mx.float32 or p.Dk not in (64, 128) or p.gate == "key":
         return None
     nw = STATE_REGS_NW or next(
         (w for w in (8, 4, 2) if p.Dv % (16 * w) == 0 and p.B * p.Hv * (p.Dv // (16 * w)) >= MIN_STATE_BLOCKS), 1)
@@ -144,7 +155,8 @@ def _regs_config(p: Problem):
 
 
 def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None):
-    """(y, state) from the two chunked launches. Scalar gates only (see `supports_chunked`)."""
+    """(y, state) from the two chunked launches; g [B,T,Hv] or [B,T,Hv,Dk] (or `gating`, a per-head or
+    per-key a), see `supports_chunked`. Per-key gates take the shared-memory state pass."""
     exact = p.dtype == mx.float32
     ot = mx.float32 if exact else mx.bfloat16
     nt = -(-p.T // CHUNK)
@@ -162,6 +174,8 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
         gate_a, gate_b, a_log, dt_bias, lb = g, beta, dummy, dummy, dummy
         lower = neg = False
     m = mask if masked else dummy
+    if p.gate == "key":
+        return _run_key(p, q, k, v, state, m, gate_a, gate_b, a_log, dt_bias, lb, fused, masked, lower, neg)
 
     psmem = kkt_solve_wy_smem(p.Dk, p.Dv, exact)
     kkt_wy = _kernel("gdn_cuda_chunked_kkt_solve_wy", KKT_WY_INPUTS, KKT_WY_OUTPUTS,
@@ -192,6 +206,43 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
     y, new_state = step(
         inputs=[q, k, W, U, Aqk, G, state, m],
         template=template,
+        grid=(p.Dv // rows * threads, p.Hv, p.B),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)],
+        output_dtypes=[p.dtype, mx.float32],
+        **launch.launch_options(),
+    )
+    return y, new_state
+
+
+def _run_key(p: Problem, q, k, v, state, m, gate_a, gate_b, a_log, dt_bias, lb, fused, masked, lower, neg):
+    """The two launches for per-key gates (launch 1's KEYGATE branch, then the shared-memory pass)."""
+    exact = p.dtype == mx.float32
+    ot = mx.float32 if exact else mx.bfloat16
+    nt = -(-p.T // CHUNK)
+    tp = nt * CHUNK
+    dt_key = fused and dt_bias.ndim == 2
+    kkt_wy = _kernel("gdn_cuda_chunked_kkt_solve_wy_key", KKT_WY_INPUTS, KKT_WY_KEY_OUTPUTS,
+                     source_text("chunked/kkt_solve_wy_key.cu"), header(), kkt_solve_wy_smem(p.Dk, p.Dv, exact, key=True))
+    W, U, Aqk, G, Qg, Kd, Gk = kkt_wy(
+        inputs=[q, k, v, gate_a, gate_b, a_log, dt_bias, lb, m],
+        template=[("Dk", p.Dk), ("Dv", p.Dv), ("EXACT", exact), ("FUSED", fused), ("MASKED", masked),
+                  ("HAS_LB", lower), ("NEG", neg), ("DT_KEY", dt_key)],
+        grid=(nt * THREADS, p.Hv, p.B),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[(p.B, p.Hv, tp, p.Dk), (p.B, p.Hv, tp, p.Dv), (p.B, p.Hv, nt, CHUNK, CHUNK),
+                       (p.B, p.Hv, tp), (p.B, p.T, p.Hv, p.Dk), (p.B, p.T, p.Hv, p.Dk), (p.B, p.Hv, nt, p.Dk)],
+        output_dtypes=[ot, ot, ot, mx.float32, p.dtype, p.dtype, mx.float32],
+        **launch.launch_options(),
+    )
+    rows, share, smem = _state_config(p)
+    threads = THREADS * state_nh(rows)
+    step = _kernel("gdn_cuda_chunked_state_output_key", STATE_KEY_INPUTS, STATE_OUTPUTS,
+                   source_text("chunked/state_output_key.cu"), header(), smem)
+    y, new_state = step(
+        inputs=[Qg, Kd, W, U, Aqk, G, state, m, Gk],
+        template=[("Dk", p.Dk), ("Dv", p.Dv), ("BV", rows), ("EXACT", exact), ("MASKED", masked),
+                  ("SHARE_WQ", share), ("NH", state_nh(rows))],
         grid=(p.Dv // rows * threads, p.Hv, p.B),
         threadgroup=(threads, 1, 1),
         output_shapes=[(p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)],
