@@ -11,6 +11,8 @@
 //                  (stage output, which needs the state entering its chunk),
 //                  S <- exp(G_last) S + (delta * exp(G_last - G))^T K (stage state).
 //   state_regs.cuh launch 2 with S in registers (`state_output_regs`).
+// Per-key gates (KEYGATE; launch bodies kkt_solve_wy_key.cu, state_output_key.cu) take the same
+// stages with the decays per key column: see kkt_solve_wy in wy.cuh.
 // Launchers concatenate gates.h, this file, then the stage files in that order (cuda/chunked.py, HEADERS).
 // Masked and padding steps get log-decay 0 and beta 0, which makes them leave S alone;
 // their y is written as 0. The state stays float32 throughout.

@@ -1,6 +1,7 @@
-// Stage kkt_solve of the CUDA chunked kernels (see common.cuh), its helpers: the cumulative
-// log-decay of a chunk and T = (I + A)^-1. Its products (A = K K^T and Aqk = Q K^T with their
-// decays) run inside launch 1 (wy.cuh), between the gates and the solve.
+// Stage kkt_solve of the CUDA chunked kernels (see common.cuh): the cumulative log-decay of a
+// chunk, T = (I + A)^-1, and for per-key gates the folded decays and the products (key_*). The
+// products for a gate per head (A = K K^T and Aqk = Q K^T with their decays) run inside launch 1
+// (wy.cuh), between the gates and the solve.
 #ifndef GDN_CHUNKED_KKT_SOLVE_CUH
 #define GDN_CHUNKED_KKT_SOLVE_CUH
 
