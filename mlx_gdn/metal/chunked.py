@@ -38,6 +38,8 @@ def supports_chunked(p: Problem) -> bool:
         return False
     N = -(-p.T // CHUNK)
     sizes = (p.B * N * CHUNK * max(p.Hk * p.Dk, p.Hv * p.Dv), p.B * p.Hv * N * 2 * CHUNK * max(p.Dk, p.Dv))
+    if p.gate == "key":  # g or a [B, T, Hv, Dk]
+        sizes += (p.B * N * CHUNK * p.Hv * p.Dk,)
     return max(sizes) <= _INT32_MAX and p.B <= 65535 and p.Hv <= 65535
 
 
