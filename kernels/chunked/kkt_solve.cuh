@@ -136,13 +136,19 @@ __device__ __forceinline__ void key_log_gates(float* sLG, float* sLeft, float* s
     sLG[e] = lg;
   }
   __syncthreads();
-  for (int e = tid; e < C * Dk; e += NTHREADS) {
-    const int i = e / Dk, d = e - i * Dk, s0 = i & ~15;
+  // One column per thread, running sums down the column that restart at each strip.
+  for (int d = tid; d < Dk; d += NTHREADS) {
     float l = 0.0f, r = 0.0f;
-    for (int m = s0; m <= i; ++m) l += sLG[m * Dk + d];
-    for (int m = i + 1; m < s0 + 16; ++m) r += sLG[m * Dk + d];
-    sLeft[e] = gdn_decay_factor(l);
-    sRight[e] = gdn_decay_factor(r);
+    for (int i = 0; i < C; ++i) {
+      if ((i & 15) == 0) l = 0.0f;
+      l += sLG[i * Dk + d];
+      sLeft[i * Dk + d] = gdn_decay_factor(l);
+    }
+    for (int i = C - 1; i >= 0; --i) {
+      if ((i & 15) == 15) r = 0.0f;
+      sRight[i * Dk + d] = gdn_decay_factor(r);
+      r += sLG[i * Dk + d];
+    }
   }
   for (int e = tid; e < 6 * Dk; e += NTHREADS) {
     const int pr = e / Dk, d = e - pr * Dk;

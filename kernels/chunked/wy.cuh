@@ -16,30 +16,30 @@ __host__ __device__ constexpr int kkt_solve_wy_smem() {
 
 // KEYGATE, for the state pass: Qg = Q * gamma and Kd = K * gamma_C / gamma per column, rows < rows
 // of the chunk to qg, kd (row stride `stride`), and gamma_C per column to gk [Dk]. Overwrites
-// sLeft with gamma and sRight with gamma_C / gamma (each a sum of log-gates over its own steps);
-// ends with a barrier.
+// sLeft with gamma and sRight with gamma_C / gamma (each a sum of log-gates over its own steps).
 template <int Dk, int LK, int LQ, class ST, class TI>
 __device__ __forceinline__ void key_state_operands(const float* sLG, float* sLeft, float* sRight, const ST* sK,
                                                    const ST* sQ, TI* qg, TI* kd, long stride, float* gk, int rows,
                                                    int tid) {
-  for (int e = tid; e < C * Dk; e += NTHREADS) {
-    const int i = e / Dk, d = e - i * Dk;
+  // One column per thread: running sums down the column, forward and backward.
+  for (int d = tid; d < Dk; d += NTHREADS) {
     float to = 0.0f, from = 0.0f;
-    for (int m = 0; m <= i; ++m) to += sLG[m * Dk + d];
-    for (int m = i + 1; m < C; ++m) from += sLG[m * Dk + d];
-    sLeft[e] = gdn_decay_factor(to);
-    sRight[e] = gdn_decay_factor(from);
-    if (i < rows) {
-      qg[i * stride + d] = cvt<TI>(f32(sQ[i * LQ + d]) * sLeft[e]);
-      kd[i * stride + d] = cvt<TI>(f32(sK[i * LK + d]) * sRight[e]);
+    for (int i = 0; i < C; ++i) {
+      to += sLG[i * Dk + d];
+      sLeft[i * Dk + d] = gdn_decay_factor(to);
+    }
+    gk[d] = gdn_decay_factor(to);
+    for (int i = C - 1; i >= 0; --i) {
+      sRight[i * Dk + d] = gdn_decay_factor(from);
+      from += sLG[i * Dk + d];
     }
   }
-  for (int d = tid; d < Dk; d += NTHREADS) {
-    float all = 0.0f;
-    for (int m = 0; m < C; ++m) all += sLG[m * Dk + d];
-    gk[d] = gdn_decay_factor(all);
-  }
   __syncthreads();
+  for (int e = tid; e < rows * Dk; e += NTHREADS) {
+    const int i = e / Dk, d = e - i * Dk;
+    qg[i * stride + d] = cvt<TI>(f32(sQ[i * LQ + d]) * sLeft[e]);
+    kd[i * stride + d] = cvt<TI>(f32(sK[i * LK + d]) * sRight[e]);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
