@@ -133,8 +133,8 @@ def profile(T, reps, gates):
     vc, lgc, bc = (oc._to_chunks(t, B, N, C, Hk, R) for t in (x.v, lg, x.beta))
     mx.eval(qc, kc, vc, lgc, bc)
     full = _min_time(lambda: oc.chunked_rule(x.q, x.k, x.v, x.g, x.beta, x.state), reps)
-    intra = _min_time(lambda: oc._intra_scalar_c(qc, kc, vc, lgc, bc), reps)
-    ops = oc._intra_scalar_c(qc, kc, vc, lgc, bc)
+    intra = _min_time(lambda: oc._kkt_scalar_c(qc, kc, vc, lgc, bc), reps)
+    ops = oc._kkt_scalar_c(qc, kc, vc, lgc, bc)
     mx.eval(ops)
     parts = [[p.squeeze(3) for p in mx.split(t, N, axis=3)] for t in ops]
     S0 = mx.swapaxes(x.state.reshape(B, Hk, R, Dv, Dk), -1, -2)  # the pass carries the state transposed
@@ -142,7 +142,7 @@ def profile(T, reps, gates):
     def state_pass():
         S, ys = S0, []
         for n in range(N):
-            y, S = oc._pass_c(S, *(p[n] for p in parts))
+            y, S = oc._state_output_c(S, *(p[n] for p in parts))
             ys.append(y)
         return ys + [S]
 
@@ -194,7 +194,7 @@ def main():
     a = ap.parse_args()
     oc.CHUNK = {"cpu": a.chunk, "gpu": a.chunk}
     if a.no_compile:
-        oc._intra_scalar_c, oc._intra_key_c, oc._pass_c = oc._intra_scalar, oc._intra_key, oc._pass
+        oc._kkt_scalar_c, oc._kkt_key_c, oc._state_output_c = oc._kkt_scalar, oc._kkt_key, oc._state_output
     env = environment(a)
     print(" ".join(f"{k} {v}" for k, v in env.items()))
     print("| T | dtype | median ms per call | ratio to mlx-lm (median over rounds) | load |")

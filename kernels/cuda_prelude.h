@@ -258,7 +258,7 @@ __device__ __forceinline__ unsigned simd_ballot(bool c) { return __ballot_sync(m
 // `threadgroup T name[N];` declared in a body becomes one array per block, as in Metal.
 // CUDA's own __device__ / __constant__ expand to __attribute__((device)) and
 // __attribute__((constant)); they are respelled with the reserved attribute names so headers
-// after this one (e.g. recurrent_gates.h) can still use them.
+// after this one (e.g. gates.h) can still use them.
 #define device
 #define constant
 #define thread

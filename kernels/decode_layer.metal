@@ -29,7 +29,7 @@
 // Vocabulary used (the CUDA prelude maps it): thread_position_in_threadgroup,
 // threadgroup_position_in_grid, simd_shuffle_xor, threadgroup arrays, threadgroup_barrier,
 // static_cast; metal::exp, metal::log, metal::fabs, metal::sqrt, GDN_UNROLL and the gate
-// helpers of recurrent_gates.h.
+// helpers of gates.h.
 
 constexpr int PER = Dk / L;  // state columns per lane
 constexpr int NT = R * L;    // threads per threadgroup

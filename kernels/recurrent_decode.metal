@@ -14,7 +14,7 @@
 //
 // Vocabulary used (the CUDA prelude maps it): thread_position_in_threadgroup,
 // threadgroup_position_in_grid, simd_shuffle_xor, static_cast; metal::exp, metal::log,
-// metal::fabs and the GDN_UNROLL macro (in recurrent_gates.h).
+// metal::fabs and the GDN_UNROLL macro (in gates.h).
 
 constexpr int PER = Dk / L;  // state columns per lane
 

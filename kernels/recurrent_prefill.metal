@@ -39,7 +39,7 @@
 // Vocabulary used (the CUDA prelude maps it): thread_position_in_threadgroup,
 // threadgroup_position_in_grid, simd_shuffle_xor, threadgroup arrays,
 // threadgroup_barrier(mem_flags::mem_threadgroup), static_cast; metal::exp, metal::log,
-// metal::fabs and the GDN_UNROLL macro (in recurrent_gates.h).
+// metal::fabs and the GDN_UNROLL macro (in gates.h).
 
 constexpr int NT = R * L;      // threads per threadgroup
 constexpr int PER = Dk / L;    // state columns per lane

@@ -38,10 +38,12 @@ CHUNKED_FROM_T = {"ops": 128, "metal": None, "cuda": 128}
 def prefers_chunked(backend: str, p: Problem) -> bool:
     """True when the chunked form should run this problem on `backend`.
 
-    Scalar gates only: the ops chunked form takes per-key gates exactly, but its pairwise
-    decay then has a Dk axis (C*C*Dk exponentials per chunk and head), and it measured slower
-    than the recurrence (bench/NOTES.md, "Chunked prefill"); a folded form (decay split between K and Q columns) overflows for
-    gates near 0 unless they are bounded below.
+    Scalar gates only: the ops chunked form takes per-key gates exactly, in a pairwise form
+    (a Dk axis on the decay, C*C*Dk exponentials per chunk and head) and a folded one (decay
+    split between K and Q columns relative to sub-chunk boundaries, `ops.chunked._kkt_key_folded`);
+    both measured slower than the recurrence on the CPU (the folded one less so), and no
+    per-key chunked kernel is measured faster than the recurrent kernel at T=4096 yet.
+    algorithm="chunked" runs them.
     """
     t0 = chunked_from(backend, p.dtype)
     return t0 is not None and p.T >= t0 and p.gate == "scalar"

@@ -1,4 +1,9 @@
-"""Gate computation and q/k normalisation, as Qwen3.5-style models need them."""
+"""Gate computation and q/k normalisation, as Qwen3.5-style models need them.
+
+The one Python definition of the gate math; kernels/gates.h is the same math for every kernel
+(same formulas, same overflow handling where exp(A_log) leaves float32). The float64 reference
+comparisons of every path, on fused gates, pin the two together.
+"""
 
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ def compact(text: str) -> str:
     return "\n".join(out) + "\n"
 
 
-GATES_HEADER = "recurrent_gates.h"
+GATES_HEADER = "gates.h"
 _INT32_MAX = 2**31 - 1
 
 

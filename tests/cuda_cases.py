@@ -154,3 +154,95 @@ def test_chunked_state_in_registers_warps(nw, monkeypatch):
     monkeypatch.setattr(cuda, "STATE_REGS", True)
     monkeypatch.setattr(cuda, "STATE_REGS_NW", nw)
     check_case("chunked", 2, 150, 2, 4, 64, 128, "bf16", "scalar", True, True, None, False)
+
+
+@pytest.mark.parametrize("regs", [False, True])
+def test_chunked_exact_zero_gates(regs, monkeypatch):
+    """Precomputed gates of exactly 0 (valid: g in [0, 1]), alone, in runs and at a chunk's first
+    and last step, next to 1e-30 and exactly 1: finite and as the reference, in both state passes.
+    (The kernels take decays as differences of cumulative log-gates, and log 0 is -inf.)"""
+    from mlx_gdn.cuda import chunked as cuda
+
+    monkeypatch.setattr(cuda, "STATE_REGS", regs)
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    dtype = "bf16" if regs else "f32"
+    x = random_inputs(1, 150, 1, 2, 64, 64, dtype=DT[dtype], seed=seed)
+    g = np.asarray(to_numpy(x.g), np.float32)
+    g[:, [0, 10, 63, 64, 127]] = 0.0
+    g[:, 20:30] = 0.0
+    g[:, 30:40] = 1e-30
+    g[:, 40:50] = 1.0
+    g[rng.random(g.shape) < 0.05] = 0.0
+    g = mx.array(g)
+    p = check_rule(x.q, x.k, x.v, g, x.beta, x.state, None)
+    mod, algo = backends.resolve("cuda", "chunked", p)
+    assert mod.name == "cuda" and algo == "chunked", f"dispatch sent {p} to {mod.name}/{algo}"
+    y, s = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, g, x.beta, x.state, None, backend="cuda", algorithm="chunked")
+    mx.eval(y, s)
+    yr, sr = delta_rule(x.q, x.k, x.v, g, x.beta, x.state, None)
+    yn, sn = to_numpy(y), to_numpy(s)
+    assert np.isfinite(yn).all() and np.isfinite(sn).all(), f"non-finite output, seed={seed}"
+    ey, es = rel_error(yn, yr), rel_error(sn, sr)
+    assert ey < TOL[DT[dtype]] and es < TOL[DT[dtype]], f"y err {ey:.2e}, state err {es:.2e}, seed={seed}"
+
+
+# Per-key gates in the chunked kernels: (B, T, Hk, Hv, Dk, Dv, dtype, masked, fused, lower_bound, neg,
+# dt_bias per key column).
+CHUNKED_KEY = [
+    (1, 70, 1, 2, 64, 64, "f32", False, False, None, False, False),
+    (2, 130, 1, 2, 64, 128, "bf16", True, False, None, False, False),
+    (1, 67, 1, 2, 128, 64, "f16", True, True, None, True, True),
+    (1, 100, 2, 2, 64, 64, "f32", False, True, -3.0, False, False),
+    (1, 64, 1, 1, 128, 128, "bf16", False, True, None, False, True),
+]
+
+
+@pytest.mark.parametrize("case", CHUNKED_KEY, ids=lambda c: "-".join(map(str, c)))
+def test_chunked_key(case):
+    """Per-key gates (precomputed g [B,T,Hv,Dk], or fused a [B,T,Hv,Dk] with dt_bias [Hv,Dk] or [Hv])
+    in the tensor-core kernels: launch 1 folds the decays into K and Q per 16-row strip."""
+    B, T, Hk, Hv, Dk, Dv, dt, masked, fused, lb, neg, dt_key = case
+    seed = fresh_seed()
+    x = random_inputs(B, T, Hk, Hv, Dk, Dv, dtype=DT[dt], seed=seed, gate="key", mask=masked,
+                      fused_gate="key" if fused else "scalar")
+    if fused and not dt_key:
+        x.dt_bias = x.dt_bias[:, 0]
+    p = _problem(x, fused, lb, neg)
+    assert p.gate == "key"
+    mod, algo = backends.resolve("cuda", "chunked", p)
+    assert mod.name == "cuda" and algo == "chunked", f"dispatch sent {p} to {mod.name}/{algo}"
+    assert backends.resolve("cuda", "auto", p)[1] == "recurrent", "auto must not pick per-key chunked (unmeasured)"
+    y, s = _call(x, fused, "chunked", lb, neg)
+    mx.eval(y, s)
+    yr, sr = _reference(x, fused, lb, neg)
+    yn, sn = to_numpy(y), to_numpy(s)
+    assert np.isfinite(yn).all() and np.isfinite(sn).all(), f"non-finite output, seed={seed}"
+    ey, es = rel_error(yn, yr), rel_error(sn, sr)
+    tol = TOL[DT[dt]]
+    assert ey < tol and es < tol, f"{case}: y err {ey:.2e}, state err {es:.2e} (tol {tol}), seed={seed}"
+    if masked:
+        m = np.asarray(to_numpy(x.mask)) != 0
+        assert np.all(yn[~m] == 0), f"masked steps must write y = 0, seed={seed}"
+
+
+def test_chunked_key_gates_near_zero_and_one():
+    """Per-key gates where folding the decay naively overflows: columns of 1e-30, 1e-8 and exactly
+    0 for runs longer than a 16-row strip, next to columns of exactly 1, and one alternating."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    x = random_inputs(1, 150, 1, 2, 64, 64, dtype=mx.float32, seed=seed, gate="key")
+    g = np.asarray(to_numpy(x.g), np.float32)
+    g[..., 0:8] = 1.0
+    g[..., 8:12] = 1e-30
+    g[..., 12:16] = 1e-8
+    g[:, 3:70, :, 16:20] = 0.0
+    g[:, ::2, :, 20] = 1e-30
+    g[:, 1::2, :, 20] = 1.0
+    g[rng.random(g.shape) < 0.05] = 1e-30
+    g = mx.array(g)
+    y, s = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, g, x.beta, x.state, None, backend="cuda", algorithm="chunked")
+    mx.eval(y, s)
+    yr, sr = delta_rule(x.q, x.k, x.v, g, x.beta, x.state, None)
+    ey, es = rel_error(to_numpy(y), yr), rel_error(to_numpy(s), sr)
+    assert ey < TOL[mx.float32] and es < TOL[mx.float32], f"y err {ey:.2e}, state err {es:.2e}, seed={seed}"

@@ -35,15 +35,19 @@ def check(y, s, y_ref, s_ref, dtype, seed, what=""):
     assert_matches_reference(y, s, y_ref, s_ref, dtype, f"seed={seed} {what}", tol=TOL[dtype])
 
 
+# Gate kinds: one per head, and one per key column in each form of the within-chunk products.
+GATES = [("scalar", None), ("key", "pairwise"), ("key", "folded")]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("gate", ["scalar", "key"])
+@pytest.mark.parametrize("gate,form", GATES)
 @pytest.mark.parametrize("masked", [False, True])
-def test_matches_reference(dtype, gate, masked):
+def test_matches_reference(dtype, gate, form, masked):
     seed = fresh_seed()
     # T crosses a chunk boundary and leaves a padded tail.
     T = CHUNK + 1 + int(np.random.default_rng(seed).integers(0, CHUNK - 1))
     x = random_inputs(2, T, 2, 4, 32, 24, dtype=dtype, seed=seed, gate=gate, mask=masked)
-    y, s = run(x)
+    y, s = run(x, key_form=form)
     y_ref, s_ref = delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
     check(y, s, y_ref, s_ref, dtype, seed, f"T={T}")
 
@@ -66,8 +70,8 @@ def test_heads_and_dims(Hk, Hv, Dk, Dv):
     check(y, s, *delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state), mx.float32, seed)
 
 
-@pytest.mark.parametrize("gate", ["scalar", "key"])
-def test_extreme_decays_and_repeated_keys(gate):
+@pytest.mark.parametrize("gate,form", GATES)
+def test_extreme_decays_and_repeated_keys(gate, form):
     """Gates of exactly 0, 1e-30 and exactly 1 in runs and at random, and a run of one repeated
     key with beta = 1 (where (I + A) has the largest inverse entries)."""
     seed = fresh_seed()
@@ -85,8 +89,41 @@ def test_extreme_decays_and_repeated_keys(gate):
     k[:, r0 : r0 + 40] = k[:, r0 : r0 + 1]
     beta[:, r0 : r0 + 40] = 1.0
     g, k, beta = mx.array(g), mx.array(k), mx.array(beta)
-    y, s = chunked_rule(x.q, k, x.v, g, beta, x.state)
+    y, s = chunked_rule(x.q, k, x.v, g, beta, x.state, key_form=form)
     check(y, s, *delta_rule(x.q, k, x.v, g, beta, x.state), mx.float32, seed)
+
+
+@pytest.mark.parametrize("form", ["pairwise", "folded"])
+@pytest.mark.parametrize("chunk", [32, 64])
+def test_key_gates_near_zero_and_one(form, chunk, monkeypatch):
+    """Per-key gates where folding the decay into K and Q naively overflows: columns whose gates
+    are 1e-30, 1e-8 or exactly 0 for runs longer than a sub-chunk, next to columns of exactly 1,
+    and a column that alternates between the two, across several chunks (of 2 and 4 sub-chunks)."""
+    from mlx_gdn.ops import chunked as oc
+
+    for device in ("cpu", "gpu"):
+        monkeypatch.setitem(oc.CHUNK, device, chunk)
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    T = 3 * chunk + 7
+    x = random_inputs(1, T, 1, 2, 32, 16, seed=seed, gate="key")
+    g = to_numpy(x.g).astype(np.float32)
+    g[..., 0:8] = 1.0
+    g[..., 8:12] = 1e-30
+    g[..., 12:16] = 1e-8
+    g[:, 3:chunk, :, 16:20] = 0.0
+    g[:, ::2, :, 20] = 1e-30
+    g[:, 1::2, :, 20] = 1.0
+    g[rng.random(g.shape) < 0.05] = 1e-30
+    g = mx.array(g)
+    y, s = chunked_rule(x.q, x.k, x.v, g, x.beta, x.state, key_form=form)
+    check(y, s, *delta_rule(x.q, x.k, x.v, g, x.beta, x.state), mx.float32, seed, form)
+
+
+def test_key_form_checked():
+    x = random_inputs(1, 4, 1, 1, 8, 8, seed=0, gate="key")
+    with pytest.raises(ValueError, match="key_form"):
+        run(x, key_form="naive")
 
 
 def test_long_sequence_no_overflow():
@@ -161,8 +198,8 @@ def test_auto_picks_chunked_from_crossover(monkeypatch):
     check(y, s, *delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state), mx.float32, seed)
 
 
-@pytest.mark.parametrize("gate", ["scalar", "key"])
-def test_gradients_match_recurrent(gate):
+@pytest.mark.parametrize("gate,form", GATES)
+def test_gradients_match_recurrent(gate, form):
     """mx.grad through the chunked form equals mx.grad through the exact recurrence, for every input."""
     seed = fresh_seed()
     x = random_inputs(2, CHUNK + 5, 1, 2, 16, 8, seed=seed, gate=gate, mask=True)
@@ -178,7 +215,7 @@ def test_gradients_match_recurrent(gate):
         return mx.grad(f, argnums=(0, 1, 2, 3, 4, 5))
 
     args = (x.q, x.k, x.v, x.g, x.beta, x.state)
-    gc = loss(chunked_rule)(*args)
+    gc = loss(lambda *a: chunked_rule(*a, key_form=form))(*args)
     gr = loss(recurrent_rule)(*args)
     for name, a, b in zip(("q", "k", "v", "g", "beta", "state"), gc, gr):
         assert np.isfinite(to_numpy(a)).all(), f"seed={seed} d{name} non-finite"

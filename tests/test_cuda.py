@@ -20,6 +20,9 @@ from mlx_gdn.validate import check_rule
 from cuda_cases import DT, RECURRENT, TOL, _reference, check_case
 from cuda_cases import (  # noqa: F401  (collected here: the chunked tests, run on the GPU)
     test_chunked,
+    test_chunked_exact_zero_gates,
+    test_chunked_key,
+    test_chunked_key_gates_near_zero_and_one,
     test_chunked_state_in_registers,
     test_chunked_state_in_registers_warps,
     test_chunked_state_slice_widths,

@@ -126,7 +126,7 @@ def _serving_variants(i0: int) -> list:
 
 
 def _chunked_tu() -> str:
-    parts = [MLX_HEADER, cuda.source_text("chunked_tc.cuh")]
+    parts = [MLX_HEADER, cuda_chunked.header()]
     prep_cases = [  # dtype, Dk, Dv, fused, masked, lower, neg
         (mx.bfloat16, 128, 128, False, False, False, False),
         (mx.float32, 256, 192, True, True, True, True),
@@ -138,10 +138,10 @@ def _chunked_tu() -> str:
         inputs = [("q", dt, 4), ("k", dt, 4), ("v", dt, 4), ("gate_a", dt, 3), ("gate_b", mx.float32, 3),
                   ("A_log", mx.float32, 1), ("dt_bias", mx.float32, 1), ("lower_bound", mx.float32, 1),
                   ("mask", mx.bool_ if masked else mx.float32, 2 if masked else 1)]
-        outputs = list(zip(cuda_chunked.PREP_OUTPUTS, (ot, ot, ot, mx.float32)))
+        outputs = list(zip(cuda_chunked.KKT_WY_OUTPUTS, (ot, ot, ot, mx.float32)))
         template = [("Dk", Dk), ("Dv", Dv), ("EXACT", exact), ("FUSED", fused), ("MASKED", masked),
                     ("HAS_LB", lower), ("NEG", neg)]
-        parts.append(cuda.kernel_text(f"custom_kernel_prep_{i}", "", cuda.source_text("chunked_prep.cu"), inputs, outputs, template))
+        parts.append(cuda.kernel_text(f"custom_kernel_prep_{i}", "", cuda.source_text("chunked/kkt_solve_wy.cu"), inputs, outputs, template))
     state_cases = [  # dtype, Dk, Dv, masked, B (B=4 takes 128-row slices on 8 warps)
         (mx.bfloat16, 128, 128, False, 1),
         (mx.bfloat16, 128, 128, True, 4),
@@ -160,7 +160,7 @@ def _chunked_tu() -> str:
         outputs = [("y", dt), ("state_out", mx.float32)]
         template = [("Dk", Dk), ("Dv", Dv), ("BV", bv), ("EXACT", exact), ("MASKED", masked), ("SHARE_WQ", share),
                     ("NH", cuda_chunked.state_nh(bv))]
-        parts.append(cuda.kernel_text(f"custom_kernel_state_{i}", "", cuda.source_text("chunked_state.cu"), inputs, outputs, template))
+        parts.append(cuda.kernel_text(f"custom_kernel_state_{i}", "", cuda.source_text("chunked/state_output.cu"), inputs, outputs, template))
     regs_cases = [  # dtype, Dk, Dv, masked, warps: the state pass with S in registers
         (mx.bfloat16, 128, 128, False, 8),
         (mx.bfloat16, 64, 192, True, 4),
@@ -173,8 +173,35 @@ def _chunked_tu() -> str:
                   ("mask", mx.bool_ if masked else mx.float32, 2 if masked else 1)]
         outputs = [("y", dt), ("state_out", mx.float32)]
         template = [("Dk", Dk), ("Dv", Dv), ("NW", nw), ("MASKED", masked)]
-        parts.append(cuda.kernel_text(f"custom_kernel_state_regs_{i}", "", cuda.source_text("chunked_state_regs.cu"),
+        parts.append(cuda.kernel_text(f"custom_kernel_state_regs_{i}", "", cuda.source_text("chunked/state_output_regs.cu"),
                                       inputs, outputs, template))
+    key_cases = [  # per-key gates: dtype, Dk, Dv, fused, masked, lower, neg, dt_key
+        (mx.bfloat16, 128, 128, False, False, False, False, False),
+        (mx.float32, 64, 256, True, True, True, True, True),
+        (mx.float16, 128, 64, True, True, False, False, False),
+    ]
+    for i, (dt, Dk, Dv, fused, masked, lower, neg, dt_key) in enumerate(key_cases):
+        exact = dt == mx.float32
+        ot = mx.float32 if exact else mx.bfloat16
+        assert cuda_chunked.kkt_solve_wy_smem(Dk, Dv, exact, key=True) <= cuda_chunked.SMEM_LIMIT
+        mask_in = ("mask", mx.bool_ if masked else mx.float32, 2 if masked else 1)
+        inputs = [("q", dt, 4), ("k", dt, 4), ("v", dt, 4), ("gate_a", dt, 4), ("gate_b", mx.float32, 3),
+                  ("A_log", mx.float32, 1), ("dt_bias", mx.float32, 2 if dt_key else 1),
+                  ("lower_bound", mx.float32, 1), mask_in]
+        outputs = list(zip(cuda_chunked.KKT_WY_KEY_OUTPUTS, (ot, ot, ot, mx.float32, dt, dt, mx.float32)))
+        template = [("Dk", Dk), ("Dv", Dv), ("EXACT", exact), ("FUSED", fused), ("MASKED", masked),
+                    ("HAS_LB", lower), ("NEG", neg), ("DT_KEY", dt_key)]
+        parts.append(cuda.kernel_text(f"custom_kernel_prep_key_{i}", "", cuda.source_text("chunked/kkt_solve_wy_key.cu"),
+                                      inputs, outputs, template))
+        p = Problem(1, 256, 16, 32, Dk, Dv, dt, "key", masked, fused)
+        bv, share, smem = cuda_chunked._state_config(p)
+        assert smem <= cuda_chunked.SMEM_LIMIT
+        inputs = [("Qg", dt, 4), ("Kd", dt, 4), ("W", ot, 4), ("U", ot, 4), ("Aqk", ot, 5), ("G", mx.float32, 3),
+                  ("state_in", mx.float32, 4), mask_in, ("Gk", mx.float32, 4)]
+        template = [("Dk", Dk), ("Dv", Dv), ("BV", bv), ("EXACT", exact), ("MASKED", masked), ("SHARE_WQ", share),
+                    ("NH", cuda_chunked.state_nh(bv))]
+        parts.append(cuda.kernel_text(f"custom_kernel_state_key_{i}", "", cuda.source_text("chunked/state_output_key.cu"),
+                                      inputs, [("y", dt), ("state_out", mx.float32)], template))
     return "".join(parts)
 
 

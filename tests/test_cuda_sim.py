@@ -1,4 +1,4 @@
-"""The CUDA tensor-core kernels (kernels/chunked_tc.cuh) on the CPU, through the simulator.
+"""The CUDA tensor-core kernels (kernels/chunked/*.cuh) on the CPU, through the simulator.
 
 `mlx_gdn.sim.simulated_cuda()` compiles the same kernel text as the GPU gets, with CPU meanings
 for blocks, warps, shared memory, mma.sync, ldmatrix and cp.async (mlx_gdn/sim/cuda_vocab.h).
@@ -17,6 +17,9 @@ from mlx_gdn.sim import SimError, simulated_cuda
 from cuda_cases import check_case
 from cuda_cases import (  # noqa: F401  (collected here: the chunked tests, run in the simulator)
     test_chunked,
+    test_chunked_exact_zero_gates,
+    test_chunked_key,
+    test_chunked_key_gates_near_zero_and_one,
     test_chunked_state_in_registers,
     test_chunked_state_in_registers_warps,
     test_chunked_state_slice_widths,

@@ -144,13 +144,63 @@ def test_fused_gating(no_ops, dtype, lower_bound, neg):
     check(y, s, *delta_rule(x.q, x.k, x.v, g, beta, x.state, x.mask), dtype, seed)
 
 
-def test_unsupported_shapes_fall_back_to_ops():
-    """Per-key gates and head sizes off a multiple of 8 are refused and run by the ops chunked path."""
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_per_key_matches_reference(no_ops, dtype, masked):
+    """Per-key gates (mixed, like a trained layer's: some near 0, some exactly 1) over chunks
+    with a padded tail; the decays enter the kernel folded into K and Q per 8-step tile."""
     seed = fresh_seed()
-    xk = inputs(9, seed, gate="key")
-    assert not supports_chunked(check_rule(xk.q, xk.k, xk.v, xk.g, xk.beta, xk.state, None))
-    y, s = rule(xk)
-    check(y, s, *delta_rule(xk.q, xk.k, xk.v, xk.g, xk.beta, xk.state), mx.float32, seed, "key gate")
+    T = 2 * CHUNK + 1 + int(np.random.default_rng(seed).integers(0, CHUNK - 1))
+    x = inputs(T, seed, dtype, gate="key", mask=masked)
+    assert supports_chunked(check_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask))
+    y, s = rule(x)
+    check(y, s, *delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask), dtype, seed, f"T={T}")
+
+
+def test_per_key_gates_near_zero_and_one(no_ops):
+    """Per-key gates where folding the decay naively overflows: columns of 1e-30, 1e-8 and exactly
+    0 for runs longer than a tile, next to columns of exactly 1, and a column alternating between
+    the two, across chunk boundaries."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    x = inputs(3 * CHUNK - 3, seed, gate="key")
+    g = to_numpy(x.g).astype(np.float32)
+    g[..., 0:4] = 1.0
+    g[..., 4:6] = 1e-30
+    g[..., 6:8] = 1e-8
+    g[:, 3 : CHUNK + 5, :, 8:10] = 0.0
+    g[:, ::2, :, 10] = 1e-30
+    g[:, 1::2, :, 10] = 1.0
+    g[rng.random(g.shape) < 0.05] = 1e-30
+    g = mx.array(g)
+    y, s = rule(x, g=g)
+    check(y, s, *delta_rule(x.q, x.k, x.v, g, x.beta, x.state), mx.float32, seed)
+
+
+@pytest.mark.parametrize("dtype,lower_bound,neg,dt_key", [(mx.float32, None, False, True), (mx.float32, -3.0, True, False),
+                                                          (mx.bfloat16, None, True, True)])
+def test_per_key_fused_gating(no_ops, dtype, lower_bound, neg, dt_key):
+    """Per-key fused gates computed in the first kernel: a [B,T,Hv,Dk], dt_bias [Hv,Dk] or [Hv]."""
+    seed = fresh_seed()
+    x = inputs(CHUNK + 3, seed, dtype, mask=True, fused_gate="key")
+    a = to_numpy(x.a)
+    a[:, 5, :, :3] = 80.0
+    a[:, 9, :, 3:6] = -80.0
+    x.a = mx.array(a.astype(np.float32)).astype(x.a.dtype)
+    dt = x.dt_bias if dt_key else x.dt_bias[:, 0]
+    with simulated_metal():
+        y, s = mlx_gdn.gated_delta_update(
+            x.q, x.k, x.v, x.a, x.b, x.A_log, dt, x.state, x.mask,
+            lower_bound=lower_bound, allow_neg_eigval=neg, backend="metal", algorithm="chunked",
+        )
+        mx.eval(y, s)
+    g, beta = gates(x.a, x.b, x.A_log, dt, lower_bound, neg)
+    check(y, s, *delta_rule(x.q, x.k, x.v, g, beta, x.state, x.mask), dtype, seed)
+
+
+def test_unsupported_shapes_fall_back_to_ops():
+    """Head sizes off a multiple of 8 are refused and run by the ops chunked path."""
+    seed = fresh_seed()
     xo = inputs(9, seed, shape=dict(B=1, Hk=1, Hv=1, Dk=12, Dv=8))
     assert not supports_chunked(check_rule(xo.q, xo.k, xo.v, xo.g, xo.beta, xo.state, None))
     y, s = rule(xo)

@@ -25,8 +25,10 @@ def wheel(tmp_path_factory):
 
 def test_wheel_carries_kernels(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    sources = sorted(p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".metal", ".h", ".cu", ".cuh"))
+    kdir = ROOT / "kernels"
+    sources = sorted(p.relative_to(kdir).as_posix() for p in kdir.rglob("*") if p.suffix in (".metal", ".h", ".cu", ".cuh"))
     assert sources, "kernels/ holds no kernel sources"
+    assert any("/" in s for s in sources), "kernels/chunked/ holds no kernel sources"
     missing = [s for s in sources if f"mlx_gdn/kernels/{s}" not in names]
     assert not missing, f"wheel lacks kernel sources {missing}"
     for sub in ("sim", "bench"):

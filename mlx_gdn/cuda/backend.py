@@ -58,7 +58,7 @@ def variants(p: Problem, algorithm: str, lower: bool = False, neg: bool = False,
     from ..fallback import variant
 
     if algorithm == "chunked":
-        return chunked_variants(p, lower=lower, neg=neg)
+        return chunked_variants(p, lower=lower, neg=neg, dt_key=dt_key)
     spec = launch.recurrent_spec(p, lower=lower, neg=neg, vec4=DECODE_VEC4, dt_key=dt_key)
     return (variant(spec.name, spec.template, recurrent_header(spec), compact(spec.source())),)
 

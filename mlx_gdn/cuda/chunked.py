@@ -1,10 +1,15 @@
-"""The CUDA chunked form: a tensor-core kernel pair (kernels/chunked_tc.cuh, chunked_prep.cu,
-chunked_state.cu, chunked_state_regs.cu) and its shared-memory arithmetic. Scalar gates,
+"""The CUDA chunked form: a tensor-core kernel pair and its shared-memory arithmetic. Scalar gates,
 masks, GQA, fused or precomputed gating.
+
+Sources in kernels/chunked/: common.cuh, then kkt_solve.cuh, wy.cuh, state.cuh and state_regs.cuh
+(see common.cuh for what each holds), and one body per launch: kkt_solve_wy.cu (stages kkt_solve
+and wy, every chunk in parallel), then state_output.cu or state_output_regs.cu (stages state and
+output, chunks in order).
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
@@ -13,8 +18,8 @@ from .. import launch
 from ..validate import Problem
 from .kernel import _dummy, _kernel, source_text
 
-CHUNK = 64  # tokens per chunk (gdn_tc::C)
-THREADS = 128  # threads per block of the prep launch (gdn_tc::NTHREADS); the state launch has 128 NH
+CHUNK = 64  # tokens per chunk (gdn_tc::C), as the ops form on a GPU (ops.chunked.CHUNK)
+THREADS = 128  # threads per block of launch 1 (gdn_tc::NTHREADS); the state launch has 128 NH
 SMEM_LIMIT = 232448  # dynamic shared memory one block may use on Hopper (227 KiB)
 CHUNKED_DIMS = (64, 128, 192, 256)
 # Value rows per block of the state pass: None picks by parallelism (`_choose_bv`);
@@ -24,7 +29,7 @@ CHUNK_BV: Optional[int] = None
 MIN_STATE_BLOCKS = 128
 # Value-slice width from which the state launch runs 8 warps instead of 4 (`state_nh`).
 STATE_NH2_FROM = 32
-# The state pass with S in registers (gdn_tc::state_pass_regs, bf16/f16, Dk <= 128) in place of
+# The state pass with S in registers (gdn_tc::state_output_regs, bf16/f16, Dk <= 128) in place of
 # the shared-memory one: None chooses by shape (`_regs_config`), True takes it wherever it
 # applies, False never. Every block of it loads whole chunks for its 16 value rows per warp, so
 # it pays where blocks are wide: on the H100 (bench/cuda_host_split_709d9c8.json, Qwen3.5 shape,
@@ -37,11 +42,26 @@ STATE_REGS_MIN_WARPS = 4
 STATE_REGS_NW: Optional[int] = None
 
 
+# Header of every chunked launch, in order: the gate math shared with every other kernel, the
+# helpers every stage uses, then the stages.
+HEADERS = (launch.GATES_HEADER,) + tuple(
+    f"chunked/{f}.cuh" for f in ("common", "kkt_solve", "wy", "state", "state_regs"))
+
+
+@lru_cache(maxsize=None)
+def header() -> str:
+    """The header text of the chunked launches (`HEADERS`, compacted); one object per process."""
+    return "".join(source_text(h) for h in HEADERS)
+
+
 def supports_chunked(p: Problem) -> bool:
-    """Scalar gates, Dk and Dv in {64, 128, 192, 256}, grid axes within CUDA's limits."""
+    """Dk and Dv in {64, 128, 192, 256}, grid axes within CUDA's limits; per-key gates where
+    launch 1's per-key arrays fit in shared memory (Dk <= 128 at Dv <= 256)."""
+    key = p.gate == "key"
+    if key and kkt_solve_wy_smem(p.Dk, p.Dv, p.dtype == mx.float32, key=True) > SMEM_LIMIT:
+        return False
     return (
-        p.gate == "scalar"
-        and p.Dk in CHUNKED_DIMS
+        p.Dk in CHUNKED_DIMS
         and p.Dv in CHUNKED_DIMS
         and p.Hv <= 65535
         and p.B <= 65535
@@ -49,9 +69,13 @@ def supports_chunked(p: Problem) -> bool:
     )
 
 
-PREP_INPUTS = ("q", "k", "v", "gate_a", "gate_b", "A_log", "dt_bias", "lower_bound", "mask")
-PREP_OUTPUTS = ("W", "U", "Aqk", "G")
+KKT_WY_INPUTS = ("q", "k", "v", "gate_a", "gate_b", "A_log", "dt_bias", "lower_bound", "mask")
+KKT_WY_OUTPUTS = ("W", "U", "Aqk", "G")
 STATE_INPUTS = ("q", "k", "W", "U", "Aqk", "G", "state_in", "mask")
+# Per-key gates: launch 1 also gives the state pass its Q and K with the decays applied per column
+# (Qg, Kd) and each chunk's decay per column (Gk), which the state pass reads in place of q, k.
+KKT_WY_KEY_OUTPUTS = KKT_WY_OUTPUTS + ("Qg", "Kd", "Gk")
+STATE_KEY_INPUTS = ("Qg", "Kd", "W", "U", "Aqk", "G", "state_in", "mask", "Gk")
 STATE_OUTPUTS = ("y", "state_out")
 
 
@@ -59,8 +83,11 @@ def _ld(exact: bool, D: int) -> int:
     return D + (4 if exact else 8)  # gdn_tc::Ld
 
 
-def prep_smem(Dk: int, Dv: int, exact: bool) -> int:
-    """Bytes of shared memory of the prep launch (gdn_tc::prep_smem)."""
+def kkt_solve_wy_smem(Dk: int, Dv: int, exact: bool, key: bool = False) -> int:
+    """Bytes of shared memory of launch 1 (gdn_tc::kkt_solve_wy_smem, plus gdn_tc::key_smem for
+    per-key gates)."""
+    if key:
+        return kkt_solve_wy_smem(Dk, Dv, exact) + (3 * CHUNK * Dk + 6 * Dk) * 4
     es = 4 if exact else 2
     lk, lv = _ld(exact, Dk), _ld(exact, Dv)
     return (CHUNK * lk + CHUNK * max(lk, lv)) * es + (2 * CHUNK * (CHUNK + 4) + 3 * CHUNK + 8) * 4
@@ -97,9 +124,10 @@ def _state_config(p: Problem):
     """(BV, SHARE_WQ, smem) for the state launch, or None when nothing fits in shared memory."""
     exact = p.dtype == mx.float32
     first = _choose_bv(p)
+    extra = 4 * p.Dk if p.gate == "key" else 0  # the chunk's decay per key column
     for bv in [first] + [b for b in (64, 32, 16) if b < first]:
         for share in (False, True):
-            smem = state_smem(p.Dk, bv, exact, share)
+            smem = state_smem(p.Dk, bv, exact, share) + extra
             if smem <= SMEM_LIMIT:
                 return bv, share, smem
     return None
@@ -116,7 +144,7 @@ def _regs_config(p: Problem):
     """(warps, smem) of the register-state launch, or None where the shared-memory pass runs.
     Each warp owns 16 value rows; blocks of up to 8 warps, as wide as still gives
     MIN_STATE_BLOCKS blocks. By shape (STATE_REGS None) only blocks of STATE_REGS_MIN_WARPS or more."""
-    if STATE_REGS is False or p.dtype == mx.float32 or p.Dk not in (64, 128):
+    if STATE_REGS is False or p.dtype == mx.float32 or p.Dk not in (64, 128) or p.gate == "key":
         return None
     nw = STATE_REGS_NW or next(
         (w for w in (8, 4, 2) if p.Dv % (16 * w) == 0 and p.B * p.Hv * (p.Dv // (16 * w)) >= MIN_STATE_BLOCKS), 1)
@@ -126,46 +154,59 @@ def _regs_config(p: Problem):
     return (nw, smem) if p.Dv % (16 * nw) == 0 and smem <= SMEM_LIMIT else None
 
 
-def _prep_template(p: Problem, lower: bool, neg: bool) -> list:
-    return [("Dk", p.Dk), ("Dv", p.Dv), ("EXACT", p.dtype == mx.float32), ("FUSED", p.fused),
-            ("MASKED", p.masked), ("HAS_LB", bool(p.fused and lower)), ("NEG", bool(p.fused and neg))]
+def _kkt_wy_launch(p: Problem, lower: bool, neg: bool, dt_key: bool):
+    """(kernel name, body file, outputs, template, shared memory bytes) of the kkt_solve + wy launch."""
+    exact = p.dtype == mx.float32
+    template = [("Dk", p.Dk), ("Dv", p.Dv), ("EXACT", exact), ("FUSED", p.fused), ("MASKED", p.masked),
+                ("HAS_LB", bool(p.fused and lower)), ("NEG", bool(p.fused and neg))]
+    if p.gate == "key":
+        return ("gdn_cuda_chunked_kkt_solve_wy_key", "chunked/kkt_solve_wy_key.cu", KKT_WY_KEY_OUTPUTS,
+                template + [("DT_KEY", bool(p.fused and dt_key))], kkt_solve_wy_smem(p.Dk, p.Dv, exact, key=True))
+    return ("gdn_cuda_chunked_kkt_solve_wy", "chunked/kkt_solve_wy.cu", KKT_WY_OUTPUTS, template,
+            kkt_solve_wy_smem(p.Dk, p.Dv, exact))
 
 
 def _state_launch(p: Problem):
-    """(kernel name, body file, threads per block, value rows per block, template, shared memory
-    bytes) of the state launch."""
-    regs = _regs_config(p)
+    """(kernel name, body file, inputs, threads per block, value rows per block, template, shared
+    memory bytes) of the state + output launch."""
+    exact = p.dtype == mx.float32
+    regs = None if p.gate == "key" else _regs_config(p)
     if regs is not None:  # S in registers: 16 value rows per warp
         nw, smem = regs
         template = [("Dk", p.Dk), ("Dv", p.Dv), ("NW", nw), ("MASKED", p.masked)]
-        return "gdn_cuda_chunked_state_regs", "chunked_state_regs.cu", 32 * nw, 16 * nw, template, smem
+        return ("gdn_cuda_chunked_state_output_regs", "chunked/state_output_regs.cu", STATE_INPUTS, 32 * nw, 16 * nw,
+                template, smem)
     rows, share, smem = _state_config(p)
-    template = [("Dk", p.Dk), ("Dv", p.Dv), ("BV", rows), ("EXACT", p.dtype == mx.float32), ("MASKED", p.masked),
+    template = [("Dk", p.Dk), ("Dv", p.Dv), ("BV", rows), ("EXACT", exact), ("MASKED", p.masked),
                 ("SHARE_WQ", share), ("NH", state_nh(rows))]
-    return "gdn_cuda_chunked_state", "chunked_state.cu", THREADS * state_nh(rows), rows, template, smem
+    if p.gate == "key":  # per-key gates take the shared-memory pass
+        return ("gdn_cuda_chunked_state_output_key", "chunked/state_output_key.cu", STATE_KEY_INPUTS,
+                THREADS * state_nh(rows), rows, template, smem)
+    return ("gdn_cuda_chunked_state_output", "chunked/state_output.cu", STATE_INPUTS, THREADS * state_nh(rows), rows,
+            template, smem)
 
 
-def chunked_variants(p: Problem, *, lower: bool = False, neg: bool = False):
-    """The (prep, state) kernel variants (`fallback.Variant`) of a call on `p`."""
+def chunked_variants(p: Problem, *, lower: bool = False, neg: bool = False, dt_key: bool = False):
+    """The (kkt_solve + wy, state + output) kernel variants (`fallback.Variant`) of a call on `p`."""
     from ..fallback import variant
 
-    hdr = source_text("chunked_tc.cuh")
-    kname, body, _, _, template, smem = _state_launch(p)
+    hdr = header()
+    kname, body, _, template, smem = _kkt_wy_launch(p, lower, neg, dt_key)
+    sname, sbody, _, _, _, stemplate, ssmem = _state_launch(p)
     return (
-        variant("gdn_cuda_chunked_prep", _prep_template(p, lower, neg), hdr, source_text("chunked_prep.cu"),
-                str(prep_smem(p.Dk, p.Dv, p.dtype == mx.float32))),
         variant(kname, template, hdr, source_text(body), str(smem)),
+        variant(sname, stemplate, hdr, source_text(sbody), str(ssmem)),
     )
 
 
 def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None):
-    """(y, state) from the two chunked launches. Scalar gates only (see `supports_chunked`)."""
+    """(y, state) from the two chunked launches; g [B,T,Hv] or [B,T,Hv,Dk] (or `gating`, a per-head or
+    per-key a), see `supports_chunked`. Per-key gates take the shared-memory state pass."""
     exact = p.dtype == mx.float32
     ot = mx.float32 if exact else mx.bfloat16
     nt = -(-p.T // CHUNK)
     tp = nt * CHUNK
     fused = gating is not None
-    masked = mask is not None
     dummy = _dummy()
     if fused:
         gate_a, gate_b = gating.a, gating.b
@@ -173,30 +214,37 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
         lower = gating.lower_bound is not None
         neg = bool(gating.allow_neg_eigval)
         lb = launch.lower_bound_array(gating.lower_bound)
+        dt_key = gating.dt_key
     else:
         gate_a, gate_b, a_log, dt_bias, lb = g, beta, dummy, dummy, dummy
-        lower = neg = False
-    m = mask if masked else dummy
+        lower = neg = dt_key = False
+    m = mask if mask is not None else dummy
+    key = p.gate == "key"
 
-    psmem = prep_smem(p.Dk, p.Dv, exact)
-    prep = _kernel("gdn_cuda_chunked_prep", PREP_INPUTS, PREP_OUTPUTS, source_text("chunked_prep.cu"),
-                   source_text("chunked_tc.cuh"), psmem)
-    W, U, Aqk, G = prep(
+    kname, body, outputs, template, smem = _kkt_wy_launch(p, lower, neg, dt_key)
+    kkt_wy = _kernel(kname, KKT_WY_INPUTS, outputs, source_text(body), header(), smem)
+    shapes = [(p.B, p.Hv, tp, p.Dk), (p.B, p.Hv, tp, p.Dv), (p.B, p.Hv, nt, CHUNK, CHUNK), (p.B, p.Hv, tp)]
+    dtypes = [ot, ot, ot, mx.float32]
+    if key:  # q and k with the decay folded in, and the chunk-end decays per key column
+        shapes += [(p.B, p.T, p.Hv, p.Dk), (p.B, p.T, p.Hv, p.Dk), (p.B, p.Hv, nt, p.Dk)]
+        dtypes += [p.dtype, p.dtype, mx.float32]
+    outs = kkt_wy(
         inputs=[q, k, v, gate_a, gate_b, a_log, dt_bias, lb, m],
-        template=_prep_template(p, lower, neg),
+        template=template,
         grid=(nt * THREADS, p.Hv, p.B),
         threadgroup=(THREADS, 1, 1),
-        output_shapes=[(p.B, p.Hv, tp, p.Dk), (p.B, p.Hv, tp, p.Dv), (p.B, p.Hv, nt, CHUNK, CHUNK),
-                       (p.B, p.Hv, tp)],
-        output_dtypes=[ot, ot, ot, mx.float32],
+        output_shapes=shapes,
+        output_dtypes=dtypes,
         **launch.launch_options(),
     )
+    W, U, Aqk, G = outs[:4]
 
-    kname, body, threads, rows, template, smem = _state_launch(p)
-    step = _kernel(kname, STATE_INPUTS, STATE_OUTPUTS, source_text(body), source_text("chunked_tc.cuh"), smem)
+    sname, sbody, sinputs, threads, rows, stemplate, ssmem = _state_launch(p)
+    step = _kernel(sname, sinputs, STATE_OUTPUTS, source_text(sbody), header(), ssmem)
+    ins = [outs[4], outs[5], W, U, Aqk, G, state, m, outs[6]] if key else [q, k, W, U, Aqk, G, state, m]
     y, new_state = step(
-        inputs=[q, k, W, U, Aqk, G, state, m],
-        template=template,
+        inputs=ins,
+        template=stemplate,
         grid=(p.Dv // rows * threads, p.Hv, p.B),
         threadgroup=(threads, 1, 1),
         output_shapes=[(p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)],

@@ -61,7 +61,7 @@ def variants(p: Problem, algorithm: str, lower: bool = False, neg: bool = False,
     if algorithm == "chunked":
         from .chunked import launch_specs
 
-        specs = launch_specs(p, lower=lower, neg=neg)
+        specs = launch_specs(p, lower=lower, neg=neg, dt_key=dt_key)
     else:
         specs = (launch.recurrent_spec(p, lower=lower, neg=neg, vec4=DECODE_VEC4, dt_key=dt_key),)
     return tuple(variant(s.name, s.template, s.header(), s.source()) for s in specs)

@@ -16,6 +16,11 @@ products. Memory is O(T (Dk + Dv + C)) per head plus one Dv x Dk state per head 
 Every decay (pairwise, from the chunk start, to the chunk end) is formed by `gating.decay_exp`:
 exactly 0 below exp(-40), so no subnormal float enters the products (trained layers' gates drive
 most cumulative decays far below float32's normal range, and CPUs run subnormals slower).
+
+Stages, named alike in the Metal and CUDA kernels: `kkt_solve` (A and Q K^T with their decays,
+then T = (I + A)^-1; `_kkt_scalar` / `_kkt_key`, then `_solve_wy`), `wy` (W and Uv, in
+`_solve_wy`), `state` (the pass over chunk states) and `output` (the readout Y, which needs the
+state entering its chunk, so it is formed in the same pass: `_state_output`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ from ..gating import decay_exp
 # intra-chunk work grows with C while the state pass does not shrink with it. GPU: 64, the
 # usual choice for fewer sequential steps; not measured here.
 CHUNK = {"cpu": 32, "gpu": 64}
+# Per-key gates: which form of stage kkt_solve's products `chunked_rule` uses by default. The
+# folded one ran the per-key call at B=1, T=1024, Hk=2, Hv=4, Dk=Dv=128 in 1.69 s against the
+# pairwise one's 2.45 s (best of 3 on the 2-core CPU, shared with other jobs at the time; the
+# recurrence took 0.43 s there).
+KEY_FORM = "folded"
 _BLOCK = 16  # diagonal blocks of (I + A) inverted by substitution before the block merges
 
 
@@ -117,7 +127,7 @@ def _unit_lower_inverse(A: mx.array, keep: Optional[mx.array] = None) -> mx.arra
     return inv[..., 0, :, :]
 
 
-def _intra_scalar(q, k, v, lg, beta, flush=True):
+def _kkt_scalar(q, k, v, lg, beta, flush=True):
     """Chunk-local quantities for a scalar gate; q, k [B,Hk,1,N,C,Dk], v [B,Hk,R,N,C,Dv],
     lg, beta [B,Hk,R,N,C]. flush: decays below exp(LOG_DECAY_FLOOR) become exact zeros (the
     forward); False keeps them (the backward, whose gradient by a gate near 0 runs through the
@@ -135,13 +145,13 @@ def _intra_scalar(q, k, v, lg, beta, flush=True):
     kt = mx.swapaxes(k, -1, -2)
     A = (k @ kt) * decay * beta[..., None]
     P = (q @ kt) * decay
-    return _finish(q, k, v, A, P, gam, end, gam_c, beta, keep)
+    return _solve_wy(q, k, v, A, P, gam, end, gam_c, beta, keep)
 
 
-def _intra_key(q, k, v, lg, beta, flush=True):
+def _kkt_key(q, k, v, lg, beta, flush=True):
     """Chunk-local quantities for a per-key gate; lg [B,Hk,R,N,C,Dk]. The pairwise decay has a
     Dk axis here, so it is formed one chunk at a time to keep memory at O(C^2 Dk) per head.
-    flush: as `_intra_scalar`'s."""
+    flush: as `_kkt_scalar`'s."""
     ex = decay_exp if flush else mx.exp
     C = q.shape[-2]
     strict, lower = _tri_masks(C)
@@ -161,10 +171,81 @@ def _intra_key(q, k, v, lg, beta, flush=True):
     gam_c = gam[..., -1:, :]  # [..., 1, Dk]
     # gamma_C / gamma_j per column, as a sum over steps j+1..C-1 (never a difference of sums).
     end = ex(mx.cumsum(lg, axis=-2, reverse=True, inclusive=False))
-    return _finish(q, k, v, A, P, gam, end, gam_c, beta)
+    return _solve_wy(q, k, v, A, P, gam, end, gam_c, beta)
 
 
-def _finish(q, k, v, A, P, gam, end, gam_c, beta, keep=None):
+# The folded per-key form (`_kkt_key_folded`) forms its decays as products of factors in [0, 1];
+# a factor below exp(LOG_DECAY_FLOOR) (about 4e-18) is formed as exactly 0 (`decay_exp`). The
+# product it belongs to is then below that too (its other factors are at most 1), so the entry of
+# A or P it drops is below 4e-18 |k_i| |k_j| against the identity of (I + A): nothing float32 can
+# see, while carrying it would put subnormal floats into the products (slow on CPUs without
+# flush-to-zero).
+_FOLD_BLOCK = 16  # sub-chunk of the folded form: pairs inside one are formed exactly
+
+
+def _kkt_key_folded(q, k, v, lg, beta, flush=True):
+    """Stage kkt_solve's products for a per-key gate with the decay folded into the operands,
+    then `_solve_wy`; same arguments and result as `_kkt_key`.
+
+    The decay between steps j <= i of column d is exp(b_i - b_j), b the cumulative log-gate.
+    Folding it as (K * exp(b)) (K * exp(-b))^T overflows for gates near 0, so the chunk is cut
+    into sub-chunks of _FOLD_BLOCK steps and every factor is a decay over steps in order, in [0, 1]:
+    for i in sub-chunk I and j in an earlier sub-chunk J,
+        exp(b_i - b_j) = exp(b_i - e_{I-1}) exp(e_{I-1} - e_J) exp(e_J - b_j),
+    with e_J the cumulative log-gate at the end of sub-chunk J: the left factor scales row i of K
+    (or Q), the right one row j of K, the middle one is one Dk vector per pair of sub-chunks, and
+    the block is a matrix product. Each factor is a sum of log-gates over its own steps (never a
+    difference of sums), so log 0 = -inf only ever gives exp(-inf) = 0. Pairs inside one
+    sub-chunk take the exact pairwise form of `_kkt_key` (a Dk axis over _FOLD_BLOCK^2 pairs,
+    not C^2). Flushing: see LOG_DECAY_FLOOR (flush=False keeps every factor, as `_kkt_scalar`'s).
+    """
+    ex = decay_exp if flush else mx.exp
+    C, Dk = q.shape[-2], q.shape[-1]
+    s = min(_FOLD_BLOCK, C)
+    nb = C // s
+    pre = lg.shape[:-2]
+    blk = lambda x: x.reshape(*x.shape[:-2], nb, s, x.shape[-1])  # noqa: E731  [..., nb, s, Dk]
+    lgb = blk(lg)
+    qb, kb = blk(q), blk(k)
+    # Within each sub-chunk: decay from its start through step i, and from step j to its end.
+    left = ex(mx.cumsum(lgb, axis=-2))
+    right = ex(mx.cumsum(lgb, axis=-2, reverse=True, inclusive=False))
+    # Between sub-chunks: decay over the whole sub-chunks strictly between J and I.
+    tot = lgb.sum(-2)  # [..., nb, Dk]
+    strict_b, _ = _tri_masks(nb)
+    between = mx.cumsum(mx.where(strict_b[..., None], tot[..., :, None, :], 0.0), axis=-3)  # [..., I, J, Dk]
+    # Shift by one sub-chunk: pair (I, J) needs the sum over J+1..I-1, i.e. entry (I-1, J).
+    mid = mx.concatenate([mx.zeros_like(between[..., :1, :, :]), between[..., :-1, :, :]], axis=-3)
+    mid = mx.where(strict_b[..., None], ex(mid), 0.0)  # [..., nb(I), nb(J), Dk]
+    kr = (kb * right)[..., None, :, :, :]  # [..., 1, nb(J), s, Dk]
+    kr_t = mx.swapaxes(kr, -1, -2)
+
+    def off_diagonal(xb):
+        xl = (xb * left)[..., :, None, :, :] * mid[..., :, :, None, :]  # [..., I, J, s, Dk]
+        return xl @ kr_t  # [..., I, J, s, s]
+
+    strict_s, lower_s = _tri_masks(s)
+    L = _pair_log_decay(lgb[..., :, None, :], strict_s[..., None], axis=-3)  # [..., nb, s, s, Dk]
+    dec = mx.where(lower_s[..., None], ex(L), 0.0)
+    kj = kb[..., None, :, :]  # [..., nb, 1, s, Dk]
+
+    def assemble(xb):
+        full = off_diagonal(xb)  # strictly lower sub-chunk pairs, zero elsewhere
+        diag = (xb[..., :, :, None, :] * kj * dec).sum(-1)  # [..., nb, s, s]
+        eye = mx.eye(nb, dtype=mx.bool_)[..., None, None]
+        full = mx.where(eye, diag[..., :, None, :, :], full)
+        return mx.swapaxes(full, -3, -2).reshape(*pre, C, C)
+
+    A = assemble(kb) * beta[..., None]
+    P = assemble(qb)
+    G = mx.cumsum(lg, axis=-2)
+    gam = ex(G)  # [..., C, Dk]
+    gam_c = gam[..., -1:, :]  # [..., 1, Dk]
+    end = ex(mx.cumsum(lg, axis=-2, reverse=True, inclusive=False))
+    return _solve_wy(q, k, v, A, P, gam, end, gam_c, beta)
+
+
+def _solve_wy(q, k, v, A, P, gam, end, gam_c, beta, keep=None):
     """From A, P and the decays to the per-chunk operands of the state pass; keep [..., C, C]
     (scalar gate): where the pairwise decay is not flushed."""
     strict, _ = _tri_masks(A.shape[-1])
@@ -185,7 +266,7 @@ def _finish(q, k, v, A, P, gam, end, gam_c, beta, keep=None):
     return WQ, Uv, Yv, KdT, gam_c
 
 
-def _pass(St, WQ, Uv, Yv, KdT, gam_c):
+def _state_output(St, WQ, Uv, Yv, KdT, gam_c):
     """One chunk of the state pass. St [B,Hk,R,Dk,Dv]: the state transposed, so that no product
     takes a transposed operand (each layout change measured 15-25% less pass time with the CPU's
     BLAS, bench/NOTES.md); the rest one chunk's operands."""
@@ -197,11 +278,16 @@ def _pass(St, WQ, Uv, Yv, KdT, gam_c):
     return Y, St
 
 
-_intra_scalar_c = mx.compile(_intra_scalar)
-_intra_key_c = mx.compile(_intra_key)
-_intra_scalar_exact_c = mx.compile(partial(_intra_scalar, flush=False))
-_intra_key_exact_c = mx.compile(partial(_intra_key, flush=False))
-_pass_c = mx.compile(_pass)
+_kkt_scalar_c = mx.compile(_kkt_scalar)
+_kkt_key_c = mx.compile(_kkt_key)
+_kkt_scalar_exact_c = mx.compile(partial(_kkt_scalar, flush=False))
+_kkt_key_folded_c = mx.compile(_kkt_key_folded)
+# Per-key forms of stage kkt_solve: (flushed, exact) compiled functions.
+_KEY_FORMS = {
+    "pairwise": (_kkt_key_c, mx.compile(partial(_kkt_key, flush=False))),
+    "folded": (_kkt_key_folded_c, mx.compile(partial(_kkt_key_folded, flush=False))),
+}
+_state_output_c = mx.compile(_state_output)
 
 
 def _to_chunks(x: mx.array, B, N, C, Hk, R) -> mx.array:
@@ -279,13 +365,14 @@ def from_chunk_layout(y: mx.array, lay: ChunkLayout) -> mx.array:
     return y
 
 
-def intra_chunk(lay: ChunkLayout, flush: bool = True):
-    """(WQ, Uv, Yv, KdT, gam_c): every chunk's operands of the state pass (see `_pass`).
-    flush=False keeps decays below the floor (for the backward: see `_intra_scalar`)."""
-    if flush:
-        intra = _intra_key_c if lay.key_gate else _intra_scalar_c
+def intra_chunk(lay: ChunkLayout, flush: bool = True, key_form: Optional[str] = None):
+    """(WQ, Uv, Yv, KdT, gam_c): every chunk's operands of the state pass (see `_state_output`).
+    flush=False keeps decays below the floor (for the backward: see `_kkt_scalar`); key_form:
+    the per-key form of stage kkt_solve ("pairwise" or "folded"; None takes KEY_FORM)."""
+    if lay.key_gate:
+        intra = _KEY_FORMS[key_form or KEY_FORM][0 if flush else 1]
     else:
-        intra = _intra_key_exact_c if lay.key_gate else _intra_scalar_exact_c
+        intra = _kkt_scalar_c if flush else _kkt_scalar_exact_c
     return intra(lay.qc, lay.kc, lay.vc, lay.lgc, lay.bc)
 
 
@@ -311,8 +398,12 @@ def chunked_rule(
     mask: Optional[mx.array] = None,
     *,
     every: int = 0,
+    key_form: Optional[str] = None,
 ):
     """Gated delta rule in chunks of up to chunk_len() steps; same contract as `recurrent_rule`.
+
+    key_form (per-key g only): "pairwise" (`_kkt_key`) or "folded" (`_kkt_key_folded`); None
+    takes KEY_FORM.
 
     every: 0, or a multiple of `chunk_size(T)`: then a third value, the states after tokens
     every, 2 every, ... [B, T // every, Hv, Dv, Dk] float32 (the chunk-end states the state
@@ -331,8 +422,10 @@ def chunked_rule(
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2], v.shape[3]
     R = Hv // Hk
+    if key_form is not None and key_form not in _KEY_FORMS:
+        raise ValueError(f"key_form must be one of {sorted(_KEY_FORMS)} or None, got {key_form!r}")
     lay = to_chunk_layout(q, k, v, g, beta, mask)
-    WQ, Uv, Yv, KdT, gam_c = intra_chunk(lay)
+    WQ, Uv, Yv, KdT, gam_c = intra_chunk(lay, key_form=key_form)
     St = mx.swapaxes(state.reshape(B, Hk, R, Dv, Dk), -1, -2)
     # Split once rather than index per chunk: the gradient of each index is a full-size
     # scatter, which would make the backward pass quadratic in the number of chunks.
@@ -342,7 +435,7 @@ def chunked_rule(
         raise ValueError(f"every must be a multiple of the chunk length {C}, got {every}")
     ys, kept = [], []
     for n in range(N):
-        y, St = _pass_c(St, *(p[n] for p in parts))
+        y, St = _state_output_c(St, *(p[n] for p in parts))
         ys.append(y)
         if every and ((n + 1) * C) % every == 0 and (n + 1) * C <= T:
             kept.append(mx.swapaxes(St, -1, -2).reshape(B, Hv, Dv, Dk))

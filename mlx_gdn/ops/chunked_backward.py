@@ -6,7 +6,7 @@ state per step. Given the cotangents dy, dS_T of (y, S_T):
 1. States at the chunk starts, S_0 .. S_{N-1}, by the forward state pass of the chunked form
    (`ops.chunked`), recomputed here so a forward pass of any path (kernel or ops) keeps no
    more than its outputs.
-2. Their adjoints, from the last chunk back: with a chunk's operands (`ops.chunked._pass`)
+2. Their adjoints, from the last chunk back: with a chunk's operands (`ops.chunked._state_output`)
    S_{n+1} = gam_C S_n + U^T Kd, U = Uv - W S_n^T and y_n = Yv + Qe S_n^T,
    dS_n = gam_C dS_{n+1} + dy_n^T Qe - (Kd dS_{n+1}^T)^T W.
 3. With every S_n and dS_{n+1} known the chunks are independent: the gradient of
@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from .chunked import _pass, _pass_c, _to_chunks, intra_chunk, to_chunk_layout
+from .chunked import _state_output, _state_output_c, _to_chunks, intra_chunk, to_chunk_layout
 
 
 _G_FLOOR = 1e-30
@@ -106,7 +106,7 @@ def _surrogate(q, k, v, g, beta, state, mask, dy, dstate):
     for n in range(N):
         starts.append(St)
         if n + 1 < N:
-            _, St = _pass_c(St, *(p[n] for p in parts))
+            _, St = _state_output_c(St, *(p[n] for p in parts))
 
     # dy in chunk layout: masked steps wrote y = 0, so their cotangent stops here.
     dy = dy.astype(f32)
@@ -126,7 +126,7 @@ def _surrogate(q, k, v, g, beta, state, mask, dy, dstate):
     starts = mx.stack(starts, axis=3)
     ends_bar = mx.stack(ends_bar, axis=3)
     if shared:
-        Y, ends = _pass(starts, *ops)
+        Y, ends = _state_output(starts, *ops)
         value = (Y * dyc).sum() + (ends * ends_bar).sum()
         return value, dS.reshape(B, Hv, Dv, Dk)
     bounds = list(range(G, N, G))
@@ -134,6 +134,6 @@ def _surrogate(q, k, v, g, beta, state, mask, dy, dstate):
     rest = zip(*(mx.split(x, bounds, axis=3) for x in (starts, ends_bar, dyc)))
     value = 0.0
     for operands, (sg, eg, dg) in zip(groups, rest):
-        Y, ends = _pass(sg, *intra_chunk(lay._replace(**dict(zip(_OPERANDS, operands))), flush=False))
+        Y, ends = _state_output(sg, *intra_chunk(lay._replace(**dict(zip(_OPERANDS, operands))), flush=False))
         value = value + (Y * dg).sum() + (ends * eg).sum()
     return value, dS.reshape(B, Hv, Dv, Dk)

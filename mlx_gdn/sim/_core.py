@@ -704,13 +704,13 @@ def cuda_kernel(
 ):
     """Drop-in for ``mx.fast.cuda_kernel`` that runs a CUDA kernel on the CPU.
 
-    For kernels written in CUDA (kernels/chunked_tc.cuh): threads, blocks, warps, shared memory
+    For kernels written in CUDA (kernels/chunked/*.cuh): threads, blocks, warps, shared memory
     and the PTX the kernels use are given CPU meanings by cuda_vocab.h (see there). Bodies in
     Metal's vocabulary (the recurrent kernels, through the CUDA prelude) are simulated with
     ``simulated_metal()`` instead. Grids count threads, as for MLX's CUDA kernels; launchers keep
     them whole multiples of the block.
     """
-    if "GDN_CUDA_PRELUDE_H" in header:
+    if "#define GDN_CUDA_PRELUDE_H" in header:
         raise SimError(
             f"[cuda_kernel sim] kernel '{name}' is a Metal-vocabulary body behind the CUDA prelude; "
             "simulate it with simulated_metal()"

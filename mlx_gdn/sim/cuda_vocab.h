@@ -1,5 +1,5 @@
 // CUDA's kernel vocabulary on the simulator's runtime (runtime.h), for the CUDA-only kernels
-// (kernels/chunked_tc.cuh). Included before the kernel's own header by `simulated_cuda()`.
+// (kernels/chunked/, CUDA files). Included before the kernel's own header by `simulated_cuda()`.
 //
 // Every CUDA thread is a simulator lane; a block is a threadgroup and a warp a simdgroup, so
 // `__syncthreads` is the threadgroup barrier and the warp-wide operations are simdgroup

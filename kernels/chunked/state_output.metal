@@ -1,13 +1,14 @@
-// Chunked gated delta rule, part 2 of 2: the state pass over chunks, in order. One threadgroup
+// Chunked gated delta rule, launch 2 of 2, stages state and output: the pass over chunks, in order. One threadgroup
 // of NSG simdgroups per (tile of RV state rows, value head hv, batch b); the tile S [RV, Dk]
-// stays in threadgroup memory for the whole sequence. Per chunk, from chunked_prep's operands:
+// stays in threadgroup memory for the whole sequence. Per chunk, from kkt_solve_wy's operands:
 //   U = Uv + (-W) S^T          [C, RV]
 //   Y = Yv + Qe S^T            [C, RV]  -> y
 //   S = gamma_C S + U^T Kd     [RV, Dk]
 // Inputs: wq [B, Hv, N, 2C, Dk], uy [B, Hv, N, 2C, Dv], kd [B, Hv, N, C, Dk], gc [B, Hv, N],
 // state_in [B, Hv, Dv, Dk] (float32), steps [B, T, ...] (any array whose shape gives T; its data
 // is not read). Outputs: y [B, T, Hv, Dv] (InT; rows past T are not written), state_out (float32).
-// Template: InT, C, Dk, Dv, Hv, RV (rows per tile, multiple of 8 dividing Dv), NSG.
+// Template: InT, C, Dk, Dv, Hv, RV (rows per tile, multiple of 8 dividing Dv), NSG, KEYGATE
+// (gc [B, Hv, N, Dk]: the chunk's decay per key column).
 
 const uint tid = thread_index_in_threadgroup;
 const uint sg = simdgroup_index_in_threadgroup;
@@ -54,13 +55,13 @@ for (int n = 0; n < N; ++n) {
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
-  const float gcn = gc[head];
+  const float gcn = KEYGATE ? 0.0f : gc[head];
   const int rows = min(C, T - n * C);
   for (uint e = tid; e < uint(rows) * RV; e += NT) {
     uint i = e / RV, c = e % RV;
     y[((b * T + n * C + i) * Hv + hv) * Dv + dv0 + c] = static_cast<InT>(Ys[e]);
   }
-  for (uint e = tid; e < RV * Dk; e += NT) S[e] *= gcn;
+  for (uint e = tid; e < RV * Dk; e += NT) S[e] *= KEYGATE ? gc[head * Dk + e % Dk] : gcn;
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   // S += U^T Kd; each simdgroup owns its tiles of S.

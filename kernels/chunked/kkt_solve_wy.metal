@@ -1,5 +1,5 @@
-// Chunked gated delta rule, part 1 of 2: everything inside one chunk that does not depend on
-// the state entering it. One threadgroup of NSG simdgroups per (chunk n, value head hv, batch bz).
+// Chunked gated delta rule, launch 1 of 2, stages kkt_solve and wy (named as in ops/chunked.py
+// and the CUDA kernels): everything inside one chunk that does not depend on the state entering it. One threadgroup of NSG simdgroups per (chunk n, value head hv, batch bz).
 //
 // Inputs as the public API takes them: q, k: [B, T, Hk, Dk], v: [B, T, Hv, Dv] (InT); gates
 // g, beta: [B, T, Hv] (GDN_FUSED 0), or a, b: [B, T, Hv], A_log, dt_bias: [Hv], lower_bound: [4] (element 0 used)
@@ -14,7 +14,18 @@
 // with T = (I + A)^-1, A_ij = beta_i (k_i.k_j) gamma_i/gamma_j (j < i), P_ij = (q_i.k_j) gamma_i/gamma_j (j <= i).
 // q, k, v are staged through threadgroup memory as float32 slabs of C x 8, the width of one
 // simdgroup matrix, so any input dtype feeds the float32 products.
-// Template: C (chunk, multiple of 8), Dk, Dv (multiples of 8), Hk, Hv, NSG, LOWER, NEG.
+// Template: C (chunk, multiple of 8), Dk, Dv (multiples of 8), Hk, Hv, NSG, LOWER, NEG, KEYGATE.
+//
+// KEYGATE (one gate per key column): g: [B, T, Hv, Dk], or a: [B, T, Hv, Dk] with dt_bias [Hv] or
+// [Hv, Dk] (GDN_DT_KEY); gc: [B, Hv, N, Dk]. The per-head log-gates above are then 0 (gamma = 1),
+// and the decays enter column by column, per slab of 8 key columns: kd = (gamma_C / gamma_j) k_j
+// and the Q, K slabs of W and Qe carry gamma_i per column, and A, P take their decays folded into
+// the operands, split at the 8-step tile boundaries so that every factor is a decay over steps in
+// order, in [0, 1] (never overflowing for gates near 0): for i in tile I and j in an earlier tile J,
+//   exp(b_i - b_j) = exp(b_i - e_J) exp(e_J - b_j),  e_J the cumulative log-gate at J's last step,
+// the left factor on row i of K (or Q), a copy per pair (I, J); the right on row j of K. Pairs
+// inside one tile are summed exactly, one decay per column. Factors below exp(GDN_LOG_DECAY_FLOOR)
+// are exact zeros (gates.h).
 
 const uint tid = thread_index_in_threadgroup;
 const uint sg = simdgroup_index_in_threadgroup;
@@ -41,6 +52,14 @@ threadgroup float PM1[C * C];  // P M1
 threadgroup float PM2[C * C];  // P M2
 threadgroup float Xs[C * 8];   // staged slab of k (or v)
 threadgroup float Zs[C * 8];   // staged slab of q
+threadgroup float LGs[KEYGATE ? C * 8 : 1];  // KEYGATE: log-gates of the staged slab of columns
+// KEYGATE scratch while A and P are formed (the arrays are free until the solve): left operands per
+// tile pair (K in M1, Q in M2), right operands (K in PM1), exact in-tile sums (A, P in PM2).
+threadgroup float* KLs = M1;
+threadgroup float* QLs = M2;
+threadgroup float* KRs = PM1;
+threadgroup float* DAs = PM2;
+threadgroup float* DPs = PM2 + TC * 64;
 
 for (uint i = tid; i < C; i += NT) {
   const int t = t0 + int(i);
@@ -52,14 +71,14 @@ for (uint i = tid; i < C; i += NT) {
   if (live) {
     const uint gi = (bz * T + t) * Hv + hv;
 #if GDN_FUSED
-    // The log of the decay directly: exact for decays that would underflow as exp().
-    float log_rate = float(A_log[hv]);
-    lg = gdn_log_decay(float(a[gi]), metal::exp(log_rate), log_rate, float(dt_bias[hv]), lower_bound[0], LOWER);
+    if (!KEYGATE) {
+      // The log of the decay directly: exact for decays that would underflow as exp().
+      float log_rate = float(A_log[hv]);
+      lg = gdn_log_decay(float(a[gi]), metal::exp(log_rate), log_rate, float(dt_bias[hv]), lower_bound[0], LOWER);
+    }
     be = gdn_beta(float(b[gi]), NEG);
 #else
-    float gv = float(g[gi]);
-    // log 0 = -inf: sums of -inf stay -inf and exp gives 0; no inf - inf ever forms.
-    lg = gv > 0.0f ? metal::log(gv) : -INFINITY;
+    if (!KEYGATE) lg = gdn_log_gate(float(g[gi]));
     be = float(beta[gi]);
 #endif
   }
@@ -83,13 +102,16 @@ const device InT* kc = k + ((bz * T + t0) * Hk + hk) * Dk;
 const device InT* qc = q + ((bz * T + t0) * Hk + hk) * Dk;
 const device InT* vc = v + ((bz * T + t0) * Hv + hv) * Dv;
 
-// A = K K^T and P = Q K^T (lower-triangular 8x8 tiles), accumulated over slabs of Dk.
+// Stage kkt_solve. A = K K^T and P = Q K^T (lower-triangular 8x8 tiles), accumulated over slabs of Dk.
 constexpr uint NJ = (TC * TC + NSG - 1) / NSG;
 simdgroup_float8x8 acc_a[NJ];
 simdgroup_float8x8 acc_p[NJ];
 for (uint j = 0; j < NJ; ++j) {
   acc_a[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   acc_p[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+}
+if (KEYGATE) {
+  for (uint e = tid; e < 2 * TC * 64; e += NT) DAs[e] = 0.0f;
 }
 for (uint d = 0; d < Dk; d += 8) {
   for (uint e = tid; e < C * 8; e += NT) {
@@ -98,11 +120,77 @@ for (uint d = 0; d < Dk; d += 8) {
     Xs[e] = live ? float(kc[i * Hk * Dk + d + c]) : 0.0f;
     Zs[e] = live ? float(qc[i * Hk * Dk + d + c]) : 0.0f;
   }
+  if (KEYGATE) {
+    for (uint e = tid; e < C * 8; e += NT) {
+      uint i = e / 8, c = e % 8;
+      float lg = 0.0f;
+      if (liv[i] != 0.0f) {
+        const uint gk = ((bz * T + t0 + i) * Hv + hv) * Dk + d + c;
+#if GDN_FUSED
+        float log_rate = float(A_log[hv]);
+        float dtb = float(dt_bias[GDN_DT_KEY ? hv * Dk + d + c : hv]);
+        lg = gdn_log_decay(float(a[gk]), metal::exp(log_rate), log_rate, dtb, lower_bound[0], LOWER);
+#else
+        lg = gdn_log_gate(float(g[gk]));
+#endif
+      }
+      LGs[e] = lg;
+    }
+  }
   threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (KEYGATE) {
+    // Right operands: row j of K times its decay to the end of its tile.
+    for (uint e = tid; e < C * 8; e += NT) {
+      uint j = e / 8, c = e % 8;
+      float x = 0.0f;
+      for (uint l = j + 1; l < (j / 8 + 1) * 8; ++l) x += LGs[l * 8 + c];
+      KRs[e] = Xs[e] * gdn_decay_factor(x);
+    }
+    // Left operands of tile pair (I, J), J < I: row i of K and Q times the decay from J's end to i.
+    for (uint e = tid; e < TC * TC * 64; e += NT) {
+      uint t = e / 64, r = (e / 8) % 8, c = e % 8;
+      uint ti = t / TC, tj = t % TC;
+      if (tj < ti) {
+        uint i = ti * 8 + r;
+        float x = 0.0f;
+        for (uint l = (tj + 1) * 8; l <= i; ++l) x += LGs[l * 8 + c];
+        float f = gdn_decay_factor(x);
+        KLs[e] = Xs[i * 8 + c] * f;
+        QLs[e] = Zs[i * 8 + c] * f;
+      }
+    }
+    // Pairs j <= i inside one tile, exactly: one decay per column.
+    for (uint e = tid; e < TC * 64; e += NT) {
+      uint ti = e / 64, r = (e / 8) % 8, s8 = e % 8;
+      if (s8 <= r) {
+        uint i = ti * 8 + r, j = ti * 8 + s8;
+        float sa = 0.0f, sp = 0.0f;
+        for (uint c = 0; c < 8; ++c) {
+          float x = 0.0f;
+          for (uint l = j + 1; l <= i; ++l) x += LGs[l * 8 + c];
+          float f = gdn_decay_factor(x) * Xs[j * 8 + c];
+          sa += Xs[i * 8 + c] * f;
+          sp += Zs[i * 8 + c] * f;
+        }
+        DAs[e] += sa;
+        DPs[e] += sp;
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
   for (uint j = 0; j < NJ; ++j) {
     uint t = sg + j * NSG;
     uint ti = t / TC, tj = t % TC;
-    if (t < TC * TC && tj <= ti) {
+    if (KEYGATE) {
+      if (t < TC * TC && tj < ti) {
+        simdgroup_float8x8 kl, ql, kr;
+        simdgroup_load(kl, KLs + t * 64, 8);
+        simdgroup_load(ql, QLs + t * 64, 8);
+        simdgroup_load(kr, KRs + tj * 64, 8, ulong2(0, 0), true);
+        simdgroup_multiply_accumulate(acc_a[j], kl, kr, acc_a[j]);
+        simdgroup_multiply_accumulate(acc_p[j], ql, kr, acc_p[j]);
+      }
+    } else if (t < TC * TC && tj <= ti) {
       simdgroup_float8x8 kl, ql, kr;
       simdgroup_load(kl, Xs + ti * 64, 8);
       simdgroup_load(ql, Zs + ti * 64, 8);
@@ -122,6 +210,15 @@ for (uint j = 0; j < NJ; ++j) {
   }
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
+if (KEYGATE) {
+  // The in-tile pairs, decays included (the per-head decays below are all 1).
+  for (uint e = tid; e < TC * 64; e += NT) {
+    uint ti = e / 64, r = (e / 8) % 8, s8 = e % 8;
+    Am[(ti * 8 + r) * C + ti * 8 + s8] = DAs[e];
+    Pm[(ti * 8 + r) * C + ti * 8 + s8] = DPs[e];
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
 
 // Decay factors, as sums of log-gates over steps j+1..i (never a difference of prefix sums,
 // so a near-zero gate early in the chunk costs later pairs no precision).
@@ -182,15 +279,50 @@ device float* wq_ = wq + head * (2 * C * Dk);
 device float* uy_ = uy + head * (2 * C * Dv);
 device float* kd_ = kd + head * (C * Dk);
 
-// Per slab of Dk: -W = M1 K and Qe = diag(gamma) Q + (P M1) K, and Kd.
+// Stage wy (and output's chunk-local terms). Per slab of Dk: -W = M1 K and Qe = diag(gamma) Q + (P M1) K, and Kd.
 for (uint d = 0; d < Dk; d += 8) {
+  if (KEYGATE) {
+    for (uint e = tid; e < C * 8; e += NT) {
+      uint i = e / 8, c = e % 8;
+      float lg = 0.0f;
+      if (liv[i] != 0.0f) {
+        const uint gk = ((bz * T + t0 + i) * Hv + hv) * Dk + d + c;
+#if GDN_FUSED
+        float log_rate = float(A_log[hv]);
+        float dtb = float(dt_bias[GDN_DT_KEY ? hv * Dk + d + c : hv]);
+        lg = gdn_log_decay(float(a[gk]), metal::exp(log_rate), log_rate, dtb, lower_bound[0], LOWER);
+#else
+        lg = gdn_log_gate(float(g[gk]));
+#endif
+      }
+      LGs[e] = lg;
+    }
+  }
+  if (KEYGATE) threadgroup_barrier(mem_flags::mem_threadgroup);
   for (uint e = tid; e < C * 8; e += NT) {
     uint i = e / 8, c = e % 8;
     bool live = liv[i] != 0.0f;
     float kx = live ? float(kc[i * Hk * Dk + d + c]) : 0.0f;
-    Xs[e] = kx;
-    Zs[e] = live ? float(qc[i * Hk * Dk + d + c]) : 0.0f;
-    kd_[i * Dk + d + c] = endd[i] * kx;
+    float qx = live ? float(qc[i * Hk * Dk + d + c]) : 0.0f;
+    if (KEYGATE) {
+      // Per column: gamma_i on K (for W) and Q (for Qe), gamma_C / gamma_i on what row i writes.
+      float to = 0.0f, from = 0.0f;
+      for (uint l = 0; l <= i; ++l) to += LGs[l * 8 + c];
+      for (uint l = i + 1; l < C; ++l) from += LGs[l * 8 + c];
+      float gi = gdn_decay_factor(to);
+      Xs[e] = gi * kx;
+      Zs[e] = gi * qx;
+      kd_[i * Dk + d + c] = gdn_decay_factor(from) * kx;
+    } else {
+      Xs[e] = kx;
+      Zs[e] = qx;
+      kd_[i * Dk + d + c] = endd[i] * kx;
+    }
+  }
+  if (KEYGATE && tid < 8) {
+    float all = 0.0f;
+    for (uint l = 0; l < C; ++l) all += LGs[l * 8 + tid];
+    gc[head * Dk + d + tid] = gdn_decay_factor(all);
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   for (uint t = sg; t < 2 * TC; t += NSG) {
@@ -231,6 +363,6 @@ for (uint d = 0; d < Dv; d += 8) {
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }
-if (tid == 0) {
+if (!KEYGATE && tid == 0) {
   gc[head] = gam[C - 1];
 }
