@@ -147,4 +147,4 @@ def test_cuda_chunked_names_the_kernels_that_run(monkeypatch):
         mx.eval(*rule(*_rule_args(x)))
     ran = {(n, tuple((k, v) for k, v in t)) for n, t in log}
     assert ran == {(v.name, v.template) for v in e.kernels}, (ran, str(e), seed)
-    assert [v.name for v in e.kernels][0] == "gdn_cuda_chunked_prep"
+    assert [v.name for v in e.kernels][0] == "gdn_cuda_chunked_kkt_solve_wy"

@@ -72,7 +72,7 @@ def test_auto_falls_back_to_ops_when_both_algorithms_fail(monkeypatch):
     x = random_inputs(1, 6, 1, 2, 32, 32, seed=seed, dtype=mx.bfloat16, mask=True)
     g, beta = gates(x.a, x.b, x.A_log, x.dt_bias, -3.0, True)
     ref = delta_rule(x.q, x.k, x.v, g, beta, x.state, x.mask)
-    _break(monkeypatch, "gdn_recurrent_prefill_update_masked", "gdn_chunked_prep_update_masked")
+    _break(monkeypatch, "gdn_recurrent_prefill_update_masked", "gdn_chunked_kkt_solve_wy_update_masked")
 
     def call():
         return mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, x.mask,
@@ -81,7 +81,7 @@ def test_auto_falls_back_to_ops_when_both_algorithms_fail(monkeypatch):
     with simulated_metal():
         caught = _calls(2, call, x, ref, mx.bfloat16, f"seed={seed}")
         names = sorted(str(w.message).split("<")[0].split()[-1] for w in caught)
-        assert names == ["gdn_chunked_prep_update_masked", "gdn_recurrent_prefill_update_masked"], names
+        assert names == ["gdn_chunked_kkt_solve_wy_update_masked", "gdn_recurrent_prefill_update_masked"], names
         assert "ops recurrent" in str(caught[-1].message)
 
 
@@ -141,12 +141,12 @@ def test_cuda_chunked_failure_falls_back(monkeypatch):
     ref = delta_rule(x.q, x.k, x.v, x.g, x.beta, x.state)
     real = cuda_chunked.source_text
     monkeypatch.setattr(cuda_chunked, "source_text",
-                        lambda name: real(name) + (BROKEN if name.startswith("chunked_state") else ""))
+                        lambda name: real(name) + (BROKEN if name.startswith("chunked/state_output") else ""))
     backends.clear_plans()
     with simulated_cuda():
         caught = _calls(2, lambda: _rule(x), x, ref, mx.bfloat16, f"seed={seed}")
     msgs = [str(w.message) for w in caught]
-    assert any("gdn_cuda_chunked_state" in m and "algorithm 'chunked'" in m for m in msgs), msgs
+    assert any("gdn_cuda_chunked_state_output" in m and "algorithm 'chunked'" in m for m in msgs), msgs
     assert len(msgs) == len(set(msgs)) <= 2, msgs  # each failed variant set warns once
 
 

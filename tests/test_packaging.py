@@ -46,7 +46,7 @@ def test_wheel_carries_license_headers_and_metadata(wheel):
     assert "Copyright (c) 2026 the mlx-gdn authors" in (ROOT / "LICENSE").read_text()
     # The kernels (one of each kind) and the simulator's headers, where the package looks for them.
     for must in ("mlx_gdn/kernels/recurrent_decode.metal", "mlx_gdn/kernels/cuda_prelude.h",
-                 "mlx_gdn/kernels/chunked_tc.cuh", "mlx_gdn/sim/runtime.h", "mlx_gdn/sim/cuda_vocab.h"):
+                 "mlx_gdn/kernels/chunked/common.cuh", "mlx_gdn/kernels/chunked/state_output.cu", "mlx_gdn/sim/runtime.h", "mlx_gdn/sim/cuda_vocab.h"):
         assert must in names, must
     (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
     text = zf.read(meta).decode()
