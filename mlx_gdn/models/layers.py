@@ -20,6 +20,7 @@ reaches neither the recurrent state nor the convolution state (`causal_conv`). `
 from __future__ import annotations
 
 import importlib
+import sys
 from functools import lru_cache, partial
 from typing import Any, Optional, Tuple
 
@@ -66,6 +67,19 @@ class RMSNormGated(nn.Module):
         if gate is None:
             return x.astype(hidden_states.dtype)
         return _silu_gate(hidden_states, gate, x)
+
+
+def _gated_norm(module: nn.Module, z: mx.array) -> Optional["decode_step.Norm"]:
+    """The fused step's `decode_step.Norm` for output norm `module` and gate z, when `module` is
+    this package's `RMSNormGated` or mlx-lm's Qwen3-Next / Qwen3.5 one (the same computation);
+    else None (another norm runs as itself)."""
+    cls = type(module)
+    if cls is not RMSNormGated:
+        # mlx-lm's class can only be the norm's class if mlx-lm's module is already imported.
+        lm = sys.modules.get("mlx_lm.models.qwen3_next")
+        if lm is None or cls is not getattr(lm, "Qwen3NextRMSNormGated", None):
+            return None
+    return decode_step.Norm(z, module["weight"], module.eps)
 
 
 def causal_conv(x: mx.array, conv: nn.Module, state: Optional[mx.array], n_keep: int,
@@ -249,11 +263,45 @@ class _GatedDeltaBase(DropInLayer):
 
             inputs = sum_gradients(self.sharding_group)(inputs)
         qkv, z, b, a = self._project(inputs)
-        out = self.mix(qkv, a, b, mask, cache)
-        out = self["norm"](out, z)
+        out = self.mix_norm(qkv, z, a, b, mask, cache)
         out = self["out_proj"](out.reshape(B, S, -1))
         if self.sharding_group is not None:
             out = mx.distributed.all_sum(out, group=self.sharding_group)
+        return out
+
+    def mix_norm(self, qkv: mx.array, z: mx.array, a: mx.array, b: mx.array, mask=None, cache=None) -> mx.array:
+        """`mix`, then the output norm: ``norm(mix(qkv, a, b, mask, cache), z)`` [B, S, Hv, Dv]. Where
+        the fused T=1 step applies and the norm is a gated RMS norm, one launch does both.
+
+        qkv [B, S, conv_dim]; z [B, S, Hv, Dv]; a, b [B, S, Hv]; mask [B, S] or None."""
+        if qkv.shape[1] == 1 and not self.training and _cache_lengths(cache) is None:
+            norm = _gated_norm(self["norm"], z)
+            if norm is not None:
+                out = self._fused_step(qkv, a, b, mask, cache, norm)
+                if out is not None:
+                    return out
+        return self["norm"](self.mix(qkv, a, b, mask, cache), z)
+
+    def _fused_step(self, qkv, a, b, mask, cache, norm=None) -> Optional[mx.array]:
+        # The T=1 step in one launch (`decode_step`; with `norm` its norm variant), updating the
+        # cache; None (cache untouched) where the fused step does not take the call.
+        B = qkv.shape[0]
+        if cache is not None and cache[0] is not None:
+            conv_state = cache[0]
+        else:
+            conv_state = mx.zeros((B, self.conv_kernel_size - 1, self.conv_dim), dtype=qkv.dtype)
+        state = cache[1] if cache is not None else None
+        w = self["conv1d"]["weight"]
+        sizes = (self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim)
+        fused = decode_step.fused_backend(self._backend(), qkv, conv_state, w, a, b, state, mask, *sizes, norm=norm)
+        if fused is None:
+            return None
+        out, new_conv, state = decode_step.decode_step(
+            fused, qkv, conv_state, w, a, b, self["A_log"], self["dt_bias"], state, mask, *sizes, norm=norm
+        )
+        if cache is not None:
+            cache[0], cache[1] = new_conv, state
+            cache.advance(1)
         return out
 
     def mix(self, qkv: mx.array, a: mx.array, b: mx.array, mask=None, cache=None) -> mx.array:
@@ -264,28 +312,21 @@ class _GatedDeltaBase(DropInLayer):
         qkv [B, S, conv_dim]; a, b [B, S, Hv]; mask [B, S] or None. Returns y [B, S, Hv, Dv].
         """
         B, S, _ = qkv.shape
+        lengths = _cache_lengths(cache)
+        if S == 1 and not self.training and lengths is None:
+            out = self._fused_step(qkv, a, b, mask, cache)
+            if out is not None:
+                return out
         n_keep = self.conv_kernel_size - 1
         if cache is not None and cache[0] is not None:
             conv_state = cache[0]
         else:
             conv_state = mx.zeros((B, n_keep, self.conv_dim), dtype=qkv.dtype)
         state = cache[1] if cache is not None else None
-        lengths = _cache_lengths(cache)
         backend = self._backend()
 
         if S == 1 and not self.training and lengths is None:
             w = self["conv1d"]["weight"]
-            sizes = (self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim)
-            fused = decode_step.fused_backend(backend, qkv, conv_state, w, a, b, state, mask, *sizes)
-            if fused is not None:
-                # One kernel from the projections to y and both new states.
-                out, new_conv, state = decode_step.decode_step(
-                    fused, qkv, conv_state, w, a, b, self["A_log"], self["dt_bias"], state, mask, *sizes
-                )
-                if cache is not None:
-                    cache[0], cache[1] = new_conv, state
-                    cache.advance(S)
-                return out
             prep = _decode_prep(self.conv_kernel_size, self.num_k_heads, self.head_k_dim, mask is not None)
             extra = () if mask is None else (mask,)
             q, k, v, new_conv = prep(conv_state, qkv, w, *extra)
