@@ -421,7 +421,8 @@ def test_patched_model_under_simulated_metal(monkeypatch):
     monkeypatch.setattr(metal, "run", spy)
     fused = []
     real_step = decode_layer.decode_step
-    monkeypatch.setattr(decode_layer, "decode_step", lambda *a, **k: fused.append(a[0]) or real_step(*a, **k))
+    monkeypatch.setattr(decode_layer, "decode_step",
+                        lambda *a, **k: fused.append((a[0], k.get("norm") is not None)) or real_step(*a, **k))
     seed = fresh_seed()
     model = tiny_model("qwen3_5", seed)
     toks = tokens(seed, (2, 7))
@@ -433,9 +434,10 @@ def test_patched_model_under_simulated_metal(monkeypatch):
         out = mx.concatenate([model(toks[:, :5], cache=cache)] + [model(toks[:, t : t + 1], cache=cache) for t in (5, 6)], 1)
         mx.eval(out)
     # Three layers, each a prompt call through the Metal recurrent launcher and two decode calls
-    # through the fused T=1 step (tests/test_decode_layer.py), none falling back to ops.
+    # through the fused T=1 step with the output norm (tests/test_decode_layer.py), none falling
+    # back to ops.
     assert sorted(t for t, _ in calls) == [5] * 3, calls
-    assert fused == ["metal"] * 6, fused
+    assert fused == [("metal", True)] * 6, fused
     assert rel(out, ref) < F32_TOL, f"seed={seed}"
 
 
