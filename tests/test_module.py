@@ -516,3 +516,73 @@ def test_decode_step_launches_fewer_than_mlx_lm(B, capsys):
     # conv+SiLU, the squares, one sum of squares over q and k, the normalisation, the conv-state shift.
     assert prep == 5, dict(Counter(p for p in p_mine if p not in VIEW_PRIMITIVES))
     assert launches(p_mine) < launches(p_ref)
+
+
+def _one_launch_step(backend, qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk, Hv, Dk, Dv, norm=None):
+    """Stand-in for `decode_step.decode_step` that is one graph node (a Concatenate) over the same
+    inputs, returning views of it in the kernel's output shapes: the graph then shows the fused
+    kernel as the one launch it is (a simulated kernel evaluates its inputs, hiding the graph)."""
+    ins = [qkv, conv_state, w, a, b, A_log, dt_bias, state] + ([] if norm is None else [norm.z, norm.weight])
+    flat = mx.concatenate([x.reshape(-1) for x in ins])
+    B, _, C = qkv.shape
+    K = w.shape[1]
+    shapes = [(B, 1, Hv, Dv), (B, K - 1, C), (B, Hv, Dv, Dk)]
+    outs, at = [], 0
+    for s in shapes:
+        n = int(np.prod(s))
+        outs.append(flat[at : at + n].reshape(s))
+        at += n
+    return tuple(outs)
+
+
+def _cache_arrays(cache) -> list:
+    """Every array a prompt cache holds (its layers' states, whatever their nesting)."""
+    found = []
+
+    def walk(x):
+        if isinstance(x, mx.array):
+            found.append(x)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                walk(y)
+
+    walk([c.state for c in cache])
+    return found
+
+
+def _rms_norm_one_node(x, weight, eps):
+    # mx.fast.rms_norm is one kernel on a GPU but several nodes in this CPU build's fallback.
+    return x * weight if weight is not None else x * 1.0
+
+
+def test_model_decode_step_launches_with_fused_norm(monkeypatch, capsys):
+    """Launches of one decode step of a tiny patched Qwen3.5 model (3 linear layers, 1 attention
+    layer), counted on the graph of its logits and caches (method of bench/NOTES.md "Layer launches
+    at T=1"), with the fused kernel and mx.fast.rms_norm each standing as the one node they are on a
+    GPU: the fused norm removes the norm's two launches (rms_norm, silu gate) per linear layer."""
+    from mlx_gdn.models import decode_step as decode_layer
+    from mlx_gdn.models import layers as layers_mod
+    from mlx_gdn.sim import simulated_metal
+
+    seed = fresh_seed()
+    model = tiny_model("qwen3_5", seed)
+    toks = tokens(seed, (1, 5))
+    n_linear = len(gdn_layers(model))
+    counts = {}
+    with simulated_metal():
+        assert mlx_gdn.patch(model, backend="metal") == n_linear
+        for fused_norm in (False, True):
+            cache = make_prompt_cache(model)
+            mx.eval(model(toks[:, :4], cache=cache), _cache_arrays(cache))
+            with monkeypatch.context() as m:
+                m.setattr(decode_layer, "decode_step", _one_launch_step)
+                m.setattr(mx.fast, "rms_norm", _rms_norm_one_node)
+                if not fused_norm:
+                    m.setattr(layers_mod, "_gated_norm", lambda *a: None)
+                logits = model(toks[:, 4:5], cache=cache)
+                prims = graph_primitives(logits, *_cache_arrays(cache))
+            counts[fused_norm] = launches(prims)
+    with capsys.disabled():
+        print(f"\nqwen3_5 tiny decode step, graph nodes (one per launch on a GPU): plain fused step + norm "
+              f"{counts[False]}, fused norm {counts[True]} ({n_linear} linear layers)")
+    assert counts[False] - counts[True] == 2 * n_linear, (counts, seed)
