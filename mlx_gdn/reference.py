@@ -94,6 +94,13 @@ def rel_error(out, ref) -> float:
     return float(num / den) if den > 0 else float(num)
 
 
+def gated_rms_norm(x, z, weight, eps: float):
+    """float64 gated RMS norm over the last axis: x / sqrt(mean(x^2) + eps) * weight * silu(z)
+    (the Qwen layers' output norm). x, z [..., D]; weight [D]."""
+    x, z, weight = to_numpy(x), to_numpy(z), to_numpy(weight)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight * (z * _sigmoid(z))
+
+
 def layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk: int, Dk: int, Dv: int, eps: float = 1e-6,
                norm=None):
     """float64 T=1 step of the drop-in layer from its projections' outputs: conv-state shift,
@@ -121,9 +128,3 @@ def layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk: int, D
         y = gated_rms_norm(y, *norm)
     return y, inp[:, 1:], S
 
-
-def gated_rms_norm(x, z, weight, eps: float):
-    """float64 gated RMS norm over the last axis: x / sqrt(mean(x^2) + eps) * weight * silu(z)
-    (the Qwen layers' output norm). x, z [..., D]; weight [D]."""
-    x, z, weight = to_numpy(x), to_numpy(z), to_numpy(weight)
-    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight * (z * _sigmoid(z))
