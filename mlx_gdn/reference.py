@@ -109,6 +109,9 @@ def layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk: int, D
     state [B,Hv,Dv,Dk] or None; mask [B,1] or None (a masked row shifts a zero input in);
     norm: (z [B,1,Hv,Dv], weight [Dv], norm eps) or None: y then goes through `gated_rms_norm`.
     Returns (y [B,1,Hv,Dv], new conv state [B,K-1,C], new state [B,Hv,Dv,Dk])."""
+    if norm is not None:
+        y, conv, S = layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk, Dk, Dv, eps)
+        return gated_rms_norm(y, *norm), conv, S
     x = to_numpy(qkv)
     m = None if mask is None else np.asarray(to_numpy(mask) != 0)
     if m is not None:
@@ -124,7 +127,4 @@ def layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk: int, D
     k = k / np.sqrt((k * k).sum(-1, keepdims=True) + eps)
     g, beta = gates(a, b, A_log, dt_bias)
     y, S = delta_rule(q, k, v, g, beta, state, m)
-    if norm is not None:
-        y = gated_rms_norm(y, *norm)
     return y, inp[:, 1:], S
-
