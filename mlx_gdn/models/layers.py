@@ -352,6 +352,10 @@ class _GatedDeltaBase(DropInLayer):
         return out
 
 
+# The Qwen3.5 layout's input projections, in the order `merge_projections` stacks them.
+_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
+
+
 class GatedDeltaNet(_GatedDeltaBase):
     """Qwen3.5 / Qwen3.5-MoE Gated DeltaNet layer (mlx-lm ``qwen3_5.GatedDeltaNet`` layout).
 
@@ -373,9 +377,69 @@ class GatedDeltaNet(_GatedDeltaBase):
 
     def _project(self, inputs):
         B, S, _ = inputs.shape
+        if B * S == 1 and not self.training:
+            merged = self._merged_projection()
+            if merged is not None:
+                # One matmul; at B * S = 1 each part is a contiguous slice of its output.
+                out = merged(inputs)
+                c1 = self.conv_dim
+                c2 = c1 + self.value_dim
+                c3 = c2 + self.num_v_heads
+                z = out[..., c1:c2].reshape(B, S, self.num_v_heads, self.head_v_dim)
+                return out[..., :c1], z, out[..., c2:c3], out[..., c3:]
         qkv = self["in_proj_qkv"](inputs)
         z = self["in_proj_z"](inputs).reshape(B, S, self.num_v_heads, self.head_v_dim)
         return qkv, z, self["in_proj_b"](inputs), self["in_proj_a"](inputs)
+
+    def merge_projections(self) -> bool:
+        """Put the four input projections' arrays in one buffer per array name, each projection's
+        array becoming a row slice of it (a view: no second copy of the weights, once the old arrays
+        have no other owner), so a single-token call (B * S = 1) runs one matmul instead of four.
+
+        Takes effect while the four projections are plain ``nn.Linear`` or ``nn.QuantizedLinear``
+        (same group size, bits and mode) holding exactly the arrays this call put there: replacing a
+        projection or any of its arrays (loading weights, quantizing, LoRA, sharding, gradient
+        tracing) silently returns the layer to four matmuls. Returns whether the merge was made.
+        """
+        mods = [self[n] for n in _PROJECTIONS]
+        cls = type(mods[0])
+        if cls not in (nn.Linear, nn.QuantizedLinear) or any(type(m) is not cls for m in mods):
+            return False
+        keys = tuple(sorted(k for k, v in mods[0].items() if isinstance(v, mx.array)))
+        if any(tuple(sorted(k for k, v in m.items() if isinstance(v, mx.array))) != keys for m in mods):
+            return False
+        if cls is nn.QuantizedLinear and len({(m.group_size, m.bits, m.mode) for m in mods}) != 1:
+            return False
+        merged = cls.__new__(cls)
+        nn.Module.__init__(merged)
+        merged.__dict__.update({k: v for k, v in mods[0].__dict__.items() if k != "_no_grad"})
+        cats = {k: mx.concatenate([m[k] for m in mods], axis=0) for k in keys}
+        mx.eval(cats)
+        for k, v in cats.items():
+            merged[k] = v
+        at = 0
+        for m in mods:
+            rows = m["weight"].shape[0]
+            for k in keys:
+                m[k] = cats[k][at : at + rows]
+            at += rows
+        mx.eval([m[k] for m in mods for k in keys])
+        held = tuple((m, tuple(m[k] for k in keys)) for m in mods)
+        object.__setattr__(self, "_merged_proj", (merged, keys, held))
+        return True
+
+    def _merged_projection(self) -> Optional[nn.Module]:
+        # The merged projection while the four projections still hold the arrays
+        # `merge_projections` gave them; else None, and the merged buffer is let go.
+        entry = self.__dict__.get("_merged_proj")
+        if entry is None:
+            return None
+        merged, keys, held = entry
+        for name, (mod, arrays) in zip(_PROJECTIONS, held):
+            if self[name] is not mod or any(mod[k] is not a for k, a in zip(keys, arrays)):
+                object.__setattr__(self, "_merged_proj", None)
+                return None
+        return merged
 
 
 class Qwen3NextGatedDeltaNet(_GatedDeltaBase):
