@@ -445,7 +445,8 @@ def test_patched_model_under_simulated_metal(monkeypatch):
 # Work launched per layer at T=1 (method described in bench/NOTES.md, "Layer launches at T=1")
 
 # Primitives that only describe a view of their input and launch nothing on their own.
-VIEW_PRIMITIVES = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Slice", "Split", "Transpose", "AsStrided"}
+VIEW_PRIMITIVES = {"Broadcast", "Reshape", "Flatten", "Unflatten", "Squeeze", "ExpandDims", "Slice", "Split", "Transpose",
+                   "AsStrided"}
 
 
 def graph_primitives(*outputs) -> list:
@@ -559,7 +560,8 @@ def test_model_decode_step_launches_with_fused_norm(monkeypatch, capsys):
     """Launches of one decode step of a tiny patched Qwen3.5 model (3 linear layers, 1 attention
     layer), counted on the graph of its logits and caches (method of bench/NOTES.md "Layer launches
     at T=1"), with the fused kernel and mx.fast.rms_norm each standing as the one node they are on a
-    GPU: the fused norm removes the norm's two launches (rms_norm, silu gate) per linear layer."""
+    GPU: the fused norm removes the norm's two launches (rms_norm, silu gate) per linear layer, and
+    merged input projections (`merge_projections`) three more."""
     from mlx_gdn.models import decode_step as decode_layer
     from mlx_gdn.models import layers as layers_mod
     from mlx_gdn.sim import simulated_metal
@@ -571,18 +573,22 @@ def test_model_decode_step_launches_with_fused_norm(monkeypatch, capsys):
     counts = {}
     with simulated_metal():
         assert mlx_gdn.patch(model, backend="metal") == n_linear
-        for fused_norm in (False, True):
+        for case in ("plain", "fused norm", "merged"):
+            if case == "merged":
+                assert all(layer.merge_projections() for layer in gdn_layers(model))
             cache = make_prompt_cache(model)
             mx.eval(model(toks[:, :4], cache=cache), _cache_arrays(cache))
             with monkeypatch.context() as m:
                 m.setattr(decode_layer, "decode_step", _one_launch_step)
                 m.setattr(mx.fast, "rms_norm", _rms_norm_one_node)
-                if not fused_norm:
+                if case == "plain":
                     m.setattr(layers_mod, "_gated_norm", lambda *a: None)
                 logits = model(toks[:, 4:5], cache=cache)
                 prims = graph_primitives(logits, *_cache_arrays(cache))
-            counts[fused_norm] = launches(prims)
+            counts[case] = launches(prims)
     with capsys.disabled():
-        print(f"\nqwen3_5 tiny decode step, graph nodes (one per launch on a GPU): plain fused step + norm "
-              f"{counts[False]}, fused norm {counts[True]} ({n_linear} linear layers)")
-    assert counts[False] - counts[True] == 2 * n_linear, (counts, seed)
+        print(f"\nqwen3_5 tiny decode step, graph nodes (one per launch on a GPU), {n_linear} linear layers: "
+              f"plain fused step + norm {counts['plain']}, fused norm {counts['fused norm']}, "
+              f"and merged projections {counts['merged']}")
+    assert counts["plain"] - counts["fused norm"] == 2 * n_linear, (counts, seed)
+    assert counts["fused norm"] - counts["merged"] == 3 * n_linear, (counts, seed)
