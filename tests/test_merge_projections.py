@@ -10,6 +10,7 @@ weights. Each case draws a fresh seed, reported in the messages.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import re
@@ -64,14 +65,19 @@ def _steps(layer, x, cache):
     return mx.concatenate(outs, axis=1)
 
 
-@pytest.mark.parametrize("quantized", [False, True])
-def test_merged_decode_matches_unmerged_and_mlx_lm(quantized, monkeypatch):
+def _has_cuda() -> bool:
+    from mlx_gdn.cuda.backend import available
+
+    return available()
+
+
+def _check_merged_decode(backend, quantized, monkeypatch):
     seed = fresh_seed()
-    ref, layer = _layer(seed, quantized=quantized)
+    ref, layer = _layer(seed, quantized=quantized, backend=backend)
     x = mx.random.normal((1, 8, 64))
     c_ref = ArraysCache(2)
     want = _steps(ref, x, c_ref)
-    with simulated_metal():
+    with simulated_metal() if backend == "metal" else contextlib.nullcontext():
         c_sep = ArraysCache(2)
         separate = _steps(layer, x, c_sep)
         assert layer.merge_projections()
@@ -82,13 +88,25 @@ def test_merged_decode_matches_unmerged_and_mlx_lm(quantized, monkeypatch):
         c_mrg = ArraysCache(2)
         merged = _steps(layer, x, c_mrg)
     assert norms == [True] * x.shape[1], norms
-    where = f"seed={seed} quantized={quantized}"
+    where = f"seed={seed} {backend} quantized={quantized}"
     tol = TOLERANCE[mx.float32]
     for name, got, exp in [("output vs unmerged", merged, separate), ("state vs unmerged", c_mrg[1], c_sep[1]),
                            ("conv state vs unmerged", c_mrg[0], c_sep[0]), ("output vs mlx-lm", merged, want),
                            ("state vs mlx-lm", c_mrg[1], c_ref[1])]:
         err = rel_error(got, exp)
         assert err < tol, f"{name}: rel error {err:.3g} ({where})"
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_merged_decode_matches_unmerged_and_mlx_lm(quantized, monkeypatch):
+    _check_merged_decode("metal", quantized, monkeypatch)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")
+@pytest.mark.parametrize("quantized", [False, True])
+def test_merged_decode_on_cuda(quantized, monkeypatch):
+    _check_merged_decode("cuda", quantized, monkeypatch)
 
 
 def test_one_matmul_at_one_token_four_otherwise():
