@@ -285,6 +285,9 @@ class _GatedDeltaBase(DropInLayer):
     def _fused_step(self, qkv, a, b, mask, cache, norm=None) -> Optional[mx.array]:
         # The T=1 step in one launch (`decode_step`; with `norm` its norm variant), updating the
         # cache; None (cache untouched) where the fused step does not take the call.
+        backend = self._backend()
+        if backend == "ops":
+            return None
         B = qkv.shape[0]
         if cache is not None and cache[0] is not None:
             conv_state = cache[0]
@@ -293,7 +296,7 @@ class _GatedDeltaBase(DropInLayer):
         state = cache[1] if cache is not None else None
         w = self["conv1d"]["weight"]
         sizes = (self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim)
-        fused = decode_step.fused_backend(self._backend(), qkv, conv_state, w, a, b, state, mask, *sizes, norm=norm)
+        fused = decode_step.fused_backend(backend, qkv, conv_state, w, a, b, state, mask, *sizes, norm=norm)
         if fused is None:
             return None
         out, new_conv, state = decode_step.decode_step(
