@@ -217,8 +217,12 @@ def _check_steps(backend, kind, dtype, B, Hk, Hv, Dk, Dv, masked, monkeypatch, n
             err = rel_error(out, want)
             # Against the float64 reference the bf16 bound is the package's 2e-2. The ops layer and
             # mlx-lm are other bf16 computations (mlx-lm rounds its gates to bf16), each within
-            # 2e-2 of the exact answer, so two of them may sit up to twice that apart.
-            bound = tol if (dtype == mx.float32 or "reference" in name or "unfused" in name) else 2 * tol
+            # 2e-2 of the exact answer, so two of them may sit up to twice that apart. So is the
+            # unfused layer (its SiLU runs in bf16 arithmetic, the kernel's in float32 with one
+            # rounding), which shows once the output norm gives every head the same weight: a head
+            # with a small y, where that rounding weighs most, then counts as much as any other.
+            same = "reference" in name or "plain fused" in name or ("unfused" in name and norm_dtype is None)
+            bound = tol if (dtype == mx.float32 or same) else 2 * tol
             assert err < bound, f"{name}: rel error {err:.3g} >= {bound} ({where})"
         if masked:
             off = ~np.asarray(mask)[:, 0]
