@@ -192,6 +192,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-unpatched-prefill", action="store_true", help="mlx-lm's ops loop takes seconds per call on CUDA")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--merge-projections", action="store_true",
+                    help="also decode with each linear layer's four input projections merged (GatedDeltaNet.merge_projections)")
     ap.add_argument("--commit", help="record this commit (a copy on another machine may carry stale git metadata)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
@@ -234,6 +236,14 @@ def main(argv=None):
     # without either being wrong; the logits' relative difference is the check.
     print(f"patched vs unpatched: last-position logits differ by {float(diff):.2e} (relative); "
           f"greedy tokens equal: {same}", flush=True)
+    if a.merge_projections:
+        row = {"layers_merged": sum(l.linear_attn.merge_projections() for l in model.layers
+                                    if getattr(l, "is_linear", False) and hasattr(l.linear_attn, "merge_projections"))}
+        row["decode_tok_s"], tokens = mlx_decode(model, context, a.decode)
+        row["same_greedy_tokens_as_patched"] = tokens == rows["mlx-lm patched"]["tokens"]
+        row["launches_per_decode_step"] = mlx_launches_per_step(model, context)
+        rows["mlx-lm patched, merged projections"] = row
+        print("patched, merged projections", row, flush=True)
     del model
     if not a.no_torch:
         rows["transformers + fla"] = torch_rows(a, prompt_np, context_np)

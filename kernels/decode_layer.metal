@@ -1,6 +1,8 @@
 // One decode step (T = 1) of the Qwen3.5 / Qwen3-Next Gated DeltaNet layer between its
 // projections, in one launch: conv-state shift, depthwise causal conv, SiLU, split into q/k/v,
-// q/k L2 normalisation (Dk**-0.5 folded into q), fused gating and the recurrence step.
+// q/k L2 normalisation (Dk**-0.5 folded into q), fused gating and the recurrence step; with
+// GDN_NORM also the layer's output norm (RMS norm over Dv times silu(z)), so the next launch is
+// out_proj.
 //
 // Inputs (InT is qkv's dtype; the others are read through static_cast<float>):
 //   qkv        [B, 1, C]      InT   projection output, C = 2 * Hk * Dk + Hv * Dv (q | k | v)
@@ -9,17 +11,25 @@
 //   a, b       [B, 1, Hv]           gate projections
 //   A_log, dt_bias [Hv]
 //   state_in   [B, Hv, Dv, Dk] float32
+//   z          [B, 1, Hv, Dv]       output gate (only with GDN_NORM)
+//   norm_weight [Dv]                output norm weight (only with GDN_NORM)
 //   mask       [B, 1] bool          only with GDN_MASKED
-// Outputs: y [B, 1, Hv, Dv] InT; conv_out [B, K - 1, C] InT; state_out [B, Hv, Dv, Dk] float32.
+// Outputs: y [B, 1, Hv, Dv] InT (with GDN_NORM the normed, gated output); conv_out [B, K - 1, C]
+// InT; state_out [B, Hv, Dv, Dk] float32.
 // A masked row (mask false) shifts a zero input into its conv state, keeps its recurrent state
-// and writes y = 0, as the unfused layer does.
-// Template: InT, Dk, Dv, Hk, Hv, K, L, R. Geometry is recurrent_decode.metal's: threadgroup
-// R * L threads, grid (R * L * ceil(Dv / R), 1, B * Hv); rows, lanes and state columns as there.
+// and writes y = 0, as the unfused layer does (the norm of a zero row is zero).
+// Template: InT, Dk, Dv, Hk, Hv, K, L, R, P (and NormT with GDN_NORM). A threadgroup has R * L
+// threads and walks P passes of R value rows; grid (R * L * ceil(Dv / (R * P)), 1, B * Hv).
+// Rows, lanes and state columns are as in recurrent_decode.metal. Without GDN_NORM, P = 1 and R
+// is recurrent_decode's (several threadgroups per head); with it, one threadgroup holds a whole
+// head (R * P >= Dv), since the norm reduces over all Dv outputs of the head.
 //
-// Rounding follows the unfused layer: the conv output, SiLU output and normalised q and k are
-// rounded to InT (no-ops for float); everything else, and the state, stays float32.
+// Rounding follows the unfused layer: the conv output, SiLU output, normalised q and k and y are
+// rounded to InT (no-ops for float); everything else, and the state, stays float32. The norm
+// rounds as mx.fast.rms_norm then the float32 silu gate do: x * rsqrt(mean(x^2) + eps) to NormT
+// (the result type of y and the weight), times the weight to NormT, times silu(z) to InT.
 //
-// Each threadgroup needs its key head's whole normalised q and k, but owns only R value rows,
+// Each threadgroup needs its key head's whole normalised q and k, but owns only some value rows,
 // so every threadgroup recomputes the conv of those 2 * Dk channels (K multiply-adds each) into
 // threadgroup memory rather than taking a second launch; the norms then come out of the same
 // L-lane shuffles the recurrence uses, since a row's L lanes together hold all Dk columns.
@@ -27,9 +37,9 @@
 // block of the first value head of each key head, v channels by the block owning that row.
 //
 // Vocabulary used (the CUDA prelude maps it): thread_position_in_threadgroup,
-// threadgroup_position_in_grid, simd_shuffle_xor, threadgroup arrays, threadgroup_barrier,
-// static_cast; metal::exp, metal::log, metal::fabs, metal::sqrt, GDN_UNROLL and the gate
-// helpers of gates.h.
+// threadgroup_position_in_grid, simd_shuffle_xor, simd_sum, threadgroup arrays,
+// threadgroup_barrier, static_cast; metal::exp, metal::log, metal::fabs, metal::sqrt,
+// GDN_UNROLL and the gate helpers of gates.h.
 
 constexpr int PER = Dk / L;  // state columns per lane
 constexpr int NT = R * L;    // threads per threadgroup
@@ -46,9 +56,6 @@ const int hv = n - bi * Hv;
 const int hk = hv / G;
 const int r_loc = tid / L;
 const int j = tid - r_loc * L;
-const int row = blk * R + r_loc;
-const bool live = row < Dv;
-const int row_c = live ? row : 0;  // rows past Dv compute on row 0's inputs and store nothing
 
 #if GDN_MASKED
 const bool on = mask[bi];  // uniform over the threadgroup
@@ -83,93 +90,102 @@ for (int i = tid; i < 2 * Dk; i += NT) {
   }
 }
 
-// This row's v channel (each of the row's L lanes computes it; K loads of one address).
-const int cv = 2 * KEY_DIM + hv * Dv + row_c;
-const InT xv_in = on ? qkv[x_base + cv] : static_cast<InT>(0.0f);
-float vacc = 0.0f;
-GDN_UNROLL
-for (int t = 0; t < K - 1; ++t) {
-  vacc += static_cast<float>(conv_state[cs_base + t * C + cv]) * static_cast<float>(w[cv * K + t]);
-}
-vacc += static_cast<float>(xv_in) * static_cast<float>(w[cv * K + K - 1]);
-const float vr0 = static_cast<float>(static_cast<InT>(vacc));
-const float vt = static_cast<float>(static_cast<InT>(vr0 * gdn_sigmoid(vr0)));
-if (live) {
-  for (int t = j; t < K - 1; t += L) {
-    conv_out[cs_base + t * C + cv] = (t < K - 2) ? conv_state[cs_base + (t + 1) * C + cv] : xv_in;
-  }
-}
+#if GDN_NORM
+threadgroup float y_tg[R * P];  // the head's y, rounded to InT, for the norm
+#endif
 
-float s[PER];
-const int s_base = (n * Dv + row_c) * Dk + j;
-GDN_UNROLL
-for (int i = 0; i < PER; ++i) {
-  s[i] = live ? state_in[s_base + i * L] : 0.0f;
-}
-
-threadgroup_barrier(mem_flags::mem_threadgroup);
-
-// Normalise: each lane holds columns j, j + L, ...; the row's L lanes sum their squares.
-float kr[PER];
-float qr[PER];
-float ssk = 0.0f;
-float ssq = 0.0f;
-GDN_UNROLL
-for (int i = 0; i < PER; ++i) {
-  qr[i] = qk_tg[j + i * L];
-  kr[i] = qk_tg[Dk + j + i * L];
-  ssq += qr[i] * qr[i];
-  ssk += kr[i] * kr[i];
-}
-for (int o = 1; o < L; o <<= 1) {
-  ssq += simd_shuffle_xor(ssq, o);
-  ssk += simd_shuffle_xor(ssk, o);
-}
-const float rk = 1.0f / metal::sqrt(ssk + QK_EPS);
-const float rq = 1.0f / (metal::sqrt(ssq + QK_EPS) * metal::sqrt(static_cast<float>(Dk)));
-
-const int y_off = n * Dv + row;  // y[bi, 0, hv, row]
-if (!on) {
-  if (live) {
-    GDN_UNROLL
-    for (int i = 0; i < PER; ++i) {
-      state_out[s_base + i * L] = s[i];
-    }
-    if (j == 0) {
-      y[y_off] = static_cast<InT>(0.0f);
-    }
-  }
-} else {
+float gt = 1.0f;
+float bt = 0.0f;
+if (on) {
   const int gi = bi * Hv + hv;
   const float log_rate = static_cast<float>(A_log[hv]);
-  const float gt = gdn_decay(static_cast<float>(a[gi]), metal::exp(log_rate), log_rate,
-                             static_cast<float>(dt_bias[hv]), 0.0f, false);
-  const float bt = gdn_beta(static_cast<float>(b[gi]), false);
+  gt = gdn_decay(static_cast<float>(a[gi]), metal::exp(log_rate), log_rate,
+                 static_cast<float>(dt_bias[hv]), 0.0f, false);
+  bt = gdn_beta(static_cast<float>(b[gi]), false);
+}
 
-  // Normalised q and k are rounded to InT where the unfused layer (and mlx-lm's) stores them,
-  // so a bf16 step matches those layers rather than a more precise variant of them.
-  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+float kr[PER];
+float qr[PER];
+for (int pass = 0; pass < P; ++pass) {
+  const int row = (blk * P + pass) * R + r_loc;
+  const bool live = row < Dv;
+  const int row_c = live ? row : 0;  // rows past Dv compute on row 0's inputs and store nothing
+
+  // This row's v channel (each of the row's L lanes computes it; K loads of one address).
+  const int cv = 2 * KEY_DIM + hv * Dv + row_c;
+  const InT xv_in = on ? qkv[x_base + cv] : static_cast<InT>(0.0f);
+  float vacc = 0.0f;
+  GDN_UNROLL
+  for (int t = 0; t < K - 1; ++t) {
+    vacc += static_cast<float>(conv_state[cs_base + t * C + cv]) * static_cast<float>(w[cv * K + t]);
+  }
+  vacc += static_cast<float>(xv_in) * static_cast<float>(w[cv * K + K - 1]);
+  const float vr0 = static_cast<float>(static_cast<InT>(vacc));
+  const float vt = static_cast<float>(static_cast<InT>(vr0 * gdn_sigmoid(vr0)));
+  if (live) {
+    for (int t = j; t < K - 1; t += L) {
+      conv_out[cs_base + t * C + cv] = (t < K - 2) ? conv_state[cs_base + (t + 1) * C + cv] : xv_in;
+    }
+  }
+
+  float s[PER];
+  const int s_base = (n * Dv + row_c) * Dk + j;
   GDN_UNROLL
   for (int i = 0; i < PER; ++i) {
-    kr[i] = static_cast<float>(static_cast<InT>(kr[i] * rk));
-    qr[i] = static_cast<float>(static_cast<InT>(qr[i] * rq));
-    s[i] *= gt;
-    acc[i & 3] += s[i] * kr[i];
+    s[i] = live ? state_in[s_base + i * L] : 0.0f;
   }
-  float kv = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-  for (int o = 1; o < L; o <<= 1) {
-    kv += simd_shuffle_xor(kv, o);
+
+  if (pass == 0) {  // uniform: the first pass's loads are in flight across the barrier
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+
+    // Normalise: each lane holds columns j, j + L, ...; the row's L lanes sum their squares.
+    float ssk = 0.0f;
+    float ssq = 0.0f;
+    GDN_UNROLL
+    for (int i = 0; i < PER; ++i) {
+      qr[i] = qk_tg[j + i * L];
+      kr[i] = qk_tg[Dk + j + i * L];
+      ssq += qr[i] * qr[i];
+      ssk += kr[i] * kr[i];
+    }
+    for (int o = 1; o < L; o <<= 1) {
+      ssq += simd_shuffle_xor(ssq, o);
+      ssk += simd_shuffle_xor(ssk, o);
+    }
+    const float rk = 1.0f / metal::sqrt(ssk + QK_EPS);
+    const float rq = 1.0f / (metal::sqrt(ssq + QK_EPS) * metal::sqrt(static_cast<float>(Dk)));
+    // Normalised q and k are rounded to InT where the unfused layer (and mlx-lm's) stores them,
+    // so a bf16 step matches those layers rather than a more precise variant of them.
+    GDN_UNROLL
+    for (int i = 0; i < PER; ++i) {
+      kr[i] = static_cast<float>(static_cast<InT>(kr[i] * rk));
+      qr[i] = static_cast<float>(static_cast<InT>(qr[i] * rq));
+    }
   }
-  const float delta = bt * (vt - kv);
-  acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
-  GDN_UNROLL
-  for (int i = 0; i < PER; ++i) {
-    s[i] += kr[i] * delta;
-    acc[i & 3] += s[i] * qr[i];
-  }
-  float out = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-  for (int o = 1; o < L; o <<= 1) {
-    out += simd_shuffle_xor(out, o);
+
+  float out = 0.0f;
+  if (on) {
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    GDN_UNROLL
+    for (int i = 0; i < PER; ++i) {
+      s[i] *= gt;
+      acc[i & 3] += s[i] * kr[i];
+    }
+    float kv = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (int o = 1; o < L; o <<= 1) {
+      kv += simd_shuffle_xor(kv, o);
+    }
+    const float delta = bt * (vt - kv);
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+    GDN_UNROLL
+    for (int i = 0; i < PER; ++i) {
+      s[i] += kr[i] * delta;
+      acc[i & 3] += s[i] * qr[i];
+    }
+    out = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (int o = 1; o < L; o <<= 1) {
+      out += simd_shuffle_xor(out, o);
+    }
   }
   if (live) {
     GDN_UNROLL
@@ -177,7 +193,38 @@ if (!on) {
       state_out[s_base + i * L] = s[i];
     }
     if (j == 0) {
-      y[y_off] = static_cast<InT>(out);
+#if GDN_NORM
+      y_tg[row] = static_cast<float>(static_cast<InT>(out));
+#else
+      y[n * Dv + row] = static_cast<InT>(out);  // y[bi, 0, hv, row]
+#endif
     }
   }
 }
+
+#if GDN_NORM
+// out = rms_norm(y) * weight * silu(z) over the head's Dv outputs: per-thread partial sums of
+// squares, one simd_sum per simdgroup, the simdgroups' partials through threadgroup memory.
+threadgroup float ss_tg[NT / 32];
+threadgroup_barrier(mem_flags::mem_threadgroup);
+float ssy = 0.0f;
+for (int i = tid; i < Dv; i += NT) {
+  ssy += y_tg[i] * y_tg[i];
+}
+ssy = simd_sum(ssy);
+if ((tid & 31) == 0) {
+  ss_tg[tid >> 5] = ssy;
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+float tot = 0.0f;
+for (int i = 0; i < NT / 32; ++i) {
+  tot += ss_tg[i];
+}
+const float inv_rms = 1.0f / metal::sqrt(tot / static_cast<float>(Dv) + GDN_NORM_EPS);
+for (int i = tid; i < Dv; i += NT) {
+  const float nrm = static_cast<float>(static_cast<NormT>(y_tg[i] * inv_rms));
+  const float nw = static_cast<float>(static_cast<NormT>(nrm * static_cast<float>(norm_weight[i])));
+  const float zg = static_cast<float>(z[n * Dv + i]);
+  y[n * Dv + i] = static_cast<InT>(zg * gdn_sigmoid(zg) * nw);
+}
+#endif

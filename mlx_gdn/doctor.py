@@ -45,7 +45,7 @@ class Case:
 
     backend: str  # "metal", "cuda" or "ops"
     where: str  # "device", "simulator" or "cpu"
-    path: str  # "decode", "prefill", "chunked" or "layer_step"
+    path: str  # "decode", "prefill", "chunked", "layer_step" or "layer_step_norm" (with the output norm)
     gating: str  # "fused" or "precomputed"
     gate: str  # "scalar" or "key"
     masked: bool
@@ -60,7 +60,7 @@ class Case:
     def name(self) -> str:
         where = {"device": "", "simulator": " (sim)", "cpu": ""}[self.where]
         parts = [f"{self.backend}{where}", self.path]
-        if self.path != "layer_step":
+        if not self.path.startswith("layer_step"):
             parts += [self.gating, f"{self.gate}-gate"]
         parts += (["masked"] if self.masked else []) + (["lower_bound+neg"] if self.options else []) + [self.dtype]
         return " ".join(parts)
@@ -103,9 +103,10 @@ def cases(backend: str, where: str, quick: bool) -> List[Case]:
                             i += 1
                         out += [Case(backend, where, path, gating, gate, masked, options, d) for d in dtypes]
     if backend != "ops" and not (backend == "cuda" and where == "simulator"):
-        for masked in (False, True):
-            for d in ("float32", "bfloat16") if not quick else (("bfloat16",) if masked else ("float32",)):
-                out.append(Case(backend, where, "layer_step", "fused", "scalar", masked, False, d))
+        for path in ("layer_step", "layer_step_norm"):
+            for masked in (False, True):
+                for d in ("float32", "bfloat16") if not quick else (("bfloat16",) if masked else ("float32",)):
+                    out.append(Case(backend, where, path, "fused", "scalar", masked, False, d))
     return out
 
 
@@ -119,12 +120,15 @@ def run_case(c: Case, seed: int) -> dict:
     res = {"name": c.name, **asdict(c), "algorithm": c.algorithm, "seed": seed, "ok": False, "status": "fail"}
     t0 = time.perf_counter()
     try:
-        if c.path == "layer_step":
+        if c.path.startswith("layer_step"):
             from .models import decode_step
 
-            errs = decode_step.check_step(c.backend, B, 4, HK, HV, DK, DV, dtype, c.masked, seed)
+            # The norm variant with its weight in the model dtype, as a loaded checkpoint has it.
+            nd, eps = (dtype, 1e-6) if c.path == "layer_step_norm" else (None, 0.0)
+            errs = decode_step.check_step(c.backend, B, 4, HK, HV, DK, DV, dtype, c.masked, seed, nd, eps)
             res.update(y_err=errs[0], conv_err=errs[1], state_err=errs[2])
-            res["kernels"] = [str(v) for v in decode_step.variants(c.backend, B, 4, HK, HV, DK, DV, dtype, c.masked)]
+            res["kernels"] = [str(v) for v in decode_step.variants(c.backend, B, 4, HK, HV, DK, DV, dtype, c.masked,
+                                                                   nd, eps)]
             tol = tolerance(dtype)
         else:
             from .api import gated_delta_rule, gated_delta_update

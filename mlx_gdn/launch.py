@@ -105,7 +105,7 @@ class LaunchSpec:
     name: str
     body: str
     headers: Tuple[str, ...]
-    defines: Tuple[Tuple[str, int], ...]
+    defines: Tuple[Tuple[str, object], ...]  # (macro, int switch or float constant)
     input_names: Tuple[str, ...]
     output_names: Tuple[str, ...]
     template: Tuple[Tuple[str, object], ...]
@@ -146,7 +146,8 @@ class LaunchSpec:
 
 @lru_cache(maxsize=None)
 def _header(defines, headers) -> str:
-    lines = [f"#define {k} {int(v)}" for k, v in defines]
+    # An int switch, or a float constant (as a float literal: the same text in Metal and CUDA).
+    lines = [f"#define {k} {float(v)!r}f" if isinstance(v, float) else f"#define {k} {int(v)}" for k, v in defines]
     return "\n".join(lines) + "\n" + "".join(load(h) for h in headers)
 
 

@@ -94,12 +94,24 @@ def rel_error(out, ref) -> float:
     return float(num / den) if den > 0 else float(num)
 
 
-def layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk: int, Dk: int, Dv: int, eps: float = 1e-6):
+def gated_rms_norm(x, z, weight, eps: float):
+    """float64 gated RMS norm over the last axis: x / sqrt(mean(x^2) + eps) * weight * silu(z)
+    (the Qwen layers' output norm). x, z [..., D]; weight [D]."""
+    x, z, weight = to_numpy(x), to_numpy(z), to_numpy(weight)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight * (z * _sigmoid(z))
+
+
+def layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk: int, Dk: int, Dv: int, eps: float = 1e-6,
+               norm=None):
     """float64 T=1 step of the drop-in layer from its projections' outputs: conv-state shift,
     depthwise conv, SiLU, split into q, k, v, q/k normalisation (q scaled by Dk**-0.5), gating and
     one recurrence step. qkv [B,1,C]; conv_state [B,K-1,C]; w [C,K,1]; a, b [B,1,Hv];
-    state [B,Hv,Dv,Dk] or None; mask [B,1] or None (a masked row shifts a zero input in).
+    state [B,Hv,Dv,Dk] or None; mask [B,1] or None (a masked row shifts a zero input in);
+    norm: (z [B,1,Hv,Dv], weight [Dv], norm eps) or None: y then goes through `gated_rms_norm`.
     Returns (y [B,1,Hv,Dv], new conv state [B,K-1,C], new state [B,Hv,Dv,Dk])."""
+    if norm is not None:
+        y, conv, S = layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk, Dk, Dv, eps)
+        return gated_rms_norm(y, *norm), conv, S
     x = to_numpy(qkv)
     m = None if mask is None else np.asarray(to_numpy(mask) != 0)
     if m is not None:

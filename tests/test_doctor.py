@@ -68,7 +68,7 @@ def test_cases_cover_every_flavour():
     flavour = lambda c: (c.path, c.gating, c.gate, c.masked, c.options)  # noqa: E731
     assert {flavour(c) for c in quick} == {flavour(c) for c in full}
     assert len(full) == 2 * len(quick) and {c.dtype for c in quick} == {"float32", "bfloat16"}
-    assert {c.path for c in full} == {"decode", "prefill", "chunked", "layer_step"}
+    assert {c.path for c in full} == {"decode", "prefill", "chunked", "layer_step", "layer_step_norm"}
     assert all(c.path == "chunked" for c in doctor.cases("cuda", "simulator", quick=False))
     with pytest.raises(SystemExit):
         doctor.parser().parse_args(["--only", "tpu"])

@@ -132,6 +132,45 @@ def test_fused_decode_step_falls_back_to_the_unfused_step(monkeypatch):
         assert decode_step.fused_backend("metal", *args) == "metal"
 
 
+def test_fused_norm_step_falls_back_to_the_plain_fused_step(monkeypatch):
+    """A failing norm variant under "auto": the layer's T=1 step runs the plain fused step and the
+    norm module instead (one warning naming the variant), and its output is still right."""
+    from types import SimpleNamespace
+
+    from mlx_lm.models import qwen3_5
+    from mlx_lm.models.cache import ArraysCache
+
+    from mlx_gdn.models import decode_step
+    from mlx_gdn.reference import rel_error
+
+    seed = fresh_seed()
+    mx.random.seed(seed)
+    args = SimpleNamespace(hidden_size=32, linear_num_value_heads=2, linear_num_key_heads=1, linear_key_head_dim=32,
+                           linear_value_head_dim=32, linear_conv_kernel_dim=4, rms_norm_eps=1e-6)
+    ref = qwen3_5.GatedDeltaNet(args)
+    mx.eval(ref.parameters())
+    ref.eval()
+    layer = mlx_gdn.GatedDeltaNet.from_layer(ref, backend="auto")
+    x = mx.random.normal((1, 1, 32))
+    calls = []
+    real = decode_step.decode_step
+    monkeypatch.setattr(decode_step, "decode_step",
+                        lambda *a, **k: calls.append(k.get("norm") is not None) or real(*a, **k))
+    with simulated_metal():
+        _break(monkeypatch, "gdn_decode_layer_norm")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = layer(x, None, ArraysCache(2))
+            y2 = layer(x, None, ArraysCache(2))
+            mx.eval(y, y2)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "gdn_decode_layer_norm<" in msgs[0] and "without the norm" in msgs[0], msgs
+    # The trials of the norm variant and of the plain one, then the layer's two steps on the plain one.
+    assert calls == [True, False, False, False], calls
+    err = rel_error(y, ref(x, None, ArraysCache(2)))
+    assert err < 1e-4, f"rel error {err:.3g} (seed={seed})"
+
+
 def test_cuda_chunked_failure_falls_back(monkeypatch):
     """Under the CUDA simulator a broken chunked state kernel sends the call to the next path."""
     from mlx_gdn.cuda import chunked as cuda_chunked

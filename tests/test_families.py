@@ -422,7 +422,8 @@ def test_decode_under_simulated_metal(family, monkeypatch):
     ran, fused = [], []
     real_run, real_step = metal.run, decode_step.decode_step
     monkeypatch.setattr(metal, "run", lambda p, *a, **k: ran.append(p.T) or real_run(p, *a, **k))
-    monkeypatch.setattr(decode_step, "decode_step", lambda *a, **k: fused.append(a[0]) or real_step(*a, **k))
+    monkeypatch.setattr(decode_step, "decode_step",
+                        lambda *a, **k: fused.append((a[0], k.get("norm") is not None)) or real_step(*a, **k))
     seed = fresh_seed()
     model = tiny_model(family, seed)
     toks = tokens(seed, (2, 6))
@@ -432,9 +433,10 @@ def test_decode_under_simulated_metal(family, monkeypatch):
         _, got = prompt_and_decode(model, toks, 4)
         mx.eval(got)
     n = n_linear(family)
-    # Per layer: the whole sequence (T=6), the prefill (T=4) and two single tokens.
+    # Per layer: the whole sequence (T=6), the prefill (T=4) and two single tokens (Qwen's through
+    # the fused step with the output norm).
     if family.startswith("qwen"):
-        assert sorted(ran) == [4] * n + [6] * n and fused == ["metal"] * 2 * n, (ran, fused)
+        assert sorted(ran) == [4] * n + [6] * n and fused == [("metal", True)] * 2 * n, (ran, fused)
     else:
         assert sorted(ran) == [1] * 2 * n + [4] * n + [6] * n and fused == [], (ran, fused)
     assert rel(got, ref) < F32_TOL, f"seed={seed} {family}"
@@ -523,7 +525,8 @@ def test_patched_on_cuda(family, monkeypatch):
     ran, fused = [], []
     real_run, real_step = cuda.run, decode_step.decode_step
     monkeypatch.setattr(cuda, "run", lambda p, *a, **k: ran.append(p.T) or real_run(p, *a, **k))
-    monkeypatch.setattr(decode_step, "decode_step", lambda *a, **k: fused.append(a[0]) or real_step(*a, **k))
+    monkeypatch.setattr(decode_step, "decode_step",
+                        lambda *a, **k: fused.append((a[0], k.get("norm") is not None)) or real_step(*a, **k))
     seed = fresh_seed()
     model = tiny_model(family, seed)
     toks = tokens(seed, (2, 10))
@@ -539,7 +542,7 @@ def test_patched_on_cuda(family, monkeypatch):
     assert rel(steps, ref_steps) < F32_TOL, msg
     n = n_linear(family)
     if family.startswith("qwen"):
-        assert sorted(ran) == [6] * n + [10] * n and fused == ["cuda"] * 4 * n, (ran, fused)
+        assert sorted(ran) == [6] * n + [10] * n and fused == [("cuda", True)] * 4 * n, (ran, fused)
     else:
         assert sorted(ran) == [1] * 4 * n + [6] * n + [10] * n and fused == [], (ran, fused)
     got = _serve(model, schedule, 4)

@@ -421,7 +421,8 @@ def test_patched_model_under_simulated_metal(monkeypatch):
     monkeypatch.setattr(metal, "run", spy)
     fused = []
     real_step = decode_layer.decode_step
-    monkeypatch.setattr(decode_layer, "decode_step", lambda *a, **k: fused.append(a[0]) or real_step(*a, **k))
+    monkeypatch.setattr(decode_layer, "decode_step",
+                        lambda *a, **k: fused.append((a[0], k.get("norm") is not None)) or real_step(*a, **k))
     seed = fresh_seed()
     model = tiny_model("qwen3_5", seed)
     toks = tokens(seed, (2, 7))
@@ -433,9 +434,10 @@ def test_patched_model_under_simulated_metal(monkeypatch):
         out = mx.concatenate([model(toks[:, :5], cache=cache)] + [model(toks[:, t : t + 1], cache=cache) for t in (5, 6)], 1)
         mx.eval(out)
     # Three layers, each a prompt call through the Metal recurrent launcher and two decode calls
-    # through the fused T=1 step (tests/test_decode_layer.py), none falling back to ops.
+    # through the fused T=1 step with the output norm (tests/test_decode_layer.py), none falling
+    # back to ops.
     assert sorted(t for t, _ in calls) == [5] * 3, calls
-    assert fused == ["metal"] * 6, fused
+    assert fused == [("metal", True)] * 6, fused
     assert rel(out, ref) < F32_TOL, f"seed={seed}"
 
 
@@ -443,7 +445,8 @@ def test_patched_model_under_simulated_metal(monkeypatch):
 # Work launched per layer at T=1 (method described in bench/NOTES.md, "Layer launches at T=1")
 
 # Primitives that only describe a view of their input and launch nothing on their own.
-VIEW_PRIMITIVES = {"Broadcast", "Reshape", "Squeeze", "ExpandDims", "Slice", "Split", "Transpose", "AsStrided"}
+VIEW_PRIMITIVES = {"Broadcast", "Reshape", "Flatten", "Unflatten", "Squeeze", "ExpandDims", "Slice", "Split", "Transpose",
+                   "AsStrided"}
 
 
 def graph_primitives(*outputs) -> list:
@@ -514,3 +517,78 @@ def test_decode_step_launches_fewer_than_mlx_lm(B, capsys):
     # conv+SiLU, the squares, one sum of squares over q and k, the normalisation, the conv-state shift.
     assert prep == 5, dict(Counter(p for p in p_mine if p not in VIEW_PRIMITIVES))
     assert launches(p_mine) < launches(p_ref)
+
+
+def _one_launch_step(backend, qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk, Hv, Dk, Dv, norm=None):
+    """Stand-in for `decode_step.decode_step` that is one graph node (a Concatenate) over the same
+    inputs, returning views of it in the kernel's output shapes: the graph then shows the fused
+    kernel as the one launch it is (a simulated kernel evaluates its inputs, hiding the graph)."""
+    ins = [qkv, conv_state, w, a, b, A_log, dt_bias, state] + ([] if norm is None else [norm.z, norm.weight])
+    flat = mx.concatenate([x.reshape(-1) for x in ins])
+    B, _, C = qkv.shape
+    K = w.shape[1]
+    shapes = [(B, 1, Hv, Dv), (B, K - 1, C), (B, Hv, Dv, Dk)]
+    outs, at = [], 0
+    for s in shapes:
+        n = int(np.prod(s))
+        outs.append(flat[at : at + n].reshape(s))
+        at += n
+    return tuple(outs)
+
+
+def _cache_arrays(cache) -> list:
+    """Every array a prompt cache holds (its layers' states, whatever their nesting)."""
+    found = []
+
+    def walk(x):
+        if isinstance(x, mx.array):
+            found.append(x)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                walk(y)
+
+    walk([c.state for c in cache])
+    return found
+
+
+def _rms_norm_one_node(x, weight, eps):
+    # mx.fast.rms_norm is one kernel on a GPU but several nodes in this CPU build's fallback.
+    return x * weight if weight is not None else x * 1.0
+
+
+def test_model_decode_step_launches_with_fused_norm(monkeypatch, capsys):
+    """Launches of one decode step of a tiny patched Qwen3.5 model (3 linear layers, 1 attention
+    layer), counted on the graph of its logits and caches (method of bench/NOTES.md "Layer launches
+    at T=1"), with the fused kernel and mx.fast.rms_norm each standing as the one node they are on a
+    GPU: the fused norm removes the norm's two launches (rms_norm, silu gate) per linear layer, and
+    merged input projections (`merge_projections`) three more."""
+    from mlx_gdn.models import decode_step as decode_layer
+    from mlx_gdn.models import layers as layers_mod
+    from mlx_gdn.sim import simulated_metal
+
+    seed = fresh_seed()
+    model = tiny_model("qwen3_5", seed)
+    toks = tokens(seed, (1, 5))
+    n_linear = len(gdn_layers(model))
+    counts = {}
+    with simulated_metal():
+        assert mlx_gdn.patch(model, backend="metal") == n_linear
+        for case in ("plain", "fused norm", "merged"):
+            if case == "merged":
+                assert all(layer.merge_projections() for layer in gdn_layers(model))
+            cache = make_prompt_cache(model)
+            mx.eval(model(toks[:, :4], cache=cache), _cache_arrays(cache))
+            with monkeypatch.context() as m:
+                m.setattr(decode_layer, "decode_step", _one_launch_step)
+                m.setattr(mx.fast, "rms_norm", _rms_norm_one_node)
+                if case == "plain":
+                    m.setattr(layers_mod, "_gated_norm", lambda *a: None)
+                logits = model(toks[:, 4:5], cache=cache)
+                prims = graph_primitives(logits, *_cache_arrays(cache))
+            counts[case] = launches(prims)
+    with capsys.disabled():
+        print(f"\nqwen3_5 tiny decode step, graph nodes (one per launch on a GPU), {n_linear} linear layers: "
+              f"plain fused step + norm {counts['plain']}, fused norm {counts['fused norm']}, "
+              f"and merged projections {counts['merged']}")
+    assert counts["plain"] - counts["fused norm"] == 2 * n_linear, (counts, seed)
+    assert counts["fused norm"] - counts["merged"] == 3 * n_linear, (counts, seed)

@@ -1,15 +1,23 @@
 """Fused T=1 step of the drop-in layer: projections' outputs to y and both new states, one launch.
 
 One body (kernels/decode_layer.metal) does the conv-state shift, depthwise conv, SiLU, split,
-q/k normalisation, gating and the recurrence step. It runs through `mx.fast.metal_kernel` (Apple
-GPUs, or the CPU inside `mlx_gdn.sim.simulated_metal()`) and, with the CUDA prelude, through
-`mx.fast.cuda_kernel`. Launch geometry is the recurrent decode kernel's (`launch.recurrent_spec`).
+q/k normalisation, gating and the recurrence step; its norm variant (``norm=`` below) also applies
+the layer's gated output norm, rms_norm(y) * weight * silu(z) per value head, so the layer goes
+from this launch straight to out_proj. It runs through `mx.fast.metal_kernel` (Apple GPUs, or the
+CPU inside `mlx_gdn.sim.simulated_metal()`) and, with the CUDA prelude, through
+`mx.fast.cuda_kernel`. Without the norm, launch geometry is the recurrent decode kernel's
+(`launch.recurrent_spec`: several threadgroups per head); with it, one threadgroup of at most
+`NORM_THREADS` threads walks a whole head in passes, since the norm reduces over the head's Dv
+outputs.
+
+``norm`` arguments are a `Norm` (z [B, 1, Hv, Dv], weight [Dv], eps): the `RMSNormGated` of the
+layer and its gate.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 
@@ -18,29 +26,64 @@ from ..validate import Problem
 
 BODY = "decode_layer.metal"
 INPUT_NAMES = ("qkv", "conv_state", "w", "a", "b", "A_log", "dt_bias", "state_in")  # then "mask" if masked
+NORM_INPUT_NAMES = ("z", "norm_weight")  # after INPUT_NAMES, before "mask", in the norm variant
 OUTPUT_NAMES = ("y", "conv_out", "state_out")
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+# Threads of a norm-variant threadgroup: few enough that any register count ptxas picks still
+# launches (256 * 255 registers fit an SM), many enough that a 128-row head takes 4 passes.
+NORM_THREADS = 256
+
+
+class Norm(NamedTuple):
+    """The output norm the norm variant applies: z [B, 1, Hv, Dv] (the gate), weight [Dv], eps."""
+
+    z: mx.array
+    weight: mx.array
+    eps: float
+
+
+def _norm_rows(Dv: int, L: int) -> Tuple[int, int]:
+    # (rows per pass R, passes P) of the norm variant: R * L fills whole simdgroups and at most
+    # NORM_THREADS threads; R * P >= Dv.
+    unit = 32 // L
+    R = min(max(unit, NORM_THREADS // L), -(-Dv // unit) * unit)
+    return R, -(-Dv // R)
 
 
 @lru_cache(maxsize=None)
-def decode_spec(B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool) -> launch.LaunchSpec:
-    """Launch spec of the fused step; dtype is qkv's (and y's, and the conv state's)."""
+def decode_spec(B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool,
+                norm_dtype: Optional[mx.Dtype] = None, eps: float = 0.0) -> launch.LaunchSpec:
+    """Launch spec of the fused step; dtype is qkv's (and y's, and the conv state's). With
+    `norm_dtype` (the dtype mx.fast.rms_norm of y and the norm weight returns) the norm variant,
+    with rms_norm's `eps`."""
     p = Problem(B, 1, Hk, Hv, Dk, Dv, dtype, "scalar", masked, True)
     base = launch.recurrent_spec(p, path="decode")
     tmpl = dict(base.template)
-    names = INPUT_NAMES + (("mask",) if masked else ())
+    L = tmpl["L"]
+    norm = norm_dtype is not None
+    names = INPUT_NAMES + (NORM_INPUT_NAMES if norm else ()) + (("mask",) if masked else ())
     C = 2 * Hk * Dk + Hv * Dv
+    if norm:
+        R, P = _norm_rows(Dv, L)
+        grid, threadgroup = (R * L, 1, B * Hv), (R * L, 1, 1)
+        extra = (("NormT", norm_dtype),)
+        defines = (("GDN_MASKED", int(masked)), ("GDN_NORM", 1), ("GDN_NORM_EPS", float(eps)))
+    else:
+        R, P = tmpl["R"], 1
+        grid, threadgroup = base.grid, base.threadgroup
+        extra = ()
+        defines = (("GDN_MASKED", int(masked)), ("GDN_NORM", 0))
     return launch.LaunchSpec(
-        name="gdn_decode_layer" + ("_masked" if masked else ""),
+        name="gdn_decode_layer" + ("_norm" if norm else "") + ("_masked" if masked else ""),
         body=BODY,
         headers=(launch.GATES_HEADER,),
-        defines=(("GDN_MASKED", int(masked)),),
+        defines=defines,
         input_names=names,
         output_names=OUTPUT_NAMES,
         template=(("InT", dtype), ("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv), ("K", K),
-                  ("L", tmpl["L"]), ("R", tmpl["R"])),
-        grid=base.grid,
-        threadgroup=base.threadgroup,
+                  ("L", L), ("R", R), ("P", P)) + extra,
+        grid=grid,
+        threadgroup=threadgroup,
         output_shapes=((B, 1, Hv, Dv), (B, K - 1, C), (B, Hv, Dv, Dk)),
         output_dtypes=(dtype, dtype, mx.float32),
         # The body indexes every input as a row-contiguous array (qkv, conv state, the cache
@@ -59,22 +102,37 @@ def _kernel(backend: str, spec: launch.LaunchSpec):
     return kernel_for_spec(spec)
 
 
-def fused_backend(backend: str, qkv, conv_state, w, a, b, state, mask, Hk: int, Hv: int, Dk: int, Dv: int) -> Optional[str]:
-    """"metal" or "cuda" when the fused step takes this call, else None (the caller's unfused path
-    then runs, and raises its usual errors for bad input or an unavailable backend).
+def fused_backend(backend: str, qkv, conv_state, w, a, b, state, mask, Hk: int, Hv: int, Dk: int, Dv: int,
+                  norm: Optional[Norm] = None) -> Optional[str]:
+    """"metal" or "cuda" when the fused step (with `norm`: its norm variant) takes this call, else
+    None (the caller's unfused path then runs, and raises its usual errors for bad input or an
+    unavailable backend).
 
     qkv [B, 1, C]; conv_state [B, K-1, C] in qkv's dtype; w [C, K, 1]; a, b [B, 1, Hv];
-    state [B, Hv, Dv, Dk] float32 or None; mask [B, 1] bool or None.
+    state [B, Hv, Dv, Dk] float32 or None; mask [B, 1] bool or None; norm: `Norm` or None.
     """
     # The answer depends only on what is read here (shapes, dtypes, sizes, backend): a decode
     # loop asks the same question for every layer at every step.
     key = ("decode_layer", backend, qkv.shape, qkv.dtype, conv_state.shape, conv_state.dtype, w.shape, a.shape,
            b.shape, None if state is None else (state.shape, state.dtype),
-           None if mask is None else (mask.shape, mask.dtype), Hk, Hv, Dk, Dv)
-    return backends.remembered(key, _fused_backend, backend, qkv, conv_state, w, a, b, state, mask, Hk, Hv, Dk, Dv)
+           None if mask is None else (mask.shape, mask.dtype), Hk, Hv, Dk, Dv,
+           None if norm is None else (norm.z.shape, norm.z.dtype, norm.weight.shape, norm.weight.dtype, norm.eps))
+    return backends.remembered(key, _fused_backend, backend, qkv, conv_state, w, a, b, state, mask, Hk, Hv, Dk, Dv,
+                               norm)
 
 
-def _fused_backend(backend, qkv, conv_state, w, a, b, state, mask, Hk, Hv, Dk, Dv) -> Optional[str]:
+def norm_dtype(y_dtype: mx.Dtype, weight_dtype: mx.Dtype) -> mx.Dtype:
+    """The dtype mx.fast.rms_norm returns for y and weight of these dtypes (the norm rounds to it)."""
+    return mx.result_type(y_dtype, weight_dtype)
+
+
+def _norm_takes(norm: Norm, B: int, Hv: int, Dv: int) -> bool:
+    z, weight, eps = norm
+    return (z.shape == (B, 1, Hv, Dv) and z.dtype in _FLOATS and weight.shape == (Dv,) and weight.dtype in _FLOATS
+            and isinstance(eps, (int, float)) and eps >= 0)
+
+
+def _fused_backend(backend, qkv, conv_state, w, a, b, state, mask, Hk, Hv, Dk, Dv, norm) -> Optional[str]:
     if qkv.ndim != 3 or qkv.shape[1] != 1 or qkv.dtype not in _FLOATS:
         return None
     B, _, C = qkv.shape
@@ -89,6 +147,8 @@ def _fused_backend(backend, qkv, conv_state, w, a, b, state, mask, Hk, Hv, Dk, D
         return None
     if mask is not None and (mask.shape != (B, 1) or mask.dtype != mx.bool_):
         return None
+    if norm is not None and not _norm_takes(norm, B, Hv, Dv):
+        return None
     p = Problem(B, 1, Hk, Hv, Dk, Dv, qkv.dtype, "scalar", mask is not None, True)
     try:
         mod, _ = backends.resolve(backend, "recurrent", p)
@@ -99,21 +159,26 @@ def _fused_backend(backend, qkv, conv_state, w, a, b, state, mask, Hk, Hv, Dk, D
     if backend == "auto":
         from .. import fallback
 
-        args = (mod.name, B, K, Hk, Hv, Dk, Dv, qkv.dtype, mask is not None)
+        nd = None if norm is None else norm_dtype(qkv.dtype, norm.weight.dtype)
+        eps = 0.0 if norm is None else float(norm.eps)
+        args = (mod.name, B, K, Hk, Hv, Dk, Dv, qkv.dtype, mask is not None, nd, eps)
         vs = variants(*args)
         bad = fallback.tried(mod.name, vs, lambda: _probe(*args))
         if bad is not None:
-            fallback.warn_once(mod.name, vs, f"fused decode-layer step, backend {mod.name!r}", bad,
-                               "the unfused layer step")
+            what = "fused decode-layer step" + (" with the output norm" if norm is not None else "")
+            instead = "the unfused layer step" if norm is None else "the fused step without the norm, or the unfused step,"
+            fallback.warn_once(mod.name, vs, f"{what}, backend {mod.name!r}", bad, instead)
             return None
     return mod.name
 
 
-def variants(backend: str, B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool):
-    """The kernel variant (`fallback.Variant`, one) of the fused step on `backend` ("metal"/"cuda")."""
+def variants(backend: str, B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool,
+             norm_dtype: Optional[mx.Dtype] = None, eps: float = 0.0):
+    """The kernel variant (`fallback.Variant`, one) of the fused step on `backend` ("metal"/"cuda");
+    `norm_dtype` and `eps` as in `decode_spec`."""
     from ..fallback import variant
 
-    spec = decode_spec(B, K, Hk, Hv, Dk, Dv, dtype, masked)
+    spec = decode_spec(B, K, Hk, Hv, Dk, Dv, dtype, masked, norm_dtype, eps)
     if backend == "metal":
         return (variant(spec.name, spec.template, spec.header(), spec.source()),)
     from ..cuda.kernel import recurrent_header
@@ -140,26 +205,40 @@ def random_step_inputs(B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype
             mask)
 
 
+def random_norm(B: int, Hv: int, Dv: int, dtype: mx.Dtype, weight_dtype: mx.Dtype, eps: float, seed: int) -> Norm:
+    """A seeded `Norm`: z [B, 1, Hv, Dv] in `dtype` (a projection's output), weight [Dv] near 1."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed + 1)
+    z = mx.array(rng.standard_normal((B, 1, Hv, Dv)).astype(np.float32)).astype(dtype)
+    weight = mx.array((1.0 + 0.3 * rng.standard_normal(Dv)).astype(np.float32)).astype(weight_dtype)
+    return Norm(z, weight, eps)
+
+
 def check_step(backend: str, B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool,
-               seed: int = 0):
+               seed: int = 0, norm_dtype: Optional[mx.Dtype] = None, eps: float = 0.0):
     """(y, conv state, state) relative errors of one fused step on `backend` against the float64
-    reference (`reference.layer_step`), for seeded inputs; raises what the kernel raises."""
+    reference (`reference.layer_step`), for seeded inputs; raises what the kernel raises. With
+    `norm_dtype`, the norm variant (its weight in `norm_dtype`, which is then the rms_norm dtype)."""
     from ..reference import layer_step, rel_error
 
     ins = random_step_inputs(B, K, Hk, Hv, Dk, Dv, dtype, masked, seed)
-    outs = decode_step(backend, *ins, Hk, Hv, Dk, Dv)
+    norm = None if norm_dtype is None else random_norm(B, Hv, Dv, dtype, norm_dtype, eps, seed)
+    outs = decode_step(backend, *ins, Hk, Hv, Dk, Dv, norm=norm)
     mx.eval(*outs)
-    refs = layer_step(*ins, Hk, Dk, Dv)
+    refs = layer_step(*ins, Hk, Dk, Dv, norm=norm)
     return tuple(rel_error(o, r) for o, r in zip(outs, refs))
 
 
-def _probe(backend, B, K, Hk, Hv, Dk, Dv, dtype, masked):
+def _probe(backend, B, K, Hk, Hv, Dk, Dv, dtype, masked, norm_dtype, eps):
     # The smallest batch with the same variant (B is not in the template): one row, two when masked.
+    # The norm's weight is drawn in the rms_norm dtype: the variant depends on that dtype only.
     from ..fallback import failure_text
     from ..testing import tolerance
 
     try:
-        errs = check_step(backend, 2 if masked else 1, K, Hk, Hv, Dk, Dv, dtype, masked)
+        errs = check_step(backend, 2 if masked else 1, K, Hk, Hv, Dk, Dv, dtype, masked, norm_dtype=norm_dtype,
+                          eps=eps)
     except Exception as exc:  # noqa: BLE001 -- any failure of the kernel is the verdict
         return failure_text(exc)
     tol = tolerance(dtype)
@@ -174,21 +253,29 @@ def _clear_launchers():
 
 
 @lru_cache(maxsize=256)
-def _launcher(backend: str, B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool):
+def _launcher(backend: str, B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool,
+              norm_dtype: Optional[mx.Dtype], eps: float):
     # (kernel object, call keyword arguments): a pure function of its arguments
-    spec = decode_spec(B, K, Hk, Hv, Dk, Dv, dtype, masked)
+    spec = decode_spec(B, K, Hk, Hv, Dk, Dv, dtype, masked, norm_dtype, eps)
     return _kernel(backend, spec), spec.call_kwargs()
 
 
 def decode_step(backend: str, qkv, conv_state, w, a, b, A_log, dt_bias, state, mask,
-                Hk: int, Hv: int, Dk: int, Dv: int) -> Tuple[mx.array, mx.array, mx.array]:
+                Hk: int, Hv: int, Dk: int, Dv: int, norm: Optional[Norm] = None) -> Tuple[mx.array, mx.array, mx.array]:
     """(y [B,1,Hv,Dv] in qkv's dtype, new conv state [B,K-1,C] in qkv's dtype, new state [B,Hv,Dv,Dk]
-    float32) from one launch; backend "metal" or "cuda", inputs as accepted by `fused_backend`."""
+    float32) from one launch; backend "metal" or "cuda", inputs as accepted by `fused_backend`.
+    With `norm`, y is the normed output rms_norm(y) * weight * silu(z), in qkv's dtype."""
     B = qkv.shape[0]
-    kern, kw = _launcher(backend, B, w.shape[1], Hk, Hv, Dk, Dv, qkv.dtype, mask is not None)
+    if norm is None:
+        kern, kw = _launcher(backend, B, w.shape[1], Hk, Hv, Dk, Dv, qkv.dtype, mask is not None, None, 0.0)
+    else:
+        kern, kw = _launcher(backend, B, w.shape[1], Hk, Hv, Dk, Dv, qkv.dtype, mask is not None,
+                             norm_dtype(qkv.dtype, norm.weight.dtype), float(norm.eps))
     if state is None:
         state = mx.zeros((B, Hv, Dv, Dk), dtype=mx.float32)
     ins = [qkv, conv_state, w, a, b, A_log, dt_bias, state]  # INPUT_NAMES' order
+    if norm is not None:
+        ins += [norm.z, norm.weight]
     if mask is not None:
         ins.append(mask)
     y, conv_out, new_state = kern(inputs=ins, **kw, **launch.launch_options())

@@ -20,6 +20,7 @@ reaches neither the recurrent state nor the convolution state (`causal_conv`). `
 from __future__ import annotations
 
 import importlib
+import sys
 from functools import lru_cache, partial
 from typing import Any, Optional, Tuple
 
@@ -66,6 +67,19 @@ class RMSNormGated(nn.Module):
         if gate is None:
             return x.astype(hidden_states.dtype)
         return _silu_gate(hidden_states, gate, x)
+
+
+def _gated_norm(module: nn.Module, z: mx.array) -> Optional["decode_step.Norm"]:
+    """The fused step's `decode_step.Norm` for output norm `module` and gate z, when `module` is
+    this package's `RMSNormGated` or mlx-lm's Qwen3-Next / Qwen3.5 one (the same computation);
+    else None (another norm runs as itself)."""
+    cls = type(module)
+    if cls is not RMSNormGated:
+        # mlx-lm's class can only be the norm's class if mlx-lm's module is already imported.
+        lm = sys.modules.get("mlx_lm.models.qwen3_next")
+        if lm is None or cls is not getattr(lm, "Qwen3NextRMSNormGated", None):
+            return None
+    return decode_step.Norm(z, module["weight"], module.eps)
 
 
 def causal_conv(x: mx.array, conv: nn.Module, state: Optional[mx.array], n_keep: int,
@@ -249,11 +263,48 @@ class _GatedDeltaBase(DropInLayer):
 
             inputs = sum_gradients(self.sharding_group)(inputs)
         qkv, z, b, a = self._project(inputs)
-        out = self.mix(qkv, a, b, mask, cache)
-        out = self["norm"](out, z)
+        out = self.mix_norm(qkv, z, a, b, mask, cache)
         out = self["out_proj"](out.reshape(B, S, -1))
         if self.sharding_group is not None:
             out = mx.distributed.all_sum(out, group=self.sharding_group)
+        return out
+
+    def mix_norm(self, qkv: mx.array, z: mx.array, a: mx.array, b: mx.array, mask=None, cache=None) -> mx.array:
+        """`mix`, then the output norm: ``norm(mix(qkv, a, b, mask, cache), z)`` [B, S, Hv, Dv]. Where
+        the fused T=1 step applies and the norm is a gated RMS norm, one launch does both.
+
+        qkv [B, S, conv_dim]; z [B, S, Hv, Dv]; a, b [B, S, Hv]; mask [B, S] or None."""
+        if qkv.shape[1] == 1 and not self.training and _cache_lengths(cache) is None:
+            norm = _gated_norm(self["norm"], z)
+            if norm is not None:
+                out = self._fused_step(qkv, a, b, mask, cache, norm)
+                if out is not None:
+                    return out
+        return self["norm"](self.mix(qkv, a, b, mask, cache), z)
+
+    def _fused_step(self, qkv, a, b, mask, cache, norm=None) -> Optional[mx.array]:
+        # The T=1 step in one launch (`decode_step`; with `norm` its norm variant), updating the
+        # cache; None (cache untouched) where the fused step does not take the call.
+        backend = self._backend()
+        if backend == "ops":
+            return None
+        B = qkv.shape[0]
+        if cache is not None and cache[0] is not None:
+            conv_state = cache[0]
+        else:
+            conv_state = mx.zeros((B, self.conv_kernel_size - 1, self.conv_dim), dtype=qkv.dtype)
+        state = cache[1] if cache is not None else None
+        w = self["conv1d"]["weight"]
+        sizes = (self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim)
+        fused = decode_step.fused_backend(backend, qkv, conv_state, w, a, b, state, mask, *sizes, norm=norm)
+        if fused is None:
+            return None
+        out, new_conv, state = decode_step.decode_step(
+            fused, qkv, conv_state, w, a, b, self["A_log"], self["dt_bias"], state, mask, *sizes, norm=norm
+        )
+        if cache is not None:
+            cache[0], cache[1] = new_conv, state
+            cache.advance(1)
         return out
 
     def mix(self, qkv: mx.array, a: mx.array, b: mx.array, mask=None, cache=None) -> mx.array:
@@ -264,28 +315,21 @@ class _GatedDeltaBase(DropInLayer):
         qkv [B, S, conv_dim]; a, b [B, S, Hv]; mask [B, S] or None. Returns y [B, S, Hv, Dv].
         """
         B, S, _ = qkv.shape
+        lengths = _cache_lengths(cache)
+        if S == 1 and not self.training and lengths is None:
+            out = self._fused_step(qkv, a, b, mask, cache)
+            if out is not None:
+                return out
         n_keep = self.conv_kernel_size - 1
         if cache is not None and cache[0] is not None:
             conv_state = cache[0]
         else:
             conv_state = mx.zeros((B, n_keep, self.conv_dim), dtype=qkv.dtype)
         state = cache[1] if cache is not None else None
-        lengths = _cache_lengths(cache)
         backend = self._backend()
 
         if S == 1 and not self.training and lengths is None:
             w = self["conv1d"]["weight"]
-            sizes = (self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim)
-            fused = decode_step.fused_backend(backend, qkv, conv_state, w, a, b, state, mask, *sizes)
-            if fused is not None:
-                # One kernel from the projections to y and both new states.
-                out, new_conv, state = decode_step.decode_step(
-                    fused, qkv, conv_state, w, a, b, self["A_log"], self["dt_bias"], state, mask, *sizes
-                )
-                if cache is not None:
-                    cache[0], cache[1] = new_conv, state
-                    cache.advance(S)
-                return out
             prep = _decode_prep(self.conv_kernel_size, self.num_k_heads, self.head_k_dim, mask is not None)
             extra = () if mask is None else (mask,)
             q, k, v, new_conv = prep(conv_state, qkv, w, *extra)
@@ -311,6 +355,10 @@ class _GatedDeltaBase(DropInLayer):
         return out
 
 
+# The Qwen3.5 layout's input projections, in the order `merge_projections` stacks them.
+_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
+
+
 class GatedDeltaNet(_GatedDeltaBase):
     """Qwen3.5 / Qwen3.5-MoE Gated DeltaNet layer (mlx-lm ``qwen3_5.GatedDeltaNet`` layout).
 
@@ -332,9 +380,69 @@ class GatedDeltaNet(_GatedDeltaBase):
 
     def _project(self, inputs):
         B, S, _ = inputs.shape
+        if B * S == 1 and not self.training:
+            merged = self._merged_projection()
+            if merged is not None:
+                # One matmul; at B * S = 1 each part is a contiguous slice of its output.
+                out = merged(inputs)
+                c1 = self.conv_dim
+                c2 = c1 + self.value_dim
+                c3 = c2 + self.num_v_heads
+                z = out[..., c1:c2].reshape(B, S, self.num_v_heads, self.head_v_dim)
+                return out[..., :c1], z, out[..., c2:c3], out[..., c3:]
         qkv = self["in_proj_qkv"](inputs)
         z = self["in_proj_z"](inputs).reshape(B, S, self.num_v_heads, self.head_v_dim)
         return qkv, z, self["in_proj_b"](inputs), self["in_proj_a"](inputs)
+
+    def merge_projections(self) -> bool:
+        """Put the four input projections' arrays in one buffer per array name, each projection's
+        array becoming a row slice of it (a view: no second copy of the weights, once the old arrays
+        have no other owner), so a single-token call (B * S = 1) runs one matmul instead of four.
+
+        Takes effect while the four projections are plain ``nn.Linear`` or ``nn.QuantizedLinear``
+        (same group size, bits and mode) holding exactly the arrays this call put there: replacing a
+        projection or any of its arrays (loading weights, quantizing, LoRA, sharding, gradient
+        tracing) silently returns the layer to four matmuls. Returns whether the merge was made.
+        """
+        mods = [self[n] for n in _PROJECTIONS]
+        cls = type(mods[0])
+        if cls not in (nn.Linear, nn.QuantizedLinear) or any(type(m) is not cls for m in mods):
+            return False
+        keys = tuple(sorted(k for k, v in mods[0].items() if isinstance(v, mx.array)))
+        if any(tuple(sorted(k for k, v in m.items() if isinstance(v, mx.array))) != keys for m in mods):
+            return False
+        if cls is nn.QuantizedLinear and len({(m.group_size, m.bits, m.mode) for m in mods}) != 1:
+            return False
+        merged = cls.__new__(cls)
+        nn.Module.__init__(merged)
+        merged.__dict__.update({k: v for k, v in mods[0].__dict__.items() if k != "_no_grad"})
+        cats = {k: mx.concatenate([m[k] for m in mods], axis=0) for k in keys}
+        mx.eval(cats)
+        for k, v in cats.items():
+            merged[k] = v
+        at = 0
+        for m in mods:
+            rows = m["weight"].shape[0]
+            for k in keys:
+                m[k] = cats[k][at : at + rows]
+            at += rows
+        mx.eval([m[k] for m in mods for k in keys])
+        held = tuple((m, tuple(m[k] for k in keys)) for m in mods)
+        object.__setattr__(self, "_merged_proj", (merged, keys, held))
+        return True
+
+    def _merged_projection(self) -> Optional[nn.Module]:
+        # The merged projection while the four projections still hold the arrays
+        # `merge_projections` gave them; else None, and the merged buffer is let go.
+        entry = self.__dict__.get("_merged_proj")
+        if entry is None:
+            return None
+        merged, keys, held = entry
+        for name, (mod, arrays) in zip(_PROJECTIONS, held):
+            if self[name] is not mod or any(mod[k] is not a for k, a in zip(keys, arrays)):
+                object.__setattr__(self, "_merged_proj", None)
+                return None
+        return merged
 
 
 class Qwen3NextGatedDeltaNet(_GatedDeltaBase):
