@@ -34,7 +34,7 @@ from family_models import (  # noqa: E402
 )
 from mlx_gdn.models.layers import DropInLayer  # noqa: E402
 from mlx_gdn.models.patch import DROP_INS  # noqa: E402
-from mlx_gdn.testing import fresh_seed  # noqa: E402
+from mlx_gdn.testing import fresh_seed, tolerance  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # One model at a time
@@ -538,8 +538,12 @@ def test_patched_on_cuda(family, monkeypatch):
     assert mlx_gdn.patch(model, backend="cuda") == n_linear(family)
     full, steps = prompt_and_decode(model, toks, 6)
     msg = f"seed={seed} {family}"
-    assert rel(full, ref_full) < F32_TOL, msg
-    assert rel(steps, ref_steps) < F32_TOL, msg
+    # Both models' own projections run MLX's CUDA float32 matmuls in TF32 (its default), which
+    # turn a rounding difference in one layer into TF32-sized ones downstream: the documented
+    # bound for paths with float32 matrix products on CUDA.
+    tol = tolerance(mx.float32, matmul=True)
+    assert rel(full, ref_full) < tol, msg
+    assert rel(steps, ref_steps) < tol, msg
     n = n_linear(family)
     if family.startswith("qwen"):
         assert sorted(ran) == [6] * n + [10] * n and fused == [("cuda", True)] * 4 * n, (ran, fused)
