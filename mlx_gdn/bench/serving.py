@@ -223,6 +223,7 @@ def main(argv: Optional[List[str]] = None, console: Optional[Console] = None) ->
     p.add_argument("--dtype", choices=tuple(_DT))
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per cell")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--commit", help="record this commit (a copy on another machine may carry stale git metadata)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     console = console or Console(width=160)
@@ -233,6 +234,8 @@ def main(argv: Optional[List[str]] = None, console: Optional[Console] = None) ->
             cfg[key] = val
     budget = args.budget if args.budget is not None else (0.2 if args.quick else 0.5)
     env = environment()
+    if args.commit:
+        env["git_commit"], env["git_dirty"] = args.commit, False
     rows = decode_cells(cfg, budget, args.seed) + prefill_cells(cfg, budget, args.seed)
     table = Table(title=f"mlx-gdn serving | {env['device']} | shape {cfg['shape']} {cfg['dtype']}")
     for col in ("mode", "contender", "cell", "ms", "rel err"):
