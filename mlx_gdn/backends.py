@@ -30,7 +30,7 @@ _GPU_ORDER = ("metal", "cuda")
 # "ops": the 2-core CPU, bench/crossover_cpu.py with a trained layer's gates (bench/NOTES.md,
 # "CPU crossover with trained gates"): the recurrence leads up to T=32-64 and chunked from 128, in
 # float32 and bf16 alike. "metal": no Apple GPU to measure on; NOTES gives a model only (a tuning
-# run decides). "cuda": H100, bench/cuda_bench.py (bench/NOTES.md, "CUDA / H100"): chunked leads
+# run decides). "cuda": H100 (bench/NOTES.md, "CUDA / H100"): chunked leads
 # from T=128 at B=1 in bf16 and ties in float32.
 CHUNKED_FROM_T = {"ops": 128, "metal": None, "cuda": 128}
 

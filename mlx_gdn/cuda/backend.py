@@ -20,8 +20,7 @@ name = "cuda"
 
 # The decode body's state in groups of four columns per lane, moved in 16-byte loads and stores
 # (GDN_VEC4, `launch.recurrent_spec`). On the H100 at B=16: 31.1 us of GPU time against 33.0 with
-# one 4-byte access per column (bench/cuda_kernel_times_d0c164d.json); the calls are even within
-# noise (bench/cuda_decode_h100_d0c164d.json).
+# one 4-byte access per column; the calls are even within noise (bench/NOTES.md, "Session 5").
 DECODE_VEC4 = True
 
 

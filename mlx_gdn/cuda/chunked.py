@@ -32,7 +32,7 @@ STATE_NH2_FROM = 32
 # The state pass with S in registers (gdn_tc::state_output_regs, bf16/f16, Dk <= 128) in place of
 # the shared-memory one: None chooses by shape (`_regs_config`), True takes it wherever it
 # applies, False never. Every block of it loads whole chunks for its 16 value rows per warp, so
-# it pays where blocks are wide: on the H100 (bench/cuda_host_split_709d9c8.json, Qwen3.5 shape,
+# it pays where blocks are wide: on the H100 (bench/NOTES.md, "Session 5"; Qwen3.5 shape,
 # T=4096) it ran the B=4 call in 0.91 ms of GPU wait against 1.13 (8 warps), B=2 in 0.58 against
 # 0.66 (4 warps), and lost at B=1 (2 warps: 0.58 against 0.44).
 STATE_REGS: Optional[bool] = None
@@ -105,7 +105,7 @@ def state_nh(bv: int) -> int:
     """Warp groups of the state launch: slices of 32 rows or more get 8 warps (two per token
     strip). A 128-row slice needs them (4 warps would hold twice the accumulators each). On the
     H100, 64-row slices ran faster on 8 warps; 32-row slices ran even at B=1 (where they are
-    chosen) and slower at B=4 (where 128 is chosen) (bench/cuda_probe_4535974.txt)."""
+    chosen) and slower at B=4 (where 128 is chosen) (bench/NOTES.md, "Session 3")."""
     return 2 if bv >= STATE_NH2_FROM else 1
 
 
