@@ -333,6 +333,26 @@ def recurrent_inputs(q, k, v, state, mask, *, g=None, beta=None, gating=None) ->
     return ins
 
 
+def fused_options(gating) -> Tuple[bool, bool, bool]:
+    """(lower_bound given, allow_neg_eigval, dt_bias per key column) of a `FusedGating`, the
+    options that select kernel variants; all False for precomputed gates (None)."""
+    if gating is None:
+        return False, False, False
+    return gating.lower_bound is not None, bool(gating.allow_neg_eigval), gating.dt_key
+
+
+def kernel_serving_algorithm(p: Problem, s: Serving, algorithm: str):
+    """How the Metal and CUDA backends run a serving call: packed sequences without per-step
+    states under "chunked" one plain call each (`serving.PER_SEQUENCE`: the chunked kernels take
+    no pools, packed sequences or per-step states); everything else on the recurrent kernels
+    ("recurrent", a requested "chunked" included); None where those cannot take it."""
+    if algorithm == "chunked" and s.packed and not s.every:
+        from .serving import PER_SEQUENCE
+
+        return PER_SEQUENCE
+    return "recurrent" if supports_serving(p, s) else None
+
+
 @backends.on_clear
 def _clear_launchers():
     recurrent_launcher.cache_clear()
@@ -357,11 +377,7 @@ def run_recurrent(p: Problem, q, k, v, state, mask, *, kernel_for, g=None, beta=
     `kernel_for(spec)` gives the backend's kernel object (Metal or CUDA); path "decode",
     "prefill" or None (by T); vec4: see `recurrent_spec`.
     """
-    if gating is None:
-        lower = neg = dt_key = False
-    else:
-        lower, neg = gating.lower_bound is not None, bool(gating.allow_neg_eigval)
-        dt_key = gating.dt_key
+    lower, neg, dt_key = fused_options(gating)
     _, kern, kw = recurrent_launcher(p, lower, neg, path, kernel_for, vec4, dt_key)
     ins = recurrent_inputs(q, k, v, state, mask, g=g, beta=beta, gating=gating)
     y, new_state = kern(inputs=ins, **kw, **launch_options()) if POISON_OUTPUTS else kern(inputs=ins, **kw)
@@ -388,11 +404,7 @@ def run_serving(p: Problem, s: Serving, q, k, v, state, mask, cu_seqlens, state_
     state: the pool [S,Hv,Dv,Dk] (read at rows state_indices[n] inside the kernel) or the
     initial states [N,Hv,Dv,Dk]; cu_seqlens / state_indices: int32 or None as `s` says.
     """
-    if gating is None:
-        lower = neg = dt_key = False
-    else:
-        lower, neg = gating.lower_bound is not None, bool(gating.allow_neg_eigval)
-        dt_key = gating.dt_key
+    lower, neg, dt_key = fused_options(gating)
     _, kern, kw = serving_launcher(p, s, lower, neg, kernel_for, vec4, dt_key)
     ins = recurrent_inputs(q, k, v, state, None, g=g, beta=beta, gating=gating)
     ins += ([state_indices] if s.pooled else []) + ([cu_seqlens] if s.packed else []) + ([mask] if mask is not None else [])

@@ -77,16 +77,8 @@ def run(p: Problem, q, k, v, state, mask, *, algorithm, g=None, beta=None, gatin
     return run_recurrent(p, q, k, v, state, mask, g=g, beta=beta, gating=gating)
 
 
-def serving_algorithm(p: Problem, s, algorithm: str):
-    """How this backend runs a serving call: packed sequences without per-step states under
-    "chunked" one plain call each (`serving.PER_SEQUENCE`: the chunked kernels take no pools,
-    packed sequences or per-step states); everything else on the recurrent kernels ("recurrent",
-    a requested "chunked" included); None where those cannot take it."""
-    if algorithm == "chunked" and s.packed and not s.every:
-        from ..serving import PER_SEQUENCE
-
-        return PER_SEQUENCE
-    return "recurrent" if launch.supports_serving(p, s) else None
+# Serving calls run as every kernel backend runs them (`launch.kernel_serving_algorithm`).
+serving_algorithm = launch.kernel_serving_algorithm
 
 
 def run_serving(p: Problem, s, q, k, v, state, mask, cu_seqlens, state_indices, *, algorithm, g=None, beta=None,

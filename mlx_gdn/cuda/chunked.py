@@ -206,18 +206,14 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
     ot = mx.float32 if exact else mx.bfloat16
     nt = -(-p.T // CHUNK)
     tp = nt * CHUNK
-    fused = gating is not None
     dummy = _dummy()
-    if fused:
+    lower, neg, dt_key = launch.fused_options(gating)
+    if gating is not None:
         gate_a, gate_b = gating.a, gating.b
         a_log, dt_bias = gating.A_log, gating.dt_bias
-        lower = gating.lower_bound is not None
-        neg = bool(gating.allow_neg_eigval)
         lb = launch.lower_bound_array(gating.lower_bound)
-        dt_key = gating.dt_key
     else:
         gate_a, gate_b, a_log, dt_bias, lb = g, beta, dummy, dummy, dummy
-        lower = neg = dt_key = False
     m = mask if mask is not None else dummy
     key = p.gate == "key"
 

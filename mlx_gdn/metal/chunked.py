@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..launch import GATES_HEADER, LaunchSpec, lower_bound_array
+from ..launch import GATES_HEADER, LaunchSpec, fused_options, lower_bound_array
 from ..validate import Problem
 from .kernel import kernel
 
@@ -108,9 +108,7 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
     steps are identity steps inside the first kernel.
     """
     N = -(-p.T // CHUNK)
-    lower = gating is not None and gating.lower_bound is not None
-    neg = gating is not None and bool(gating.allow_neg_eigval)
-    dt_key = gating is not None and gating.dt_bias.ndim == 2
+    lower, neg, dt_key = fused_options(gating)
     kkt_wy, st = _specs(p, N, lower=lower, neg=neg, dt_key=dt_key)
     arrays = {"q": q, "k": k, "v": v}
     if gating is not None:
