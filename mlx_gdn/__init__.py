@@ -5,7 +5,7 @@ from .backends import available_backends
 from .explain import Explanation, explain
 from .gating import compute_beta, compute_g, compute_gates, normalize_qk
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "gated_delta_rule",

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from . import autodiff, backends, serving
+from . import autodiff, planner, serving
 from .gating import FusedGating
 from .validate import check_rule, check_update, kernel_backend, rule_key, serving_requested, update_key
 
@@ -94,7 +94,7 @@ def gated_delta_rule(
             lambda: check_rule(q, k, v, g, beta, None, mask), state, cu_seqlens, state_indices, return_states,
         )
         return serving.run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values, g=g, beta=beta)
-    plan = backends.plan(
+    plan = planner.plan(
         backend, algorithm, rule_key(q, k, v, g, beta, state, mask), lambda: check_rule(q, k, v, g, beta, state, mask)
     )
     return _run(plan, q, k, v, state, mask, g=g, beta=beta)
@@ -148,7 +148,7 @@ def gated_delta_update(
         )
         gating = FusedGating(a, b, A_log, dt_bias, lower_bound, allow_neg_eigval)
         return serving.run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values, gating=gating)
-    plan = backends.plan(
+    plan = planner.plan(
         backend,
         algorithm,
         update_key(q, k, v, a, b, A_log, dt_bias, state, mask, lower_bound, allow_neg_eigval),

@@ -63,7 +63,7 @@ def builtin_chunked_from(backend: str, dtype_name: str):
     return t0.get(dtype_name) if isinstance(t0, dict) else t0
 
 
-def _table_key():
+def table_key():
     return tuple((b, tuple(sorted(t.items())) if isinstance(t, dict) else t) for b, t in CHUNKED_FROM_T.items())
 
 
@@ -188,31 +188,6 @@ def remembered(key, make, *args):
     return hit
 
 
-def plan(backend: str, algorithm: str, key, check, options=(False, False, False)) -> Tuple[Problem, ModuleType, str]:
-    """(problem, backend module, algorithm) of a call.
-
-    key: the inputs' signature (`validate.rule_key` / `update_key`; None is never remembered);
-    check: validates the inputs and returns their Problem (raising on bad input); options: the
-    fused options that select kernel variants, (lower_bound given, allow_neg_eigval, dt_bias per key column).
-    A kernel path is tried once before it is planned (`fallback.route`): under "auto" a path that
-    fails here gives way to the next, an explicit backend raises `fallback.KernelFailure`.
-    """
-    if key is None:
-        return _make_plan(backend, algorithm, check, options)
-    return remembered((key, backend, algorithm, _table_key()), _make_plan, backend, algorithm, check,
-                      options)
-
-
-def _make_plan(backend, algorithm, check, options):
-    p = check()
-    mod, algo = resolve(backend, algorithm, p)
-    if mod.name != "ops" and p.T > 0:
-        from .fallback import route
-
-        mod, algo = route(backend == "auto", mod, algo, p, *options)
-    return p, mod, algo
-
-
 def on_clear(clear):
     """Register `clear()` to run with `clear_plans` (for caches that depend on the same things)."""
     _CLEARERS.append(clear)
@@ -224,3 +199,6 @@ def clear_plans() -> None:
     a test replaced a backend module)."""
     for clear in _CLEARERS:
         clear()
+
+
+tuning.on_reload(clear_plans)

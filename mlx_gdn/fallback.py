@@ -24,6 +24,8 @@ from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 
+from . import backends
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -65,13 +67,7 @@ def clear() -> None:
     _WARNED.clear()
 
 
-def _register():
-    from . import backends
-
-    backends.on_clear(clear)
-
-
-_register()
+backends.on_clear(clear)
 
 
 def describe(variants: Tuple[Variant, ...]) -> str:
@@ -178,8 +174,6 @@ def _probe(mod, algo: str, p, lower: bool, neg: bool, dt_key: bool = False) -> O
 def candidates(auto: bool, mod, algo: str, p):
     """Paths in the order they are tried: the chosen one; under auto, the same backend's other
     algorithm where it takes `p`, then the ops backend."""
-    from . import backends
-
     out = [(mod, algo)]
     if auto and mod.name != "ops":
         other = "chunked" if algo == "recurrent" else "recurrent"

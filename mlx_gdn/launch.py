@@ -341,18 +341,6 @@ def fused_options(gating) -> Tuple[bool, bool, bool]:
     return gating.lower_bound is not None, bool(gating.allow_neg_eigval), gating.dt_key
 
 
-def kernel_serving_algorithm(p: Problem, s: Serving, algorithm: str):
-    """How the Metal and CUDA backends run a serving call: packed sequences without per-step
-    states under "chunked" one plain call each (`serving.PER_SEQUENCE`: the chunked kernels take
-    no pools, packed sequences or per-step states); everything else on the recurrent kernels
-    ("recurrent", a requested "chunked" included); None where those cannot take it."""
-    if algorithm == "chunked" and s.packed and not s.every:
-        from .serving import PER_SEQUENCE
-
-        return PER_SEQUENCE
-    return "recurrent" if supports_serving(p, s) else None
-
-
 @backends.on_clear
 def _clear_launchers():
     recurrent_launcher.cache_clear()

@@ -23,7 +23,7 @@ import dataclasses
 import mlx.core as mx
 import numpy as np
 
-from . import backends
+from . import backends, launch
 from .validate import check_serving, check_serving_values, serving_key
 
 
@@ -36,7 +36,7 @@ def boundary_offsets(cu_seqlens, C: int) -> np.ndarray:
 
 def plan(backend, algorithm, base_key, check_base, state, cu_seqlens, state_indices, return_states):
     """(problem, serving options, backend module, algorithm) of a serving call, remembered per
-    signature like `backends.plan`. base_key / check_base: the plain call's key and check, both
+    signature like `planner.plan`. base_key / check_base: the plain call's key and check, both
     made with state=None (the state's leading size depends on the serving arguments)."""
     skey = serving_key(state, cu_seqlens, state_indices, return_states)
     key = None if base_key is None or skey is None else ("serving", base_key, skey, backend, algorithm,
@@ -146,3 +146,12 @@ def run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values: 
         new_state = final
     return (y, new_state, states) if s.every else (y, new_state)
 
+
+def kernel_serving_algorithm(p: Problem, s, algorithm: str):
+    """How the Metal and CUDA backends run a serving call: packed sequences without per-step
+    states under "chunked" one plain call each (`serving.PER_SEQUENCE`: the chunked kernels take
+    no pools, packed sequences or per-step states); everything else on the recurrent kernels
+    ("recurrent", a requested "chunked" included); None where those cannot take it."""
+    if algorithm == "chunked" and s.packed and not s.every:
+        return PER_SEQUENCE
+    return "recurrent" if launch.supports_serving(p, s) else None

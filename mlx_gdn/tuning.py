@@ -23,6 +23,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from ._version import __version__
+
 FORMAT = 1
 _ENV = "MLX_GDN_CACHE"
 # Default device type -> that device's valid entry (dict) or None; filled on first use.
@@ -54,8 +56,6 @@ def device_name() -> str:
 
 def versions() -> dict:
     """The versions an entry must match to be used."""
-    from . import __version__
-
     return {"mlx": mx.__version__, "mlx_gdn": __version__}
 
 
@@ -132,6 +132,15 @@ def crossover(backend: str, dtype: str):
 def reload() -> None:
     """Read the file again at next use (and forget routes chosen under the old answer)."""
     _loaded.clear()
-    from . import backends
+    for forget in _ON_RELOAD:
+        forget()
 
-    backends.clear_plans()
+
+# Callbacks run by `reload` (the backends register their plan cache's clearing: routes chosen
+# under the old answer must not outlive it).
+_ON_RELOAD: list = []
+
+
+def on_reload(forget) -> None:
+    """Run `forget()` whenever `reload` drops the loaded file."""
+    _ON_RELOAD.append(forget)

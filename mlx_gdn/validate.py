@@ -107,7 +107,7 @@ def _check_state_mask(state, mask, B, T, Hv, Dv, Dk):
 
 # Validation depends only on the inputs' shapes and dtypes (and the scalar options), so a
 # decode loop that calls with the same signature every step validates once: the public
-# functions remember each signature's plan (`backends.plan`) under these keys.
+# functions remember each signature's plan (`planner.plan`) under these keys.
 def signature(arrays, options) -> Optional[tuple]:
     """Flat tuple of each input's (shape, dtype) and the options; None when an input is not an
     mx.array or an option is unhashable (the full check then reports it)."""

@@ -82,8 +82,11 @@ def run(p: Problem, q, k, v, state, mask, *, algorithm, g=None, beta=None, gatin
     return run_recurrent(p, q, k, v, state, mask, g=g, beta=beta, gating=gating)
 
 
-# Serving calls run as every kernel backend runs them (`launch.kernel_serving_algorithm`).
-serving_algorithm = launch.kernel_serving_algorithm
+def serving_algorithm(p: Problem, s, algorithm: str):
+    """How this backend runs a serving call (`serving.kernel_serving_algorithm`)."""
+    from ..serving import kernel_serving_algorithm
+
+    return kernel_serving_algorithm(p, s, algorithm)
 
 
 def run_serving(p: Problem, s, q, k, v, state, mask, cu_seqlens, state_indices, *, algorithm, g=None, beta=None,
