@@ -28,11 +28,12 @@ _GPU_ORDER = ("metal", "cuda")
 # Backend -> smallest T at which the chunked form wins (or dtype name -> that T). None: never
 # chosen automatically. A tuning file for this device (`python -m mlx_gdn.tune`, `tuning`) overrides it.
 # "ops": the 2-core CPU, bench/crossover_cpu.py with a trained layer's gates (bench/NOTES.md,
-# "CPU crossover with trained gates"): the recurrence leads up to T=32-64 and chunked from 128, in
-# float32 and bf16 alike. "metal": no Apple GPU to measure on; NOTES gives a model only (a tuning
+# "CPU crossover with trained gates"): in float32 the chunked form leads from T=128; in bf16 the
+# recurrence still led at T=128 (0.76 against 1.04 of mlx-lm's time, alternating rounds on the
+# quiet machine) and the chunked form from T=256. "metal": no Apple GPU to measure on; NOTES gives a model only (a tuning
 # run decides). "cuda": H100 (bench/NOTES.md, "CUDA / H100"): chunked leads
 # from T=128 at B=1 in bf16 and ties in float32.
-CHUNKED_FROM_T = {"ops": 128, "metal": None, "cuda": 128}
+CHUNKED_FROM_T = {"ops": {"float32": 128, "bfloat16": 256, "float16": 256}, "metal": None, "cuda": 128}
 
 
 def prefers_chunked(backend: str, p: Problem) -> bool:

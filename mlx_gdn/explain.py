@@ -125,17 +125,17 @@ def route(backend: str, algorithm: str, p: Problem, lower: bool = False, neg: bo
 def _algorithm_reason(algorithm: str, name: str, chosen, p: Problem, algo: str) -> str:
     if algorithm != "auto":
         return f"algorithm {algorithm!r} asked for"
-    t0 = backends.CHUNKED_FROM_T.get(name)
+    t0 = backends.chunked_from(name, p.dtype)
     if p.gate != "scalar":
         return "algorithm 'auto': per-key gates run the recurrent form (chunked only when asked for)"
     if t0 is None:
-        return f"algorithm 'auto': no crossover measured for {name} (CHUNKED_FROM_T), so recurrent"
+        return f"algorithm 'auto': no crossover measured for {name} (CHUNKED_FROM_T or a tuning file), so recurrent"
     if p.T < t0:
-        return f"algorithm 'auto': crossover: T={p.T} below CHUNKED_FROM_T[{name!r}]={t0}, so recurrent"
+        return f"algorithm 'auto': crossover: T={p.T} below the crossover T={t0} for {name}, so recurrent"
     if algo == "recurrent":
-        return (f"algorithm 'auto': T={p.T} reaches CHUNKED_FROM_T[{name!r}]={t0}, but no {name} chunked kernel "
+        return (f"algorithm 'auto': T={p.T} reaches the crossover T={t0} for {name}, but no {name} chunked kernel "
                 "takes this shape, so recurrent")
-    return f"algorithm 'auto': crossover: T={p.T} reaches CHUNKED_FROM_T[{name!r}]={t0}, so chunked"
+    return f"algorithm 'auto': crossover: T={p.T} reaches the crossover T={t0} for {name}, so chunked"
 
 
 def _plain(v):

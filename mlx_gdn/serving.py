@@ -40,7 +40,7 @@ def plan(backend, algorithm, base_key, check_base, state, cu_seqlens, state_indi
     made with state=None (the state's leading size depends on the serving arguments)."""
     skey = serving_key(state, cu_seqlens, state_indices, return_states)
     key = None if base_key is None or skey is None else ("serving", base_key, skey, backend, algorithm,
-                                                          tuple(backends.CHUNKED_FROM_T.items()))
+                                                          backends.table_key())
 
     def make():
         p = check_base()
@@ -102,7 +102,7 @@ def run_per_sequence(mod, p, s, q, k, v, init, mask, cu_seqlens, **gates):
     chunked kernels from the backend's crossover length on, or for any length where the table has
     none: then "chunked" was asked for). Reads cu_seqlens to the host; init: [N, Hv, Dv, Dk]."""
     cu = np.array(cu_seqlens).tolist()
-    t0 = backends.CHUNKED_FROM_T.get(mod.name)
+    t0 = backends.chunked_from(mod.name, p.dtype)
     ys, finals = [], []
     for n in range(s.N):
         a, b = cu[n], cu[n + 1]

@@ -50,7 +50,7 @@ def test_ops_routes_and_crossover():
     e = mlx_gdn.explain(rule, *_rule_args(x))
     assert (e.backend, e.algorithm, e.kernels) == ("ops", "recurrent", ())
     assert any("crossover" in r and "T=3" in r for r in e.reasons), e.reasons
-    long = random_inputs(1, backends.CHUNKED_FROM_T["ops"], 1, 2, 32, 32, seed=fresh_seed())
+    long = random_inputs(1, backends.builtin_chunked_from("ops", "float32"), 1, 2, 32, 32, seed=fresh_seed())
     e = mlx_gdn.explain(update, *_update_args(long), lower_bound=-1.0)
     assert (e.backend, e.algorithm) == ("ops", "chunked"), str(e)
     key = random_inputs(1, 64, 1, 2, 32, 32, seed=fresh_seed(), gate="key")
