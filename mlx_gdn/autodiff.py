@@ -1,5 +1,7 @@
 """Gradients for every path: each call's forward wrapped in `mx.custom_function` whose VJP is
-the chunked backward in MLX ops (`ops.chunked_backward`).
+the backend's own chunked backward where it has one that takes the problem (a module attribute
+`chunked_backward` with `supports(p)` and `chunked_vjp(p, ...)`), else the chunked backward in MLX
+ops (`ops.chunked_backward`).
 
 Kernels (Metal, CUDA) have no VJP of their own, and autodiff through the ops recurrence keeps
 one Dv x Dk state per step (O(T Dk Dv) memory); the chunked backward keeps one per chunk. The
@@ -32,6 +34,14 @@ def run(p: Problem, mod, algorithm: str, q, k, v, state, mask, *, g=None, beta=N
     return fused(q, k, v, gating.a, gating.b, gating.A_log, gating.dt_bias, state)
 
 
+def _vjp(p: Problem, mod):
+    """chunked_vjp(q, k, v, g, beta, state, mask, dy, dstate) for a call on backend module `mod`."""
+    kernel = getattr(mod, "chunked_backward", None)
+    if kernel is not None and kernel.supports(p):
+        return lambda *args: kernel.chunked_vjp(p, *args)
+    return chunked_vjp
+
+
 def _rule(p, mod, algorithm, mask):
     @mx.custom_function
     def forward(q, k, v, g, beta, state):
@@ -41,7 +51,7 @@ def _rule(p, mod, algorithm, mask):
     def backward(primals, cotangents, outputs):
         q, k, v, g, beta, state = primals
         dy, dstate = cotangents
-        return chunked_vjp(q, k, v, g, beta, state, mask, dy, dstate)
+        return _vjp(p, mod)(q, k, v, g, beta, state, mask, dy, dstate)
 
     return forward
 
@@ -60,7 +70,7 @@ def _update(p, mod, algorithm, mask, lower_bound, allow_neg_eigval):
         q, k, v, a, b, A_log, dt_bias, state = primals
         dy, dstate = cotangents
         g, beta = gates(a, b, A_log, dt_bias)
-        dq, dk, dv, dg, dbeta, ds = chunked_vjp(q, k, v, g, beta, state, mask, dy, dstate)
+        dq, dk, dv, dg, dbeta, ds = _vjp(p, mod)(q, k, v, g, beta, state, mask, dy, dstate)
         _, (da, db, dA_log, ddt_bias) = mx.vjp(gates, [a, b, A_log, dt_bias], [dg, dbeta])
         return dq, dk, dv, da, db, dA_log, ddt_bias, ds
 
