@@ -2,6 +2,8 @@
 
     python examples/finetune_lora.py                      # 20 steps, bfloat16, every model
     python examples/finetune_lora.py --steps 3 --dtype float32 --models qwen3_5
+    python examples/finetune_lora.py --models qwen3_5_9b --steps 4 --batch 1 --length 1024 \
+        --lora-layers 16 --no-f32                        # a Qwen3.5-9B shape, on a GPU
 
 For each model: LoRA adapters on its last layers (`mlx_lm.tuner.linear_to_lora_layers`), then
 `mlx_lm.tuner.trainer.train` (the loop `mlx_lm.lora` runs) on the same token batches, once with
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import sys
 import tempfile
 import warnings
 from functools import partial
@@ -74,7 +78,24 @@ def tiny_kimi_linear(dtype):
     return _finish(kimi_linear.Model(kimi_linear.ModelArgs.from_dict(args)), dtype)
 
 
-MODELS = {"qwen3_5": tiny_qwen3_5, "kimi_linear": tiny_kimi_linear}
+def qwen3_5_9b(dtype):
+    """Qwen3.5-9B's shape with random weights: 32 layers (24 Gated DeltaNet, 8 attention), hidden
+    4096, linear heads Hk=16, Hv=32, Dk=Dv=128, its 248,320-token vocabulary. For a GPU."""
+    from mlx_lm.models import qwen3_5
+
+    text = dict(
+        model_type="qwen3_5_text", hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
+        num_attention_heads=16, num_key_value_heads=4, head_dim=256, vocab_size=248320,
+        linear_num_value_heads=32, linear_num_key_heads=16, linear_key_head_dim=128,
+        linear_value_head_dim=128, linear_conv_kernel_dim=4, full_attention_interval=4,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=32768,
+    )
+    return _finish(qwen3_5.Model(qwen3_5.ModelArgs.from_dict(dict(model_type="qwen3_5", text_config=text))), dtype)
+
+
+MODELS = {"qwen3_5": tiny_qwen3_5, "kimi_linear": tiny_kimi_linear, "qwen3_5_9b": qwen3_5_9b}
+# What runs without --models: the tiny ones (the 9B shape needs a GPU's memory).
+DEFAULT_MODELS = ("qwen3_5", "kimi_linear")
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 
 
@@ -134,13 +155,16 @@ def lora_model(name: str, dtype: str, lora_layers: int, seed: int):
     return model
 
 
-def run_model(name: str, steps: int, batch: int, length: int, dtype: str, lora_layers: int, seed: int) -> bool:
+def run_model(name: str, steps: int, batch: int, length: int, dtype: str, lora_layers: int, seed: int,
+              f32_reference: bool = True, json_out=None) -> bool:
     """Train one model unpatched and patched; print the curves; True when they agree.
 
     float32: the two curves within 1e-4 of each other at every step. bfloat16: the runs drift
     apart as training goes on (each rounds differently, and the updates compound it), so each is
     compared with a float32 run of the unpatched model instead: the patched curve must be within
     2e-2 of it at every step, or no further from it than mlx-lm's own bfloat16 curve is.
+    Without `f32_reference` (a model too big to train twice more) the bfloat16 curves are compared
+    with each other, within 2e-2. `json_out`: a list the run's record is appended to.
     """
     base = lora_model(name, dtype, lora_layers, seed)
     patched = copy.deepcopy(base)  # the same weights and the same LoRA initialisation
@@ -156,7 +180,7 @@ def run_model(name: str, steps: int, batch: int, length: int, dtype: str, lora_l
         ref = finetune(base, data, steps, batch, seed, Path(tmp) / "ref.safetensors")
         new = finetune(patched, data, steps, batch, seed, Path(tmp) / "new.safetensors")
         f32 = None
-        if dtype != "float32":
+        if dtype != "float32" and f32_reference:
             f32 = finetune(lora_model(name, "float32", lora_layers, seed), data, steps, batch, seed, Path(tmp) / "f32.safetensors")
     print(f"\n{name} ({dtype}, {n} layers patched, {trainable} trainable LoRA parameters, batch {batch} x {length} tokens)")
     truth = f32.losses if f32 else ref.losses
@@ -181,6 +205,11 @@ def run_model(name: str, steps: int, batch: int, length: int, dtype: str, lora_l
         ok = ok and worst_new <= TOLERANCE[dtype]
         what = f"loss curves agree to {worst_new:.1e} (bound {TOLERANCE[dtype]:.0e})"
     print(f"CHECK {'ok' if ok else 'FAILED'}: {what}")
+    if json_out is not None:
+        json_out.append(dict(model=name, dtype=dtype, steps=steps, batch=batch, length=length, lora_layers=lora_layers,
+                             patched_layers=n, trainable=int(trainable), mlx_lm_loss=ref.losses, patched_loss=new.losses,
+                             mlx_lm_tokens_per_s=float(speed(ref)), patched_tokens_per_s=float(speed(new)),
+                             mlx_lm_peak_gb=ref.peak_gb, patched_peak_gb=new.peak_gb, check=what, ok=bool(ok)))
     return ok
 
 
@@ -191,10 +220,20 @@ def main():
     ap.add_argument("--length", type=int, default=64, help="tokens per sequence")
     ap.add_argument("--dtype", choices=sorted(TOLERANCE), default="bfloat16")
     ap.add_argument("--lora-layers", type=int, default=4, help="layers (from the last) given adapters")
-    ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(DEFAULT_MODELS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-f32", action="store_true", help="bfloat16: compare the two bfloat16 curves, no float32 run")
+    ap.add_argument("--json", help="write each model's record (losses, tokens/s, peak memory) here")
     a = ap.parse_args()
-    results = [run_model(m, a.steps, a.batch, a.length, a.dtype, a.lora_layers, a.seed) for m in a.models]
+    records = []
+    results = [run_model(m, a.steps, a.batch, a.length, a.dtype, a.lora_layers, a.seed, not a.no_f32, records)
+               for m in a.models]
+    if a.json:
+        from mlx_gdn.bench.env import environment
+
+        with open(a.json, "w") as f:
+            json.dump(dict(environment=environment(), command=" ".join(["python"] + sys.argv),
+                           runs=records), f, indent=1)
     raise SystemExit(0 if all(results) else 1)
 
 
