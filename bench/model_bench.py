@@ -85,13 +85,10 @@ def mlx_decode(model, context, n):
     return n / (time.perf_counter() - t0), out
 
 
-def mlx_launches_per_step(model, context):
-    """CUDA kernels launched by one decode step (CUPTI through torch's profiler), or None."""
-    try:
-        import torch
-        from torch.profiler import ProfilerActivity, profile
-    except ImportError:
-        return None
+def mlx_step_profile(model, context):
+    """One decode step split three ways: CUDA kernels launched and their summed GPU time (CUPTI
+    through torch's profiler; None without torch), and the host time to build the step's graph
+    (the model call before evaluation), median of 10 steps."""
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
@@ -100,12 +97,39 @@ def mlx_launches_per_step(model, context):
     for _ in range(3):
         mx.eval(model(tok, cache=cache))
     _sync()
+    builds = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        out = model(tok, cache=cache)
+        builds.append(time.perf_counter() - t0)
+        mx.eval(out)
+    row = {"host_build_ms": statistics.median(builds) * 1e3}
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return row
+    _sync()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         mx.eval(model(tok, cache=cache))
         _sync()
         torch.cuda.synchronize()
-    return sum(1 for ev in prof.events() if "CUDA" in str(getattr(ev, "device_type", "")))
+    gpu = [ev for ev in prof.events() if "CUDA" in str(getattr(ev, "device_type", ""))]
+    row["launches_per_decode_step"] = len(gpu)
+    row["decode_step_gpu_ms"] = sum(ev.time_range.elapsed_us() for ev in gpu) / 1e3
+    return row
+
+
+def first_layer_output(model, context):
+    """The first Gated DeltaNet layer's output on the embedded context, float32 (a per-layer
+    check of the patch that random weights do not blur the way 32 layers do)."""
+    inner = model.language_model.model
+    layer = next(l for l in model.layers if getattr(l, "is_linear", False))
+    h = layer.input_layernorm(inner.embed_tokens(context[None]))
+    out = layer.linear_attn(h, None, None).astype(mx.float32)
+    mx.eval(out)
+    return out
 
 
 def mlx_prefill_kernels(model, tokens, top=15):
@@ -206,10 +230,12 @@ def main(argv=None):
     prompt, context = mx.array(prompt_np)[None], mx.array(context_np)
     rows = {}
     model = mlx_model(a)
+    first = {}
     for name in ("unpatched", "patched"):
         if name == "patched":
             report = mlx_gdn.patch(model)
             rows["patch_report"] = str(report)
+        first[name] = first_layer_output(model, context)
         row = {}
         if not (name == "unpatched" and a.skip_unpatched_prefill):
             row["prefill_s"] = mlx_prefill_s(model, prompt, a.reps if name == "patched" else 1)
@@ -217,7 +243,7 @@ def main(argv=None):
         mx.eval(logits)
         rows.setdefault("_logits", {})[name] = logits
         row["decode_tok_s"], row["tokens"] = mlx_decode(model, context, a.decode)
-        row["launches_per_decode_step"] = mlx_launches_per_step(model, context)
+        row.update(mlx_step_profile(model, context))
         if name == "patched":
             row["prefill_gpu"] = mlx_prefill_kernels(model, prompt)
         rows[f"mlx-lm {name}"] = row
@@ -232,6 +258,9 @@ def main(argv=None):
     lg = rows.pop("_logits")
     diff = mx.linalg.norm(lg["patched"] - lg["unpatched"]) / mx.linalg.norm(lg["unpatched"])
     rows["last_logits_rel_diff"] = float(diff)
+    d1 = mx.linalg.norm(first["patched"] - first["unpatched"]) / mx.linalg.norm(first["unpatched"])
+    rows["first_layer_rel_diff"] = float(d1)
+    print(f"first Gated DeltaNet layer, patched vs unpatched: {float(d1):.2e} (relative)", flush=True)
     # Random weights give near-tied logits, so greedy tokens of two bf16 paths can part ways
     # without either being wrong; the logits' relative difference is the check.
     print(f"patched vs unpatched: last-position logits differ by {float(diff):.2e} (relative); "
@@ -241,7 +270,7 @@ def main(argv=None):
                                     if getattr(l, "is_linear", False) and hasattr(l.linear_attn, "merge_projections"))}
         row["decode_tok_s"], tokens = mlx_decode(model, context, a.decode)
         row["same_greedy_tokens_as_patched"] = tokens == rows["mlx-lm patched"]["tokens"]
-        row["launches_per_decode_step"] = mlx_launches_per_step(model, context)
+        row.update(mlx_step_profile(model, context))
         rows["mlx-lm patched, merged projections"] = row
         print("patched, merged projections", row, flush=True)
     del model
