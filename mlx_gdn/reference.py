@@ -101,6 +101,29 @@ def gated_rms_norm(x, z, weight, eps: float):
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight * (z * _sigmoid(z))
 
 
+def layer_prep(qkv, conv_state, w, mask, Hk: int, Dk: int, Dv: int, eps: float = 1e-6):
+    """float64 layer inputs of the recurrence from the projections' outputs over S tokens: depthwise
+    causal conv over the conv state and the inputs (masked inputs as zeros), SiLU, split into q, k,
+    v, q/k normalisation (q scaled by Dk**-0.5). qkv [B,S,C]; conv_state [B,K-1,C]; w [C,K,1];
+    mask [B,S] or None. Returns (q [B,S,Hk,Dk], k [B,S,Hk,Dk], v [B,S,Hv,Dv], new conv state
+    [B,K-1,C]: the last K-1 inputs)."""
+    x = to_numpy(qkv)
+    if mask is not None:
+        x = np.where(np.asarray(to_numpy(mask) != 0)[..., None], x, 0.0)
+    inp = np.concatenate([to_numpy(conv_state), x], axis=1)  # [B, K-1+S, C]
+    wk = to_numpy(w)[:, :, 0]  # [C, K]
+    K, (B, S, _) = wk.shape[1], x.shape
+    conv = sum(inp[:, j : j + S] * wk[:, j] for j in range(K))
+    act = conv * _sigmoid(conv)
+    kd = Hk * Dk
+    q = act[..., :kd].reshape(B, S, Hk, Dk)
+    k = act[..., kd : 2 * kd].reshape(B, S, Hk, Dk)
+    v = act[..., 2 * kd :].reshape(B, S, -1, Dv)
+    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + eps) * Dk**-0.5
+    k = k / np.sqrt((k * k).sum(-1, keepdims=True) + eps)
+    return q, k, v, inp[:, S:]
+
+
 def layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk: int, Dk: int, Dv: int, eps: float = 1e-6,
                norm=None):
     """float64 T=1 step of the drop-in layer from its projections' outputs: conv-state shift,
@@ -112,22 +135,11 @@ def layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk: int, D
     if norm is not None:
         y, conv, S = layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk, Dk, Dv, eps)
         return gated_rms_norm(y, *norm), conv, S
-    x = to_numpy(qkv)
+    q, k, v, conv = layer_prep(qkv, conv_state, w, mask, Hk, Dk, Dv, eps)
     m = None if mask is None else np.asarray(to_numpy(mask) != 0)
-    if m is not None:
-        x = np.where(m[..., None], x, 0.0)
-    inp = np.concatenate([to_numpy(conv_state), x], axis=1)  # [B, K, C]
-    conv = np.einsum("bkc,ck->bc", inp, to_numpy(w)[:, :, 0])
-    act = conv * _sigmoid(conv)
-    B, kd = act.shape[0], Hk * Dk
-    q = act[:, :kd].reshape(B, 1, Hk, Dk)
-    k = act[:, kd : 2 * kd].reshape(B, 1, Hk, Dk)
-    v = act[:, 2 * kd :].reshape(B, 1, -1, Dv)
-    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + eps) * Dk**-0.5
-    k = k / np.sqrt((k * k).sum(-1, keepdims=True) + eps)
     g, beta = gates(a, b, A_log, dt_bias)
     y, S = delta_rule(q, k, v, g, beta, state, m)
-    return y, inp[:, 1:], S
+    return y, conv, S
 
 
 def delta_rule_steps(q, k, v, g, beta, state=None, mask=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -30,7 +30,7 @@ import mlx.nn as nn
 from ..api import gated_delta_update
 from ..gating import normalize_qk
 from ..validate import BACKENDS, check_choice
-from . import decode_step
+from . import decode_step, prefill_step
 
 __all__ = [
     "GatedDeltaNet",
@@ -280,7 +280,18 @@ class _GatedDeltaBase(DropInLayer):
                 out = self._fused_step(qkv, a, b, mask, cache, norm)
                 if out is not None:
                     return out
-        return self["norm"](self.mix(qkv, a, b, mask, cache), z)
+        y = self.mix(qkv, a, b, mask, cache)
+        if qkv.shape[1] > 1 and not self.training:
+            norm = _gated_norm(self["norm"], z)
+            if norm is not None:
+                # One launch for the norm and its gate (`prefill_step.gated_norm`) on a kernel backend.
+                fused = prefill_step.norm_backend(self._backend(), y, norm.z, norm.weight, norm.eps)
+                if fused is not None:
+                    return prefill_step.gated_norm(fused, y, norm.z, norm.weight, norm.eps)
+        return self["norm"](y, z)
+
+    def _sizes(self) -> Tuple[int, int, int, int]:
+        return self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
 
     def _fused_step(self, qkv, a, b, mask, cache, norm=None) -> Optional[mx.array]:
         # The T=1 step in one launch (`decode_step`; with `norm` its norm variant), updating the
@@ -336,6 +347,12 @@ class _GatedDeltaBase(DropInLayer):
             v = v.reshape(B, 1, self.num_v_heads, self.head_v_dim)
             if cache is not None:
                 cache[0] = new_conv
+        elif (S > 1 and not self.training and lengths is None and (fused := prefill_step.prep_backend(
+                backend, qkv, conv_state, self["conv1d"]["weight"], mask, *self._sizes())) is not None):
+            # One launch from the projection to contiguous q, k, v (`prefill_step.prep`).
+            q, k, v = prefill_step.prep(fused, qkv, conv_state, self["conv1d"]["weight"], mask, *self._sizes())
+            if cache is not None:
+                cache[0] = prefill_step.conv_tail(qkv, conv_state, mask)
         else:
             conv_out, new_conv = causal_conv(qkv, self["conv1d"], conv_state, n_keep, mask, lengths)
             if cache is not None:
