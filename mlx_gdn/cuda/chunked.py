@@ -210,6 +210,15 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
     tokens 64 E, 128 E, ... (a partial last chunk ends no saved state)."""
     if save_every < 0:
         raise ValueError(f"save_every: expected an integer >= 0, got {save_every}")
+    m = mask if mask is not None else _dummy()
+    outs = run_kkt_solve_wy(p, q, k, v, m, g=g, beta=beta, gating=gating)
+    return run_state_output(p, q, k, outs, state, m, save_every)
+
+
+def run_kkt_solve_wy(p: Problem, q, k, v, m, *, g=None, beta=None, gating=None):
+    """Launch 1 (stages kkt_solve and wy): [W, U, Aqk, G] (W [B,Hv,Tp,Dk], U [B,Hv,Tp,Dv], Aqk
+    [B,Hv,N,64,64] in the operand type, G [B,Hv,Tp] float32; Tp = 64 N), then Qg, Kd, Gk for per-key
+    gates. m: the mask or a placeholder."""
     exact = p.dtype == mx.float32
     ot = mx.float32 if exact else mx.bfloat16
     nt = -(-p.T // CHUNK)
@@ -222,17 +231,15 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
         lb = launch.lower_bound_array(gating.lower_bound)
     else:
         gate_a, gate_b, a_log, dt_bias, lb = g, beta, dummy, dummy, dummy
-    m = mask if mask is not None else dummy
-    key = p.gate == "key"
 
     kname, body, outputs, template, smem = _kkt_wy_launch(p, lower, neg, dt_key)
     kkt_wy = _kernel(kname, KKT_WY_INPUTS, outputs, source_text(body), header(), smem)
     shapes = [(p.B, p.Hv, tp, p.Dk), (p.B, p.Hv, tp, p.Dv), (p.B, p.Hv, nt, CHUNK, CHUNK), (p.B, p.Hv, tp)]
     dtypes = [ot, ot, ot, mx.float32]
-    if key:  # q and k with the decay folded in, and the chunk-end decays per key column
+    if p.gate == "key":  # q and k with the decay folded in, and the chunk-end decays per key column
         shapes += [(p.B, p.T, p.Hv, p.Dk), (p.B, p.T, p.Hv, p.Dk), (p.B, p.Hv, nt, p.Dk)]
         dtypes += [p.dtype, p.dtype, mx.float32]
-    outs = kkt_wy(
+    return kkt_wy(
         inputs=[q, k, v, gate_a, gate_b, a_log, dt_bias, lb, m],
         template=template,
         grid=(nt * THREADS, p.Hv, p.B),
@@ -241,8 +248,11 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
         output_dtypes=dtypes,
         **launch.launch_options(),
     )
-    W, U, Aqk, G = outs[:4]
 
+
+def run_state_output(p: Problem, q, k, outs, state, m, save_every: int = 0):
+    """The state + output launch on launch 1's `outs`: (y, state), plus saved (see `run_chunked`)."""
+    W, U, Aqk, G = outs[:4]
     sname, sbody, sinputs, threads, rows, stemplate, ssmem = _state_launch(p, save_every)
     shapes = [(p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)]
     dtypes = [p.dtype, mx.float32]
@@ -252,7 +262,7 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
         shapes.append((p.B, p.T // (CHUNK * save_every), p.Hv, p.Dv, p.Dk))
         dtypes.append(mx.float32)
     step = _kernel(sname, sinputs, outputs, source_text(sbody), header(), ssmem)
-    ins = [outs[4], outs[5], W, U, Aqk, G, state, m, outs[6]] if key else [q, k, W, U, Aqk, G, state, m]
+    ins = [outs[4], outs[5], W, U, Aqk, G, state, m, outs[6]] if p.gate == "key" else [q, k, W, U, Aqk, G, state, m]
     res = step(
         inputs=ins,
         template=stemplate,
