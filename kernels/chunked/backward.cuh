@@ -157,7 +157,7 @@ template <int Dk, int Dv, bool EXACT>
 __host__ __device__ constexpr int chunk_grads_smem() {
   using ST = typename Operand<EXACT>::T;
   constexpr int LK = Ld<ST, Dk>::value, LX = (Dk > Dv ? Dk : Dv) + 4;
-  return 2 * C * LK * (int)sizeof(ST) + 4 * C * (C + 4) * 4 + 2 * C * LX * 4 + 8 * C * 4 + 4 * 4;
+  return 2 * C * LK * (int)sizeof(ST) + 4 * C * (C + 4) * 4 + 2 * C * LX * 4 + 9 * C * 4 + 4 * 4;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -193,7 +193,8 @@ __device__ void chunk_grads(const TI* q, const TI* k, const TI* v, const TB* bet
   float* sdG = sLive + C;
   float* sdB = sdG + C;
   float* sEK = sdB + C;
-  float* sRed = sEK + C;  // [4] per-warp partial sums of <dS', S>
+  float* sX = sEK + C;    // the decay pairs' part of dl
+  float* sRed = sX + C;   // [4] per-warp partial sums of <dS', S>
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g8 = lane >> 2, t4 = lane & 3;
   const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -319,8 +320,6 @@ __device__ void chunk_grads(const TI* q, const TI* k, const TI* v, const TB* bet
       }
     }
     if (t4 == 0) {
-      sdG[r0 + g8] -= ea * ek0;
-      sdG[r0 + g8 + 8] -= eb * ek1;
       sEK[r0 + g8] = ea * ek0;
       sEK[r0 + g8 + 8] = eb * ek1;
     }
@@ -421,28 +420,44 @@ __device__ void chunk_grads(const TI* q, const TI* k, const TI* v, const TB* bet
       if (i < rows) store_pair(dkc + (long)i * Hv * Dk + j, on * x0, on * x1);
     });
   }
-  // Row and column sums of dA * A and dAqk * Aqk; dbeta; dG.
+  // The log-decay gradient dl_m = sum_{i >= m} dG_i, summed without cancellation: each decay
+  // exp(G_i - G_j) (i > j) adds its term to dl_m for j < m <= i only, and exp(G_C - G_i) for i < m.
+  // So dl_m = sum_{i >= m} (the exp(G_i) terms) + Gam <dS', S> + sum_{i < m} exp(G_C - G_i) dKd_i.k_i
+  //         + sum_{i >= m > j} (dA_ij A_ij + dAqk_ij Aqk_ij).
+  // (Forming dG_i first and summing it loses the small dl behind a tiny gate to rounding.)
   if (tid < C) {
-    const int i = tid;
-    float rowE = 0.0f, colE = 0.0f, rowQ = 0.0f, colQ = 0.0f;
-    for (int j = 0; j < C; ++j) {
-      rowE += sAkk[i * LA + j];
-      colE += sBeta[j] * sAkk[j * LA + i];
-      rowQ += sAq[i * LA + j];
-      colQ += sAq[j * LA + i];
+    float rowE = 0.0f;
+    for (int j = 0; j < C; ++j) rowE += sAkk[tid * LA + j];
+    sdB[tid] += rowE;
+  }
+  __syncthreads();
+  if (tid < C) {  // column j: suffix sums over i of dA * A + dAqk * Aqk, in place in sAq
+    const int j = tid;
+    float f = 0.0f;
+    for (int i = C - 1; i > j; --i) {
+      f += sBeta[i] * sAkk[i * LA + j] + sAq[i * LA + j];
+      sAq[i * LA + j] = f;
     }
-    sdB[i] += rowE;
-    sdG[i] += sBeta[i] * rowE - colE + rowQ - colQ;
+  }
+  __syncthreads();
+  if (tid < C) {
+    float s = 0.0f;
+    for (int j = 0; j < tid; ++j) s += sAq[tid * LA + j];
+    sX[tid] = s;
   }
   __syncthreads();
   if (tid == 0) {
-    float ek = 0.0f;
-    for (int i = 0; i < C; ++i) ek += sEK[i];
-    float acc = sdG[C - 1] + expf(sG[C - 1]) * (sRed[0] + sRed[1] + sRed[2] + sRed[3]) + ek;
-    sdG[C - 1] = acc;
-    for (int i = C - 2; i >= 0; --i) {
-      acc += sdG[i];
-      sdG[i] = acc;
+    float pre = 0.0f;
+    for (int i = 0; i < C; ++i) {  // sEK becomes its prefix sums before i
+      const float e = sEK[i];
+      sEK[i] = pre;
+      pre += e;
+    }
+    const float end = expf(sG[C - 1]) * (sRed[0] + sRed[1] + sRed[2] + sRed[3]);
+    float suf = 0.0f;
+    for (int i = C - 1; i >= 0; --i) {
+      suf += sdG[i];
+      sdG[i] = suf + end + sEK[i] + sX[i];
     }
   }
   __syncthreads();
