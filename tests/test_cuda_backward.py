@@ -56,3 +56,146 @@ def test_saved_chunk_states(in_simulator, monkeypatch, T, E, dtype, gate, masked
     err = rel_error(to_numpy(saved), ref)
     tol = TOLERANCE[DT[dtype]]
     assert err < tol, f"saved states err {err:.2e} (tol {tol}), T={T} E={E} {dtype} {gate}, seed={seed}"
+
+
+# --- the kernel backward (cuda.chunked_backward) --------------------------------------------------
+
+from mlx_gdn import autodiff  # noqa: E402
+from mlx_gdn.cuda import chunked_backward  # noqa: E402
+from mlx_gdn.ops import chunked_backward as ops_backward  # noqa: E402
+from mlx_gdn.validate import check_update  # noqa: E402
+
+from test_gradients import _call, _grads, _names, _weights, check_directional  # noqa: E402
+
+OPS_VJP = ops_backward.chunked_vjp
+
+
+def _kernel_only(monkeypatch):
+    """Any use of the ops backward fails the test: gradients come from the kernels or not at all."""
+    def refuse(*a, **k):
+        pytest.fail("the ops backward ran in place of the CUDA kernel backward")
+
+    monkeypatch.setattr(autodiff, "chunked_vjp", refuse)
+    monkeypatch.setattr(ops_backward, "chunked_vjp", refuse)
+
+
+def _problem(x, fused):
+    if fused:
+        return check_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, x.mask, None, False)
+    return check_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
+
+
+def _kernel_grads(x, fused, W, V, monkeypatch):
+    p = _problem(x, fused)
+    assert chunked_backward.supports(p), f"{p} not taken by the kernel backward"
+    _kernel_only(monkeypatch)
+    return _grads(_call(x, fused, "cuda", "chunked"), x, fused, W, V)
+
+
+def _ops_grads(x, W, V):
+    """The ops backward's VJP at the same inputs (as float32), for the rule's inputs."""
+    f32 = mx.float32
+    W = W.reshape(x.v.shape) if W.shape != x.v.shape else W
+    out = OPS_VJP(*(getattr(x, n).astype(f32) for n in ("q", "k", "v", "g", "beta")), x.state, x.mask, W, V)
+    return dict(zip(("q", "k", "v", "g", "beta", "state"), out))
+
+
+# (fused, B, T, Hk, Hv, Dk, Dv, masked): chunks and a partial last chunk crossed, GQA.
+GRAD_CASES = [
+    (False, 1, 150, 1, 2, 64, 64, True),
+    (True, 2, 70, 2, 4, 64, 64, True),
+    (False, 1, 128, 1, 3, 64, 64, False),
+    (True, 1, 40, 1, 2, 64, 64, False),
+    (False, 1, 100, 1, 2, 128, 64, True),
+]
+
+
+@pytest.mark.parametrize("fused,B,T,Hk,Hv,Dk,Dv,masked", GRAD_CASES)
+def test_kernel_backward_float32(in_simulator, monkeypatch, fused, B, T, Hk, Hv, Dk, Dv, masked):
+    """Every input's gradient from the kernels (q, k, v, g, beta, state; a, b, A_log, dt_bias
+    through fused gating) against central differences of the float64 reference, and the rule's
+    against the ops backward's VJP."""
+    seed = fresh_seed()
+    x = random_inputs(B, T, Hk, Hv, Dk, Dv, seed=seed, mask=masked)
+    W, V = _weights(x, seed)
+    what = f"kernel backward {'update' if fused else 'rule'} B={B} T={T} Hk={Hk} Hv={Hv} Dk={Dk} Dv={Dv}"
+    grads = _kernel_grads(x, fused, W, V, monkeypatch)
+    for n, gr in grads.items():
+        assert gr.dtype == getattr(x, n).dtype and float(mx.abs(gr).max()) > 0, f"{what}, seed={seed}: d{n}"
+    check_directional(grads, x, fused, W, V, seed, what)
+    if not fused:
+        want = _ops_grads(x, W, V)
+        for n in _names(False):
+            err = rel_error(to_numpy(grads[n]), to_numpy(want[n]))
+            assert err < 1e-4, f"{what}, seed={seed}: d{n} against the ops backward, relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_kernel_backward_bf16(in_simulator, monkeypatch, fused):
+    """bfloat16 inputs (bf16 operands, float32 accumulation): gradients within 2e-2 of the ops
+    backward's float32 VJP at the same values and of the float64 reference's central differences."""
+    seed = fresh_seed()
+    x = random_inputs(1, 140, 1, 2, 64, 64, dtype=mx.bfloat16, seed=seed, mask=True)
+    W, V = _weights(x, seed)
+    what = f"kernel backward bf16 {'update' if fused else 'rule'}"
+    grads = _kernel_grads(x, fused, W, V, monkeypatch)
+    for n, gr in grads.items():
+        assert gr.dtype == getattr(x, n).dtype, f"{what}: d{n} dtype {gr.dtype}"
+    check_directional(grads, x, fused, W, V, seed, what, tol=2e-2)
+    if not fused:
+        want = _ops_grads(x, W, V)
+        for n in _names(False):
+            err = rel_error(to_numpy(grads[n]), to_numpy(want[n]))
+            assert err < 2e-2, f"{what}, seed={seed}: d{n} against the ops backward, relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_kernel_backward_masked_steps_get_no_gradient(in_simulator, monkeypatch, fused):
+    """A masked step's q, k, v, g, beta (a, b) get exactly zero gradient."""
+    seed = fresh_seed()
+    x = random_inputs(2, 90, 1, 2, 64, 64, seed=seed, mask=True)
+    m = np.asarray(to_numpy(x.mask)) != 0
+    assert (~m).any() and m.any()
+    W, V = _weights(x, seed)
+    grads = _kernel_grads(x, fused, W, V, monkeypatch)
+    for n in _names(fused):
+        if n in ("A_log", "dt_bias", "state"):
+            continue
+        gr = to_numpy(grads[n])
+        assert np.all(gr[~m] == 0), f"seed={seed}: d{n} nonzero at a masked step"
+        assert np.abs(gr[m]).max() > 0, f"seed={seed}: d{n} all zero at live steps"
+
+
+def test_kernel_backward_extreme_gates(in_simulator, monkeypatch):
+    """Gates of exactly 0, 1e-30 and 1 among a trained layer's: finite gradients equal to the ops
+    backward's (the same floor for g near 0: dg = dl / max(g, 1e-30))."""
+    seed = fresh_seed()
+    x = random_inputs(1, 130, 1, 2, 64, 64, seed=seed)
+    g = np.array(x.g)
+    g[0, 3::9], g[0, 5::9], g[0, 7::9] = 0.0, 1e-30, 1.0
+    x.g = mx.array(g)
+    W, V = _weights(x, seed)
+    grads = _kernel_grads(x, False, W, V, monkeypatch)
+    want = _ops_grads(x, W, V)
+    for n in _names(False):
+        gr = to_numpy(grads[n])
+        assert np.isfinite(gr).all(), f"seed={seed}: d{n} not finite"
+        err = rel_error(gr, to_numpy(want[n]))
+        assert err < 1e-4, f"seed={seed}: d{n} against the ops backward, relative error {err:.2e}"
+
+
+def test_compile_failure_falls_back_to_the_ops_backward(in_simulator, monkeypatch):
+    """A backward kernel that does not compile sends the call to the ops backward with one
+    RuntimeWarning; the gradients are the ops backward's."""
+    seed = fresh_seed()
+    x = random_inputs(1, 80, 1, 2, 64, 64, seed=seed)
+    W, V = _weights(x, seed)
+    monkeypatch.setattr(chunked_backward, "header", lambda: "#error broken backward header\n")
+    monkeypatch.setattr(chunked_backward, "_VERDICTS", {})
+    with pytest.warns(RuntimeWarning, match="CUDA chunked backward failed"):
+        grads = _grads(_call(x, False, "cuda", "chunked"), x, False, W, V)
+    assert not chunked_backward.supports(_problem(x, False))
+    want = _ops_grads(x, W, V)
+    for n in _names(False):
+        err = rel_error(to_numpy(grads[n]), to_numpy(want[n]))
+        assert err < 1e-5, f"seed={seed}: d{n} relative error {err:.2e}"
