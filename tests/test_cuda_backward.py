@@ -246,3 +246,73 @@ def test_gpu_kernel_backward_float32_reference(monkeypatch, fused):
     W, V = _weights(x, seed)
     grads = _kernel_grads(x, fused, W, V, monkeypatch)
     check_directional(grads, x, fused, W, V, seed, f"GPU kernel backward float32 {'update' if fused else 'rule'}")
+
+
+# --- offline compile with nvcc (no GPU needed) -----------------------------------------------------
+
+
+def _backward_tu() -> str:
+    """One translation unit of the SAVE_EVERY state passes and the backward stages, as MLX builds them."""
+    from mlx_gdn.cuda import kernel as cuda
+    from mlx_gdn.validate import Problem
+
+    from test_cuda_compile import MLX_HEADER
+
+    parts = [MLX_HEADER, chunked_backward.header()]
+    for i, (dt, Dk, Dv, masked, B, body) in enumerate([
+            (mx.bfloat16, 128, 128, True, 1, "state_output_save"),
+            (mx.float32, 128, 128, False, 4, "state_output_save"),
+            (mx.bfloat16, 128, 128, False, 4, "state_output_regs_save"),
+            (mx.float32, 64, 128, True, 1, "state_output_key_save")]):
+        exact = dt == mx.float32
+        ot = mx.float32 if exact else mx.bfloat16
+        mask = ("mask", mx.bool_ if masked else mx.float32, 2 if masked else 1)
+        common = [("W", ot, 4), ("U", ot, 4), ("Aqk", ot, 5), ("G", mx.float32, 3), ("state_in", mx.float32, 4), mask]
+        outputs = [("y", dt), ("state_out", mx.float32), ("saved", mx.float32)]
+        if body == "state_output_regs_save":
+            inputs = [("q", dt, 4), ("k", dt, 4)] + common
+            template = [("Dk", Dk), ("Dv", Dv), ("NW", 8), ("MASKED", masked), ("SAVE_EVERY", 1)]
+        else:
+            key = body == "state_output_key_save"
+            p = Problem(B, 256, 16, 32, Dk, Dv, dt, "key" if key else "scalar", masked, False)
+            bv, share, _ = chunked._state_config(p)
+            inputs = ([("Qg", dt, 4), ("Kd", dt, 4)] if key else [("q", dt, 4), ("k", dt, 4)]) + common
+            inputs += [("Gk", mx.float32, 4)] if key else []
+            template = [("Dk", Dk), ("Dv", Dv), ("BV", bv), ("EXACT", exact), ("MASKED", masked), ("SHARE_WQ", share),
+                        ("NH", chunked.state_nh(bv)), ("SAVE_EVERY", 2 if key else 1)]
+        parts.append(cuda.kernel_text(f"custom_kernel_save_{i}", "", cuda.source_text(f"chunked/{body}.cu"), inputs,
+                                      outputs, template))
+    for i, (dt, Dk, Dv, masked, bv) in enumerate([
+            (mx.bfloat16, 128, 128, False, 32), (mx.float32, 128, 128, True, 64), (mx.float16, 64, 128, True, 16),
+            (mx.bfloat16, 128, 64, True, 64)]):
+        exact = dt == mx.float32
+        ot = mx.float32 if exact else mx.bfloat16
+        mask = ("mask", mx.bool_ if masked else mx.float32, 2 if masked else 1)
+        f32 = mx.float32
+        inputs = [("q", dt, 4), ("k", dt, 4), ("W", ot, 4), ("Aqk", ot, 5), ("G", f32, 3), ("dy", dt, 4), mask,
+                  ("dstate", f32, 4)]
+        template = [("Dk", Dk), ("Dv", Dv), ("BV", bv), ("EXACT", exact), ("MASKED", masked)]
+        parts.append(cuda.kernel_text(f"custom_kernel_state_backward_{i}", "", cuda.source_text("chunked/state_backward.cu"),
+                                      inputs, [(n, f32) for n in chunked_backward.STATE_BWD_OUTPUTS], template))
+        inputs = [("q", dt, 4), ("k", dt, 4), ("v", dt, 4), ("beta", dt, 3), ("W", ot, 4), ("U", ot, 4),
+                  ("Aqk", ot, 5), ("G", f32, 3), ("state_in", f32, 4), ("saved", f32, 5), ("dS", f32, 5),
+                  ("dU", f32, 4), ("dy", dt, 4), mask]
+        template = [("Dk", Dk), ("Dv", Dv), ("EXACT", exact), ("MASKED", masked)]
+        parts.append(cuda.kernel_text(f"custom_kernel_chunk_grads_{i}", "", cuda.source_text("chunked/chunk_grads.cu"),
+                                      inputs, [(n, f32) for n in chunked_backward.GRADS_OUTPUTS], template))
+    return "".join(parts)
+
+
+def test_backward_kernels_compile():
+    """The SAVE_EVERY state passes and the backward stages compile with nvcc for sm_90a."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from test_cuda_compile import _nvcc
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not found")
+    with tempfile.TemporaryDirectory() as d:
+        r = _nvcc(_backward_tu(), Path(d), "backward")
+    assert r.returncode == 0, f"backward translation unit failed to compile:\n{r.stderr[-6000:]}"
