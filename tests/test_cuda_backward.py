@@ -316,3 +316,33 @@ def test_backward_kernels_compile():
     with tempfile.TemporaryDirectory() as d:
         r = _nvcc(_backward_tu(), Path(d), "backward")
     assert r.returncode == 0, f"backward translation unit failed to compile:\n{r.stderr[-6000:]}"
+
+
+@pytest.mark.cuda
+@gpu
+def test_gpu_kernel_backward_under_compile(monkeypatch):
+    """Inside mx.compile (as training steps run) the kernel backward runs, with the same gradients
+    as outside it."""
+    import warnings
+
+    seed = fresh_seed()
+    x = random_inputs(1, 300, 2, 4, 128, 128, dtype=mx.bfloat16, seed=seed, mask=True)
+    W, V = _weights(x, seed)
+    monkeypatch.setattr(chunked_backward, "_VERDICTS", {})
+    _kernel_only(monkeypatch)
+    fn = _call(x, True, "cuda", "chunked")
+
+    def loss(*args):
+        y, s = fn(*args)
+        return (y.astype(mx.float32) * W).sum() + (s * V).sum()
+
+    args = [getattr(x, n) for n in _names(True)]
+    grad = mx.grad(loss, argnums=tuple(range(len(args))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = mx.compile(grad)(*args)
+        mx.eval(got)
+    want = grad(*args)
+    for n, a, b in zip(_names(True), got, want):
+        err = rel_error(to_numpy(a), to_numpy(b))
+        assert err < 1e-5, f"seed={seed}: d{n} compiled against eager, relative error {err:.2e}"

@@ -85,18 +85,18 @@ def _forward_problem(p: Problem) -> Problem:
 
 def supports(p: Problem) -> bool:
     """Scalar gates, Dk and Dv in {64, 128}, where the forward's chunked launches take the problem
-    and no kernel of this variant has failed here."""
+    and no kernel of this shape has failed here."""
     if p.gate != "scalar" or p.Dk not in DIMS or p.Dv not in DIMS:
         return False
     if not chunked.supports_chunked(_forward_problem(p)):
         return False
     if chunk_grads_smem(p.Dk, p.Dv, p.dtype == mx.float32) > chunked.SMEM_LIMIT:
         return False
-    return _VERDICTS.get(_key(p)) is None
+    return not any(v is not None for k, v in _VERDICTS.items() if k[:6] == _shape_key(p))
 
 
-def _key(p: Problem) -> Tuple:
-    return (mx.fast.cuda_kernel, p.Dk, p.Dv, p.dtype, p.masked, _choose_bv(p), p.B * p.Hv)
+def _shape_key(p: Problem) -> Tuple:
+    return (mx.fast.cuda_kernel, p.Dk, p.Dv, p.dtype, p.masked, _choose_bv(p))
 
 
 def _run(p: Problem, q, k, v, g, beta, state, mask, dy, dstate):
@@ -153,22 +153,38 @@ def _run(p: Problem, q, k, v, g, beta, state, mask, dy, dstate):
             dbeta.astype(beta.dtype), dS0)
 
 
+def _trial(p: Problem, g_dtype, beta_dtype, mask_dtype) -> Optional[str]:
+    """Run the launches of a call on `p` once, on small fresh inputs of the same kernel variants
+    (template and argument types), and evaluate them: None, or what went wrong. Fresh inputs keep
+    this legal inside mx.compile, where the call's own arrays cannot be evaluated."""
+    tp = dataclasses.replace(p, T=chunked.CHUNK + 16)
+    f32 = mx.float32
+    q = mx.zeros((tp.B, tp.T, tp.Hk, tp.Dk), p.dtype)
+    k = q
+    v = mx.zeros((tp.B, tp.T, tp.Hv, tp.Dv), p.dtype)
+    g = mx.ones((tp.B, tp.T, tp.Hv), g_dtype)
+    beta = mx.zeros((tp.B, tp.T, tp.Hv), beta_dtype)
+    state = mx.zeros((tp.B, tp.Hv, tp.Dv, tp.Dk), f32)
+    mask = mx.ones((tp.B, tp.T), mask_dtype) if mask_dtype is not None else None
+    try:
+        mx.eval(*_run(tp, q, k, v, g, beta, state, mask, v, state))
+        return None
+    except Exception as e:  # noqa: BLE001  (any failure of the kernels means: take the ops backward)
+        return f"{type(e).__name__}: {e}"
+
+
 def chunked_vjp(p: Problem, q, k, v, g, beta, state, mask, dy, dstate):
     """(dq, dk, dv, dg, dbeta, dstate0) of the gated delta rule, as `ops.chunked_backward.chunked_vjp`
     (same shapes and dtypes), from the CUDA kernels. q, k [B,T,Hk,Dk]; v [B,T,Hv,Dv]; g, beta
-    [B,T,Hv]; state [B,Hv,Dv,Dk] float32; mask [B,T] or None; dy [B,T,Hv,Dv]; dstate [B,Hv,Dv,Dk]."""
-    key = _key(p)
+    [B,T,Hv]; state [B,Hv,Dv,Dk] float32; mask [B,T] or None; dy [B,T,Hv,Dv]; dstate [B,Hv,Dv,Dk].
+    The first call of a kernel variant tries it (`_trial`); one that fails sends this call and
+    later ones to the ops backward, with a RuntimeWarning."""
+    mdt = mask.dtype if mask is not None else None
+    key = _shape_key(p) + (g.dtype, beta.dtype, mdt)
     if key not in _VERDICTS:
-        # The first call of a variant runs and evaluates here, so that a kernel that fails to
-        # compile or run sends this call, not a later evaluation, to the ops backward.
-        try:
-            grads = _run(p, q, k, v, g, beta, state, mask, dy, dstate)
-            mx.eval(*grads)
-            _VERDICTS[key] = None
-            return grads
-        except Exception as e:  # noqa: BLE001  (any failure of the kernels means: take the ops backward)
-            _VERDICTS[key] = f"{type(e).__name__}: {e}"
-            warnings.warn(f"CUDA chunked backward failed ({_VERDICTS[key]}); the ops backward takes its calls",
+        _VERDICTS[key] = _trial(p, g.dtype, beta.dtype, mdt)
+        if _VERDICTS[key] is not None:
+            warnings.warn(f"CUDA chunked backward failed ({_VERDICTS[key][:500]}); the ops backward takes its calls",
                           RuntimeWarning, stacklevel=2)
     if _VERDICTS[key] is not None:
         return ops_backward.chunked_vjp(q, k, v, g, beta, state, mask, dy, dstate)
