@@ -148,6 +148,23 @@ def test_kernel_backward_bf16(in_simulator, monkeypatch, fused):
             assert err < 2e-2, f"{what}, seed={seed}: d{n} against the ops backward, relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("bv,dtype", [(64, mx.float32), (32, mx.bfloat16), (16, mx.float32)])
+def test_kernel_backward_state_slice_widths(in_simulator, monkeypatch, bv, dtype):
+    """Stage state_backward in value slices of 16, 32 and 64 rows (the GPU shapes take the wider
+    ones): the same gradients as the ops backward."""
+    monkeypatch.setattr(chunked_backward, "BWD_BV", bv)
+    seed = fresh_seed()
+    x = random_inputs(1, 130, 1, 2, 64, 128, dtype=dtype, seed=seed, mask=True)
+    assert chunked_backward._choose_bv(_problem(x, False)) == bv
+    W, V = _weights(x, seed)
+    grads = _kernel_grads(x, False, W, V, monkeypatch)
+    want = _ops_grads(x, W, V)
+    tol = TOLERANCE[dtype]
+    for n in _names(False):
+        err = rel_error(to_numpy(grads[n]), to_numpy(want[n]))
+        assert err < tol, f"BV={bv} {dtype}, seed={seed}: d{n} against the ops backward, relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_kernel_backward_masked_steps_get_no_gradient(in_simulator, monkeypatch, fused):
     """A masked step's q, k, v, g, beta (a, b) get exactly zero gradient."""

@@ -4,7 +4,9 @@ masks, GQA, fused or precomputed gating.
 Sources in kernels/chunked/: common.cuh, then kkt_solve.cuh, wy.cuh, state.cuh and state_regs.cuh
 (see common.cuh for what each holds), and one body per launch: kkt_solve_wy.cu (stages kkt_solve
 and wy, every chunk in parallel), then state_output.cu or state_output_regs.cu (stages state and
-output, chunks in order).
+output, chunks in order). The *_save.cu bodies of the state launch (template SAVE_EVERY) also write
+the state after every SAVE_EVERY-th full chunk: the backward's chunk states (cuda.chunked_backward)
+and serving's intermediate states.
 """
 
 from __future__ import annotations
