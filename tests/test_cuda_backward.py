@@ -129,14 +129,15 @@ def test_kernel_backward_float32(in_simulator, monkeypatch, fused, B, T, Hk, Hv,
             assert err < 1e-4, f"{what}, seed={seed}: d{n} against the ops backward, relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_kernel_backward_bf16(in_simulator, monkeypatch, fused):
-    """bfloat16 inputs (bf16 operands, float32 accumulation): gradients within 2e-2 of the ops
-    backward's float32 VJP at the same values and of the float64 reference's central differences."""
+@pytest.mark.parametrize("fused,dtype", [(False, mx.bfloat16), (True, mx.bfloat16), (False, mx.float16)])
+def test_kernel_backward_half(in_simulator, monkeypatch, fused, dtype):
+    """bfloat16 and float16 inputs (bf16 operands, float32 accumulation): gradients within 2e-2 of
+    the ops backward's float32 VJP at the same values and of the float64 reference's central
+    differences."""
     seed = fresh_seed()
-    x = random_inputs(1, 140, 1, 2, 64, 64, dtype=mx.bfloat16, seed=seed, mask=True)
+    x = random_inputs(1, 140, 1, 2, 64, 64, dtype=dtype, seed=seed, mask=True)
     W, V = _weights(x, seed)
-    what = f"kernel backward bf16 {'update' if fused else 'rule'}"
+    what = f"kernel backward {dtype} {'update' if fused else 'rule'}"
     grads = _kernel_grads(x, fused, W, V, monkeypatch)
     for n, gr in grads.items():
         assert gr.dtype == getattr(x, n).dtype, f"{what}: d{n} dtype {gr.dtype}"
