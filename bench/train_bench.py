@@ -5,15 +5,18 @@
 For each shape (default B=1 T=4096, B=1 T=8192, B=4 T=8192; bfloat16; Hk=16, Hv=32, Dk=Dv=128)
 and path, one training step of the layer: `gated_delta_update` forward and the VJP of (y, state)
 with random cotangents, gradients for q, k, v, a, b, A_log, dt_bias and the initial state, all
-evaluated. Paths: the package on each backend x algorithm asked for (default cuda/chunked,
-cuda/recurrent, ops/chunked: the same chunked backward after each forward), mlx-lm's own
+evaluated. Paths: the package on each backend x algorithm asked for (default cuda/chunked, whose
+backward runs the CUDA kernels (cuda.chunked_backward), and cuda/chunked+ops-backward, the same
+forward with the chunked backward in MLX ops; cuda/recurrent and ops/chunked take the ops backward
+too), mlx-lm's own
 `gated_delta_update` by autodiff (what training ran before; skipped where its per-step states
 would not fit), and, when torch and fla import, fla's chunk_gated_delta_rule forward + backward
 on the same inputs (g in log space, q prescaled, scale=1).
 
 Method: each step is followed by a device synchronise (mx.async_eval + mx.synchronize;
 torch.cuda.synchronize for fla); two warm-up steps excluded; median over up to --reps steps
-within --budget seconds. Peak memory: the allocator's peak during one more step, minus what was
+within --budget seconds (wall time). GPU time per step from CUPTI (mlx_gdn.bench.gpu_time; needs
+torch) over --gpu-reps more steps. Each package row says which backward ran. Peak memory: the allocator's peak during one more step, minus what was
 allocated before it (inputs and cotangents), and the absolute peak. Gradients of q, k, v are
 compared between the package's paths and with fla's (relative error). Writes JSON with the
 device, versions, commit and command line, and prints a table.
@@ -27,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -34,7 +38,9 @@ import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mlx_gdn  # noqa: E402
+from mlx_gdn.bench import gpu_time  # noqa: E402
 from mlx_gdn.bench.env import environment  # noqa: E402
+from mlx_gdn.cuda import chunked_backward as cuda_backward  # noqa: E402
 from mlx_gdn.reference import rel_error  # noqa: E402
 from mlx_gdn.testing import random_inputs  # noqa: E402
 
@@ -70,6 +76,12 @@ def _inputs(B, T, Hk, Hv, D, dtype, seed):
     return x, dy, ds
 
 
+def _problem(x):
+    from mlx_gdn.validate import check_update
+
+    return check_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, x.state, None, None, False)
+
+
 def package_step(x, dy, ds, backend, algorithm):
     """One forward + VJP through the package; returns (outputs, gradients)."""
 
@@ -92,8 +104,17 @@ def mlx_lm_step(x, dy, ds):
     return lambda: mx.vjp(f, primals, [dy, ds])
 
 
+def _gpu(step, sync) -> dict:
+    t = gpu_time.kernel_times([step], sync, reps=ARGS.gpu_reps)
+    if t is None:
+        return {}
+    top = sorted(t["kernels"].items(), key=lambda kv: -kv[1])[:8]
+    return {"gpu_ms": t["gpu_us"] / 1e3, "launches": t["launches"], "top_kernels_us": dict(top)}
+
+
 def measure_mlx(step) -> dict:
     r = _timed(step, _sync, ARGS.budget, ARGS.reps)
+    r.update(_gpu(step, _sync))
     mx.synchronize()
     mx.clear_cache()
     before = mx.get_active_memory()
@@ -142,6 +163,7 @@ def fla_step(x, dy, ds):
 
     def measure():
         r = _timed(step, lambda _: torch.cuda.synchronize(), ARGS.budget, ARGS.reps)
+        r.update(_gpu(step, lambda _: torch.cuda.synchronize()))
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
@@ -171,11 +193,13 @@ def main():
     ap.add_argument("--heads", default="16,32", help="Hk,Hv")
     ap.add_argument("--dim", type=int, default=128, help="Dk = Dv")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    ap.add_argument("--paths", default="cuda/chunked,cuda/recurrent,ops/chunked",
-                    help="backend/algorithm of the package, comma-separated")
+    ap.add_argument("--paths", default="cuda/chunked,cuda/chunked+ops-backward",
+                    help="backend/algorithm of the package, comma-separated; +ops-backward: the ops backward "
+                         "in place of the CUDA kernel backward")
     ap.add_argument("--no-mlx-lm", action="store_true", help="skip mlx-lm's autodiff path")
     ap.add_argument("--budget", type=float, default=5.0, help="seconds of timed steps per path and shape")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--gpu-reps", type=int, default=10, help="steps timed by CUPTI per path and shape")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--group", type=int, default=None,
                     help="chunks per group in the chunked backward (mlx_gdn.ops.chunked_backward.GROUP; 0: all)")
@@ -198,14 +222,27 @@ def main():
         x, dy, ds = _inputs(B, T, Hk, Hv, D, dtype, ARGS.seed)
         grads = {}
         for path in ARGS.paths.split(","):
-            backend, algorithm = path.split("/")
+            backend, algorithm = path.split("+")[0].split("/")
+            ops_bwd = path.endswith("+ops-backward")
             row = {"B": B, "T": T, "path": f"mlx-gdn {path}"}
+            supports = cuda_backward.supports
             try:
-                r, (_, g) = measure_mlx(package_step(x, dy, ds, backend, algorithm))
+                if ops_bwd:
+                    cuda_backward.supports = lambda p: False
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    r, (_, g) = measure_mlx(package_step(x, dy, ds, backend, algorithm))
+                p = _problem(x)
+                kernel_bwd = backend == "cuda" and cuda_backward.supports(p) and not caught
+                row["backward"] = "cuda kernels" if kernel_bwd else "ops"
+                if caught:
+                    row["warnings"] = [str(w.message)[:300] for w in caught]
                 grads[path] = [np.array(gr.astype(mx.float32)) for gr in g[:3]]
                 row.update(r, finite=all(np.isfinite(gr).all() for gr in grads[path]))
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {e}"[:500]
+            finally:
+                cuda_backward.supports = supports
             _record(record, row)
         fla = fla_step(x, dy, ds)
         if fla is not None:
@@ -249,13 +286,15 @@ def main():
         mx.clear_cache()
     with open(ARGS.out, "w") as f:
         json.dump(record, f, indent=1)
-    print("\n| B | T | path | median ms | peak GB | above inputs GB |")
-    print("|---|---|---|---|---|---|")
+    print("\n| B | T | path | backward | wall median ms | GPU ms | peak GB | above inputs GB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in record["results"]:
         if "path" in r and "median_ms" in r:
-            print(f"| {r['B']} | {r['T']} | {r['path']} | {r['median_ms']:.2f} | {r['peak_gb']:.2f} | {r['peak_above_inputs_gb']:.2f} |")
+            gpu = f"{r['gpu_ms']:.2f}" if "gpu_ms" in r else "-"
+            print(f"| {r['B']} | {r['T']} | {r['path']} | {r.get('backward', '')} | {r['median_ms']:.2f} | {gpu} | "
+                  f"{r['peak_gb']:.2f} | {r['peak_above_inputs_gb']:.2f} |")
         elif "path" in r:
-            print(f"| {r['B']} | {r['T']} | {r['path']} | {r.get('error') or r.get('skipped')} | | |")
+            print(f"| {r['B']} | {r['T']} | {r['path']} | | {r.get('error') or r.get('skipped')} | | | |")
     print("wrote", ARGS.out)
 
 

@@ -11,6 +11,9 @@
 //                  (stage output, which needs the state entering its chunk),
 //                  S <- exp(G_last) S + (delta * exp(G_last - G))^T K (stage state).
 //   state_regs.cuh launch 2 with S in registers (`state_output_regs`).
+//   backward.cuh   the backward (scalar gates; cuda/chunked_backward.py): stages state_backward
+//                  (chunks last to first) and chunk_grads (every chunk in parallel), after launch 1
+//                  and launch 2 with SAVE_EVERY = 1 are recomputed.
 // Per-key gates (KEYGATE; launch bodies kkt_solve_wy_key.cu, state_output_key.cu) take the same
 // stages with the decays per key column: see kkt_solve_wy in wy.cuh.
 // Launchers concatenate gates.h, this file, then the stage files in that order (cuda/chunked.py, HEADERS).

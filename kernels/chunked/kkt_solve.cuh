@@ -22,6 +22,24 @@ __device__ __forceinline__ float scan64(float x, int tid, float* scratch) {
 }
 
 
+// Stage kkt_solve's product for a gate per head, warp `warp`'s rows 16 warp ..: A =
+// strict_tril(diag(beta) K K^T * exp(G_i - G_j)) into sA [C][LA]; where sAkk is given, also the same
+// without beta (the backward's dbeta). Launch 1 (wy.cuh) and the backward (backward.cuh) share it.
+template <bool EXACT, int Dk, int LK, int LA, class ST>
+__device__ __forceinline__ void kkt_a(const ST* sK, const float* sG, const float* sBeta, float* sA, int warp,
+                                      float* sAkk = nullptr) {
+  const int r0 = 16 * warp;
+  float acc[8][4];
+  zero(acc);
+  warp_mma<EXACT, Dk>(acc, ARows<ST>{sK + r0 * LK, LK}, BCols<ST>{sK, LK});
+  for_acc(acc, [&](int r, int j, float x) {
+    const int i = r0 + r;
+    const float a = i > j ? x * expf(sG[i] - sG[j]) : 0.0f;
+    sA[i * LA + j] = sBeta[i] * a;
+    if (sAkk != nullptr) sAkk[i * LA + j] = a;
+  });
+}
+
 // Tiles T_ij with i - j = DIST of the blocked inverse below (sA holds M_ik = T_ii A_ik):
 // T_ij = -sum_{k=j}^{i-1} M_ik T_kj. Each thread's elements are independent sums of a
 // compile-time length, interleaved so that their loads and multiply-adds overlap.

@@ -144,13 +144,8 @@ __device__ void kkt_solve_wy(const TI* q, const TI* k, const TI* v, const TGA* g
     // Stage kkt_solve: A (strictly lower, into shared) and Aqk (lower with diagonal, to global).
     // Warp w: rows 16w..16w+15.
     const int r0 = 16 * warp;
+    kkt_a<EXACT, Dk, LK, LA>(sK, sG, sBeta, sA, warp);
     float acc[8][4];
-    zero(acc);
-    warp_mma<EXACT, Dk>(acc, ARows<ST>{sK + r0 * LK, LK}, BCols<ST>{sK, LK});
-    for_acc(acc, [&](int r, int j, float x) {
-      const int i = r0 + r;
-      sA[i * LA + j] = i > j ? sBeta[i] * x * expf(sG[i] - sG[j]) : 0.0f;
-    });
     zero(acc);
     warp_mma<EXACT, Dk>(acc, ARows<ST>{sX + r0 * LX, LX}, BCols<ST>{sK, LK});
     OT* aq = Aqk + (((long)b * Hv + h) * NTc + c) * C * C;

@@ -13,6 +13,7 @@ from .. import launch
 from ..backends import prefers_chunked
 from ..validate import Problem
 from ..launch import compact
+from . import chunked_backward  # noqa: F401  (autodiff takes the kernel backward from here)
 from .chunked import chunked_variants, run_chunked, supports_chunked
 from .kernel import _device, kernel_for_spec, recurrent_header, simulated
 

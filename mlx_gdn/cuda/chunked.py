@@ -4,7 +4,9 @@ masks, GQA, fused or precomputed gating.
 Sources in kernels/chunked/: common.cuh, then kkt_solve.cuh, wy.cuh, state.cuh and state_regs.cuh
 (see common.cuh for what each holds), and one body per launch: kkt_solve_wy.cu (stages kkt_solve
 and wy, every chunk in parallel), then state_output.cu or state_output_regs.cu (stages state and
-output, chunks in order).
+output, chunks in order). The *_save.cu bodies of the state launch (template SAVE_EVERY) also write
+the state after every SAVE_EVERY-th full chunk: the backward's chunk states (cuda.chunked_backward)
+and serving's intermediate states.
 """
 
 from __future__ import annotations
@@ -166,24 +168,27 @@ def _kkt_wy_launch(p: Problem, lower: bool, neg: bool, dt_key: bool):
             kkt_solve_wy_smem(p.Dk, p.Dv, exact))
 
 
-def _state_launch(p: Problem):
+def _state_launch(p: Problem, save_every: int = 0):
     """(kernel name, body file, inputs, threads per block, value rows per block, template, shared
-    memory bytes) of the state + output launch."""
+    memory bytes) of the state + output launch; `save_every` > 0 takes the body that also writes
+    the state after every save_every-th full chunk (output "saved")."""
     exact = p.dtype == mx.float32
+    save = [("SAVE_EVERY", save_every)] if save_every else []
+    tail = "_save" if save_every else ""
     regs = None if p.gate == "key" else _regs_config(p)
     if regs is not None:  # S in registers: 16 value rows per warp
         nw, smem = regs
-        template = [("Dk", p.Dk), ("Dv", p.Dv), ("NW", nw), ("MASKED", p.masked)]
-        return ("gdn_cuda_chunked_state_output_regs", "chunked/state_output_regs.cu", STATE_INPUTS, 32 * nw, 16 * nw,
-                template, smem)
+        template = [("Dk", p.Dk), ("Dv", p.Dv), ("NW", nw), ("MASKED", p.masked)] + save
+        return (f"gdn_cuda_chunked_state_output_regs{tail}", f"chunked/state_output_regs{tail}.cu", STATE_INPUTS,
+                32 * nw, 16 * nw, template, smem)
     rows, share, smem = _state_config(p)
     template = [("Dk", p.Dk), ("Dv", p.Dv), ("BV", rows), ("EXACT", exact), ("MASKED", p.masked),
-                ("SHARE_WQ", share), ("NH", state_nh(rows))]
+                ("SHARE_WQ", share), ("NH", state_nh(rows))] + save
     if p.gate == "key":  # per-key gates take the shared-memory pass
-        return ("gdn_cuda_chunked_state_output_key", "chunked/state_output_key.cu", STATE_KEY_INPUTS,
+        return (f"gdn_cuda_chunked_state_output_key{tail}", f"chunked/state_output_key{tail}.cu", STATE_KEY_INPUTS,
                 THREADS * state_nh(rows), rows, template, smem)
-    return ("gdn_cuda_chunked_state_output", "chunked/state_output.cu", STATE_INPUTS, THREADS * state_nh(rows), rows,
-            template, smem)
+    return (f"gdn_cuda_chunked_state_output{tail}", f"chunked/state_output{tail}.cu", STATE_INPUTS,
+            THREADS * state_nh(rows), rows, template, smem)
 
 
 def chunked_variants(p: Problem, *, lower: bool = False, neg: bool = False, dt_key: bool = False):
@@ -199,9 +204,23 @@ def chunked_variants(p: Problem, *, lower: bool = False, neg: bool = False, dt_k
     )
 
 
-def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None):
+def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, save_every: int = 0):
     """(y, state) from the two chunked launches; g [B,T,Hv] or [B,T,Hv,Dk] (or `gating`, a per-head or
-    per-key a), see `supports_chunked`. Per-key gates take the shared-memory state pass."""
+    per-key a), see `supports_chunked`. Per-key gates take the shared-memory state pass.
+
+    save_every = E > 0: (y, state, saved), saved [B, T // (64 E), Hv, Dv, Dk] float32 the state after
+    tokens 64 E, 128 E, ... (a partial last chunk ends no saved state)."""
+    if save_every < 0:
+        raise ValueError(f"save_every: expected an integer >= 0, got {save_every}")
+    m = mask if mask is not None else _dummy()
+    outs = run_kkt_solve_wy(p, q, k, v, m, g=g, beta=beta, gating=gating)
+    return run_state_output(p, q, k, outs, state, m, save_every)
+
+
+def run_kkt_solve_wy(p: Problem, q, k, v, m, *, g=None, beta=None, gating=None):
+    """Launch 1 (stages kkt_solve and wy): [W, U, Aqk, G] (W [B,Hv,Tp,Dk], U [B,Hv,Tp,Dv], Aqk
+    [B,Hv,N,64,64] in the operand type, G [B,Hv,Tp] float32; Tp = 64 N), then Qg, Kd, Gk for per-key
+    gates. m: the mask or a placeholder."""
     exact = p.dtype == mx.float32
     ot = mx.float32 if exact else mx.bfloat16
     nt = -(-p.T // CHUNK)
@@ -214,17 +233,15 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
         lb = launch.lower_bound_array(gating.lower_bound)
     else:
         gate_a, gate_b, a_log, dt_bias, lb = g, beta, dummy, dummy, dummy
-    m = mask if mask is not None else dummy
-    key = p.gate == "key"
 
     kname, body, outputs, template, smem = _kkt_wy_launch(p, lower, neg, dt_key)
     kkt_wy = _kernel(kname, KKT_WY_INPUTS, outputs, source_text(body), header(), smem)
     shapes = [(p.B, p.Hv, tp, p.Dk), (p.B, p.Hv, tp, p.Dv), (p.B, p.Hv, nt, CHUNK, CHUNK), (p.B, p.Hv, tp)]
     dtypes = [ot, ot, ot, mx.float32]
-    if key:  # q and k with the decay folded in, and the chunk-end decays per key column
+    if p.gate == "key":  # q and k with the decay folded in, and the chunk-end decays per key column
         shapes += [(p.B, p.T, p.Hv, p.Dk), (p.B, p.T, p.Hv, p.Dk), (p.B, p.Hv, nt, p.Dk)]
         dtypes += [p.dtype, p.dtype, mx.float32]
-    outs = kkt_wy(
+    return kkt_wy(
         inputs=[q, k, v, gate_a, gate_b, a_log, dt_bias, lb, m],
         template=template,
         grid=(nt * THREADS, p.Hv, p.B),
@@ -233,18 +250,32 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
         output_dtypes=dtypes,
         **launch.launch_options(),
     )
-    W, U, Aqk, G = outs[:4]
 
-    sname, sbody, sinputs, threads, rows, stemplate, ssmem = _state_launch(p)
-    step = _kernel(sname, sinputs, STATE_OUTPUTS, source_text(sbody), header(), ssmem)
-    ins = [outs[4], outs[5], W, U, Aqk, G, state, m, outs[6]] if key else [q, k, W, U, Aqk, G, state, m]
-    y, new_state = step(
+
+def run_state_output(p: Problem, q, k, outs, state, m, save_every: int = 0):
+    """The state + output launch on launch 1's `outs`: (y, state), plus saved (see `run_chunked`)."""
+    W, U, Aqk, G = outs[:4]
+    sname, sbody, sinputs, threads, rows, stemplate, ssmem = _state_launch(p, save_every)
+    shapes = [(p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)]
+    dtypes = [p.dtype, mx.float32]
+    outputs = STATE_OUTPUTS
+    ns = p.T // (CHUNK * save_every) if save_every else 0
+    if save_every:
+        outputs = STATE_OUTPUTS + ("saved",)
+        # At least one slot: a kernel output has no zero-size form (nothing is written there then).
+        shapes.append((p.B, max(ns, 1), p.Hv, p.Dv, p.Dk))
+        dtypes.append(mx.float32)
+    step = _kernel(sname, sinputs, outputs, source_text(sbody), header(), ssmem)
+    ins = [outs[4], outs[5], W, U, Aqk, G, state, m, outs[6]] if p.gate == "key" else [q, k, W, U, Aqk, G, state, m]
+    res = step(
         inputs=ins,
         template=stemplate,
         grid=(p.Dv // rows * threads, p.Hv, p.B),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)],
-        output_dtypes=[p.dtype, mx.float32],
+        output_shapes=shapes,
+        output_dtypes=dtypes,
         **launch.launch_options(),
     )
-    return y, new_state
+    if save_every and ns == 0:
+        return res[0], res[1], res[2][:, :0]
+    return tuple(res)
