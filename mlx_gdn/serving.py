@@ -50,35 +50,64 @@ def plan(backend, algorithm, base_key, check_base, state, cu_seqlens, state_indi
     return make() if key is None else backends.remembered(key, make)
 
 
+def _row_scatter(pool: mx.array, rows: mx.array, vals: mx.array) -> mx.array:
+    """pool with rows[n] replaced by vals[n] ([N] int32, [N, ...]), as a new array; `pool` itself
+    is unchanged. One scatter of whole rows (`a[idx] = v`: N indices, N row slices), not an
+    element-wise scatter with an index per element. `mx.array(pool)` is a second handle on the same
+    array, so the assignment rebinds only that handle; the scatter's input is still the pool."""
+    out = mx.array(pool)
+    out[rows] = vals
+    return out
+
+
 def write_back(pool: mx.array, state_indices: mx.array, final: mx.array) -> mx.array:
-    """pool with rows state_indices[n] replaced by final[n]; negative indices write nothing.
+    """pool [S, Hv, Dv, Dk] with rows state_indices[n] replaced by final[n] ([N, Hv, Dv, Dk]);
+    negative indices write nothing.
 
-    One scatter of N rows. MLX runs a scatter in place only when nothing else holds the pool's
-    buffer when the scatter is launched, and a read of the pool still pending in the same graph
-    (the kernel's, or a gather) holds it: the scatter then copies all S rows, a cost that grows
-    with the pool (measured: bench/NOTES.md, "Serving"). So the rows and values are evaluated
-    first (the kernel runs now: one wait per call), and the scatter left lazy runs in place once
-    the caller has rebound its name to the result (``y, pool = f(..., state=pool)``). Under a
-    function transformation (mx.compile), where nothing can be evaluated, the scatter stays lazy
-    and copies.
+    One scatter of whole rows. MLX runs a scatter in place only when nothing else holds the pool's
+    buffer when the scatter runs, and a read of the pool pending in the same graph (the kernel's,
+    or a gather) holds it until that read's command completes: the scatter then copies all S rows,
+    a cost that grows with the pool (measured: bench/NOTES.md, "Serving"). So the final states
+    (and the count of live slots) are evaluated first (the kernel runs now: one wait per call), and
+    the scatter left lazy runs in place once the caller has rebound its name to the result
+    (``y, pool = f(..., state=pool)``).
 
-    A padding slot writes the value another writer of the same row writes (the first live
-    sequence's row and final state, or row 0's own value when every slot is padding), so
-    duplicate indices in the scatter always carry equal values and need no host-side filtering.
+    Padding slots: with none (the usual step) the scatter takes `final` as it is; with some, each
+    padding slot writes the first live sequence's row and final state (duplicate indices then carry
+    equal values), a copy of the N final states; with no live slot the pool is returned as it is.
+    Under a function transformation (mx.compile), where nothing can be evaluated, the count is not
+    known: padding slots write their row's own value back and the scatter, left lazy, copies.
     """
     live = state_indices >= 0
+    n_live = live.astype(mx.int32).sum()
+    try:
+        mx.eval(final, n_live)
+    except ValueError:  # inside mx.compile / grad: evaluation is not allowed there
+        return _write_back_lazy(pool, state_indices, final, live)
+    n_live = n_live.item()
+    if n_live == 0:
+        return pool
+    if n_live == state_indices.shape[0]:
+        return _row_scatter(pool, state_indices, final)
+    # Some padding: the first live sequence's row and state for the padding slots (no read of the
+    # pool, so nothing holds it when the scatter runs).
+    first = mx.argmax(live)
+    rows = mx.where(live, state_indices, state_indices[first])
+    vals = mx.where(live[:, None, None, None], final, final[first][None])
+    return _row_scatter(pool, rows, vals)
+
+
+def _write_back_lazy(pool, state_indices, final, live):
+    """`write_back` without evaluating anything (under mx.compile): a padding slot writes the value
+    another writer of the same row writes (the first live sequence's row and state, or row 0's
+    own value when every slot is padding)."""
     first = mx.argmax(live)  # first live sequence (0 when none)
     first_row = state_indices[first]
-    any_live = first_row >= 0
     fallback_row = mx.maximum(first_row, 0)
-    fallback = mx.where(any_live, final[first], pool[fallback_row])
-    rows = mx.where(live, state_indices, fallback_row).reshape(-1, 1, 1, 1)
+    fallback = mx.where(first_row >= 0, final[first], pool[fallback_row])
+    rows = mx.where(live, state_indices, fallback_row)
     vals = mx.where(live[:, None, None, None], final, fallback[None])
-    try:
-        mx.eval(rows, vals)
-    except ValueError:  # inside mx.compile / grad: evaluation is not allowed there
-        pass
-    return mx.put_along_axis(pool, rows, vals, axis=0)
+    return _row_scatter(pool, rows, vals)
 
 
 # The algorithm name a backend's `serving_algorithm` gives for packed sequences it runs one plain

@@ -3,6 +3,8 @@ kernels (simulator), against the float64 reference run sequence by sequence; bad
 
 from __future__ import annotations
 
+import contextlib
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -119,20 +121,57 @@ def test_check_values_false_skips_the_host_read(monkeypatch):
     assert called
 
 
-def test_pool_update_in_place_cost_independent_of_pool_size():
-    """The write-back is one scatter of N rows: with the caller's reference dropped, MLX updates
-    the pool in place (the result shares the pool's buffer)."""
-    x = random_inputs(4, 1, 1, 2, 32, 16, seed=fresh_seed())
-    pool = mx.zeros((64, 2, 16, 32))
-    mx.eval(pool)
-    idx = mx.array([5, 1, -1, 9], dtype=mx.int32)
-    y, pool2 = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, pool, state_indices=idx, backend="ops",
-                                        check_values=False)
-    del pool
-    mx.eval(pool2)
-    # Not a timing (the machine is shared): the pool is written, other rows stay zero.
-    rows = np.abs(np.array(pool2)).sum(axis=(1, 2, 3))
-    assert (rows[[5, 1, 9]] > 0).all() and (np.delete(rows, [5, 1, 9]) == 0).all()
+def _has_cuda() -> bool:
+    from mlx_gdn.cuda.backend import available
+
+    return available()
+
+
+def _check_in_place(case: Case, backend: str, padded: bool, bound: float):
+    """A pooled step whose caller rebinds the pool's name: evaluating it must allocate less than
+    `bound` times the pool's bytes (a copy of the pool shows up as that much more peak memory;
+    the write-back's own copy of the N final states, with padding, stays under it), and the
+    result must meet the reference."""
+    seed = fresh_seed()
+    c = make_call(case, seed)
+    if not padded:
+        c.idx = mx.array(np.random.default_rng(seed).permutation(case.pool)[: case.N].astype(np.int32))
+    x = c.x
+    before = np.array(c.state)
+    pool_bytes = c.state.nbytes
+    pool = c.state
+    c.state = None  # the pool's only holder is `pool` now
+    kw = dict(state_indices=c.idx, backend=backend, algorithm="recurrent", check_values=False)
+    with sim.simulated_metal() if backend == "metal" else contextlib.nullcontext():
+        if case.fused:
+            y, pool = mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, pool, **kw)
+        else:
+            y, pool = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, pool, **kw)
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(y, pool)
+        extra = mx.get_peak_memory() - base
+    assert extra < pool_bytes * bound, f"seed {seed}: {extra} bytes allocated for a {pool_bytes}-byte pool (a copy)"
+    c.state = mx.array(before)
+    check_call(c, (y, pool), f"seed {seed}, {backend}, padded {padded}")
+
+
+@pytest.mark.parametrize("backend", ["ops", "metal"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_pool_update_in_place(backend, padded):
+    """The write-back scatters N rows into the pool in place once the caller rebinds the pool's
+    name, so its cost does not grow with the pool."""
+    _check_in_place(Case(lens=None, B=4, T=1, pool=512), backend, padded, 1 / 8)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")
+@pytest.mark.parametrize("padded", [False, True])
+def test_cuda_pool_update_in_place(padded):
+    """As above on the GPU at the benchmark's decode cell: 64 sequences of a Qwen3.5 layer, a pool
+    of 512 slots (1 GiB); 64 final states are 1/8 of it."""
+    case = Case(lens=None, B=64, T=1, Hk=16, Hv=32, Dk=128, Dv=128, dtype=BF16, pool=512, fused=True)
+    _check_in_place(case, "cuda", padded, 1 / 4)
 
 
 # ---- bad input -----------------------------------------------------------------------------
@@ -292,3 +331,16 @@ def test_pooled_step_under_compile():
     yc, poolc = mx.compile(step)(x.q, c.state)
     assert np.array_equal(np.array(pool), np.array(poolc)) and np.array_equal(np.array(y), np.array(yc)), f"seed {seed}"
     check_call(c, (yc, poolc), f"seed {seed}, compiled")
+
+
+def test_plan_cache_tells_return_states_apart():
+    """Calls that differ only in return_states (or in the pool's size) are planned apart."""
+    x = random_inputs(1, 16, 1, 2, 32, 16, seed=fresh_seed())
+    for C in (4, 8, 4, "steps"):
+        _, _, states = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, return_states=C, backend="ops")
+        assert states.shape[1] == (16 if C == "steps" else 16 // C), (C, states.shape)
+    idx = mx.array([1], dtype=mx.int32)
+    for S in (2, 5):
+        _, pool = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, mx.zeros((S, 2, 16, 32)), state_indices=idx,
+                                           backend="ops")
+        assert pool.shape[0] == S

@@ -9,6 +9,9 @@
   "recurrent": one launch of the recurrent kernel over all sequences), against the same
   sequences one plain call each and fla's chunk_gated_delta_rule with cu_seqlens, where installed.
 
+With `--gpu-time` (NVIDIA, torch installed) each cell also reports its kernel time and kernel launches
+per call from CUPTI (`gpu_time`), which splits a step's GPU work from its host time.
+
 Every contender's output is checked against the plain per-sequence calls of this package
 (themselves tested against the float64 reference) before it is timed.
 """
@@ -25,6 +28,7 @@ from rich.table import Table
 
 import mlx_gdn
 
+from . import gpu_time
 from .env import device_kind, environment
 from .shapes import PRESETS
 from .timing import mlx_sync, time_calls
@@ -83,7 +87,18 @@ def _torch_inputs(torch, x):
             torch.from_numpy(beta.astype(np.float32)).to("cuda", dt))
 
 
-def decode_cells(cfg: dict, budget: float, seed: int) -> List[dict]:
+def _gpu_fields(gpu: bool, call: Callable, sync: Callable) -> dict:
+    """With `gpu`: kernel time (us) and kernel launches per call from CUPTI (`gpu_time`), and the
+    kernels by name; empty without it or without CUPTI here."""
+    if not gpu:
+        return {}
+    g = gpu_time.kernel_times([call], sync, reps=20)
+    if g is None:
+        return {}
+    return dict(gpu_us=g["gpu_us"], launches=g["launches"], kernels=g["kernels"])
+
+
+def decode_cells(cfg: dict, budget: float, seed: int, gpu: bool = False) -> List[dict]:
     """One decode step against each pool size, per contender."""
     B, shape, dtype = cfg["batch"], cfg["shape"], cfg["dtype"]
     Hk, Hv, Dk, Dv = shape
@@ -143,11 +158,12 @@ def decode_cells(cfg: dict, budget: float, seed: int) -> List[dict]:
             err = max(_rel(y, y_ref), _rel(s, s_ref))
             r = time_calls([call], sync[name], budget=budget)
             rows.append(dict(mode="decode", contender=name, B=B, S=S, T=1, shape=list(shape), dtype=dtype,
-                             median_ms=r["median_s"] * 1e3, reps=r["reps"], rel_err=err))
+                             median_ms=r["median_s"] * 1e3, reps=r["reps"], rel_err=err,
+                             **_gpu_fields(gpu, call, sync[name])))
     return rows
 
 
-def prefill_cells(cfg: dict, budget: float, seed: int) -> List[dict]:
+def prefill_cells(cfg: dict, budget: float, seed: int, gpu: bool = False) -> List[dict]:
     """Packed prefill of each length mix, per contender."""
     shape, dtype = cfg["shape"], cfg["dtype"]
     Hk, Hv, Dk, Dv = shape
@@ -206,7 +222,7 @@ def prefill_cells(cfg: dict, budget: float, seed: int) -> List[dict]:
             r = time_calls([call], sync[name], budget=budget)
             rows.append(dict(mode="prefill", contender=name, lens=list(lens), T=T, shape=list(shape), dtype=dtype,
                              median_ms=r["median_s"] * 1e3, reps=r["reps"], rel_err=err,
-                             Mtok_per_s=T / r["median_s"] / 1e6))
+                             Mtok_per_s=T / r["median_s"] / 1e6, **_gpu_fields(gpu, call, sync[name])))
     return rows
 
 
@@ -222,6 +238,8 @@ def main(argv: Optional[List[str]] = None, console: Optional[Console] = None) ->
     p.add_argument("--dims", type=lambda s: tuple(int(v) for v in s.split(",")), help="Hk,Hv,Dk,Dv")
     p.add_argument("--dtype", choices=tuple(_DT))
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per cell")
+    p.add_argument("--gpu-time", action="store_true",
+                   help="also read each call's kernel time and kernel launches from CUPTI (NVIDIA GPU, torch installed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--commit", help="record this commit (a copy on another machine may carry stale git metadata)")
     p.add_argument("--json", metavar="PATH")
@@ -236,13 +254,18 @@ def main(argv: Optional[List[str]] = None, console: Optional[Console] = None) ->
     env = environment()
     if args.commit:
         env["git_commit"], env["git_dirty"] = args.commit, False
-    rows = decode_cells(cfg, budget, args.seed) + prefill_cells(cfg, budget, args.seed)
+    gpu = args.gpu_time and gpu_time.available()
+    if args.gpu_time and not gpu:
+        console.print("--gpu-time: no CUDA device visible to torch here; wall times only")
+    rows = decode_cells(cfg, budget, args.seed, gpu) + prefill_cells(cfg, budget, args.seed, gpu)
     table = Table(title=f"mlx-gdn serving | {env['device']} | shape {cfg['shape']} {cfg['dtype']}")
-    for col in ("mode", "contender", "cell", "ms", "rel err"):
+    for col in ("mode", "contender", "cell", "ms", "rel err") + (("GPU us", "launches") if gpu else ()):
         table.add_column(col)
     for r in rows:
         cell = f"B{r['B']} S{r['S']}" if r["mode"] == "decode" else "+".join(map(str, r["lens"]))
-        table.add_row(r["mode"], r["contender"], cell, f"{r['median_ms']:.3f}", f"{r['rel_err']:.1e}")
+        extra = (f"{r['gpu_us']:.1f}", f"{r['launches']:.1f}") if "gpu_us" in r else ("-", "-")
+        table.add_row(r["mode"], r["contender"], cell, f"{r['median_ms']:.3f}", f"{r['rel_err']:.1e}",
+                      *(extra if gpu else ()))
     console.print(table)
     record = {"schema": SCHEMA, "environment": env, "config": {k: v for k, v in cfg.items()}, "budget_s": budget,
               "results": rows}
