@@ -344,3 +344,56 @@ def test_plan_cache_tells_return_states_apart():
         _, pool = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, mx.zeros((S, 2, 16, 32)), state_indices=idx,
                                            backend="ops")
         assert pool.shape[0] == S
+
+
+# return_states=C, C a multiple of the Metal chunk length (32), under "chunked": the chunked
+# kernels save the state after every C // 32-th chunk. T not a multiple of C, C = chunk and
+# 2 * chunk, GQA, masks, per-key gates, pools, packed sequences (boundaries within each).
+CHUNK_STATES = [
+    Case(lens=None, B=2, T=70, every=32, masked=True),
+    Case(lens=None, B=1, T=140, Hk=2, Hv=4, every=64, dtype=BF16, pool=3),
+    Case(lens=None, B=2, T=64, gate="key", every=32, pool=5, masked=True),
+    Case(lens=None, B=1, T=96, gate="key", fused=True, fused_gate="key", every=32, dtype=BF16),
+    Case(lens=(70, 0, 5, 40), every=32, pool=6, masked=True),
+    Case(lens=(64, 33, 130), Hk=2, Hv=4, every=64, fused=True, dtype=BF16),
+]
+
+
+@pytest.mark.parametrize("case", CHUNK_STATES, ids=[c.label() for c in CHUNK_STATES])
+def test_metal_chunk_states_on_chunked_kernels(case, no_ops, monkeypatch):
+    """return_states=C on the Metal chunked kernels (sequence by sequence with cu_seqlens),
+    against the float64 reference; the recurrent kernels take no sequence the chunked ones can."""
+    from mlx_gdn.metal import backend as metal
+
+    monkeypatch.setattr(backends, "chunked_from", lambda *a, **k: None)  # chunked at every length
+    ran = []
+    real_states, real_serving = metal.run_states, metal.run_serving
+    monkeypatch.setattr(metal, "run_states", lambda *a, **k: ran.append("chunked") or real_states(*a, **k))
+    monkeypatch.setattr(metal, "run_serving", lambda *a, **k: ran.append("recurrent") or real_serving(*a, **k))
+    seed = fresh_seed()
+    c = make_call(case, seed)
+    with sim.simulated_metal():
+        out = run_call(c, "metal", "chunked")
+    check_call(c, out, f"seed {seed}, {case.label()}")
+    lens = case.lens if case.lens is not None else (case.T,)
+    want = ["chunked"] * (1 if case.lens is None else sum(n >= case.every for n in lens))
+    assert ran == want, ran
+
+
+def test_metal_chunk_states_routing():
+    """Which kernels a return_states call runs on Metal: the chunked ones only for C a multiple
+    of their chunk length under "chunked" (asked for, or chosen by "auto" from T)."""
+    from mlx_gdn.metal import backend as metal
+    from mlx_gdn.validate import check_rule, check_serving
+
+    x = random_inputs(1, 64, 1, 2, 32, 16, seed=0)
+    p = check_rule(x.q, x.k, x.v, x.g, x.beta, None, None)
+    for rs, algo, want in ((32, "chunked", serving.CHUNKED_STATES), (64, "chunked", serving.CHUNKED_STATES),
+                           (16, "chunked", "recurrent"), (48, "chunked", "recurrent"), ("steps", "chunked", "recurrent"),
+                           (32, "recurrent", "recurrent")):
+        s = check_serving(p, None, None, None, rs)
+        assert metal.serving_algorithm(p, s, algo) == want, (rs, algo)
+    with sim.simulated_metal():
+        s = check_serving(p, None, None, None, 32)
+        _, algo = backends.resolve_serving("metal", "auto", p, s)
+        assert algo == (serving.CHUNKED_STATES if metal.choose_algorithm(p) == "chunked" else "recurrent")
