@@ -397,3 +397,54 @@ def test_metal_chunk_states_routing():
         s = check_serving(p, None, None, None, 32)
         _, algo = backends.resolve_serving("metal", "auto", p, s)
         assert algo == (serving.CHUNKED_STATES if metal.choose_algorithm(p) == "chunked" else "recurrent")
+
+
+# The same on the CUDA chunked kernels in the CUDA simulator (chunk length 64; Dk in 64..256).
+CUDA_CHUNK_STATES = [
+    Case(lens=None, B=1, T=140, Dk=64, Dv=64, every=64, masked=True, pool=3),
+    Case(lens=None, B=1, T=130, Dk=64, Dv=64, every=128, dtype=BF16, fused=True),
+    Case(lens=(70, 0, 130, 9), Dk=64, Dv=64, gate="key", every=64, pool=5),
+]
+
+
+@pytest.mark.parametrize("case", CUDA_CHUNK_STATES, ids=[c.label() for c in CUDA_CHUNK_STATES])
+def test_cuda_sim_chunk_states_on_chunked_kernels(case, no_ops, monkeypatch):
+    """return_states=C on the CUDA chunked kernels (SAVE_EVERY), in the CUDA simulator."""
+    from mlx_gdn.cuda import backend as cuda
+
+    monkeypatch.setattr(backends, "chunked_from", lambda *a, **k: None)
+    ran = []
+    real_states = cuda.run_states
+    monkeypatch.setattr(cuda, "run_states", lambda *a, **k: ran.append("chunked") or real_states(*a, **k))
+    seed = fresh_seed()
+    c = make_call(case, seed)
+    with sim.simulated_cuda():
+        out = run_call(c, "cuda", "chunked")
+    check_call(c, out, f"seed {seed}, {case.label()}")
+    lens = case.lens if case.lens is not None else (case.T,)
+    assert len(ran) == (1 if case.lens is None else sum(n >= case.every for n in lens)), ran
+
+
+CUDA_GPU_CHUNK_STATES = [
+    Case(lens=None, B=2, T=300, Hk=2, Hv=4, Dk=128, Dv=128, dtype=BF16, every=64, pool=5, fused=True, masked=True),
+    Case(lens=None, B=1, T=260, Hk=2, Hv=4, Dk=128, Dv=128, every=64),
+    Case(lens=(200, 0, 1, 140), Hk=2, Hv=4, Dk=128, Dv=128, every=128, gate="key", dtype=BF16),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")
+@pytest.mark.parametrize("case", CUDA_GPU_CHUNK_STATES, ids=[c.label() for c in CUDA_GPU_CHUNK_STATES])
+def test_cuda_chunk_states_on_chunked_kernels(case, no_ops, monkeypatch):
+    """return_states=C on the GPU's chunked kernels at a real layer's head size."""
+    from mlx_gdn.cuda import backend as cuda
+
+    monkeypatch.setattr(backends, "chunked_from", lambda *a, **k: None)
+    ran = []
+    real_states = cuda.run_states
+    monkeypatch.setattr(cuda, "run_states", lambda *a, **k: ran.append("chunked") or real_states(*a, **k))
+    seed = fresh_seed()
+    c = make_call(case, seed)
+    check_call(c, run_call(c, "cuda", "chunked"), f"seed {seed}, {case.label()}")
+    lens = case.lens if case.lens is not None else (case.T,)
+    assert len(ran) == (1 if case.lens is None else sum(n >= case.every for n in lens)), ran
