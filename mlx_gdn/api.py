@@ -86,9 +86,9 @@ def gated_delta_rule(
     server's hot loop once the inputs are known good (bad values then give undefined results).
     On Metal and CUDA, under algorithm "chunked" (asked for, or "auto" at long T), return_states=C
     with C a multiple of the kernels' chunk length runs the chunked kernels, and packed sequences
-    without return_states run one chunked call per sequence; other serving calls run on the
-    recurrent kernels. The ops backend runs packed sequences one by one (reading cu_seqlens to
-    the host).
+    run on them too (Metal: all in one launch pair; CUDA: one call per sequence); other serving
+    calls run on the recurrent kernels. Packed sequences on the chunked kernels and on the ops
+    backend read cu_seqlens to the host.
     """
     backend = kernel_backend(backend, use_kernel)
     if serving_requested(cu_seqlens, state_indices, return_states):

@@ -11,12 +11,16 @@ Layouts (also in `mlx_gdn.gated_delta_rule`'s docstring):
 
 Which path runs (each backend's `serving_algorithm`, `kernel_serving_algorithm` on Metal and
 CUDA), under algorithm "chunked" (asked for, or chosen by "auto" from the total T):
-return_states=C with C a multiple of the backend's chunk length runs its chunked kernels, which
-save the state after every C // chunk-th chunk (`CHUNKED_STATES`; with cu_seqlens one such call
-per sequence); packed sequences without return_states run one plain call per sequence
-(`run_per_sequence`: the chunked kernels for long sequences); both gather the initial rows from
-the pool (N of them). Every other serving call is one launch of the recurrent kernels, which read
-pool rows in place. The ops backend runs everything in MLX ops.
+packed sequences (cu_seqlens) run in one launch pair of the chunked kernels where the backend
+has that (`PACKED_CHUNKED`, Metal: a chunk table that never crosses a sequence's end, each
+sequence from its own pool row; return_states=C with C a multiple of the chunk length included);
+elsewhere (CUDA) one plain call per sequence (`run_per_sequence`: the chunked kernels for long
+sequences). return_states=C with C a multiple of the backend's chunk length runs its chunked
+kernels, which save the state after every C // chunk-th chunk (`CHUNKED_STATES`; on CUDA with
+cu_seqlens one such call per sequence). These gather the initial rows from the pool (N of them),
+except the packed launch pair, which reads them in place. Every other serving call is one launch
+of the recurrent kernels, which read pool rows in place. The ops backend runs everything in MLX
+ops.
 """
 
 from __future__ import annotations
@@ -184,6 +188,8 @@ def run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values: 
         y = mx.zeros((p.B, 0, p.Hv, p.Dv), dtype=p.dtype)
         final = None if s.pooled else init
         states = mx.zeros((p.B, 0, p.Hv, p.Dv, p.Dk), dtype=mx.float32)
+    elif algo == PACKED_CHUNKED:
+        y, final, states = mod.run_packed(p, s, q, k, v, init, mask, cu_seqlens, state_indices, **gates)
     elif algo in (PER_SEQUENCE, CHUNKED_STATES):
         from .ops.serving import gather_rows
 
@@ -207,6 +213,11 @@ def run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values: 
 CHUNKED_STATES = "chunked-states"
 
 
+# The algorithm name for packed sequences in one launch pair of a backend's chunked kernels
+# (its `run_packed`: a chunk table per sequence, each sequence from its own initial row).
+PACKED_CHUNKED = "packed-chunked"
+
+
 def _saves_states(mod, p: Problem, every: int) -> bool:
     """Whether backend `mod`'s chunked kernels return the states after every `every` tokens of
     problem `p` (a backend without `saves_states` cannot)."""
@@ -217,12 +228,18 @@ def _saves_states(mod, p: Problem, every: int) -> bool:
 def kernel_serving_algorithm(p: Problem, s, algorithm: str, mod=None):
     """How the Metal and CUDA backends (`mod`) run a serving call under `algorithm` (already
     resolved from "auto" by T):
+    - packed sequences under "chunked" where the backend packs them (`packs`; Metal): one launch
+      pair of its chunked kernels (`PACKED_CHUNKED`), return_states=C with C a multiple of the
+      chunk length included;
     - return_states=C under "chunked", C a multiple of the backend's chunk length (`saves_states`):
       its chunked kernels, which save the state after every C // chunk-th chunk (`CHUNKED_STATES`;
       pool rows gathered first), or with cu_seqlens one such call per sequence (`PER_SEQUENCE`);
     - packed sequences without per-step states under "chunked": one plain call per sequence;
     - everything else on the recurrent kernels (a requested "chunked" included: "steps", and C
       not a multiple of the chunk length); None where those cannot take it."""
+    packs = getattr(mod, "packs", None)
+    if algorithm == "chunked" and s.packed and packs is not None and packs(p, s):
+        return PACKED_CHUNKED
     if algorithm == "chunked" and s.every > 1 and mod is not None and _saves_states(mod, p, s.every):
         if not s.packed:
             return CHUNKED_STATES

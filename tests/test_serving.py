@@ -279,10 +279,12 @@ def test_metal_pool_decode_columns_in_fours(Dk, no_ops, monkeypatch):
     Case(lens=(20, 3), gate="key"),
 ], ids=lambda c: c.label())
 def test_metal_packed_chunked_runs_per_sequence(case, no_ops, monkeypatch):
-    """Packed sequences without return_states under "chunked": one plain call per sequence on the
-    Metal kernels (chunked where they take the sequence), the pool's rows gathered and written back."""
+    """Packed sequences without return_states under "chunked" on a backend that cannot pack them
+    into one launch pair (no `packs`, as CUDA): one plain call per sequence on the Metal kernels
+    (chunked where they take the sequence), the pool's rows gathered and written back."""
     from mlx_gdn.metal import backend as metal
 
+    monkeypatch.delattr(metal, "packs")
     algos = []
     real_run = metal.run
     monkeypatch.setattr(metal, "run", lambda *a, **k: algos.append(k["algorithm"]) or real_run(*a, **k))
@@ -367,17 +369,86 @@ def test_metal_chunk_states_on_chunked_kernels(case, no_ops, monkeypatch):
 
     monkeypatch.setattr(backends, "chunked_from", lambda *a, **k: None)  # chunked at every length
     ran = []
-    real_states, real_serving = metal.run_states, metal.run_serving
+    real_states, real_serving, real_packed = metal.run_states, metal.run_serving, metal.run_packed
     monkeypatch.setattr(metal, "run_states", lambda *a, **k: ran.append("chunked") or real_states(*a, **k))
     monkeypatch.setattr(metal, "run_serving", lambda *a, **k: ran.append("recurrent") or real_serving(*a, **k))
+    monkeypatch.setattr(metal, "run_packed", lambda *a, **k: ran.append("packed") or real_packed(*a, **k))
     seed = fresh_seed()
     c = make_call(case, seed)
     with sim.simulated_metal():
         out = run_call(c, "metal", "chunked")
     check_call(c, out, f"seed {seed}, {case.label()}")
-    lens = case.lens if case.lens is not None else (case.T,)
-    want = ["chunked"] * (1 if case.lens is None else sum(n >= case.every for n in lens))
-    assert ran == want, ran
+    assert ran == ["chunked" if case.lens is None else "packed"], ran
+
+
+@pytest.mark.parametrize("case", [c for c in CHUNK_STATES if c.lens is not None], ids=lambda c: c.label())
+def test_metal_chunk_states_per_sequence(case, no_ops, monkeypatch):
+    """Packed return_states=C one sequence at a time (the route of a backend without `packs`):
+    the chunked kernels for each sequence that reaches a boundary."""
+    from mlx_gdn.metal import backend as metal
+
+    monkeypatch.delattr(metal, "packs")
+    monkeypatch.setattr(backends, "chunked_from", lambda *a, **k: None)
+    ran = []
+    real_states = metal.run_states
+    monkeypatch.setattr(metal, "run_states", lambda *a, **k: ran.append("chunked") or real_states(*a, **k))
+    seed = fresh_seed()
+    c = make_call(case, seed)
+    with sim.simulated_metal():
+        out = run_call(c, "metal", "chunked")
+    check_call(c, out, f"seed {seed}, {case.label()}")
+    assert len(ran) == sum(n >= case.every for n in case.lens), ran
+
+
+# Packed sequences in one launch pair of the Metal chunked kernels: empty and one-token sequences,
+# lengths off the chunk length, pools with padding slots, GQA, masks, per-key and fused gates.
+PACKED = [
+    Case(lens=(70, 0, 1, 9), pool=6, masked=True),
+    Case(lens=(33, 4), Hk=2, Hv=4, fused=True, dtype=BF16),
+    Case(lens=(20, 3, 64), gate="key"),
+    Case(lens=(5, 40, 0), gate="key", fused=True, fused_gate="key", pool=4, masked=True, dtype=BF16),
+    Case(lens=(0, 0, 31), with_state=False),
+    Case(lens=(96, 50, 32), every=32, pool=5),
+]
+
+
+@pytest.mark.parametrize("case", PACKED, ids=[c.label() for c in PACKED])
+def test_metal_packed_one_launch_pair(case, no_ops, monkeypatch):
+    """Packed sequences under "chunked" on Metal: one launch pair of the chunked kernels for all of
+    them (no per-sequence calls), each sequence from its own (pool) row, against the reference."""
+    from mlx_gdn.metal import backend as metal
+    from mlx_gdn.metal import chunked
+
+    launched = []
+    real_launch = chunked._launch
+    monkeypatch.setattr(chunked, "_launch", lambda spec, arrays: launched.append(spec.name) or real_launch(spec, arrays))
+    monkeypatch.setattr(metal, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a per-sequence call")))
+    seed = fresh_seed()
+    c = make_call(case, seed)
+    with sim.simulated_metal():
+        out = run_call(c, "metal", "chunked")
+    check_call(c, out, f"seed {seed}, {case.label()}")
+    assert len(launched) == 2 and all(n.endswith("_varlen") or "_varlen_" in n for n in launched), launched
+
+
+def test_chunk_table():
+    """Chunks start at each sequence's start, hold at most CHUNK tokens, never cross a sequence's
+    end, and cover every token once, in order."""
+    from mlx_gdn.metal.chunked import CHUNK, chunk_table
+
+    rng = np.random.default_rng(fresh_seed())
+    lens = rng.integers(0, 3 * CHUNK, size=7)
+    lens[2] = 0
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    chunks, seq_chunks, seq_saved = chunk_table(cu, 2 * CHUNK)
+    covered = np.concatenate([np.arange(a, b) for a, b in chunks]) if len(chunks) else np.zeros(0)
+    assert np.array_equal(covered, np.arange(cu[-1])), (lens, chunks)
+    for n in range(len(lens)):
+        mine = chunks[seq_chunks[n] : seq_chunks[n + 1]]
+        assert len(mine) == -(-lens[n] // CHUNK)
+        if len(mine):
+            assert mine[0, 0] == cu[n] and mine[-1, 1] == cu[n + 1] and (mine[:, 1] - mine[:, 0] <= CHUNK).all()
+    assert seq_saved.tolist() == serving.boundary_offsets(cu, 2 * CHUNK).tolist()
 
 
 def test_metal_chunk_states_routing():

@@ -109,6 +109,25 @@ def run_states(p: Problem, q, k, v, state, mask, every: int, *, g=None, beta=Non
     return run_chunked(p, q, k, v, state, mask, g=g, beta=beta, gating=gating, save_every=every // CHUNK)
 
 
+def packs(p: Problem, s) -> bool:
+    """Whether the chunked kernels take serving call `s`'s packed sequences in one launch pair
+    (`chunked.run_packed`; with return_states=C, C a multiple of their chunk length)."""
+    if not _supports_chunked(p):
+        return False
+    from .chunked import packs as fits
+
+    return fits(p, s.N, s.every)
+
+
+def run_packed(p: Problem, s, q, k, v, state, mask, cu_seqlens, state_indices, *, g=None, beta=None, gating=None):
+    """(y, final states [N,Hv,Dv,Dk], states or None) of packed sequences on the chunked kernels,
+    one launch pair; state: the pool (with state_indices) or the initial states [N,Hv,Dv,Dk]."""
+    from .chunked import run_packed as run
+
+    return run(p, q, k, v, state, mask, cu_seqlens, state_indices if s.pooled else None, every=s.every, g=g,
+               beta=beta, gating=gating)
+
+
 def run_serving(p: Problem, s, q, k, v, state, mask, cu_seqlens, state_indices, *, algorithm, g=None, beta=None,
                 gating=None):
     """(y, final states [N,Hv,Dv,Dk], states or None) of a serving call, one kernel launch."""
