@@ -86,7 +86,7 @@ def write_back(pool: mx.array, state_indices: mx.array, final: mx.array) -> mx.a
     known: padding slots write their row's own value back and the scatter, left lazy, copies.
     """
     live = state_indices >= 0
-    n_live = live.astype(mx.int32).sum()
+    n_live = live.sum()  # int32
     try:
         mx.eval(final, n_live)
     except ValueError:  # inside mx.compile / grad: evaluation is not allowed there
