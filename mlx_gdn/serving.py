@@ -57,7 +57,7 @@ def plan(backend, algorithm, base_key, check_base, state, cu_seqlens, state_indi
     return make() if key is None else backends.remembered(key, make)
 
 
-def _row_scatter(pool: mx.array, rows: mx.array, vals: mx.array) -> mx.array:
+def row_scatter(pool: mx.array, rows: mx.array, vals: mx.array) -> mx.array:
     """pool with rows[n] replaced by vals[n] ([N] int32, [N, ...]), as a new array; `pool` itself
     is unchanged. One scatter of whole rows (`a[idx] = v`: N indices, N row slices), not an
     element-wise scatter with an index per element. `mx.array(pool)` is a second handle on the same
@@ -95,13 +95,13 @@ def write_back(pool: mx.array, state_indices: mx.array, final: mx.array) -> mx.a
     if n_live == 0:
         return pool
     if n_live == state_indices.shape[0]:
-        return _row_scatter(pool, state_indices, final)
+        return row_scatter(pool, state_indices, final)
     # Some padding: the first live sequence's row and state for the padding slots (no read of the
     # pool, so nothing holds it when the scatter runs).
     first = mx.argmax(live)
     rows = mx.where(live, state_indices, state_indices[first])
     vals = mx.where(live[:, None, None, None], final, final[first][None])
-    return _row_scatter(pool, rows, vals)
+    return row_scatter(pool, rows, vals)
 
 
 def _write_back_lazy(pool, state_indices, final, live):
@@ -114,7 +114,7 @@ def _write_back_lazy(pool, state_indices, final, live):
     fallback = mx.where(first_row >= 0, final[first], pool[fallback_row])
     rows = mx.where(live, state_indices, fallback_row)
     vals = mx.where(live[:, None, None, None], final, fallback[None])
-    return _row_scatter(pool, rows, vals)
+    return row_scatter(pool, rows, vals)
 
 
 # The algorithm name a backend's `serving_algorithm` gives for packed sequences it runs one plain

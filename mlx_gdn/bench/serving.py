@@ -4,7 +4,8 @@
   of a state pool of S slots (`state_indices`, `check_values=False`, the pool rebound to the
   result so MLX updates it in place); the same step against a small pool shows whether the cost
   grows with S. Peers: the same step as gather, plain call, scatter (what a caller does without
-  `state_indices`); fla's fused_recurrent with torch indexing around it, where fla is installed.
+  `state_indices`: the same row scatter, with no wait before it, so it copies the pool); fla's
+  fused_recurrent with torch indexing around it, where fla is installed.
 - states: the cost of return_states=C on the chunked kernels (a plain chunked call against the
   same call with return_states=C, C = 64 and 256 on the GPU) at B = 1 and 4, T = 8192.
 - prefill: sequences of mixed lengths packed along T (`cu_seqlens`; algorithm "auto", and
@@ -30,6 +31,7 @@ from rich.table import Table
 
 import mlx_gdn
 
+from ..serving import row_scatter
 from . import gpu_time
 from .env import device_kind, environment
 from .shapes import PRESETS
@@ -133,7 +135,9 @@ def decode_cells(cfg: dict, budget: float, seed: int, gpu: bool = False) -> List
         def gathered():
             p = holder["pool"]
             y, s = _update(x, p[idx])
-            holder["pool"] = mx.put_along_axis(p, idx.reshape(-1, 1, 1, 1), s, axis=0)
+            # The write-back's own row scatter, without its wait: the gather's pending read of
+            # the pool then makes the scatter copy it.
+            holder["pool"] = row_scatter(p, idx, s)
             return y, holder["pool"]
 
         calls: Dict[str, Callable] = {"mlx_gdn state_indices": pooled, "mlx_gdn gather+call+scatter": gathered}
