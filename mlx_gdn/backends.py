@@ -125,8 +125,8 @@ def resolve_serving(backend: str, algorithm: str, p: Problem, s) -> Tuple[Module
     """(backend module, algorithm) that runs a serving call (`validate.Serving` s).
 
     Each backend's `serving_algorithm(p, s, algorithm)` says which of its algorithms runs the
-    call (None: it cannot); the Metal and CUDA backends run every serving call with their
-    recurrent kernels, a requested "chunked" included. Otherwise the ops backend runs it.
+    call (None: it cannot); on Metal and CUDA see `serving.kernel_serving_algorithm`. Otherwise
+    the ops backend runs it.
     """
     check_choice("algorithm", algorithm, ALGORITHMS)
     mod = module(pick_backend(backend))

@@ -15,6 +15,7 @@
 // q, k, v are staged through threadgroup memory as float32 slabs of C x 8, the width of one
 // simdgroup matrix, so any input dtype feeds the float32 products.
 // Template: C (chunk, multiple of 8), Dk, Dv (multiples of 8), Hk, Hv, NSG, LOWER, NEG, KEYGATE.
+// GDN_VARLEN (define): packed sequences, chunks from the table `chunks` (below) instead of n * C.
 //
 // KEYGATE (one gate per key column): g: [B, T, Hv, Dk], or a: [B, T, Hv, Dk] with dt_bias [Hv] or
 // [Hv, Dk] (GDN_DT_KEY); gc: [B, Hv, N, Dk]. The per-head log-gates above are then 0 (gamma = 1),
@@ -36,8 +37,17 @@ const uint hv = threadgroup_position_in_grid.y;
 const uint bz = threadgroup_position_in_grid.z;
 const uint hk = hv / (Hv / Hk);
 const int T = q_shape[1];
+#if GDN_VARLEN
+// Packed sequences (B = 1): chunk n covers tokens chunks[n][0] .. chunks[n][1] - 1 (int32
+// [N, 2], at most C tokens, never across a sequence's end); the rest of it are identity steps.
+const int N = chunks_shape[0];
+const int t0 = chunks[2 * n];
+const int t_end = chunks[2 * n + 1];
+#else
 const int N = (T + C - 1) / C;
 const int t0 = n * C;
+const int t_end = T;
+#endif
 
 threadgroup float lgs[C];      // log-gate (0 for identity steps)
 threadgroup float bet[C];
@@ -63,7 +73,7 @@ threadgroup float* DPs = PM2 + TC * 64;
 
 for (uint i = tid; i < C; i += NT) {
   const int t = t0 + int(i);
-  bool live = t < T;
+  bool live = t < t_end;
 #if GDN_MASKED
   if (live) live = bool(mask[bz * T + t]);
 #endif

@@ -8,7 +8,20 @@
 // state_in [B, Hv, Dv, Dk] (float32), steps [B, T, ...] (any array whose shape gives T; its data
 // is not read). Outputs: y [B, T, Hv, Dv] (InT; rows past T are not written), state_out (float32).
 // Template: InT, C, Dk, Dv, Hv, RV (rows per tile, multiple of 8 dividing Dv), NSG, KEYGATE
-// (gc [B, Hv, N, Dk]: the chunk's decay per key column).
+// (gc [B, Hv, N, Dk]: the chunk's decay per key column), SAVE_EVERY (E).
+// GDN_SAVE (define; left undefined, 0 in #if, by plain launches): output states
+// [B, T // (E * C), Hv, Dv, Dk] float32, the state after chunks E, 2E, ... (after tokens E*C,
+// 2E*C, ...; return_states=E*C). A boundary past T is not written: the tail chunk's identity
+// steps make its end state the state after token T, not after a multiple of E*C.
+// GDN_VARLEN (define): packed sequences (B = 1, cu_seqlens), one threadgroup per (tile, hv,
+// sequence b). The operands' chunks come from kkt_solve_wy's chunk table: inputs chunks [NC, 2]
+// int32 (chunk j covers tokens chunks[j][0] .. chunks[j][1] - 1, never across a sequence's end)
+// and seq_chunks [N + 1] int32 (sequence b's chunks are seq_chunks[b] .. seq_chunks[b + 1] - 1,
+// in order); operands [1, Hv, NC, ...]; state_out [N, Hv, Dv, Dk]. With GDN_SAVE also seq_saved
+// [N + 1] int32: sequence b's states go to slots seq_saved[b] .. (boundaries counted within the
+// sequence), and the last sequence's threadgroups zero the slots past seq_saved[N].
+// GDN_POOL (define): input state_idx [N] int32; sequence b starts from row state_idx[b] of
+// state_in (the pool [S, Hv, Dv, Dk]), or from zeros where it is negative.
 
 const uint tid = thread_index_in_threadgroup;
 const uint sg = simdgroup_index_in_threadgroup;
@@ -16,22 +29,44 @@ const uint NT = NSG * 32;
 const uint dv0 = threadgroup_position_in_grid.x * RV;
 const uint hv = threadgroup_position_in_grid.y;
 const uint b = threadgroup_position_in_grid.z;
-const int N = gc_shape[2];
+const int N = gc_shape[2];  // chunks in the operands (per batch row)
 const int T = steps_shape[1];
+#if GDN_VARLEN
+const int c_begin = seq_chunks[b];
+const int c_end = seq_chunks[b + 1];
+const uint ob = 0;  // the operands' batch row
+#else
+const int c_begin = 0;
+const int c_end = N;
+const uint ob = b;
+#endif
 
 threadgroup float S[RV * Dk];
 threadgroup float Us[C * RV];
 threadgroup float Ys[C * RV];
 
 const uint bh = b * Hv + hv;
+#if GDN_POOL
+const int row = state_idx[b];
+const device float* s_in = state_in + ((size_t(max(row, 0)) * Hv + hv) * Dv + dv0) * Dk;
+for (uint e = tid; e < RV * Dk; e += NT) S[e] = row >= 0 ? s_in[e] : 0.0f;
+#else
 const device float* s_in = state_in + (bh * Dv + dv0) * Dk;
 for (uint e = tid; e < RV * Dk; e += NT) S[e] = s_in[e];
+#endif
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
 constexpr uint TC = C / 8;
 constexpr uint TR = RV / 8;
-for (int n = 0; n < N; ++n) {
-  const uint head = bh * N + n;
+for (int n = c_begin; n < c_end; ++n) {
+  const uint head = (ob * Hv + hv) * N + n;
+#if GDN_VARLEN
+  const int t0 = chunks[2 * n];
+  const int rows = chunks[2 * n + 1] - t0;
+#else
+  const int t0 = n * C;
+  const int rows = min(C, T - t0);
+#endif
   const device float* wq_ = wq + head * (2 * C * Dk);
   const device float* uy_ = uy + head * (2 * C * Dv);
   const device float* kd_ = kd + head * (C * Dk);
@@ -56,10 +91,9 @@ for (int n = 0; n < N; ++n) {
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
   const float gcn = KEYGATE ? 0.0f : gc[head];
-  const int rows = min(C, T - n * C);
   for (uint e = tid; e < uint(rows) * RV; e += NT) {
     uint i = e / RV, c = e % RV;
-    y[((b * T + n * C + i) * Hv + hv) * Dv + dv0 + c] = static_cast<InT>(Ys[e]);
+    y[((ob * T + t0 + i) * Hv + hv) * Dv + dv0 + c] = static_cast<InT>(Ys[e]);
   }
   for (uint e = tid; e < RV * Dk; e += NT) S[e] *= KEYGATE ? gc[head * Dk + e % Dk] : gcn;
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -78,7 +112,34 @@ for (int n = 0; n < N; ++n) {
     simdgroup_store(acc, S + ti * 8 * Dk + d, Dk);
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
+#if GDN_SAVE
+  {
+    // Boundaries count within the sequence: local chunk m ends token (m + 1) * C of it, and only
+    // whole chunks end a boundary (the last one may be short).
+    const int m = n - c_begin + 1;
+    const int slots = T / (SAVE_EVERY * C);  // return_states=E*C: T // (E*C) slots
+#if GDN_VARLEN
+    const int first = seq_saved[b];
+    const int mine = seq_saved[b + 1] - first;
+#else
+    const int first = 0;
+    const int mine = slots;
+#endif
+    if (m % SAVE_EVERY == 0 && m / SAVE_EVERY <= mine) {
+      device float* s_at = states + ((size_t(ob) * slots + first + m / SAVE_EVERY - 1) * Hv + hv) * (Dv * Dk) + dv0 * Dk;
+      for (uint e = tid; e < RV * Dk; e += NT) s_at[e] = S[e];
+    }
+  }
+#endif
 }
+#if GDN_SAVE && GDN_VARLEN
+if (int(b) + 2 == int(seq_chunks_shape[0])) {  // the last sequence
+  for (int slot = seq_saved[b + 1]; slot < T / (SAVE_EVERY * C); ++slot) {
+    device float* s_at = states + (size_t(slot) * Hv + hv) * (Dv * Dk) + dv0 * Dk;
+    for (uint e = tid; e < RV * Dk; e += NT) s_at[e] = 0.0f;
+  }
+}
+#endif
 
 device float* s_out = state_out + (bh * Dv + dv0) * Dk;
 for (uint e = tid; e < RV * Dk; e += NT) s_out[e] = S[e];

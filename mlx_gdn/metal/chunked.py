@@ -9,7 +9,10 @@ are those of `ops.chunked` and the CUDA kernels.
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlx.core as mx
+import numpy as np
 
 from ..launch import GATES_HEADER, LaunchSpec, fused_options, lower_bound_array
 from ..validate import Problem
@@ -43,19 +46,24 @@ def supports_chunked(p: Problem) -> bool:
     return max(sizes) <= _INT32_MAX and p.B <= 65535 and p.Hv <= 65535
 
 
-def _specs(p: Problem, N: int, *, lower: bool = False, neg: bool = False, dt_key: bool = False):
+def _specs(p: Problem, N: int, *, lower: bool = False, neg: bool = False, dt_key: bool = False, save_every: int = 0,
+           seqs: int = 0, pooled: bool = False, slots: int = 0):
+    """(kkt_wy, state) launch specs; N: chunks per batch row. seqs > 0: packed sequences (B = 1,
+    GDN_VARLEN: N chunks from a chunk table, the state pass over `seqs` sequences); pooled:
+    initial states read from pool rows (GDN_POOL); slots: the packed states' slots (save_every)."""
     C, RV = CHUNK, _rows_per_tile(p.Dk, p.Dv)
     key = p.gate == "key"
     f32 = mx.float32
     gate_names = ("a", "b", "A_log", "dt_bias", "lower_bound") if p.fused else ("g", "beta")
     variant = ("update" if p.fused else "rule") + ("_key" if key else "") + ("_dtkey" if dt_key else "")
-    variant += "_masked" if p.masked else ""
+    variant += ("_masked" if p.masked else "") + ("_varlen" if seqs else "")
+    varlen = (("GDN_VARLEN", 1),) if seqs else ()
     kkt_wy = LaunchSpec(
         name=f"gdn_chunked_kkt_solve_wy_{variant}",
         body="chunked/kkt_solve_wy.metal",
         headers=(GATES_HEADER,),
-        defines=(("GDN_FUSED", int(p.fused)), ("GDN_MASKED", int(p.masked)), ("GDN_DT_KEY", int(dt_key))),
-        input_names=("q", "k", "v") + gate_names + (("mask",) if p.masked else ()),
+        defines=(("GDN_FUSED", int(p.fused)), ("GDN_MASKED", int(p.masked)), ("GDN_DT_KEY", int(dt_key))) + varlen,
+        input_names=("q", "k", "v") + gate_names + (("mask",) if p.masked else ()) + (("chunks",) if seqs else ()),
         output_names=("wq", "uy", "kd", "gc"),
         template=(
             ("InT", p.dtype), ("C", C), ("Dk", p.Dk), ("Dv", p.Dv), ("Hk", p.Hk), ("Hv", p.Hv), ("NSG", NSG),
@@ -72,19 +80,29 @@ def _specs(p: Problem, N: int, *, lower: bool = False, neg: bool = False, dt_key
         output_dtypes=(f32, f32, f32, f32),
         ensure_row_contiguous=True,  # the bodies index rows directly
     )
+    # save_every: the states after every save_every-th chunk as a third output (return_states=C).
+    rows = seqs or p.B
+    if save_every and not seqs:
+        slots = p.T // (save_every * C)
+    inputs = ("wq", "uy", "kd", "gc", "state_in", "steps")
+    if seqs:
+        inputs += ("chunks", "seq_chunks") + (("seq_saved",) if save_every else ())
+    inputs += ("state_idx",) if pooled else ()
     state = LaunchSpec(
-        name="gdn_chunked_state_output" + ("_key" if key else ""),
+        name="gdn_chunked_state_output" + ("_key" if key else "") + ("_save" if save_every else "")
+        + ("_varlen" if seqs else "") + ("_pool" if pooled else ""),
         body="chunked/state_output.metal",
         headers=(),
-        defines=(),
-        input_names=("wq", "uy", "kd", "gc", "state_in", "steps"),
-        output_names=("y", "state_out"),
+        defines=((("GDN_SAVE", 1),) if save_every else ()) + varlen + ((("GDN_POOL", 1),) if pooled else ()),
+        input_names=inputs,
+        output_names=("y", "state_out") + (("states",) if save_every else ()),
         template=(("InT", p.dtype), ("C", C), ("Dk", p.Dk), ("Dv", p.Dv), ("Hv", p.Hv), ("RV", RV), ("NSG", NSG),
-                  ("KEYGATE", key)),
-        grid=(32 * NSG * (p.Dv // RV), p.Hv, p.B),
+                  ("KEYGATE", key)) + ((("SAVE_EVERY", save_every),) if save_every else ()),
+        grid=(32 * NSG * (p.Dv // RV), p.Hv, rows),
         threadgroup=(32 * NSG, 1, 1),
-        output_shapes=((p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)),
-        output_dtypes=(p.dtype, f32),
+        output_shapes=((p.B, p.T, p.Hv, p.Dv), (rows, p.Hv, p.Dv, p.Dk))
+        + (((p.B, slots, p.Hv, p.Dv, p.Dk),) if save_every else ()),
+        output_dtypes=(p.dtype, f32) + ((f32,) if save_every else ()),
         ensure_row_contiguous=True,
     )
     return kkt_wy, state
@@ -99,17 +117,15 @@ def _launch(spec: LaunchSpec, arrays):
     return spec.launch(kernel(spec), arrays)
 
 
-def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None):
-    """(y [B,T,Hv,Dv] in p.dtype, state [B,Hv,Dv,Dk] float32) for validated inputs: two launches.
+def saves_states(p: Problem, every: int) -> bool:
+    """Whether run_chunked can return the states after every `every` tokens (return_states=every):
+    `every` a multiple of CHUNK, within the kernels' index range."""
+    return every > 0 and every % CHUNK == 0 and p.B * (p.T // every) * p.Hv * p.Dv * p.Dk <= _INT32_MAX
 
-    q, k: [B,T,Hk,Dk]; v: [B,T,Hv,Dv]; g: [B,T,Hv] or [B,T,Hv,Dk], beta: [B,T,Hv] (or `gating`,
-    a FusedGating, whose gates the first kernel computes; a [B,T,Hv] or [B,T,Hv,Dk]); state: [B,Hv,Dv,Dk] float32; mask: [B,T] bool/int or None.
-    The kernels read the inputs as they come (any float dtype); the last chunk's tail and masked
-    steps are identity steps inside the first kernel.
-    """
-    N = -(-p.T // CHUNK)
-    lower, neg, dt_key = fused_options(gating)
-    kkt_wy, st = _specs(p, N, lower=lower, neg=neg, dt_key=dt_key)
+
+def _operands(p: Problem, kkt_wy: LaunchSpec, q, k, v, mask, g, beta, gating, extra=None):
+    """Launch 1 (kkt_solve_wy) on the call's inputs: (wq, uy, kd, gc, steps), steps the array whose
+    shape gives the state pass T."""
     arrays = {"q": q, "k": k, "v": v}
     if gating is not None:
         arrays.update(a=gating.a, b=gating.b, A_log=gating.A_log, dt_bias=gating.dt_bias,
@@ -120,5 +136,71 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
         steps = beta
     if mask is not None:
         arrays["mask"] = mask
-    wq, uy, kd, gc = _launch(kkt_wy, arrays)
-    return _launch(st, {"wq": wq, "uy": uy, "kd": kd, "gc": gc, "state_in": state, "steps": steps})
+    arrays.update(extra or {})
+    return tuple(_launch(kkt_wy, arrays)) + (steps,)
+
+
+def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, save_every: int = 0):
+    """(y [B,T,Hv,Dv] in p.dtype, state [B,Hv,Dv,Dk] float32) for validated inputs: two launches.
+    save_every E > 0 adds states [B, T // (E * CHUNK), Hv, Dv, Dk] float32, the states after
+    tokens E*CHUNK, 2E*CHUNK, ... (return_states=E*CHUNK; `saves_states`).
+
+    q, k: [B,T,Hk,Dk]; v: [B,T,Hv,Dv]; g: [B,T,Hv] or [B,T,Hv,Dk], beta: [B,T,Hv] (or `gating`,
+    a FusedGating, whose gates the first kernel computes; a [B,T,Hv] or [B,T,Hv,Dk]); state: [B,Hv,Dv,Dk] float32; mask: [B,T] bool/int or None.
+    The kernels read the inputs as they come (any float dtype); the last chunk's tail and masked
+    steps are identity steps inside the first kernel.
+    """
+    N = -(-p.T // CHUNK)
+    lower, neg, dt_key = fused_options(gating)
+    kkt_wy, st = _specs(p, N, lower=lower, neg=neg, dt_key=dt_key, save_every=save_every)
+    wq, uy, kd, gc, steps = _operands(p, kkt_wy, q, k, v, mask, g, beta, gating)
+    return tuple(_launch(st, {"wq": wq, "uy": uy, "kd": kd, "gc": gc, "state_in": state, "steps": steps}))
+
+
+def chunk_table(cu_seqlens, every: int = 0):
+    """Host tables of packed sequences (reads cu_seqlens, int32 [N + 1], to the host):
+    chunks int32 [NC, 2] (start, end) of every chunk, CHUNK tokens from each sequence's start,
+    the last one of a sequence possibly short, none across a sequence's end; seq_chunks int32
+    [N + 1], sequence n's chunks; seq_saved int32 [N + 1] (`serving.boundary_offsets` for
+    return_states=every, zeros without)."""
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    lens = np.diff(cu)
+    counts = -(-lens // CHUNK)
+    seq_chunks = np.concatenate([[0], np.cumsum(counts)])
+    seq = np.repeat(np.arange(len(lens)), counts)
+    local = np.arange(int(seq_chunks[-1])) - seq_chunks[seq]
+    starts = cu[seq] + local * CHUNK
+    chunks = np.stack([starts, np.minimum(starts + CHUNK, cu[seq + 1])], axis=1)
+    saved = np.concatenate([[0], np.cumsum(lens // every)]) if every else np.zeros(len(cu), np.int64)
+    return chunks.astype(np.int32), seq_chunks.astype(np.int32), saved.astype(np.int32)
+
+
+def packs(p: Problem, N: int, every: int) -> bool:
+    """Whether `run_packed` takes N packed sequences of problem p (B = 1, T tokens in all), with
+    return_states=every (0: none)."""
+    if every and every % CHUNK:
+        return False
+    wide = dataclasses.replace(p, T=p.T + N * CHUNK)  # at most N more chunks than T / CHUNK
+    return supports_chunked(wide) and N <= 65535 and (not every or saves_states(p, every))
+
+
+def run_packed(p: Problem, q, k, v, state, mask, cu_seqlens, state_indices, *, every: int = 0, g=None, beta=None,
+               gating=None):
+    """(y [1,T,Hv,Dv], final states [N,Hv,Dv,Dk] float32, states [1, T // every, Hv, Dv, Dk] or None)
+    of N packed sequences in one launch pair: chunks never cross a sequence's end (`chunk_table`),
+    and the state pass carries each sequence from its own initial state: row state_indices[n] of
+    the pool `state` (zeros where negative), or state[n] without indices. T > 0. Reads cu_seqlens
+    to the host (the chunk count sets the grid)."""
+    chunks, seq_chunks, seq_saved = chunk_table(np.array(cu_seqlens), every)
+    NC, N = chunks.shape[0], seq_chunks.shape[0] - 1
+    lower, neg, dt_key = fused_options(gating)
+    pooled = state_indices is not None
+    E = every // CHUNK if every else 0
+    kkt_wy, st = _specs(p, NC, lower=lower, neg=neg, dt_key=dt_key, save_every=E, seqs=N, pooled=pooled,
+                        slots=p.T // every if every else 0)
+    chunks = mx.array(chunks)
+    wq, uy, kd, gc, steps = _operands(p, kkt_wy, q, k, v, mask, g, beta, gating, {"chunks": chunks})
+    arrays = {"wq": wq, "uy": uy, "kd": kd, "gc": gc, "state_in": state, "steps": steps, "chunks": chunks,
+              "seq_chunks": mx.array(seq_chunks), "seq_saved": mx.array(seq_saved), "state_idx": state_indices}
+    out = _launch(st, arrays)
+    return out[0], out[1], (out[2] if every else None)
