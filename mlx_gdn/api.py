@@ -84,8 +84,11 @@ def gated_delta_rule(
     check_values: checks cu_seqlens (starts at 0, non-decreasing, ends at T) and state_indices
     (below S, no row twice) by reading them to the host, a sync per call; pass False in a
     server's hot loop once the inputs are known good (bad values then give undefined results).
-    On Metal and CUDA serving calls run on the recurrent kernels (also when algorithm is
-    "chunked"); the ops backend runs packed sequences one by one (reading cu_seqlens to the host).
+    On Metal and CUDA, under algorithm "chunked" (asked for, or "auto" at long T), return_states=C
+    with C a multiple of the kernels' chunk length runs the chunked kernels, and packed sequences
+    without return_states run one chunked call per sequence; other serving calls run on the
+    recurrent kernels. The ops backend runs packed sequences one by one (reading cu_seqlens to
+    the host).
     """
     backend = kernel_backend(backend, use_kernel)
     if serving_requested(cu_seqlens, state_indices, return_states):

@@ -9,11 +9,14 @@ Layouts (also in `mlx_gdn.gated_delta_rule`'s docstring):
   slots `boundary_offsets(cu_seqlens, C)[n]` onwards; the slots past the last sequence's are zero.
 - pool write-back: a scatter of the N final states into rows state_indices (negative: dropped).
 
-Which path runs (each backend's `serving_algorithm`): on Metal and CUDA, packed sequences
-without return_states under algorithm "chunked" (asked for, or chosen by "auto" from the total
-T) run one plain call per sequence (`run_per_sequence`: the chunked kernels for long sequences,
-initial rows gathered from the pool, N of them); every other serving call is one launch of the
-recurrent kernels, which read pool rows in place. The ops backend runs everything in MLX ops.
+Which path runs (each backend's `serving_algorithm`, `kernel_serving_algorithm` on Metal and
+CUDA), under algorithm "chunked" (asked for, or chosen by "auto" from the total T):
+return_states=C with C a multiple of the backend's chunk length runs its chunked kernels, which
+save the state after every C // chunk-th chunk (`CHUNKED_STATES`; with cu_seqlens one such call
+per sequence); packed sequences without return_states run one plain call per sequence
+(`run_per_sequence`: the chunked kernels for long sequences); both gather the initial rows from
+the pool (N of them). Every other serving call is one launch of the recurrent kernels, which read
+pool rows in place. The ops backend runs everything in MLX ops.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import backends, launch
-from .validate import check_serving, check_serving_values, serving_key
+from .validate import Problem, Serving, check_serving, check_serving_values, serving_key
 
 
 def boundary_offsets(cu_seqlens, C: int) -> np.ndarray:
@@ -50,35 +53,64 @@ def plan(backend, algorithm, base_key, check_base, state, cu_seqlens, state_indi
     return make() if key is None else backends.remembered(key, make)
 
 
+def _row_scatter(pool: mx.array, rows: mx.array, vals: mx.array) -> mx.array:
+    """pool with rows[n] replaced by vals[n] ([N] int32, [N, ...]), as a new array; `pool` itself
+    is unchanged. One scatter of whole rows (`a[idx] = v`: N indices, N row slices), not an
+    element-wise scatter with an index per element. `mx.array(pool)` is a second handle on the same
+    array, so the assignment rebinds only that handle; the scatter's input is still the pool."""
+    out = mx.array(pool)
+    out[rows] = vals
+    return out
+
+
 def write_back(pool: mx.array, state_indices: mx.array, final: mx.array) -> mx.array:
-    """pool with rows state_indices[n] replaced by final[n]; negative indices write nothing.
+    """pool [S, Hv, Dv, Dk] with rows state_indices[n] replaced by final[n] ([N, Hv, Dv, Dk]);
+    negative indices write nothing.
 
-    One scatter of N rows. MLX runs a scatter in place only when nothing else holds the pool's
-    buffer when the scatter is launched, and a read of the pool still pending in the same graph
-    (the kernel's, or a gather) holds it: the scatter then copies all S rows, a cost that grows
-    with the pool (measured: bench/NOTES.md, "Serving"). So the rows and values are evaluated
-    first (the kernel runs now: one wait per call), and the scatter left lazy runs in place once
-    the caller has rebound its name to the result (``y, pool = f(..., state=pool)``). Under a
-    function transformation (mx.compile), where nothing can be evaluated, the scatter stays lazy
-    and copies.
+    One scatter of whole rows. MLX runs a scatter in place only when nothing else holds the pool's
+    buffer when the scatter runs, and a read of the pool pending in the same graph (the kernel's,
+    or a gather) holds it until that read's command completes: the scatter then copies all S rows,
+    a cost that grows with the pool (measured: bench/NOTES.md, "Serving"). So the final states
+    (and the count of live slots) are evaluated first (the kernel runs now: one wait per call), and
+    the scatter left lazy runs in place once the caller has rebound its name to the result
+    (``y, pool = f(..., state=pool)``).
 
-    A padding slot writes the value another writer of the same row writes (the first live
-    sequence's row and final state, or row 0's own value when every slot is padding), so
-    duplicate indices in the scatter always carry equal values and need no host-side filtering.
+    Padding slots: with none (the usual step) the scatter takes `final` as it is; with some, each
+    padding slot writes the first live sequence's row and final state (duplicate indices then carry
+    equal values), a copy of the N final states; with no live slot the pool is returned as it is.
+    Under a function transformation (mx.compile), where nothing can be evaluated, the count is not
+    known: padding slots write their row's own value back and the scatter, left lazy, copies.
     """
     live = state_indices >= 0
+    n_live = live.astype(mx.int32).sum()
+    try:
+        mx.eval(final, n_live)
+    except ValueError:  # inside mx.compile / grad: evaluation is not allowed there
+        return _write_back_lazy(pool, state_indices, final, live)
+    n_live = n_live.item()
+    if n_live == 0:
+        return pool
+    if n_live == state_indices.shape[0]:
+        return _row_scatter(pool, state_indices, final)
+    # Some padding: the first live sequence's row and state for the padding slots (no read of the
+    # pool, so nothing holds it when the scatter runs).
+    first = mx.argmax(live)
+    rows = mx.where(live, state_indices, state_indices[first])
+    vals = mx.where(live[:, None, None, None], final, final[first][None])
+    return _row_scatter(pool, rows, vals)
+
+
+def _write_back_lazy(pool, state_indices, final, live):
+    """`write_back` without evaluating anything (under mx.compile): a padding slot writes the value
+    another writer of the same row writes (the first live sequence's row and state, or row 0's
+    own value when every slot is padding)."""
     first = mx.argmax(live)  # first live sequence (0 when none)
     first_row = state_indices[first]
-    any_live = first_row >= 0
     fallback_row = mx.maximum(first_row, 0)
-    fallback = mx.where(any_live, final[first], pool[fallback_row])
-    rows = mx.where(live, state_indices, fallback_row).reshape(-1, 1, 1, 1)
+    fallback = mx.where(first_row >= 0, final[first], pool[fallback_row])
+    rows = mx.where(live, state_indices, fallback_row)
     vals = mx.where(live[:, None, None, None], final, fallback[None])
-    try:
-        mx.eval(rows, vals)
-    except ValueError:  # inside mx.compile / grad: evaluation is not allowed there
-        pass
-    return mx.put_along_axis(pool, rows, vals, axis=0)
+    return _row_scatter(pool, rows, vals)
 
 
 # The algorithm name a backend's `serving_algorithm` gives for packed sequences it runs one plain
@@ -97,13 +129,29 @@ def _slice_gates(gates: dict, sl: slice) -> dict:
     return dict(g=gates["g"][:, sl], beta=gates["beta"][:, sl])
 
 
+def _one_sequence(mod, pn, every: int, want: str, q, k, v, init, mask, **gates):
+    """(y, final state, states or None) of one sequence (B = 1) on backend `mod`: plain calls when
+    no state is asked for or the sequence ends before the first boundary; with return_states=every,
+    the chunked kernels' saved states (`run_states`) or one recurrent serving launch."""
+    if every and pn.T >= every:
+        if want == "chunked" and _saves_states(mod, pn, every):
+            return mod.run_states(pn, q, k, v, init, mask, every, **gates)
+        sn = Serving(N=1, packed=False, pooled=False, rows=1, every=every, slots=pn.T // every)
+        return mod.run_serving(pn, sn, q, k, v, init, mask, None, None, algorithm="recurrent", **gates)
+    mod_n, algo = backends.resolve(mod.name, want if mod.supports(pn, want) else "recurrent", pn)
+    y, fin = mod_n.run(pn, q, k, v, init, mask, algorithm=algo, **gates)
+    return y, fin, None
+
+
 def run_per_sequence(mod, p, s, q, k, v, init, mask, cu_seqlens, **gates):
-    """(y, final states [N, ...]) of packed sequences, one plain call of backend `mod` each (its
-    chunked kernels from the backend's crossover length on, or for any length where the table has
-    none: then "chunked" was asked for). Reads cu_seqlens to the host; init: [N, Hv, Dv, Dk]."""
+    """(y, final states [N, ...], states or None) of packed sequences, one call of backend `mod`
+    each (its chunked kernels from the backend's crossover length on, or for any length where the
+    table has none: then "chunked" was asked for). Reads cu_seqlens to the host; init:
+    [N, Hv, Dv, Dk]. With return_states=C (s.every), sequence n's states fill its slots
+    (`boundary_offsets`); slots past the last sequence's are zero."""
     cu = np.array(cu_seqlens).tolist()
     t0 = backends.chunked_from(mod.name, p.dtype)
-    ys, finals = [], []
+    ys, finals, kept = [], [], []
     for n in range(s.N):
         a, b = cu[n], cu[n + 1]
         if a == b:
@@ -111,14 +159,19 @@ def run_per_sequence(mod, p, s, q, k, v, init, mask, cu_seqlens, **gates):
             continue
         pn = dataclasses.replace(p, B=1, T=b - a)
         want = "chunked" if t0 is None or pn.T >= t0 else "recurrent"
-        mod_n, algo = backends.resolve(mod.name, want if mod.supports(pn, want) else "recurrent", pn)
         sl = slice(a, b)
-        y, fin = mod_n.run(pn, q[:, sl], k[:, sl], v[:, sl], init[n : n + 1], None if mask is None else mask[:, sl],
-                           algorithm=algo, **_slice_gates(gates, sl))
+        y, fin, st = _one_sequence(mod, pn, s.every, want, q[:, sl], k[:, sl], v[:, sl], init[n : n + 1],
+                                   None if mask is None else mask[:, sl], **_slice_gates(gates, sl))
         ys.append(y)
         finals.append(fin)
+        if st is not None:
+            kept.append(st)
     y = mx.concatenate(ys, axis=1) if ys else mx.zeros((1, 0, p.Hv, p.Dv), p.dtype)
-    return y, mx.concatenate(finals, axis=0)
+    states = None
+    if s.every:
+        used = sum(x.shape[1] for x in kept)
+        states = mx.concatenate(kept + [mx.zeros((1, s.slots - used, p.Hv, p.Dv, p.Dk), mx.float32)], axis=1)
+    return y, mx.concatenate(finals, axis=0), states
 
 
 def run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values: bool, **gates):
@@ -131,12 +184,14 @@ def run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values: 
         y = mx.zeros((p.B, 0, p.Hv, p.Dv), dtype=p.dtype)
         final = None if s.pooled else init
         states = mx.zeros((p.B, 0, p.Hv, p.Dv, p.Dk), dtype=mx.float32)
-    elif algo == PER_SEQUENCE:
+    elif algo in (PER_SEQUENCE, CHUNKED_STATES):
         from .ops.serving import gather_rows
 
         rows = gather_rows(init, state_indices) if s.pooled else init
-        y, final = run_per_sequence(mod, p, s, q, k, v, rows, mask, cu_seqlens, **gates)
-        states = None
+        if algo == PER_SEQUENCE:
+            y, final, states = run_per_sequence(mod, p, s, q, k, v, rows, mask, cu_seqlens, **gates)
+        else:
+            y, final, states = mod.run_states(p, q, k, v, rows, mask, s.every, **gates)
     else:
         y, final, states = mod.run_serving(p, s, q, k, v, init, mask, cu_seqlens, state_indices, algorithm=algo,
                                            **gates)
@@ -147,11 +202,32 @@ def run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values: 
     return (y, new_state, states) if s.every else (y, new_state)
 
 
-def kernel_serving_algorithm(p: Problem, s, algorithm: str):
-    """How the Metal and CUDA backends run a serving call: packed sequences without per-step
-    states under "chunked" one plain call each (`serving.PER_SEQUENCE`: the chunked kernels take
-    no pools, packed sequences or per-step states); everything else on the recurrent kernels
-    ("recurrent", a requested "chunked" included); None where those cannot take it."""
+# The algorithm name for B sequences (no cu_seqlens) with return_states=C on a backend's chunked
+# kernels, which save the state after every C // chunk-th chunk (the backend's `run_states`).
+CHUNKED_STATES = "chunked-states"
+
+
+def _saves_states(mod, p: Problem, every: int) -> bool:
+    """Whether backend `mod`'s chunked kernels return the states after every `every` tokens of
+    problem `p` (a backend without `saves_states` cannot)."""
+    saves = getattr(mod, "saves_states", None)
+    return bool(saves is not None and saves(p, every))
+
+
+def kernel_serving_algorithm(p: Problem, s, algorithm: str, mod=None):
+    """How the Metal and CUDA backends (`mod`) run a serving call under `algorithm` (already
+    resolved from "auto" by T):
+    - return_states=C under "chunked", C a multiple of the backend's chunk length (`saves_states`):
+      its chunked kernels, which save the state after every C // chunk-th chunk (`CHUNKED_STATES`;
+      pool rows gathered first), or with cu_seqlens one such call per sequence (`PER_SEQUENCE`);
+    - packed sequences without per-step states under "chunked": one plain call per sequence;
+    - everything else on the recurrent kernels (a requested "chunked" included: "steps", and C
+      not a multiple of the chunk length); None where those cannot take it."""
+    if algorithm == "chunked" and s.every > 1 and mod is not None and _saves_states(mod, p, s.every):
+        if not s.packed:
+            return CHUNKED_STATES
+        if launch.supports_serving(p, s):  # its short sequences run on the recurrent kernels
+            return PER_SEQUENCE
     if algorithm == "chunked" and s.packed and not s.every:
         return PER_SEQUENCE
     return "recurrent" if launch.supports_serving(p, s) else None

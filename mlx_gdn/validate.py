@@ -255,9 +255,10 @@ def serving_requested(cu_seqlens, state_indices, return_states) -> bool:
     return cu_seqlens is not None or state_indices is not None or return_states is not None
 
 
-def serving_key(cu_seqlens, state_indices, return_states, check_values) -> Optional[tuple]:
-    """Signature of the serving arguments (shapes, dtypes and options), or None when one is unhashable."""
-    return signature((cu_seqlens, state_indices), (type(return_states), return_states, bool(check_values)))
+def serving_key(state, cu_seqlens, state_indices, return_states) -> Optional[tuple]:
+    """Signature of the serving arguments and the state (shapes, dtypes and return_states), or None
+    when one is unhashable. Arrays enter by shape and dtype only: their values are per call."""
+    return signature((state, cu_seqlens, state_indices), ("serving", type(return_states), return_states))
 
 
 def _require_index_array(name: str, x, what: str) -> mx.array:

@@ -3,6 +3,8 @@ kernels (simulator), against the float64 reference run sequence by sequence; bad
 
 from __future__ import annotations
 
+import contextlib
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -119,20 +121,57 @@ def test_check_values_false_skips_the_host_read(monkeypatch):
     assert called
 
 
-def test_pool_update_in_place_cost_independent_of_pool_size():
-    """The write-back is one scatter of N rows: with the caller's reference dropped, MLX updates
-    the pool in place (the result shares the pool's buffer)."""
-    x = random_inputs(4, 1, 1, 2, 32, 16, seed=fresh_seed())
-    pool = mx.zeros((64, 2, 16, 32))
-    mx.eval(pool)
-    idx = mx.array([5, 1, -1, 9], dtype=mx.int32)
-    y, pool2 = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, pool, state_indices=idx, backend="ops",
-                                        check_values=False)
-    del pool
-    mx.eval(pool2)
-    # Not a timing (the machine is shared): the pool is written, other rows stay zero.
-    rows = np.abs(np.array(pool2)).sum(axis=(1, 2, 3))
-    assert (rows[[5, 1, 9]] > 0).all() and (np.delete(rows, [5, 1, 9]) == 0).all()
+def _has_cuda() -> bool:
+    from mlx_gdn.cuda.backend import available
+
+    return available()
+
+
+def _check_in_place(case: Case, backend: str, padded: bool, bound: float):
+    """A pooled step whose caller rebinds the pool's name: evaluating it must allocate less than
+    `bound` times the pool's bytes (a copy of the pool shows up as that much more peak memory;
+    the write-back's own copy of the N final states, with padding, stays under it), and the
+    result must meet the reference."""
+    seed = fresh_seed()
+    c = make_call(case, seed)
+    if not padded:
+        c.idx = mx.array(np.random.default_rng(seed).permutation(case.pool)[: case.N].astype(np.int32))
+    x = c.x
+    before = np.array(c.state)
+    pool_bytes = c.state.nbytes
+    pool = c.state
+    c.state = None  # the pool's only holder is `pool` now
+    kw = dict(state_indices=c.idx, backend=backend, algorithm="recurrent", check_values=False)
+    with sim.simulated_metal() if backend == "metal" else contextlib.nullcontext():
+        if case.fused:
+            y, pool = mlx_gdn.gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, pool, **kw)
+        else:
+            y, pool = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, pool, **kw)
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(y, pool)
+        extra = mx.get_peak_memory() - base
+    assert extra < pool_bytes * bound, f"seed {seed}: {extra} bytes allocated for a {pool_bytes}-byte pool (a copy)"
+    c.state = mx.array(before)
+    check_call(c, (y, pool), f"seed {seed}, {backend}, padded {padded}")
+
+
+@pytest.mark.parametrize("backend", ["ops", "metal"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_pool_update_in_place(backend, padded):
+    """The write-back scatters N rows into the pool in place once the caller rebinds the pool's
+    name, so its cost does not grow with the pool."""
+    _check_in_place(Case(lens=None, B=4, T=1, pool=512), backend, padded, 1 / 8)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")
+@pytest.mark.parametrize("padded", [False, True])
+def test_cuda_pool_update_in_place(padded):
+    """As above on the GPU at the benchmark's decode cell: 64 sequences of a Qwen3.5 layer, a pool
+    of 512 slots (1 GiB); 64 final states are 1/8 of it."""
+    case = Case(lens=None, B=64, T=1, Hk=16, Hv=32, Dk=128, Dv=128, dtype=BF16, pool=512, fused=True)
+    _check_in_place(case, "cuda", padded, 1 / 4)
 
 
 # ---- bad input -----------------------------------------------------------------------------
@@ -292,3 +331,120 @@ def test_pooled_step_under_compile():
     yc, poolc = mx.compile(step)(x.q, c.state)
     assert np.array_equal(np.array(pool), np.array(poolc)) and np.array_equal(np.array(y), np.array(yc)), f"seed {seed}"
     check_call(c, (yc, poolc), f"seed {seed}, compiled")
+
+
+def test_plan_cache_tells_return_states_apart():
+    """Calls that differ only in return_states (or in the pool's size) are planned apart."""
+    x = random_inputs(1, 16, 1, 2, 32, 16, seed=fresh_seed())
+    for C in (4, 8, 4, "steps"):
+        _, _, states = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, return_states=C, backend="ops")
+        assert states.shape[1] == (16 if C == "steps" else 16 // C), (C, states.shape)
+    idx = mx.array([1], dtype=mx.int32)
+    for S in (2, 5):
+        _, pool = mlx_gdn.gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, mx.zeros((S, 2, 16, 32)), state_indices=idx,
+                                           backend="ops")
+        assert pool.shape[0] == S
+
+
+# return_states=C, C a multiple of the Metal chunk length (32), under "chunked": the chunked
+# kernels save the state after every C // 32-th chunk. T not a multiple of C, C = chunk and
+# 2 * chunk, GQA, masks, per-key gates, pools, packed sequences (boundaries within each).
+CHUNK_STATES = [
+    Case(lens=None, B=2, T=70, every=32, masked=True),
+    Case(lens=None, B=1, T=140, Hk=2, Hv=4, every=64, dtype=BF16, pool=3),
+    Case(lens=None, B=2, T=64, gate="key", every=32, pool=5, masked=True),
+    Case(lens=None, B=1, T=96, gate="key", fused=True, fused_gate="key", every=32, dtype=BF16),
+    Case(lens=(70, 0, 5, 40), every=32, pool=6, masked=True),
+    Case(lens=(64, 33, 130), Hk=2, Hv=4, every=64, fused=True, dtype=BF16),
+]
+
+
+@pytest.mark.parametrize("case", CHUNK_STATES, ids=[c.label() for c in CHUNK_STATES])
+def test_metal_chunk_states_on_chunked_kernels(case, no_ops, monkeypatch):
+    """return_states=C on the Metal chunked kernels (sequence by sequence with cu_seqlens),
+    against the float64 reference; the recurrent kernels take no sequence the chunked ones can."""
+    from mlx_gdn.metal import backend as metal
+
+    monkeypatch.setattr(backends, "chunked_from", lambda *a, **k: None)  # chunked at every length
+    ran = []
+    real_states, real_serving = metal.run_states, metal.run_serving
+    monkeypatch.setattr(metal, "run_states", lambda *a, **k: ran.append("chunked") or real_states(*a, **k))
+    monkeypatch.setattr(metal, "run_serving", lambda *a, **k: ran.append("recurrent") or real_serving(*a, **k))
+    seed = fresh_seed()
+    c = make_call(case, seed)
+    with sim.simulated_metal():
+        out = run_call(c, "metal", "chunked")
+    check_call(c, out, f"seed {seed}, {case.label()}")
+    lens = case.lens if case.lens is not None else (case.T,)
+    want = ["chunked"] * (1 if case.lens is None else sum(n >= case.every for n in lens))
+    assert ran == want, ran
+
+
+def test_metal_chunk_states_routing():
+    """Which kernels a return_states call runs on Metal: the chunked ones only for C a multiple
+    of their chunk length under "chunked" (asked for, or chosen by "auto" from T)."""
+    from mlx_gdn.metal import backend as metal
+    from mlx_gdn.validate import check_rule, check_serving
+
+    x = random_inputs(1, 64, 1, 2, 32, 16, seed=0)
+    p = check_rule(x.q, x.k, x.v, x.g, x.beta, None, None)
+    for rs, algo, want in ((32, "chunked", serving.CHUNKED_STATES), (64, "chunked", serving.CHUNKED_STATES),
+                           (16, "chunked", "recurrent"), (48, "chunked", "recurrent"), ("steps", "chunked", "recurrent"),
+                           (32, "recurrent", "recurrent")):
+        s = check_serving(p, None, None, None, rs)
+        assert metal.serving_algorithm(p, s, algo) == want, (rs, algo)
+    with sim.simulated_metal():
+        s = check_serving(p, None, None, None, 32)
+        _, algo = backends.resolve_serving("metal", "auto", p, s)
+        assert algo == (serving.CHUNKED_STATES if metal.choose_algorithm(p) == "chunked" else "recurrent")
+
+
+# The same on the CUDA chunked kernels in the CUDA simulator (chunk length 64; Dk in 64..256).
+CUDA_CHUNK_STATES = [
+    Case(lens=None, B=1, T=140, Dk=64, Dv=64, every=64, masked=True, pool=3),
+    Case(lens=None, B=1, T=130, Dk=64, Dv=64, every=128, dtype=BF16, fused=True),
+    Case(lens=(70, 0, 130, 9), Dk=64, Dv=64, gate="key", every=64, pool=5),
+]
+
+
+@pytest.mark.parametrize("case", CUDA_CHUNK_STATES, ids=[c.label() for c in CUDA_CHUNK_STATES])
+def test_cuda_sim_chunk_states_on_chunked_kernels(case, no_ops, monkeypatch):
+    """return_states=C on the CUDA chunked kernels (SAVE_EVERY), in the CUDA simulator."""
+    from mlx_gdn.cuda import backend as cuda
+
+    monkeypatch.setattr(backends, "chunked_from", lambda *a, **k: None)
+    ran = []
+    real_states = cuda.run_states
+    monkeypatch.setattr(cuda, "run_states", lambda *a, **k: ran.append("chunked") or real_states(*a, **k))
+    seed = fresh_seed()
+    c = make_call(case, seed)
+    with sim.simulated_cuda():
+        out = run_call(c, "cuda", "chunked")
+    check_call(c, out, f"seed {seed}, {case.label()}")
+    lens = case.lens if case.lens is not None else (case.T,)
+    assert len(ran) == (1 if case.lens is None else sum(n >= case.every for n in lens)), ran
+
+
+CUDA_GPU_CHUNK_STATES = [
+    Case(lens=None, B=2, T=300, Hk=2, Hv=4, Dk=128, Dv=128, dtype=BF16, every=64, pool=5, fused=True, masked=True),
+    Case(lens=None, B=1, T=260, Hk=2, Hv=4, Dk=128, Dv=128, every=64),
+    Case(lens=(200, 0, 1, 140), Hk=2, Hv=4, Dk=128, Dv=128, every=128, gate="key", dtype=BF16),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")
+@pytest.mark.parametrize("case", CUDA_GPU_CHUNK_STATES, ids=[c.label() for c in CUDA_GPU_CHUNK_STATES])
+def test_cuda_chunk_states_on_chunked_kernels(case, no_ops, monkeypatch):
+    """return_states=C on the GPU's chunked kernels at a real layer's head size."""
+    from mlx_gdn.cuda import backend as cuda
+
+    monkeypatch.setattr(backends, "chunked_from", lambda *a, **k: None)
+    ran = []
+    real_states = cuda.run_states
+    monkeypatch.setattr(cuda, "run_states", lambda *a, **k: ran.append("chunked") or real_states(*a, **k))
+    seed = fresh_seed()
+    c = make_call(case, seed)
+    check_call(c, run_call(c, "cuda", "chunked"), f"seed {seed}, {case.label()}")
+    lens = case.lens if case.lens is not None else (case.T,)
+    assert len(ran) == (1 if case.lens is None else sum(n >= case.every for n in lens)), ran

@@ -19,11 +19,13 @@ __host__ __device__ constexpr int state_smem() {
 // ---------------------------------------------------------------------------------------
 // KEYGATE: q and k are launch 1's Qg and Kd ([B, T, Hv, Dk], decays applied; Hk = Hv), Gc is 0,
 // and Gk [B, Hv, NTc, Dk] gives the chunk's decay per key column, which S takes column by column.
-template <int Dk, int Dv, int BV, bool EXACT, bool MASKED, bool SHARE_WQ, int NH, bool KEYGATE = false, class TI,
-          class OT, class TM>
+// SAVE_EVERY = E > 0: the state after every E-th full chunk (after tokens 64 E, 128 E, ...) also goes
+// to saved [B, T / (64 E), Hv, Dv, Dk] (the backward's chunk states; serving's return_states).
+template <int Dk, int Dv, int BV, bool EXACT, bool MASKED, bool SHARE_WQ, int NH, bool KEYGATE = false,
+          int SAVE_EVERY = 0, class TI, class OT, class TM>
 __device__ void state_output(const TI* q, const TI* k, const OT* W, const OT* U, const OT* Aqk, const float* Gc,
                              const float* S0, const TM* mask, int T, int Hk, int Hv, TI* y, float* S_out,
-                             const float* Gk = nullptr) {
+                             const float* Gk = nullptr, float* saved = nullptr) {
   using ST = typename Operand<EXACT>::T;
   static_assert(same_type<ST, OT>::value, "W, U, Aqk are stored in the operand type");
   constexpr int LK = Ld<ST, Dk>::value, LS = Dk + 8, LD = BV + 4, LA = Ld<ST, C>::value, LU = Ld<ST, BV>::value;
@@ -154,6 +156,18 @@ __device__ void state_output(const TI* q, const TI* k, const OT* W, const OT* U,
       warp_mma<EXACT, C>(acc, a_fn([&](int r, int kk) { return sD[kk * LD + m0 + r] * sE[kk]; }),
                          BRows<ST>{sK + n0, LK});
       for_acc(acc, [&](int r, int j, float x) { sS[(m0 + r) * LS + n0 + j] = x; });
+    }
+    if constexpr (SAVE_EVERY > 0) {
+      // The next write of S is past two barriers of step c + 1, so this read needs only this one.
+      if ((c + 1) % SAVE_EVERY == 0 && t0 + C <= T) {
+        __syncthreads();
+        const long ns = T / (C * SAVE_EVERY);
+        float* sv = saved + (((long)b * ns + (c + 1) / SAVE_EVERY - 1) * Hv + h) * (long)Dv * Dk + (long)v0 * Dk;
+        for (int idx = tid; idx < BV * Dk; idx += NTH) {
+          const int r = idx / Dk, d = idx - r * Dk;
+          sv[idx] = sS[r * LS + d];
+        }
+      }
     }
   }
   __syncthreads();

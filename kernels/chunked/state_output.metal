@@ -8,7 +8,11 @@
 // state_in [B, Hv, Dv, Dk] (float32), steps [B, T, ...] (any array whose shape gives T; its data
 // is not read). Outputs: y [B, T, Hv, Dv] (InT; rows past T are not written), state_out (float32).
 // Template: InT, C, Dk, Dv, Hv, RV (rows per tile, multiple of 8 dividing Dv), NSG, KEYGATE
-// (gc [B, Hv, N, Dk]: the chunk's decay per key column).
+// (gc [B, Hv, N, Dk]: the chunk's decay per key column), SAVE_EVERY (E).
+// GDN_SAVE (define; left undefined, 0 in #if, by plain launches): output states
+// [B, T // (E * C), Hv, Dv, Dk] float32, the state after chunks E, 2E, ... (after tokens E*C,
+// 2E*C, ...; return_states=E*C). A boundary past T is not written: the tail chunk's identity
+// steps make its end state the state after token T, not after a multiple of E*C.
 
 const uint tid = thread_index_in_threadgroup;
 const uint sg = simdgroup_index_in_threadgroup;
@@ -78,6 +82,13 @@ for (int n = 0; n < N; ++n) {
     simdgroup_store(acc, S + ti * 8 * Dk + d, Dk);
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
+#if GDN_SAVE
+  const int saved = T / (SAVE_EVERY * C);
+  if ((n + 1) % SAVE_EVERY == 0 && (n + 1) / SAVE_EVERY <= saved) {
+    device float* s_at = states + ((size_t(b) * saved + (n + 1) / SAVE_EVERY - 1) * Hv + hv) * (Dv * Dk) + dv0 * Dk;
+    for (uint e = tid; e < RV * Dk; e += NT) s_at[e] = S[e];
+  }
+#endif
 }
 
 device float* s_out = state_out + (bh * Dv + dv0) * Dk;

@@ -56,10 +56,11 @@ __device__ __forceinline__ void mma_regs_cols(float (&acc)[NT][4], const float (
   }
 }
 
-template <int Dk, int Dv, int NW, bool MASKED, class TI, class TM>
+// SAVE_EVERY: as state_output (state.cuh).
+template <int Dk, int Dv, int NW, bool MASKED, int SAVE_EVERY = 0, class TI, class TM>
 __device__ void state_output_regs(const TI* q, const TI* k, const __nv_bfloat16* W, const __nv_bfloat16* U,
                                   const __nv_bfloat16* Aqk, const float* Gc, const float* S0, const TM* mask, int T,
-                                  int Hk, int Hv, TI* y, float* S_out) {
+                                  int Hk, int Hv, TI* y, float* S_out, float* saved = nullptr) {
   using ST = __nv_bfloat16;
   constexpr int BV = 16 * NW, NTH = 32 * NW;
   constexpr int LK = Ld<ST, Dk>::value, LA = Ld<ST, C>::value, LU = Ld<ST, BV>::value;
@@ -182,6 +183,17 @@ __device__ void state_output_regs(const TI* q, const TI* k, const __nv_bfloat16*
       unsigned ra[4];
       acc_a_frag(dT, k16, ra);
       mma_bf16_frag2(s, ra, kv, 16 * k16);
+    }
+    if constexpr (SAVE_EVERY > 0) {
+      if ((c + 1) % SAVE_EVERY == 0 && t0 + C <= T) {
+        const long ns = T / (C * SAVE_EVERY);
+        float* sv = saved + ((((long)b * ns + (c + 1) / SAVE_EVERY - 1) * Hv + h) * Dv + v0 + vw + g) * Dk + 2 * t;
+#pragma unroll
+        for (int j = 0; j < KT; ++j) {
+          *reinterpret_cast<float2*>(sv + 8 * j) = make_float2(s[j][0], s[j][1]);
+          *reinterpret_cast<float2*>(sv + 8 * Dk + 8 * j) = make_float2(s[j][2], s[j][3]);
+        }
+      }
     }
     __syncthreads();  // every warp done with this stage before step c + 1 refills it
   }

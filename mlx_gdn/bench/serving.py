@@ -5,9 +5,14 @@
   result so MLX updates it in place); the same step against a small pool shows whether the cost
   grows with S. Peers: the same step as gather, plain call, scatter (what a caller does without
   `state_indices`); fla's fused_recurrent with torch indexing around it, where fla is installed.
+- states: the cost of return_states=C on the chunked kernels (a plain chunked call against the
+  same call with return_states=C, C = 64 and 256 on the GPU) at B = 1 and 4, T = 8192.
 - prefill: sequences of mixed lengths packed along T (`cu_seqlens`; algorithm "auto", and
   "recurrent": one launch of the recurrent kernel over all sequences), against the same
   sequences one plain call each and fla's chunk_gated_delta_rule with cu_seqlens, where installed.
+
+With `--gpu-time` (NVIDIA, torch installed) each cell also reports its kernel time and kernel launches
+per call from CUPTI (`gpu_time`), which splits a step's GPU work from its host time.
 
 Every contender's output is checked against the plain per-sequence calls of this package
 (themselves tested against the float64 reference) before it is timed.
@@ -25,6 +30,7 @@ from rich.table import Table
 
 import mlx_gdn
 
+from . import gpu_time
 from .env import device_kind, environment
 from .shapes import PRESETS
 from .timing import mlx_sync, time_calls
@@ -37,8 +43,14 @@ def sweep(kind: str, quick: bool) -> dict:
     """Cells by device: GPU sizes from a server's working set, tiny ones on the CPU."""
     if kind == "gpu" and not quick:
         return dict(shape=PRESETS["qwen3.5"], batch=64, pools=(64, 1024),
-                    packs=((28672, 4096), (16384, 16384), (1024, 7168)), dtype="bfloat16")
-    return dict(shape=(2, 4, 64, 64), batch=8, pools=(16, 1024), packs=((48, 16), (1, 31, 0, 8)), dtype="float32")
+                    packs=((28672, 4096), (16384, 16384), (1024, 7168)), dtype="bfloat16",
+                    states=dict(batches=(1, 4), T=8192, every=(64, 256)))
+    return dict(shape=(2, 4, 64, 64), batch=8, pools=(16, 1024), packs=((48, 16), (1, 31, 0, 8)), dtype="float32",
+                states=dict(batches=(1, 2), T=256, every=(64, 128)))
+
+
+def _ints(s: str) -> tuple:
+    return tuple(int(v) for v in s.split(",") if v)
 
 
 def _layer(B, T, shape, dtype, seed):
@@ -83,7 +95,18 @@ def _torch_inputs(torch, x):
             torch.from_numpy(beta.astype(np.float32)).to("cuda", dt))
 
 
-def decode_cells(cfg: dict, budget: float, seed: int) -> List[dict]:
+def _gpu_fields(gpu: bool, call: Callable, sync: Callable) -> dict:
+    """With `gpu`: kernel time (us) and kernel launches per call from CUPTI (`gpu_time`), and the
+    kernels by name; empty without it or without CUPTI here."""
+    if not gpu:
+        return {}
+    g = gpu_time.kernel_times([call], sync, reps=20)
+    if g is None:
+        return {}
+    return dict(gpu_us=g["gpu_us"], launches=g["launches"], kernels=g["kernels"])
+
+
+def decode_cells(cfg: dict, budget: float, seed: int, gpu: bool = False) -> List[dict]:
     """One decode step against each pool size, per contender."""
     B, shape, dtype = cfg["batch"], cfg["shape"], cfg["dtype"]
     Hk, Hv, Dk, Dv = shape
@@ -143,11 +166,12 @@ def decode_cells(cfg: dict, budget: float, seed: int) -> List[dict]:
             err = max(_rel(y, y_ref), _rel(s, s_ref))
             r = time_calls([call], sync[name], budget=budget)
             rows.append(dict(mode="decode", contender=name, B=B, S=S, T=1, shape=list(shape), dtype=dtype,
-                             median_ms=r["median_s"] * 1e3, reps=r["reps"], rel_err=err))
+                             median_ms=r["median_s"] * 1e3, reps=r["reps"], rel_err=err,
+                             **_gpu_fields(gpu, call, sync[name])))
     return rows
 
 
-def prefill_cells(cfg: dict, budget: float, seed: int) -> List[dict]:
+def prefill_cells(cfg: dict, budget: float, seed: int, gpu: bool = False) -> List[dict]:
     """Packed prefill of each length mix, per contender."""
     shape, dtype = cfg["shape"], cfg["dtype"]
     Hk, Hv, Dk, Dv = shape
@@ -206,7 +230,38 @@ def prefill_cells(cfg: dict, budget: float, seed: int) -> List[dict]:
             r = time_calls([call], sync[name], budget=budget)
             rows.append(dict(mode="prefill", contender=name, lens=list(lens), T=T, shape=list(shape), dtype=dtype,
                              median_ms=r["median_s"] * 1e3, reps=r["reps"], rel_err=err,
-                             Mtok_per_s=T / r["median_s"] / 1e6))
+                             Mtok_per_s=T / r["median_s"] / 1e6, **_gpu_fields(gpu, call, sync[name])))
+    return rows
+
+
+def states_cells(cfg: dict, budget: float, seed: int, gpu: bool = False) -> List[dict]:
+    """The cost of return_states=C on the chunked kernels: a plain chunked call against the same
+    call returning the states after every C tokens, per batch size and C. The states are checked
+    against the recurrent kernels' (return_states=C, algorithm "recurrent"), y and the final state
+    against the plain call."""
+    shape, dtype, st = cfg["shape"], cfg["dtype"], cfg["states"]
+    rows = []
+    for B in st["batches"] if st["every"] else ():
+        x = _layer(B, st["T"], shape, dtype, seed)
+        y_ref, s_ref = _update(x, None, algorithm="chunked")
+        mx.eval(y_ref, s_ref)
+        calls: Dict[str, Callable] = {"mlx_gdn chunked": lambda: _update(x, None, algorithm="chunked")}
+        for C in st["every"]:
+            calls[f"mlx_gdn chunked return_states={C}"] = lambda C=C: _update(x, None, algorithm="chunked",
+                                                                             return_states=C)
+        for name, call in calls.items():
+            out = call()
+            err = max(_rel(out[0], y_ref), _rel(out[1], s_ref))
+            C = int(name.rsplit("=", 1)[1]) if "=" in name else 0
+            if C:
+                _, _, want = _update(x, None, algorithm="recurrent", return_states=C)
+                err = max(err, _rel(out[2], want))
+                del want
+            del out
+            r = time_calls([call], mlx_sync, budget=budget)
+            rows.append(dict(mode="states", contender=name, B=B, T=st["T"], every=C, shape=list(shape), dtype=dtype,
+                             median_ms=r["median_s"] * 1e3, reps=r["reps"], rel_err=err,
+                             **_gpu_fields(gpu, call, mlx_sync)))
     return rows
 
 
@@ -219,9 +274,14 @@ def main(argv: Optional[List[str]] = None, console: Optional[Console] = None) ->
     p.add_argument("--pools", type=lambda s: tuple(int(v) for v in s.split(",")), help="pool sizes S, e.g. 64,1024")
     p.add_argument("--packs", type=lambda s: tuple(tuple(int(v) for v in g.split("+")) for g in s.split(",")),
                    help="packed length mixes, e.g. 28672+4096,1024+7168")
+    p.add_argument("--states-batches", type=_ints, help="batch sizes of the return_states cells, e.g. 1,4")
+    p.add_argument("--states-T", type=int, help="tokens per sequence of the return_states cells")
+    p.add_argument("--states-every", type=_ints, help="return_states=C values, e.g. 64,256 (empty: no such cells)")
     p.add_argument("--dims", type=lambda s: tuple(int(v) for v in s.split(",")), help="Hk,Hv,Dk,Dv")
     p.add_argument("--dtype", choices=tuple(_DT))
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per cell")
+    p.add_argument("--gpu-time", action="store_true",
+                   help="also read each call's kernel time and kernel launches from CUPTI (NVIDIA GPU, torch installed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--commit", help="record this commit (a copy on another machine may carry stale git metadata)")
     p.add_argument("--json", metavar="PATH")
@@ -232,17 +292,31 @@ def main(argv: Optional[List[str]] = None, console: Optional[Console] = None) ->
                      ("dtype", args.dtype)):
         if val is not None:
             cfg[key] = val
+    for key, val in (("batches", args.states_batches), ("T", args.states_T), ("every", args.states_every)):
+        if val is not None:
+            cfg["states"] = dict(cfg["states"], **{key: val})
     budget = args.budget if args.budget is not None else (0.2 if args.quick else 0.5)
     env = environment()
     if args.commit:
         env["git_commit"], env["git_dirty"] = args.commit, False
-    rows = decode_cells(cfg, budget, args.seed) + prefill_cells(cfg, budget, args.seed)
+    gpu = args.gpu_time and gpu_time.available()
+    if args.gpu_time and not gpu:
+        console.print("--gpu-time: no CUDA device visible to torch here; wall times only")
+    rows = (decode_cells(cfg, budget, args.seed, gpu) + prefill_cells(cfg, budget, args.seed, gpu)
+            + states_cells(cfg, budget, args.seed, gpu))
     table = Table(title=f"mlx-gdn serving | {env['device']} | shape {cfg['shape']} {cfg['dtype']}")
-    for col in ("mode", "contender", "cell", "ms", "rel err"):
+    for col in ("mode", "contender", "cell", "ms", "rel err") + (("GPU us", "launches") if gpu else ()):
         table.add_column(col)
     for r in rows:
-        cell = f"B{r['B']} S{r['S']}" if r["mode"] == "decode" else "+".join(map(str, r["lens"]))
-        table.add_row(r["mode"], r["contender"], cell, f"{r['median_ms']:.3f}", f"{r['rel_err']:.1e}")
+        if r["mode"] == "decode":
+            cell = f"B{r['B']} S{r['S']}"
+        elif r["mode"] == "states":
+            cell = f"B{r['B']} T{r['T']}"
+        else:
+            cell = "+".join(map(str, r["lens"]))
+        extra = (f"{r['gpu_us']:.1f}", f"{r['launches']:.1f}") if "gpu_us" in r else ("-", "-")
+        table.add_row(r["mode"], r["contender"], cell, f"{r['median_ms']:.3f}", f"{r['rel_err']:.1e}",
+                      *(extra if gpu else ()))
     console.print(table)
     record = {"schema": SCHEMA, "environment": env, "config": {k: v for k, v in cfg.items()}, "budget_s": budget,
               "results": rows}

@@ -7,6 +7,8 @@ Chunked: a CUDA-only tensor-core kernel pair (`cuda.chunked`).
 
 from __future__ import annotations
 
+import sys
+
 import mlx.core as mx
 
 from .. import launch
@@ -81,7 +83,23 @@ def serving_algorithm(p: Problem, s, algorithm: str):
     """How this backend runs a serving call (`serving.kernel_serving_algorithm`)."""
     from ..serving import kernel_serving_algorithm
 
-    return kernel_serving_algorithm(p, s, algorithm)
+    return kernel_serving_algorithm(p, s, algorithm, sys.modules[__name__])
+
+
+def saves_states(p: Problem, every: int) -> bool:
+    """Whether the chunked kernels take `p` and can return the states after every `every` tokens
+    (return_states=every, a multiple of their chunk length)."""
+    from .chunked import CHUNK
+
+    return every > 0 and every % CHUNK == 0 and supports(p, "chunked")
+
+
+def run_states(p: Problem, q, k, v, state, mask, every: int, *, g=None, beta=None, gating=None):
+    """(y, final state [B,Hv,Dv,Dk], states [B, T // every, Hv, Dv, Dk]) from the chunked kernels,
+    which save the state after every every // CHUNK-th chunk (`saves_states`)."""
+    from .chunked import CHUNK
+
+    return run_chunked(p, q, k, v, state, mask, g=g, beta=beta, gating=gating, save_every=every // CHUNK)
 
 
 def run_serving(p: Problem, s, q, k, v, state, mask, cu_seqlens, state_indices, *, algorithm, g=None, beta=None,

@@ -166,24 +166,27 @@ def _kkt_wy_launch(p: Problem, lower: bool, neg: bool, dt_key: bool):
             kkt_solve_wy_smem(p.Dk, p.Dv, exact))
 
 
-def _state_launch(p: Problem):
+def _state_launch(p: Problem, save_every: int = 0):
     """(kernel name, body file, inputs, threads per block, value rows per block, template, shared
-    memory bytes) of the state + output launch."""
+    memory bytes) of the state + output launch; `save_every` > 0 takes the body that also writes
+    the state after every save_every-th full chunk (output "saved")."""
     exact = p.dtype == mx.float32
+    save = [("SAVE_EVERY", save_every)] if save_every else []
+    tail = "_save" if save_every else ""
     regs = None if p.gate == "key" else _regs_config(p)
     if regs is not None:  # S in registers: 16 value rows per warp
         nw, smem = regs
-        template = [("Dk", p.Dk), ("Dv", p.Dv), ("NW", nw), ("MASKED", p.masked)]
-        return ("gdn_cuda_chunked_state_output_regs", "chunked/state_output_regs.cu", STATE_INPUTS, 32 * nw, 16 * nw,
-                template, smem)
+        template = [("Dk", p.Dk), ("Dv", p.Dv), ("NW", nw), ("MASKED", p.masked)] + save
+        return (f"gdn_cuda_chunked_state_output_regs{tail}", f"chunked/state_output_regs{tail}.cu", STATE_INPUTS,
+                32 * nw, 16 * nw, template, smem)
     rows, share, smem = _state_config(p)
     template = [("Dk", p.Dk), ("Dv", p.Dv), ("BV", rows), ("EXACT", exact), ("MASKED", p.masked),
-                ("SHARE_WQ", share), ("NH", state_nh(rows))]
+                ("SHARE_WQ", share), ("NH", state_nh(rows))] + save
     if p.gate == "key":  # per-key gates take the shared-memory pass
-        return ("gdn_cuda_chunked_state_output_key", "chunked/state_output_key.cu", STATE_KEY_INPUTS,
+        return (f"gdn_cuda_chunked_state_output_key{tail}", f"chunked/state_output_key{tail}.cu", STATE_KEY_INPUTS,
                 THREADS * state_nh(rows), rows, template, smem)
-    return ("gdn_cuda_chunked_state_output", "chunked/state_output.cu", STATE_INPUTS, THREADS * state_nh(rows), rows,
-            template, smem)
+    return (f"gdn_cuda_chunked_state_output{tail}", f"chunked/state_output{tail}.cu", STATE_INPUTS,
+            THREADS * state_nh(rows), rows, template, smem)
 
 
 def chunked_variants(p: Problem, *, lower: bool = False, neg: bool = False, dt_key: bool = False):
@@ -199,9 +202,14 @@ def chunked_variants(p: Problem, *, lower: bool = False, neg: bool = False, dt_k
     )
 
 
-def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None):
+def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, save_every: int = 0):
     """(y, state) from the two chunked launches; g [B,T,Hv] or [B,T,Hv,Dk] (or `gating`, a per-head or
-    per-key a), see `supports_chunked`. Per-key gates take the shared-memory state pass."""
+    per-key a), see `supports_chunked`. Per-key gates take the shared-memory state pass.
+
+    save_every = E > 0: (y, state, saved), saved [B, T // (64 E), Hv, Dv, Dk] float32 the state after
+    tokens 64 E, 128 E, ... (a partial last chunk ends no saved state)."""
+    if save_every < 0:
+        raise ValueError(f"save_every: expected an integer >= 0, got {save_every}")
     exact = p.dtype == mx.float32
     ot = mx.float32 if exact else mx.bfloat16
     nt = -(-p.T // CHUNK)
@@ -235,16 +243,23 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
     )
     W, U, Aqk, G = outs[:4]
 
-    sname, sbody, sinputs, threads, rows, stemplate, ssmem = _state_launch(p)
-    step = _kernel(sname, sinputs, STATE_OUTPUTS, source_text(sbody), header(), ssmem)
+    sname, sbody, sinputs, threads, rows, stemplate, ssmem = _state_launch(p, save_every)
+    shapes = [(p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)]
+    dtypes = [p.dtype, mx.float32]
+    outputs = STATE_OUTPUTS
+    if save_every:
+        outputs = STATE_OUTPUTS + ("saved",)
+        shapes.append((p.B, p.T // (CHUNK * save_every), p.Hv, p.Dv, p.Dk))
+        dtypes.append(mx.float32)
+    step = _kernel(sname, sinputs, outputs, source_text(sbody), header(), ssmem)
     ins = [outs[4], outs[5], W, U, Aqk, G, state, m, outs[6]] if key else [q, k, W, U, Aqk, G, state, m]
-    y, new_state = step(
+    res = step(
         inputs=ins,
         template=stemplate,
         grid=(p.Dv // rows * threads, p.Hv, p.B),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)],
-        output_dtypes=[p.dtype, mx.float32],
+        output_shapes=shapes,
+        output_dtypes=dtypes,
         **launch.launch_options(),
     )
-    return y, new_state
+    return tuple(res)

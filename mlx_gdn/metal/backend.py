@@ -6,6 +6,8 @@ Runs on Apple GPUs, and on the CPU inside `mlx_gdn.sim.simulated_metal()`, which
 
 from __future__ import annotations
 
+import sys
+
 import mlx.core as mx
 
 from .. import launch
@@ -87,7 +89,25 @@ def serving_algorithm(p: Problem, s, algorithm: str):
     """How this backend runs a serving call (`serving.kernel_serving_algorithm`)."""
     from ..serving import kernel_serving_algorithm
 
-    return kernel_serving_algorithm(p, s, algorithm)
+    return kernel_serving_algorithm(p, s, algorithm, sys.modules[__name__])
+
+
+def saves_states(p: Problem, every: int) -> bool:
+    """Whether the chunked kernels take `p` and can return the states after every `every` tokens
+    (return_states=every, a multiple of their chunk length)."""
+    if not _supports_chunked(p):
+        return False
+    from .chunked import saves_states as saves
+
+    return saves(p, every)
+
+
+def run_states(p: Problem, q, k, v, state, mask, every: int, *, g=None, beta=None, gating=None):
+    """(y, final state [B,Hv,Dv,Dk], states [B, T // every, Hv, Dv, Dk]) from the chunked kernels,
+    which save the state after every every // CHUNK-th chunk (`saves_states`)."""
+    from .chunked import CHUNK, run_chunked
+
+    return run_chunked(p, q, k, v, state, mask, g=g, beta=beta, gating=gating, save_every=every // CHUNK)
 
 
 def run_serving(p: Problem, s, q, k, v, state, mask, cu_seqlens, state_indices, *, algorithm, g=None, beta=None,

@@ -43,7 +43,7 @@ def supports_chunked(p: Problem) -> bool:
     return max(sizes) <= _INT32_MAX and p.B <= 65535 and p.Hv <= 65535
 
 
-def _specs(p: Problem, N: int, *, lower: bool = False, neg: bool = False, dt_key: bool = False):
+def _specs(p: Problem, N: int, *, lower: bool = False, neg: bool = False, dt_key: bool = False, save_every: int = 0):
     C, RV = CHUNK, _rows_per_tile(p.Dk, p.Dv)
     key = p.gate == "key"
     f32 = mx.float32
@@ -72,19 +72,22 @@ def _specs(p: Problem, N: int, *, lower: bool = False, neg: bool = False, dt_key
         output_dtypes=(f32, f32, f32, f32),
         ensure_row_contiguous=True,  # the bodies index rows directly
     )
+    # save_every: the states after every save_every-th chunk as a third output (return_states=C).
+    saved = p.T // (save_every * C) if save_every else 0
     state = LaunchSpec(
-        name="gdn_chunked_state_output" + ("_key" if key else ""),
+        name="gdn_chunked_state_output" + ("_key" if key else "") + ("_save" if save_every else ""),
         body="chunked/state_output.metal",
         headers=(),
-        defines=(),
+        defines=(("GDN_SAVE", 1),) if save_every else (),
         input_names=("wq", "uy", "kd", "gc", "state_in", "steps"),
-        output_names=("y", "state_out"),
+        output_names=("y", "state_out") + (("states",) if save_every else ()),
         template=(("InT", p.dtype), ("C", C), ("Dk", p.Dk), ("Dv", p.Dv), ("Hv", p.Hv), ("RV", RV), ("NSG", NSG),
-                  ("KEYGATE", key)),
+                  ("KEYGATE", key)) + ((("SAVE_EVERY", save_every),) if save_every else ()),
         grid=(32 * NSG * (p.Dv // RV), p.Hv, p.B),
         threadgroup=(32 * NSG, 1, 1),
-        output_shapes=((p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk)),
-        output_dtypes=(p.dtype, f32),
+        output_shapes=((p.B, p.T, p.Hv, p.Dv), (p.B, p.Hv, p.Dv, p.Dk))
+        + (((p.B, saved, p.Hv, p.Dv, p.Dk),) if save_every else ()),
+        output_dtypes=(p.dtype, f32) + ((f32,) if save_every else ()),
         ensure_row_contiguous=True,
     )
     return kkt_wy, state
@@ -99,8 +102,16 @@ def _launch(spec: LaunchSpec, arrays):
     return spec.launch(kernel(spec), arrays)
 
 
-def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None):
+def saves_states(p: Problem, every: int) -> bool:
+    """Whether run_chunked can return the states after every `every` tokens (return_states=every):
+    `every` a multiple of CHUNK, within the kernels' index range."""
+    return every > 0 and every % CHUNK == 0 and p.B * (p.T // every) * p.Hv * p.Dv * p.Dk <= _INT32_MAX
+
+
+def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=None, save_every: int = 0):
     """(y [B,T,Hv,Dv] in p.dtype, state [B,Hv,Dv,Dk] float32) for validated inputs: two launches.
+    save_every E > 0 adds states [B, T // (E * CHUNK), Hv, Dv, Dk] float32, the states after
+    tokens E*CHUNK, 2E*CHUNK, ... (return_states=E*CHUNK; `saves_states`).
 
     q, k: [B,T,Hk,Dk]; v: [B,T,Hv,Dv]; g: [B,T,Hv] or [B,T,Hv,Dk], beta: [B,T,Hv] (or `gating`,
     a FusedGating, whose gates the first kernel computes; a [B,T,Hv] or [B,T,Hv,Dk]); state: [B,Hv,Dv,Dk] float32; mask: [B,T] bool/int or None.
@@ -109,7 +120,7 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
     """
     N = -(-p.T // CHUNK)
     lower, neg, dt_key = fused_options(gating)
-    kkt_wy, st = _specs(p, N, lower=lower, neg=neg, dt_key=dt_key)
+    kkt_wy, st = _specs(p, N, lower=lower, neg=neg, dt_key=dt_key, save_every=save_every)
     arrays = {"q": q, "k": k, "v": v}
     if gating is not None:
         arrays.update(a=gating.a, b=gating.b, A_log=gating.A_log, dt_bias=gating.dt_bias,
@@ -121,4 +132,4 @@ def run_chunked(p: Problem, q, k, v, state, mask, *, g=None, beta=None, gating=N
     if mask is not None:
         arrays["mask"] = mask
     wq, uy, kd, gc = _launch(kkt_wy, arrays)
-    return _launch(st, {"wq": wq, "uy": uy, "kd": kd, "gc": gc, "state_in": state, "steps": steps})
+    return tuple(_launch(st, {"wq": wq, "uy": uy, "kd": kd, "gc": gc, "state_in": state, "steps": steps}))
