@@ -61,8 +61,8 @@ def _compare(got, want, tol, what):
 
 
 # (Hk, Hv, Dk, Dv, B, T): GQA 2 and 4 value heads per key head, Dk = Dv in {32, 64}, partial last
-# chunks (45 = 32 + 13, 77 = 2 * 32 + 13) and one full chunk.
-SHAPES = [(1, 2, 32, 32, 2, 45), (2, 4, 64, 64, 1, 77), (1, 4, 32, 32, 1, CHUNK)]
+# chunks (45 = 32 + 13, 77 = 2 * 32 + 13) and whole chunks only.
+SHAPES = [(1, 2, 32, 32, 2, 45), (2, 4, 64, 64, 1, 77), (1, 4, 32, 32, 1, 2 * CHUNK)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"Hk{s[0]}Hv{s[1]}D{s[2]}T{s[5]}" for s in SHAPES])
@@ -81,7 +81,7 @@ def test_vjp_matches_ops_backward(kernels_only, shape, dtype, masked):
         got = kb.chunked_vjp(p, *args)
         mx.eval(got)
     _compare(got, ops_vjp(*args), tolerance(dtype), f"seed={seed} {shape} {dtype}")
-    assert set(kernels_only) == {s.name for s in kb.launch_specs_backward(p)}
+    assert set(kernels_only) == {s.name for s in kb.launch_specs_backward(p) if s is not None}
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
@@ -167,9 +167,9 @@ def test_trained_gates_and_exact_zeros(kernels_only):
 
 
 def test_no_state_and_no_state_cotangent(kernels_only, monkeypatch):
-    """state=None (zeros) and a loss of y alone: dstate0 still flows, the rest as the ops backward's."""
+    """state=None (zeros), a loss of y alone, and a single partial chunk: as the ops backward."""
     seed = fresh_seed()
-    x = random_inputs(1, 40, 1, 2, 32, 32, seed=seed, with_state=False)
+    x = random_inputs(1, 20, 1, 2, 32, 32, seed=seed, with_state=False)
     W = mx.array(np.random.default_rng(seed).standard_normal(x.v.shape).astype(np.float32))
 
     def loss(backend):
@@ -211,8 +211,10 @@ def test_failing_kernels_fall_back_with_a_warning(monkeypatch):
     monkeypatch.setattr(kb, "kernel_vjp", broken)
     fallback.clear()
     try:
-        with sim.simulated_metal(), pytest.warns(RuntimeWarning, match="gdn_chunked_chunk_grads.*planted compile failure"):
+        with sim.simulated_metal(), pytest.warns(RuntimeWarning, match="gdn_chunked_chunk_grads.*planted compile failure") as rec:
             got = kb.chunked_vjp(p, *args)
+            kb.chunked_vjp(p, *args)
     finally:
         fallback.clear()
+    assert sum("Metal chunked backward" in str(w.message) for w in rec) == 1, "warned more than once"
     _compare(got, ops_vjp(*args), 1e-6, f"seed={seed} fallback")

@@ -17,8 +17,10 @@
 // The kernel keeps -dKb (nKb) rather than dKb, which lets dA be one accumulated product:
 // dA = -(nKb (-W)^T + dVb Uv^T).
 // Inputs: q, k [B, T, Hk, Dk], v [B, T, Hv, Dv] (any float dtype); wq, uy, akk, aqk, decay, tin, gts
-// (kkt_solve_wy.metal, GDN_BACKWARD); st, dsn [B, Hv, N, Dv, Dk] (S_n, dS_{n+1}); du, dyc
-// [B, Hv, N, C, Dv] (state_backward.metal). All but q, k, v float32.
+// (kkt_solve_wy.metal, GDN_BACKWARD); state_in [B, Hv, Dv, Dk] (S_0) and saved [B, M, Hv, Dv, Dk]
+// (S_n = saved[n - 1] for n >= 1: the state pass of state_output.metal with SAVE_EVERY 1; M >= N - 1);
+// dsn [B, Hv, N, Dv, Dk] (dS_{n+1}); du, dyc [B, Hv, N, C, Dv] (state_backward.metal). All but
+// q, k, v float32.
 // Outputs (float32): dq, dk [B, T, Hv, Dk] (per value head: the caller sums a key head's R value
 // heads), dv [B, T, Hv, Dv], dbeta, dlg [B, T, Hv] (zero on masked steps; rows past T are not
 // written); wk [B, Hv, N, C (2 Dv + 4 Dk)]: this chunk's wide intermediates (U, dVb, dQe, -dW,
@@ -69,7 +71,8 @@ const device float* akk_ = akk + head * (C * C);
 const device float* aqk_ = aqk + head * (C * C);
 const device float* dec_ = decay + head * (C * C);
 const device float* tin_ = tin + head * (C * C);
-const device float* S = st + head * (Dv * Dk);
+const device float* S = n == 0 ? state_in + (bz * Hv + hv) * (Dv * Dk)
+                                : saved + ((bz * saved_shape[1] + n - 1) * Hv + hv) * (Dv * Dk);
 const device float* dSp = dsn + head * (Dv * Dk);
 const device float* dU = du + head * (C * Dv);
 const device float* dY = dyc + head * (C * Dv);

@@ -1,10 +1,11 @@
 """The chunked backward as Metal kernels (scalar gates): `chunked_vjp`, picked by `autodiff`.
 
-Three launches and one pass in MLX ops, the stages of the analytic backward of a chunk:
+Four launches, the stages of the analytic backward of a chunk:
 1. recompute: kernels/chunked/kkt_solve_wy.metal with GDN_BACKWARD (the forward's launch 1, its
    kkt_solve stage reused as it is): every chunk's -W, Qe, Uv, Kd, gamma_C, and for the backward
    A (without beta), P, the pairwise decays, T = (I + A)^-1 and the per-step gate operands;
-   then the states entering each chunk, by the state pass over those operands (`_chunk_starts`);
+   then the states entering each chunk, by the forward's state pass (state_output.metal) saving
+   the state after every chunk (SAVE_EVERY 1);
 2. state_backward.metal: the adjoint of the state pass, chunks last to first: dU_n, the adjoint
    dS_{n+1} entering each chunk's local gradients, and dS_0;
 3. chunk_grads.metal: every chunk in parallel, dq, dk (per value head, summed here over the value
@@ -18,20 +19,24 @@ ops backward (`fallback.tried`); a variant that fails there gives the ops backwa
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from .. import fallback
+from .. import backends, fallback
 from ..launch import LaunchSpec
 from ..validate import Problem
-from .chunked import CHUNK, NSG, _rows_per_tile, launch_specs, supports_chunked
+from .chunked import CHUNK, NSG, _rows_per_tile, _specs, supports_chunked
 from .kernel import kernel
 
 # g below this runs the backward at this value (the ops backward's convention,
 # `ops.chunked_backward._G_FLOOR`): dg = dlog g / g stays finite at g = 0.
 G_FLOOR = 1e-30
 _BWD_OUTPUTS = ("akk", "aqk", "decay", "tin", "gts")
+# Variant sets already warned about (until `backends.clear_plans`, which also clears the verdicts).
+_WARNED: set = set()
+backends.on_clear(_WARNED.clear)
 
 
 def supports(p: Problem) -> bool:
@@ -39,12 +44,13 @@ def supports(p: Problem) -> bool:
     return p.gate == "scalar" and supports_chunked(p)
 
 
-def launch_specs_backward(p: Problem) -> Tuple[LaunchSpec, LaunchSpec, LaunchSpec]:
-    """(recompute, state_backward, chunk_grads) launch specs of the backward of a call on `p`."""
+def launch_specs_backward(p: Problem) -> Tuple[LaunchSpec, LaunchSpec, LaunchSpec, LaunchSpec]:
+    """(recompute, state pass, state_backward, chunk_grads) launch specs of the backward of a call
+    on `p`; the state pass is None for a single chunk (its start state is the initial state)."""
     C, N, f32 = CHUNK, -(-p.T // CHUNK), mx.float32
     B, Hk, Hv, Dk, Dv = p.B, p.Hk, p.Hv, p.Dk, p.Dv
     # The backward is handed g and beta (fused gates are formed by MLX ops, whose VJP chains dg).
-    fwd, _ = launch_specs(dataclasses.replace(p, fused=False))
+    fwd, starts = _specs(dataclasses.replace(p, fused=False), N, save_every=1)
     per_chunk = (B, Hv, N)
     recompute = dataclasses.replace(
         fwd,
@@ -74,7 +80,8 @@ def launch_specs_backward(p: Problem) -> Tuple[LaunchSpec, LaunchSpec, LaunchSpe
         body="chunked/chunk_grads.metal",
         headers=(),
         defines=(),
-        input_names=("q", "k", "v", "wq", "uy", "akk", "aqk", "decay", "tin", "gts", "st", "dsn", "du", "dyc"),
+        input_names=("q", "k", "v", "wq", "uy", "akk", "aqk", "decay", "tin", "gts", "state_in", "saved", "dsn",
+                     "du", "dyc"),
         output_names=("dq", "dk", "dv", "dbeta", "dlg", "wk"),
         template=(("InT", p.dtype), ("C", C), ("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv), ("NSG", NSG)),
         grid=(32 * NSG * N, Hv, B),
@@ -84,25 +91,13 @@ def launch_specs_backward(p: Problem) -> Tuple[LaunchSpec, LaunchSpec, LaunchSpe
         output_dtypes=(f32,) * 6,
         ensure_row_contiguous=True,
     )
-    return recompute, state, grads
+    return recompute, (starts if N > 1 else None), state, grads
 
 
 def variants(p: Problem):
     """The kernel variants (`fallback.Variant`) the backward of a call on `p` launches."""
-    return tuple(fallback.variant(s.name, s.template, s.header(), s.source()) for s in launch_specs_backward(p))
-
-
-def _chunk_starts(wq: mx.array, uy: mx.array, kd: mx.array, gc: mx.array, state: mx.array) -> mx.array:
-    """The state entering each chunk [B, Hv, N, Dv, Dk] float32, from the recompute's operands:
-    S_{n+1} = gamma_C S_n + U^T Kd with U = Uv + (-W) S_n^T (the state pass of state_output.metal)."""
-    N, C = wq.shape[2], wq.shape[3] // 2
-    S = state.astype(mx.float32)
-    starts = [S]
-    for n in range(N - 1):
-        U = uy[:, :, n, :C] + wq[:, :, n, :C] @ mx.swapaxes(S, -1, -2)
-        S = gc[:, :, n, None, None] * S + mx.swapaxes(U, -1, -2) @ kd[:, :, n]
-        starts.append(S)
-    return mx.stack(starts, axis=2)
+    return tuple(fallback.variant(s.name, s.template, s.header(), s.source())
+                 for s in launch_specs_backward(p) if s is not None)
 
 
 def _launch(spec: LaunchSpec, arrays):
@@ -119,17 +114,21 @@ def kernel_vjp(p: Problem, q, k, v, g, beta, state, mask, dy, dstate) -> Tuple[m
         state = mx.zeros((B, Hv, Dv, Dk), f32)
     if dstate is None:
         dstate = mx.zeros((B, Hv, Dv, Dk), f32)
-    recompute, state_bwd, grads = launch_specs_backward(p)
+    recompute, starts, state_bwd, grads = launch_specs_backward(p)
     arrays = {"q": q, "k": k, "v": v, "g": g, "beta": beta}
     if mask is not None:
         arrays["mask"] = mask
     wq, uy, kd, gc, akk, aqk, decay, tin, gts = _launch(recompute, arrays)
-    st = _chunk_starts(wq, uy, kd, gc, state)
+    state = state.astype(f32)
+    if starts is None:  # one chunk: nothing saved is read
+        saved = state[:, None]
+    else:  # y (the first output) is not needed; the states after chunks 1, 2, ... are
+        saved = _launch(starts, {"wq": wq, "uy": uy, "kd": kd, "gc": gc, "state_in": state, "steps": beta})[2]
     dsn, du, dyc, dstate0 = _launch(state_bwd, {"wq": wq, "kd": kd, "gc": gc, "aqk": aqk, "gts": gts, "dy": dy,
                                                 "dstate": dstate.astype(f32)})
     dq, dk, dv, dbeta, dlg, _ = _launch(grads, {
         "q": q, "k": k, "v": v, "wq": wq, "uy": uy, "akk": akk, "aqk": aqk, "decay": decay, "tin": tin,
-        "gts": gts, "st": st, "dsn": dsn, "du": du, "dyc": dyc,
+        "gts": gts, "state_in": state, "saved": saved, "dsn": dsn, "du": du, "dyc": dyc,
     })
     R = Hv // Hk
     if R > 1:
@@ -184,6 +183,10 @@ def chunked_vjp(p: Problem, q, k, v, g, beta, state, mask, dy, dstate) -> Tuple[
     if bad is not None:
         from ..ops.chunked_backward import chunked_vjp as ops_vjp
 
-        fallback.warn_once("metal", vs, "chunked backward", bad, "the ops chunked backward")
+        if vs not in _WARNED:
+            _WARNED.add(vs)
+            warnings.warn(f"mlx_gdn: the Metal chunked backward's kernels {fallback.describe(vs)} failed on this "
+                          f"device: {bad}; gradients come from the ops chunked backward instead", RuntimeWarning,
+                          stacklevel=2)
         return ops_vjp(q, k, v, g, beta, state, mask, dy, dstate)
     return kernel_vjp(p, q, k, v, g, beta, state, mask, dy, dstate)
