@@ -25,8 +25,9 @@ GRADS = ("dq", "dk", "dv", "dg", "dbeta", "dstate")
 
 @pytest.fixture
 def kernels_only(monkeypatch):
-    """The backward must run the Metal kernels: the ops backward refuses, and every launch is
-    recorded by its kernel name."""
+    """The backward must run the Metal kernels: the ops backward refuses, the trial launch that
+    could route to it is skipped (`test_trial_passes` runs it), and every launch is recorded by
+    its kernel name; the kernels must have launched by the end of the test."""
     launched = []
     real = kb._launch
 
@@ -38,10 +39,12 @@ def kernels_only(monkeypatch):
         raise AssertionError("the ops chunked backward ran where the Metal kernels should have")
 
     monkeypatch.setattr(kb, "_launch", spy)
+    monkeypatch.setattr(kb, "_probe", lambda p: None)
     monkeypatch.setattr(autodiff, "chunked_vjp", refuse)
     fallback.clear()
     yield launched
     fallback.clear()
+    assert "gdn_chunked_chunk_grads" in launched and "gdn_chunked_state_backward" in launched
 
 
 def _cotangents(x, seed):
@@ -120,9 +123,10 @@ def test_fused_gating_options_match_ops(kernels_only, monkeypatch, lower_bound, 
         assert err < 1e-4, f"seed={seed} lb={lower_bound} neg={neg}: d{n} relative error {err:.2e}"
 
 
-def test_masked_steps_get_zero_gradient(kernels_only):
-    """A masked step's q, k, v, g, beta get exactly zero gradient (a key head's too, under GQA),
-    including a gap across a chunk boundary and a masked last step."""
+@pytest.mark.parametrize("fused", [False, True], ids=["rule", "update"])
+def test_masked_steps_get_zero_gradient(kernels_only, fused):
+    """A masked step's q, k, v, g, beta (a, b) get exactly zero gradient (a key head's too, under
+    GQA), including a gap across a chunk boundary and a masked last step."""
     seed = fresh_seed()
     x = random_inputs(2, CHUNK + 20, 1, 2, 32, 32, seed=seed)
     m = np.ones((2, CHUNK + 20), bool)
@@ -132,34 +136,37 @@ def test_masked_steps_get_zero_gradient(kernels_only):
     x.mask = mx.array(m)
     W, V = _weights(x, seed)
     with sim.simulated_metal():
-        grads = _grads(_call(x, False, "metal", "chunked"), x, False, W, V)
-    for n in ("q", "k", "v", "g", "beta"):
+        grads = _grads(_call(x, fused, "metal", "chunked"), x, fused, W, V)
+    for n in ("q", "k", "v") + (("a", "b") if fused else ("g", "beta")):
         gr = reference.to_numpy(grads[n])
         assert (gr[~m] == 0).all(), f"seed={seed}: d{n} nonzero on a masked step"
         assert np.abs(gr[m]).max() > 0, f"seed={seed}: d{n} zero everywhere"
 
 
-def test_trained_gates_and_exact_zeros(kernels_only):
-    """Gates like a trained layer's (fused, some decays underflowing to exactly 0) and precomputed
-    gates of exactly 0, 1e-30 and 1: no NaN, and the gradients of autodiff through the exact
-    recurrence (dg at g = 0 included)."""
+def test_trained_gates_and_exact_zeros(kernels_only, monkeypatch):
+    """Gates like a trained layer's (fused, some decays underflowing to exactly 0): no NaN, and the
+    ops path's gradients; precomputed gates of exactly 0, 1e-30 and 1: the gradients of autodiff
+    through the exact recurrence (dg at g = 0 included)."""
     seed = fresh_seed()
     x = random_inputs(1, 2 * CHUNK + 7, 1, 2, 32, 32, seed=seed)
     a = reference.to_numpy(x.a).copy()
     a[0, 4::11] = 400.0  # exp(-rate * softplus(400)) underflows to 0 (rate >= 0.5)
     x.a = mx.array(a.astype(np.float32))
     W, V = _weights(x, seed)
-    with sim.simulated_metal():
-        fused = _grads(_call(x, True, "metal", "chunked"), x, True, W, V)
-    for n, g in fused.items():
-        assert np.isfinite(reference.to_numpy(g)).all(), f"seed={seed}: non-finite d{n}"
-
     g = np.array(x.g)
     g[0, 3::9], g[0, 5::9], g[0, 7::9] = 0.0, 1e-30, 1.0
-    x.g = mx.array(g)
+    xg = random_inputs(1, 2 * CHUNK + 7, 1, 2, 32, 32, seed=seed)
+    xg.g = mx.array(g)
     with sim.simulated_metal():
-        got = _grads(_call(x, False, "metal", "chunked"), x, False, W, V)
-    want = _ops_autodiff(x, W, V)
+        fused = _grads(_call(x, True, "metal", "chunked"), x, True, W, V)
+        got = _grads(_call(xg, False, "metal", "chunked"), xg, False, W, V)
+    monkeypatch.undo()  # the ops path's own backward, for comparison
+    fused_ops = _grads(_call(x, True, "ops", "chunked"), x, True, W, V)
+    for n, gr in fused.items():
+        assert np.isfinite(reference.to_numpy(gr)).all(), f"seed={seed}: non-finite d{n}"
+        err = reference.rel_error(gr, fused_ops[n])
+        assert err < 1e-4, f"seed={seed}: fused d{n} relative error {err:.2e} against the ops path"
+    want = _ops_autodiff(xg, W, V)
     assert float(mx.abs(want["g"][0, 3::9]).max()) > 0
     for n in RULE_INPUTS:
         err = reference.rel_error(got[n], want[n])
@@ -218,3 +225,12 @@ def test_failing_kernels_fall_back_with_a_warning(monkeypatch):
         fallback.clear()
     assert sum("Metal chunked backward" in str(w.message) for w in rec) == 1, "warned more than once"
     _compare(got, ops_vjp(*args), 1e-6, f"seed={seed} fallback")
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_trial_passes(dtype):
+    """The first call's trial launch (against the ops backward) accepts the kernels."""
+    x = random_inputs(2, 45, 1, 2, 32, 32, dtype=dtype, mask=True)
+    p = check_rule(x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
+    with sim.simulated_metal():
+        assert kb._probe(p) is None
