@@ -105,7 +105,7 @@ def _launch(spec: LaunchSpec, arrays):
 
 
 def kernel_vjp(p: Problem, q, k, v, g, beta, state, mask, dy, dstate) -> Tuple[mx.array, ...]:
-    """(dq, dk, dv, dg, dbeta, dstate0) from the three kernels, without the trial launch; the
+    """(dq, dk, dv, dg, dbeta, dstate0) from the four launches, without the trial launch; the
     arguments and results as `chunked_vjp`'s."""
     f32 = mx.float32
     B, T, Hk, Dk = q.shape
