@@ -27,6 +27,15 @@
 // the left factor on row i of K (or Q), a copy per pair (I, J); the right on row j of K. Pairs
 // inside one tile are summed exactly, one decay per column. Factors below exp(GDN_LOG_DECAY_FLOOR)
 // are exact zeros (gates.h).
+//
+// GDN_BACKWARD 1 (scalar gates given as g, beta; the recompute of the chunked backward,
+// chunk_grads.metal): the same outputs, each g floored at GDN_G_FLOOR before its log (the ops
+// backward's convention, so that dg = dlog g / g stays finite at g = 0), and five more, per (bz, hv, n):
+//   akk: [B, Hv, N, C, C]  (k_i.k_j) gamma_i/gamma_j for j < i, else 0 (A without beta)
+//   aqk: [B, Hv, N, C, C]  P
+//   decay: [B, Hv, N, C, C]  gamma_i/gamma_j for j <= i, else 0
+//   tin: [B, Hv, N, C, C]  T = (I + A)^-1
+//   gts: [B, Hv, N, 5, C]  rows: log-gate, beta, live (1 or 0), gamma_i, gamma_C/gamma_i
 
 const uint tid = thread_index_in_threadgroup;
 const uint sg = simdgroup_index_in_threadgroup;
@@ -88,7 +97,11 @@ for (uint i = tid; i < C; i += NT) {
     }
     be = gdn_beta(float(b[gi]), NEG);
 #else
+#if GDN_BACKWARD
+    if (!KEYGATE) lg = gdn_log_gate(metal::max(float(g[gi]), GDN_G_FLOOR));
+#else
     if (!KEYGATE) lg = gdn_log_gate(float(g[gi]));
+#endif
     be = float(beta[gi]);
 #endif
   }
@@ -240,6 +253,14 @@ for (uint e = tid; e < C * C; e += NT) {
     for (uint l = j + 1; l <= i; ++l) s += lgs[l];
     dec = metal::exp(s);
   }
+#if GDN_BACKWARD
+  {
+    const uint cc = ((bz * Hv + hv) * N + n) * (C * C) + e;
+    akk[cc] = i > j ? Am[e] * dec : 0.0f;
+    aqk[cc] = Pm[e] * dec;
+    decay[cc] = dec;
+  }
+#endif
   Am[e] = i > j ? bet[i] * Am[e] * dec : 0.0f;
   Pm[e] = Pm[e] * dec;
 }
@@ -257,6 +278,9 @@ for (uint c = tid; c < C; c += NT) {
   }
   for (uint i = 0; i < C; ++i) {
     float x = M2[i * C + c];
+#if GDN_BACKWARD
+    tin[((bz * Hv + hv) * N + n) * (C * C) + i * C + c] = x;
+#endif
     M1[i * C + c] = -x * bet[c] * gam[c];
     M2[i * C + c] = x * bet[c];
   }
@@ -376,3 +400,13 @@ for (uint d = 0; d < Dv; d += 8) {
 if (!KEYGATE && tid == 0) {
   gc[head] = gam[C - 1];
 }
+#if GDN_BACKWARD
+for (uint i = tid; i < C; i += NT) {
+  device float* gt = gts + head * (5 * C) + i;
+  gt[0] = lgs[i];
+  gt[C] = bet[i];
+  gt[2 * C] = liv[i];
+  gt[3 * C] = gam[i];
+  gt[4 * C] = endd[i];
+}
+#endif

@@ -13,6 +13,7 @@ import mlx.core as mx
 from .. import launch
 from ..backends import prefers_chunked
 from ..validate import Problem
+from . import chunked_backward  # the chunked backward as kernels: autodiff takes it where it supports a call
 from .kernel import kernel, simulated
 
 name = "metal"
