@@ -102,15 +102,17 @@ def gated_rms_norm(x, z, weight, eps: float):
 
 
 def layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk: int, Dk: int, Dv: int, eps: float = 1e-6,
-               norm=None):
+               norm=None, lower_bound=None, allow_neg_eigval=False):
     """float64 T=1 step of the drop-in layer from its projections' outputs: conv-state shift,
     depthwise conv, SiLU, split into q, k, v, q/k normalisation (q scaled by Dk**-0.5), gating and
-    one recurrence step. qkv [B,1,C]; conv_state [B,K-1,C]; w [C,K,1]; a, b [B,1,Hv];
+    one recurrence step. qkv [B,1,C]; conv_state [B,K-1,C]; w [C,K,1]; a [B,1,Hv] or [B,1,Hv,Dk],
+    b [B,1,Hv]; A_log, dt_bias, lower_bound, allow_neg_eigval as `gates`;
     state [B,Hv,Dv,Dk] or None; mask [B,1] or None (a masked row shifts a zero input in);
     norm: (z [B,1,Hv,Dv], weight [Dv], norm eps) or None: y then goes through `gated_rms_norm`.
     Returns (y [B,1,Hv,Dv], new conv state [B,K-1,C], new state [B,Hv,Dv,Dk])."""
     if norm is not None:
-        y, conv, S = layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk, Dk, Dv, eps)
+        y, conv, S = layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk, Dk, Dv, eps,
+                                lower_bound=lower_bound, allow_neg_eigval=allow_neg_eigval)
         return gated_rms_norm(y, *norm), conv, S
     x = to_numpy(qkv)
     m = None if mask is None else np.asarray(to_numpy(mask) != 0)
@@ -125,7 +127,7 @@ def layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk: int, D
     v = act[:, 2 * kd :].reshape(B, 1, -1, Dv)
     q = q / np.sqrt((q * q).sum(-1, keepdims=True) + eps) * Dk**-0.5
     k = k / np.sqrt((k * k).sum(-1, keepdims=True) + eps)
-    g, beta = gates(a, b, A_log, dt_bias)
+    g, beta = gates(a, b, A_log, dt_bias, lower_bound, allow_neg_eigval)
     y, S = delta_rule(q, k, v, g, beta, state, m)
     return y, inp[:, 1:], S
 
