@@ -11,7 +11,9 @@ checkpoints load, and routes the recurrence through `mlx_gdn.gated_delta_update`
     OlmoHybridGatedDeltaNet       olmo_hybrid.GatedDeltaNet
 
 The two Qwen layouts share `_GatedDeltaBase` (one conv over q, k and v, scalar gates, a fused
-T=1 step); the Kimi and Bailing layers share `_KeyGatedBase` (per-key decay gates). All of them
+T=1 step); the Kimi and Bailing layers share `_KeyGatedBase` (per-key decay gates, a fused T=1
+step from the projections to the recurrence output; their output norm and gate stay outside it,
+see docs/models.md). All of them
 are pad-proof: a masked position (left padding, or right padding beyond a cache's ``lengths``)
 reaches neither the recurrent state nor the convolution state (`causal_conv`). `patch` lives in
 `mlx_gdn.models.patch`.
@@ -160,7 +162,7 @@ class DropInLayer(nn.Module):
         old = cls.__new__(cls)
         nn.Module.__init__(old)
         for key, value in self.__dict__.items():
-            if key != "backend":
+            if key not in ("backend", "_joined_conv"):
                 object.__setattr__(old, key, value)
         old._no_grad = set(self._no_grad)
         for key, value in self.items():
@@ -508,10 +510,58 @@ class _KeyGatedBase(DropInLayer):
             state, mask, lower_bound=self.lower_bound, backend=self._backend(),
         )
 
+    def _fused_step(self, qkv, conv_state, w, a, b, state, mask) -> Optional[Tuple[mx.array, mx.array, mx.array]]:
+        """The T=1 step from the projections to y in one launch (`decode_step`, per-key gates):
+        qkv [B, 1, 3*H*D] (q | k | v), conv_state [B, K-1, 3*H*D] or None, w [3*H*D, K, 1],
+        a [B, 1, H*D], b [B, 1, H]. Returns (y [B, 1, H, D], new conv state, new state), or None
+        where the fused step does not take the call (the caller then runs its unfused step)."""
+        backend = self._backend()
+        if backend == "ops":
+            return None
+        B = qkv.shape[0]
+        H, D = self.num_heads, self.head_dim
+        if conv_state is None:
+            conv_state = mx.zeros((B, w.shape[1] - 1, qkv.shape[-1]), dtype=qkv.dtype)
+        a = a.reshape(B, 1, H, D)
+        A_log, dt_bias = self["A_log"].reshape(H), self["dt_bias"].reshape(H, D)
+        fused = decode_step.fused_backend(backend, qkv, conv_state, w, a, b, state, mask, H, H, D, D, A_log=A_log,
+                                          dt_bias=dt_bias, lower_bound=self.lower_bound)
+        if fused is None:
+            return None
+        return decode_step.decode_step(fused, qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, H, H, D, D,
+                                       lower_bound=self.lower_bound)
+
+    def _fused_split_step(self, xs, states, ws, a, b, mask):
+        """`_fused_step` for a layer with separate q, k and v convs (Kimi Linear, Bailing): the
+        three projections [B, 1, H*D] and conv states [B, K-1, H*D] (None: zeros) side by side,
+        the three conv weights joined once and kept while they are the same arrays; states[3] is
+        the recurrent state. Returns (y, [q, k, v conv states] (views of one array), state) or None."""
+        P = self.num_heads * self.head_dim
+        w = self._joined_conv_weight(ws)
+        conv_state = None if any(c is None for c in states[:3]) else mx.concatenate(states[:3], axis=-1)
+        out = self._fused_step(mx.concatenate(xs, axis=-1), conv_state, w, a, b, states[3], mask)
+        if out is None:
+            return None
+        y, conv, state = out
+        return y, [conv[..., :P], conv[..., P : 2 * P], conv[..., 2 * P :]], state
+
+    def _joined_conv_weight(self, ws) -> mx.array:
+        # Not a Module attribute (it would become a parameter): the joined copy is derived data.
+        held = self.__dict__.get("_joined_conv")
+        if held is None or len(held[0]) != len(ws) or any(x is not y for x, y in zip(held[0], ws)):
+            held = (tuple(ws), mx.concatenate(ws, axis=0))
+            object.__setattr__(self, "_joined_conv", held)
+        return held[1]
+
     def _gate_output(self, out, gate):
         """o_norm(out) * sigmoid(gate) over [B, T, H, D]; returns [B, T, H*D]."""
         B, T = out.shape[:2]
         return (self["o_norm"](out) * mx.sigmoid(gate.reshape(out.shape))).reshape(B, T, -1)
+
+
+def _decoding(layer: DropInLayer, T: int, cache) -> bool:
+    # Where a drop-in layer tries its fused T=1 step: one token, inference, no per-sequence lengths.
+    return T == 1 and not layer.training and _cache_lengths(cache) is None
 
 
 class KimiDeltaAttention(_KeyGatedBase):
@@ -528,13 +578,21 @@ class KimiDeltaAttention(_KeyGatedBase):
         H, D, n_keep = self.num_heads, self.head_dim, self.conv_kernel - 1
         lengths = _cache_lengths(cache)
         states = [cache[i] for i in range(4)] if cache is not None else [None] * 4
-        qkv = []
-        for i, name in enumerate("qkv"):
-            y, states[i] = causal_conv(self[f"{name}_proj"](x), self[f"{name}_conv"]["conv"], states[i], n_keep,
-                                       mask, lengths)
-            qkv.append(y.reshape(B, T, H, D))
+        xs = [self[f"{name}_proj"](x) for name in "qkv"]
         a = self["f_b_proj"](self["f_a_proj"](x))
-        out, states[3] = self._recur(*qkv, a, self["b_proj"](x), states[3], mask)
+        b = self["b_proj"](x)
+        step = None
+        if _decoding(self, T, cache):
+            ws = [self[f"{name}_conv"]["conv"]["weight"] for name in "qkv"]
+            step = self._fused_split_step(xs, states, ws, a, b, mask)
+        if step is not None:
+            out, states[:3], states[3] = step
+        else:
+            qkv = []
+            for i, name in enumerate("qkv"):
+                y, states[i] = causal_conv(xs[i], self[f"{name}_conv"]["conv"], states[i], n_keep, mask, lengths)
+                qkv.append(y.reshape(B, T, H, D))
+            out, states[3] = self._recur(*qkv, a, b, states[3], mask)
         if cache is not None:
             for i in range(4):
                 cache[i] = states[i]
@@ -555,11 +613,17 @@ class KimiK3DeltaAttention(_KeyGatedBase):
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         conv_state, state = (cache[0], cache[1]) if cache is not None else (None, None)
-        qkv, conv_state = causal_conv(self["qkv_proj"](x), self["qkv_conv"]["conv"], conv_state,
-                                      self.conv_kernel - 1, mask, _cache_lengths(cache))
-        q, k, v = mx.split(qkv.reshape(B, T, 3, H, D), 3, axis=2)
+        qkv_x = self["qkv_proj"](x)
         a = self["f_b_proj"](self["f_a_proj"](x))
-        out, state = self._recur(q[:, :, 0], k[:, :, 0], v[:, :, 0], a, self["b_proj"](x), state, mask)
+        b = self["b_proj"](x)
+        conv = self["qkv_conv"]["conv"]
+        step = self._fused_step(qkv_x, conv_state, conv["weight"], a, b, state, mask) if _decoding(self, T, cache) else None
+        if step is not None:
+            out, conv_state, state = step
+        else:
+            qkv, conv_state = causal_conv(qkv_x, conv, conv_state, self.conv_kernel - 1, mask, _cache_lengths(cache))
+            q, k, v = mx.split(qkv.reshape(B, T, 3, H, D), 3, axis=2)
+            out, state = self._recur(q[:, :, 0], k[:, :, 0], v[:, :, 0], a, b, state, mask)
         if cache is not None:
             cache[0], cache[1] = conv_state, state
             cache.advance(T)
@@ -580,13 +644,21 @@ class BailingKDA(_KeyGatedBase):
         H, D, n_keep = self.num_heads, self.head_dim, self.conv_kernel_size - 1
         lengths = _cache_lengths(cache)
         states = [cache[i] for i in range(4)] if cache is not None else [None] * 4
-        qkv = []
-        for i, name in enumerate("qkv"):
-            y, states[i] = causal_conv(self[f"{name}_proj"](x), self[f"{name}_conv1d"], states[i], n_keep,
-                                       mask, lengths)
-            qkv.append(y.reshape(B, T, H, D))
-        # b in float32, as the mlx-lm layer passes it
-        out, states[3] = self._recur(*qkv, self["f_proj"](x), self["b_proj"](x).astype(mx.float32), states[3], mask)
+        xs = [self[f"{name}_proj"](x) for name in "qkv"]
+        a = self["f_proj"](x)
+        b = self["b_proj"](x).astype(mx.float32)  # b in float32, as the mlx-lm layer passes it
+        step = None
+        if _decoding(self, T, cache):
+            ws = [self[f"{name}_conv1d"]["weight"] for name in "qkv"]
+            step = self._fused_split_step(xs, states, ws, a, b, mask)
+        if step is not None:
+            out, states[:3], states[3] = step
+        else:
+            qkv = []
+            for i, name in enumerate("qkv"):
+                y, states[i] = causal_conv(xs[i], self[f"{name}_conv1d"], states[i], n_keep, mask, lengths)
+                qkv.append(y.reshape(B, T, H, D))
+            out, states[3] = self._recur(*qkv, a, b, states[3], mask)
         if cache is not None:
             for i in range(4):
                 cache[i] = states[i]
