@@ -420,3 +420,111 @@ def test_fused_step_takes_strided_views():
         mx.eval(views, copies)
     for name, v, c in zip(("y", "conv state", "state"), views, copies):
         assert np.array_equal(np.asarray(v), np.asarray(c)), f"{name} (seed={seed})"
+
+
+# --------------------------------------------------------------------------------------------
+# Per-key gates (Kimi Linear, Kimi K3, Bailing) and the fused options lower_bound, allow_neg_eigval
+
+G = decode_layer.Gating
+
+KEY_CASES = [  # dtype, B, Hk, Hv, Dk, Dv, masked, gating, norm dtype (None: plain variant)
+    (mx.float32, 3, 2, 4, 64, 64, True, G(True, True, -5.0, False), None),  # GQA, dt_bias [Hv, Dk], lower_bound
+    (mx.bfloat16, 2, 1, 3, 128, 128, False, G(True, True, None, False), None),
+    (mx.float32, 2, 2, 2, 32, 24, False, G(True, False, None, True), None),  # dt_bias [Hv], rows past Dv
+    (mx.bfloat16, 3, 1, 2, 64, 64, True, G(True, False, -2.0, True), None),
+    (mx.float32, 2, 1, 2, 64, 64, True, G(False, False, -3.0, True), None),  # per-head gates with both options
+    (mx.bfloat16, 2, 2, 4, 64, 64, True, G(True, True, -5.0, False), mx.bfloat16),  # with the norm variant
+    (mx.float16, 2, 1, 2, 256, 32, False, G(True, True, -1.0, True), None),
+]
+
+
+def _key_step_errors(backend, dtype, B, Hk, Hv, Dk, Dv, masked, gating, norm_dtype, seed, mild):
+    """(y, conv state, state) relative errors of one fused step against `reference.layer_step`.
+    Gates like a trained layer's (`random_step_inputs`: rates up to 16, a and dt_bias of unit
+    scale, so many key columns forget nearly everything) or, with `mild`, slow decays near 1."""
+    from mlx_gdn.reference import layer_step
+
+    ins = list(decode_layer.random_step_inputs(B, 4, Hk, Hv, Dk, Dv, dtype, masked, seed, gating))
+    if mild:
+        rng = np.random.default_rng(seed + 7)
+        ins[5] = mx.array(np.log(rng.uniform(0.01, 0.1, Hv)).astype(np.float32))
+    norm = None if norm_dtype is None else decode_layer.random_norm(B, Hv, Dv, dtype, norm_dtype, 1e-6, seed)
+    opts = dict(lower_bound=gating.lower_bound, allow_neg_eigval=gating.neg)
+    assert decode_layer.fused_backend(backend, *ins[:5], ins[7], ins[8], Hk, Hv, Dk, Dv, norm=norm, A_log=ins[5],
+                                      dt_bias=ins[6], **opts) == backend
+    outs = decode_layer.decode_step(backend, *ins, Hk, Hv, Dk, Dv, norm=norm, **opts)
+    mx.eval(*outs)
+    assert outs[0].dtype == dtype and outs[1].dtype == dtype and outs[2].dtype == mx.float32
+    if masked:  # the masked row: y = 0 and the state untouched
+        off = ~np.asarray(ins[8])[:, 0]
+        assert np.all(np.asarray(outs[0].astype(mx.float32))[off] == 0)
+        assert np.array_equal(np.asarray(outs[2])[off], np.asarray(ins[7])[off])
+    refs = layer_step(*ins, Hk, Dk, Dv, norm=norm, **opts)
+    return [rel_error(o, r) for o, r in zip(outs, refs)]
+
+
+@pytest.mark.parametrize("mild", [False, True])
+@pytest.mark.parametrize("dtype,B,Hk,Hv,Dk,Dv,masked,gating,norm_dtype", KEY_CASES)
+def test_key_gated_step_matches_reference(dtype, B, Hk, Hv, Dk, Dv, masked, gating, norm_dtype, mild):
+    """One launch of the per-key (and lower_bound / allow_neg_eigval) variants on the Metal
+    simulator against the float64 reference. The CUDA launcher compiles the same body behind the
+    prelude (tests/test_cuda_compile.py builds these variants with nvcc; the GPU test is below)."""
+    seed = fresh_seed()
+    with simulated_metal():
+        errs = _key_step_errors("metal", dtype, B, Hk, Hv, Dk, Dv, masked, gating, norm_dtype, seed, mild)
+    tol = TOL[dtype]
+    assert all(e < tol for e in errs), f"relative errors y, conv state, state {errs} >= {tol} (seed={seed} {gating})"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")
+@pytest.mark.parametrize("mild", [False, True])
+@pytest.mark.parametrize("dtype,B,Hk,Hv,Dk,Dv,masked,gating,norm_dtype", KEY_CASES + [
+    (mx.bfloat16, 4, 32, 32, 128, 128, False, G(True, True, None, False), None),  # Kimi Linear's layer sizes
+    (mx.bfloat16, 3, 32, 32, 128, 128, True, G(True, True, -5.0, False), None),  # Kimi K3 / Bailing style
+    (mx.float32, 2, 16, 32, 128, 128, True, G(True, True, -5.0, True), mx.float32),
+])
+def test_key_gated_step_on_cuda(dtype, B, Hk, Hv, Dk, Dv, masked, gating, norm_dtype, mild):
+    seed = fresh_seed()
+    errs = _key_step_errors("cuda", dtype, B, Hk, Hv, Dk, Dv, masked, gating, norm_dtype, seed, mild)
+    tol = TOL[dtype]
+    assert all(e < tol for e in errs), f"relative errors y, conv state, state {errs} >= {tol} (seed={seed} {gating})"
+
+
+def test_fused_step_refuses_gates_it_does_not_take():
+    """Gate inputs the fused step does not take leave the call to the unfused path (None)."""
+    B, Hk, Hv, Dk, Dv, K = 2, 1, 2, 64, 64, 4
+    C = 2 * Hk * Dk + Hv * Dv
+    qkv, conv, w, b = mx.zeros((B, 1, C)), mx.zeros((B, K - 1, C)), mx.zeros((C, K, 1)), mx.zeros((B, 1, Hv))
+    a_key, A_log = mx.zeros((B, 1, Hv, Dk)), mx.zeros((Hv,))
+
+    def pick(a=a_key, dt_bias=mx.zeros((Hv, Dk)), **kw):
+        return decode_layer.fused_backend("metal", qkv, conv, w, a, b, None, None, Hk, Hv, Dk, Dv, A_log=kw.pop("A_log", A_log),
+                                          dt_bias=dt_bias, **kw)
+
+    with simulated_metal():
+        assert pick() == "metal" and pick(dt_bias=mx.zeros((Hv,))) == "metal" and pick(dt_bias=mx.zeros((Hv, 1))) == "metal"
+        assert pick(A_log=mx.zeros((Hv, 1))) == "metal" and pick(lower_bound=-5.0, allow_neg_eigval=True) == "metal"
+        assert pick(lower_bound=0) == "metal"
+        assert pick(a=mx.zeros((B, 1, Hv)), dt_bias=mx.zeros((Hv, Dk))) is None  # per-key bias, per-head a
+        assert pick(dt_bias=mx.zeros((Hv, Dk + 1))) is None
+        assert pick(a=mx.zeros((B, 1, Hv, Dk + 32))) is None
+        assert pick(A_log=mx.zeros((Hv + 1,))) is None
+        assert pick(lower_bound=1.0) is None and pick(lower_bound=float("nan")) is None
+        assert pick(lower_bound=-float("inf")) is None and pick(lower_bound=True) is None
+        assert pick(lower_bound="-5") is None and pick(allow_neg_eigval=1) is None
+    with pytest.raises(ValueError, match="dt_bias"):
+        decode_layer.decode_step("metal", qkv, conv, w, a_key, b, A_log, mx.zeros((Hv, 3)), None, None, Hk, Hv, Dk, Dv)
+
+
+def test_gate_variant_specs():
+    """Names, template flags and defines of the gate variants; lower_bound is compiled in."""
+    spec = decode_layer.decode_spec(2, 4, 1, 2, 64, 64, mx.bfloat16, True, None, 0.0, G(True, True, -5.0, True))
+    t = dict(spec.template)
+    assert spec.name == "gdn_decode_layer_key_dtkey_lower_neg_masked", spec.name
+    assert t["KEYGATE"] is True and t["LOWER"] is True and t["NEG"] is True
+    assert "GDN_DT_KEY 1" in spec.header() and "GDN_LOWER_BOUND -5.0f" in spec.header()
+    plain = decode_layer.decode_spec(2, 4, 1, 2, 64, 64, mx.bfloat16, True)
+    t = dict(plain.template)
+    assert plain.name == "gdn_decode_layer_masked" and not (t["KEYGATE"] or t["LOWER"] or t["NEG"])
+    assert "GDN_LOWER_BOUND" not in plain.header() and "GDN_DT_KEY 0" in plain.header()
