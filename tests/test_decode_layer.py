@@ -5,7 +5,10 @@ fused path must equal, in y, the conv state and the recurrent state: the unfused
 ops path), mlx-lm's own layer and a float64 NumPy reference of the step. In the first group the
 output norm and out_proj are identities, so the layer returns y itself and runs the plain fused
 step; in the second the norm is the layer's gated RMS norm, which the fused step's norm variant
-applies in the same launch. Each case draws a fresh seed, reported in the messages.
+applies in the same launch. The per-key gate variants (Kimi Linear, Kimi K3, Bailing; also
+lower_bound and allow_neg_eigval) are checked one launch against the reference, then as those
+families' layers and tiny models decoding on the fused step. Each case draws a fresh seed,
+reported in the messages.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from mlx_gdn.metal import backend as metal  # noqa: E402
 from mlx_gdn.models import decode_step as decode_layer  # noqa: E402
 from mlx_gdn.models import layers as layers_mod  # noqa: E402
 from mlx_gdn.models.layers import Qwen3NextGatedDeltaNet  # noqa: E402
+from mlx_gdn.models.patch import DROP_INS  # noqa: E402
 from mlx_gdn.reference import delta_rule, gated_rms_norm, gates, rel_error, to_numpy  # noqa: E402
 from mlx_gdn.sim import STATS, simulated_metal  # noqa: E402
 from mlx_gdn.testing import TOLERANCE, fresh_seed  # noqa: E402
@@ -528,3 +532,206 @@ def test_gate_variant_specs():
     t = dict(plain.template)
     assert plain.name == "gdn_decode_layer_masked" and not (t["KEYGATE"] or t["LOWER"] or t["NEG"])
     assert "GDN_LOWER_BOUND" not in plain.header() and "GDN_DT_KEY 0" in plain.header()
+
+
+# --------------------------------------------------------------------------------------------
+# The per-key families' layers and models on the fused step
+
+KEY_FAMILIES = ["kimi_linear", "kimi_k3", "bailing_moe_v3"]
+
+
+class _Record(nn.Module):
+    """Identity output norm that keeps its last input (the layer's recurrence output y)."""
+
+    def __init__(self):
+        super().__init__()
+        object.__setattr__(self, "seen", [])
+
+    def __call__(self, x):
+        self.seen.append(x)
+        return x
+
+
+def _key_layers(family, seed, dtype, backend="metal"):
+    """(mlx-lm layer, ops drop-in, `backend` drop-in) of a tiny model's first linear layer, sharing
+    its weights (model dtype `dtype`, A_log float32 as mlx-lm's loader keeps it) and a recording
+    identity output norm."""
+    from family_models import gdn_layers, tiny_model
+
+    model = tiny_model(family, seed)
+    ref = gdn_layers(model)[0]
+    if dtype != mx.float32:
+        ref.update(tree_unflatten([(k, v if k.endswith("A_log") else v.astype(dtype))
+                                   for k, v in tree_flatten(ref.parameters())]))
+    ref.o_norm = _Record()
+    mx.eval(ref.parameters())
+    cls = next(c for c in DROP_INS if c.mlx_lm_class() is type(ref))
+    return ref, cls.from_layer(ref, backend="ops"), cls.from_layer(ref, backend=backend)
+
+
+def _key_step_inputs(layer, family, x, cache):
+    """What the fused step gets from `layer` on x [B, 1, hidden] with `cache`: (qkv, w, a, b, conv state)."""
+    if family == "kimi_k3":
+        qkv, w, conv = layer.qkv_proj(x), layer.qkv_conv.conv.weight, cache[0]
+    else:
+        convs = ([layer[f"{n}_conv"]["conv"] for n in "qkv"] if family == "kimi_linear"
+                 else [layer[f"{n}_conv1d"] for n in "qkv"])
+        qkv = mx.concatenate([layer[f"{n}_proj"](x) for n in "qkv"], axis=-1)
+        w = mx.concatenate([c.weight for c in convs], axis=0)
+        conv = mx.concatenate([cache[i] for i in range(3)], axis=-1)
+    a = layer.f_proj(x) if family == "bailing_moe_v3" else layer.f_b_proj(layer.f_a_proj(x))
+    return qkv, w, a, layer.b_proj(x), conv
+
+
+def _conv_states(family, cache):
+    return cache[0] if family == "kimi_k3" else mx.concatenate([cache[i] for i in range(3)], axis=-1)
+
+
+def _copy_n(cache):
+    c = ArraysCache(len(cache.cache))
+    for i in range(len(cache.cache)):
+        c[i] = cache[i]
+    return c
+
+
+KEY_LAYER_CASES = [(mx.float32, 2, False), (mx.bfloat16, 2, False), (mx.float32, 3, True), (mx.bfloat16, 3, True)]
+
+
+@pytest.mark.parametrize("family", KEY_FAMILIES)
+@pytest.mark.parametrize("dtype,B,masked", KEY_LAYER_CASES)
+def test_key_gated_layer_decode_on_fused_step(family, dtype, B, masked, monkeypatch):
+    _check_key_layer("metal", family, dtype, B, masked, monkeypatch)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")
+@pytest.mark.parametrize("family", KEY_FAMILIES)
+@pytest.mark.parametrize("dtype,B,masked", KEY_LAYER_CASES)
+def test_key_gated_layer_decode_on_cuda(family, dtype, B, masked, monkeypatch):
+    _check_key_layer("cuda", family, dtype, B, masked, monkeypatch)
+
+
+def _check_key_layer(backend, family, dtype, B, masked, monkeypatch):
+    """STEPS decode steps of a Kimi Linear / Kimi K3 / Bailing layer after a prefill, each one
+    fused launch on `backend` ("metal" under the simulator, or "cuda"): y, conv states and state
+    against the float64 reference of the step, the same layer with the fused step off, the ops
+    layer and mlx-lm's layer."""
+    from mlx_gdn.reference import layer_step
+
+    seed = fresh_seed()
+    tol = TOL[dtype]
+    context = simulated_metal if backend == "metal" else contextlib.nullcontext
+    ref, ops, fused = _key_layers(family, seed, dtype, backend)
+    H, D = fused.num_heads, fused.head_dim
+    x = mx.random.normal((B, PREFILL + STEPS, ref.q_proj.weight.shape[1] if family != "kimi_k3"
+                          else ref.qkv_proj.weight.shape[1])).astype(dtype)
+    n = 2 if family == "kimi_k3" else 4
+    c_ref, c_ops = ArraysCache(n), ArraysCache(n)
+    ref(x[:, :PREFILL], None, c_ref)
+    ops(x[:, :PREFILL], None, c_ops)
+    mx.eval(c_ref.state, c_ops.state)
+    c_fused, c_unfused = _copy_n(c_ops), _copy_n(c_ops)
+    conv64, state64 = to_numpy(_conv_states(family, c_ops)), to_numpy(c_ops[n - 1])
+    rng = np.random.default_rng(seed)
+    calls = []
+    real = decode_layer.decode_step
+    monkeypatch.setattr(decode_layer, "decode_step", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    seen = ref.o_norm.seen
+    for step in range(STEPS):
+        xt = x[:, PREFILL + step : PREFILL + step + 1]
+        mask = None
+        if masked:
+            m = rng.random(B) < 0.5
+            idx = rng.permutation(B)
+            m[idx[0]], m[idx[1]] = False, True
+            mask = mx.array(m[:, None])
+        ref(xt, mask, c_ref)
+        y_ref = seen[-1]
+        ops(xt, mask, c_ops)
+        y_ops = seen[-1]
+        qkv, w, a, b, _ = _key_step_inputs(ops, family, xt, c_ops)
+        with context():
+            fused(xt, mask, c_fused)
+            y = seen[-1]
+            mx.eval(y, c_fused.state)
+            with monkeypatch.context() as mp:
+                mp.setattr(decode_layer, "fused_backend", lambda *a, **k: None)
+                fused(xt, mask, c_unfused)
+                y_unf = seen[-1]
+                mx.eval(y_unf, c_unfused.state)
+        y64, conv64, state64 = layer_step(qkv, conv64, w, a.reshape(B, 1, H, D), b, fused.A_log.reshape(H),
+                                          fused.dt_bias.reshape(H, D), state64, mask, H, D, D,
+                                          lower_bound=fused.lower_bound)
+        where = f"seed={seed} step={step} {backend} {family} {dtype} B={B} masked={masked}"
+        on = mx.array(np.arange(B)) if mask is None else mx.array(np.flatnonzero(np.asarray(mask)[:, 0]))
+        conv = _conv_states(family, c_fused)
+        assert y.dtype == dtype and conv.dtype == dtype and c_fused[n - 1].dtype == mx.float32, where
+        for name, out, want, same in [
+            ("y vs reference", y, y64, True), ("conv state vs reference", conv, conv64, True),
+            ("state vs reference", c_fused[n - 1], state64, True),
+            ("y vs unfused layer", y, y_unf, True), ("conv state vs unfused", conv, _conv_states(family, c_unfused), True),
+            ("state vs unfused", c_fused[n - 1], c_unfused[n - 1], True),
+            ("y vs ops layer", y, y_ops, False), ("state vs ops layer", c_fused[n - 1], c_ops[n - 1], False),
+            # mlx-lm does not zero y on masked rows (mlx-gdn does)
+            ("y vs mlx-lm on valid rows", y[on], y_ref[on], False),
+            ("conv state vs mlx-lm", conv, _conv_states(family, c_ref), False),
+            ("state vs mlx-lm", c_fused[n - 1], c_ref[n - 1], False),
+        ]:
+            err = rel_error(out, want)
+            # bf16: two other bf16 computations (ops layer, mlx-lm) may each sit 2e-2 from the exact answer
+            bound = tol if (dtype == mx.float32 or same) else 2 * tol
+            assert err < bound, f"{name}: rel error {err:.3g} >= {bound} ({where})"
+        if masked:
+            off = ~np.asarray(mask)[:, 0]
+            assert np.all(np.asarray(y.astype(mx.float32))[off] == 0), where
+    assert calls == [backend] * STEPS, (calls, seed)
+
+
+@pytest.mark.parametrize("family", KEY_FAMILIES)
+def test_patched_key_gated_model_decode_is_one_launch_per_layer(family, monkeypatch):
+    """A patched tiny Kimi Linear / Kimi K3 / Bailing model under the simulator: each decode step
+    runs one kernel per linear layer, the fused step's; logits and greedy tokens equal the
+    unpatched model's."""
+    _check_key_model("metal", family, monkeypatch)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")
+@pytest.mark.parametrize("family", KEY_FAMILIES)
+def test_patched_key_gated_model_decode_on_cuda(family, monkeypatch):
+    _check_key_model("cuda", family, monkeypatch)
+
+
+def _check_key_model(backend, family, monkeypatch):
+    from family_models import F32_TOL, n_linear, rel, tiny_model, tokens
+
+    seed = fresh_seed()
+    model = tiny_model(family, seed)
+    toks = tokens(seed, (2, 8))
+
+    def run(m, steps):
+        cache = make_prompt_cache(m)
+        logits = [m(toks[:, :5], cache=cache)[:, -1:]]
+        launches = []
+        for _ in range(steps):
+            before = STATS["launches"]
+            logits.append(m(mx.argmax(logits[-1], axis=-1), cache=cache))
+            mx.eval(logits[-1])
+            launches.append(STATS["launches"] - before)
+        return mx.concatenate(logits, axis=1), launches
+
+    ref, _ = run(model, 4)
+    mx.eval(ref)
+    calls = []
+    real = decode_layer.decode_step
+    monkeypatch.setattr(decode_layer, "decode_step", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    with simulated_metal() if backend == "metal" else contextlib.nullcontext():
+        assert mlx_gdn.patch(model, backend=backend) == n_linear(family)
+        out, launches = run(model, 4)
+    L = n_linear(family)
+    assert calls == [backend] * (4 * L), (calls, seed)
+    if backend == "metal":  # the simulator counts kernel launches
+        assert launches == [L] * 4, (launches, seed)
+    err = rel(out, ref)
+    assert err < F32_TOL, f"logits rel error {err:.3g} (seed={seed} {family})"
+    assert np.array_equal(np.asarray(mx.argmax(out, -1)), np.asarray(mx.argmax(ref, -1))), f"tokens (seed={seed})"
