@@ -34,7 +34,7 @@ from mlx_gdn.models.layers import Qwen3NextGatedDeltaNet  # noqa: E402
 from mlx_gdn.models.patch import DROP_INS  # noqa: E402
 from mlx_gdn.reference import delta_rule, gated_rms_norm, gates, rel_error, to_numpy  # noqa: E402
 from mlx_gdn.sim import STATS, simulated_metal  # noqa: E402
-from mlx_gdn.testing import TOLERANCE, fresh_seed  # noqa: E402
+from mlx_gdn.testing import TOLERANCE, fresh_seed, tolerance  # noqa: E402
 
 TOL = TOLERANCE
 HIDDEN = 48
@@ -733,5 +733,8 @@ def _check_key_model(backend, family, monkeypatch):
     if backend == "metal":  # the simulator counts kernel launches
         assert launches == [L] * 4, (launches, seed)
     err = rel(out, ref)
-    assert err < F32_TOL, f"logits rel error {err:.3g} (seed={seed} {family})"
+    # On CUDA both models' float32 projections run MLX's TF32 matmuls (its default): the package's
+    # bound for paths with float32 matrix products there.
+    tol = F32_TOL if backend == "metal" else tolerance(mx.float32, matmul=True)
+    assert err < tol, f"logits rel error {err:.3g} (seed={seed} {backend} {family})"
     assert np.array_equal(np.asarray(mx.argmax(out, -1)), np.asarray(mx.argmax(ref, -1))), f"tokens (seed={seed})"
