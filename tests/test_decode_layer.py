@@ -738,3 +738,71 @@ def _check_key_model(backend, family, monkeypatch):
     tol = F32_TOL if backend == "metal" else tolerance(mx.float32, matmul=True)
     assert err < tol, f"logits rel error {err:.3g} (seed={seed} {backend} {family})"
     assert np.array_equal(np.asarray(mx.argmax(out, -1)), np.asarray(mx.argmax(ref, -1))), f"tokens (seed={seed})"
+
+
+def _one_node(*arrays_and_shapes):
+    """One graph node (a Concatenate) over `arrays` (None skipped), returned as views in `shapes`:
+    stands for one kernel launch in a graph count (a simulated kernel evaluates its inputs, which
+    would hide the graph behind it)."""
+    arrays, shapes = arrays_and_shapes[:-1], arrays_and_shapes[-1]
+    flat = mx.concatenate([x.astype(mx.float32).reshape(-1) for x in arrays if isinstance(x, mx.array)])
+    flat = mx.concatenate([flat] * (1 + sum(int(np.prod(s)) for s in shapes) // flat.size))
+    outs, at = [], 0
+    for s in shapes:
+        n = int(np.prod(s))
+        outs.append(flat[at : at + n].reshape(s))
+        at += n
+    return tuple(outs)
+
+
+@pytest.mark.parametrize("family", KEY_FAMILIES)
+def test_key_gated_decode_step_launches(family, monkeypatch, capsys):
+    """Launches of one T=1 step of a Kimi Linear / Kimi K3 / Bailing layer (whole layer call, cache
+    evaluated first), counted on the graph of its output and cache (method of bench/NOTES.md,
+    "Layer launches at T=1"), with each kernel (fused step, recurrent kernel) and
+    mx.fast.rms_norm standing as the one node each is on a GPU. The fused step replaces the
+    conv part (concatenate, conv, SiLU, state copy, per conv), the q/k normalisation (two RMS
+    norms, two scalings) and the recurrent kernel: 9 launches for Kimi K3's one conv, 17 with
+    three convs, where the fused step adds the two concatenations that join them (the joined
+    conv weight is made at the first step only)."""
+    from test_module import graph_primitives, launches
+
+    from mlx_gdn.models import layers as layers_mod
+
+    seed = fresh_seed()
+    _, _, layer = _key_layers(family, seed, mx.float32)
+    layer.o_norm = nn.RMSNorm(layer.head_dim)
+    n = 2 if family == "kimi_k3" else 4
+    x = mx.random.normal((1, 7, layer.o_proj.weight.shape[0]))
+    mx.eval(x, layer.parameters())
+
+    def fused_node(backend, qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk, Hv, Dk, Dv, **kw):
+        B, _, C = qkv.shape
+        return _one_node(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask,
+                         [(B, 1, Hv, Dv), (B, w.shape[1] - 1, C), (B, Hv, Dv, Dk)])
+
+    def recurrent_node(q, k, v, a, b, A_log, dt_bias, state, mask, **kw):
+        B, T, Hv, Dv = v.shape
+        return _one_node(q, k, v, a, b, A_log, dt_bias, state, mask, [(B, T, Hv, Dv), (B, Hv, Dv, q.shape[-1])])
+
+    counts = {}
+    with simulated_metal():
+        for case in ("unfused", "fused"):
+            cache = ArraysCache(n)
+            layer(x[:, :5], None, cache)
+            # one step before the counted one: the joined conv weight is made once, not per step
+            layer(x[:, 5:6], None, cache)
+            mx.eval([cache[i] for i in range(n)], layer.__dict__.get("_joined_conv"))
+            with monkeypatch.context() as m:
+                m.setattr(decode_layer, "decode_step", fused_node)
+                m.setattr(layers_mod, "gated_delta_update", recurrent_node)
+                m.setattr(mx.fast, "rms_norm", lambda x, w, eps: x * w if w is not None else x * 1.0)
+                if case == "unfused":
+                    m.setattr(decode_layer, "fused_backend", lambda *a, **k: None)
+                out = layer(x[:, 6:7], None, cache)
+                counts[case] = launches(graph_primitives(out, *[cache[i] for i in range(n)]))
+    with capsys.disabled():
+        print(f"\n{family} T=1 layer step, graph nodes (one per launch on a GPU): unfused {counts['unfused']}, "
+              f"fused {counts['fused']}")
+    saved = 8 if family == "kimi_k3" else 3 * 4 + 4 + 1 - 3
+    assert counts["unfused"] - counts["fused"] == saved, (counts, seed)
