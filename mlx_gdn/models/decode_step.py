@@ -21,11 +21,10 @@ body takes the formulas from kernels/gates.h. `Gating` names a variant's choice.
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import NamedTuple, Optional, Tuple
-
 import math
 import numbers
+from functools import lru_cache
+from typing import NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 
@@ -65,7 +64,8 @@ def gating_of(a: mx.array, dt_bias: Optional[mx.array], Hv: int, Dk: int, lower_
     if n != Hv and not (key and n == Hv * Dk):
         return None
     if lower_bound is not None:
-        if (isinstance(lower_bound, (bool,)) or not isinstance(lower_bound, numbers.Real)
+        # the checks of validate.check_update, answered with None instead of an error
+        if (isinstance(lower_bound, bool) or not isinstance(lower_bound, numbers.Real)
                 or not math.isfinite(lower_bound) or lower_bound > 0):
             return None
         lower_bound = float(lower_bound)
