@@ -502,11 +502,13 @@ def test_fused_step_refuses_gates_it_does_not_take():
     qkv, conv, w, b = mx.zeros((B, 1, C)), mx.zeros((B, K - 1, C)), mx.zeros((C, K, 1)), mx.zeros((B, 1, Hv))
     a_key, A_log = mx.zeros((B, 1, Hv, Dk)), mx.zeros((Hv,))
 
-    def pick(a=a_key, dt_bias=mx.zeros((Hv, Dk)), **kw):
-        return decode_layer.fused_backend("metal", qkv, conv, w, a, b, None, None, Hk, Hv, Dk, Dv, A_log=kw.pop("A_log", A_log),
-                                          dt_bias=dt_bias, **kw)
+    def pick(a=a_key, dt_bias=mx.zeros((Hv, Dk)), backend="metal", **kw):
+        return decode_layer.fused_backend(backend, qkv, conv, w, a, b, None, None, Hk, Hv, Dk, Dv,
+                                          A_log=kw.pop("A_log", A_log), dt_bias=dt_bias, **kw)
 
     with simulated_metal():
+        # "auto" first proves the variant on a small step against the reference (fallback.tried)
+        assert pick(backend="auto", lower_bound=-5.0, allow_neg_eigval=True) == "metal"
         assert pick() == "metal" and pick(dt_bias=mx.zeros((Hv,))) == "metal" and pick(dt_bias=mx.zeros((Hv, 1))) == "metal"
         assert pick(A_log=mx.zeros((Hv, 1))) == "metal" and pick(lower_bound=-5.0, allow_neg_eigval=True) == "metal"
         assert pick(lower_bound=0) == "metal"
