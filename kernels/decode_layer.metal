@@ -2,8 +2,9 @@
 // (Qwen3.5 / Qwen3-Next, Kimi K3; Kimi Linear and Bailing with their three convs side by side)
 // between its projections, in one launch: conv-state shift, depthwise causal conv, SiLU, split
 // into q/k/v, q/k L2 normalisation (Dk**-0.5 folded into q), fused gating and the recurrence
-// step; with GDN_NORM also the Qwen layers' output norm (RMS norm over Dv times silu(z)), so the
-// next launch is out_proj.
+// step; with GDN_NORM also the layer's output norm (RMS norm over Dv times silu(z), the Qwen
+// layers'; with GDN_NORM_SIGMOID times sigmoid(z), the Kimi and Bailing layers'), so the next
+// launch is out_proj.
 //
 // Inputs (InT is qkv's dtype; the others are read through static_cast<float>):
 //   qkv        [B, 1, C]      InT   projection output, C = 2 * Hk * Dk + Hv * Dv (q | k | v)
@@ -17,14 +18,15 @@
 //   z          [B, 1, Hv, Dv]       output gate (only with GDN_NORM)
 //   norm_weight [Dv]                output norm weight (only with GDN_NORM)
 //   mask       [B, 1] bool          only with GDN_MASKED
-// Outputs: y [B, 1, Hv, Dv] InT (with GDN_NORM the normed, gated output); conv_out [B, K - 1, C]
-// InT; state_out [B, Hv, Dv, Dk] float32.
+// Outputs: y [B, 1, Hv, Dv] InT (with GDN_NORM the normed, gated output; OutT with
+// GDN_NORM_SIGMOID); conv_out [B, K - 1, C] InT; state_out [B, Hv, Dv, Dk] float32.
 // Gates: gates.h's, per head or (KEYGATE) per key column; LOWER: the lower_bound form with the
 // constant GDN_LOWER_BOUND (a model constant, so it is compiled in rather than passed per call);
 // NEG: allow_neg_eigval (beta doubled).
 // A masked row (mask false) shifts a zero input into its conv state, keeps its recurrent state
 // and writes y = 0, as the unfused layer does (the norm of a zero row is zero).
-// Template: InT, Dk, Dv, Hk, Hv, K, L, R, P, KEYGATE, LOWER, NEG (and NormT with GDN_NORM). A
+// Template: InT, Dk, Dv, Hk, Hv, K, L, R, P, KEYGATE, LOWER, NEG (and NormT with GDN_NORM, GateT
+// and OutT with GDN_NORM_SIGMOID). A
 // threadgroup has R * L threads and walks P passes of R value rows; grid (R * L * ceil(Dv / (R * P)), 1, B * Hv).
 // Rows, lanes and state columns are as in recurrent_decode.metal. Without GDN_NORM, P = 1 and R
 // is recurrent_decode's (several threadgroups per head); with it, one threadgroup holds a whole
@@ -33,7 +35,9 @@
 // Rounding follows the unfused layer: the conv output, SiLU output, normalised q and k and y are
 // rounded to InT (no-ops for float); everything else, and the state, stays float32. The norm
 // rounds as mx.fast.rms_norm then the float32 silu gate do: x * rsqrt(mean(x^2) + eps) to NormT
-// (the result type of y and the weight), times the weight to NormT, times silu(z) to InT.
+// (the result type of y and the weight), times the weight to NormT, times silu(z) to InT; with
+// GDN_NORM_SIGMOID times sigmoid(z) rounded to GateT, the product to OutT (the Kimi layers round
+// the sigmoid to z's dtype, Bailing's to NormT; OutT is the product's result type).
 //
 // Each threadgroup needs its key head's whole normalised q and k, but owns only some value rows,
 // so every threadgroup recomputes the conv of those 2 * Dk channels (K multiply-adds each) into
@@ -256,6 +260,10 @@ for (int i = tid; i < Dv; i += NT) {
   const float nrm = static_cast<float>(static_cast<NormT>(y_tg[i] * inv_rms));
   const float nw = static_cast<float>(static_cast<NormT>(nrm * static_cast<float>(norm_weight[i])));
   const float zg = static_cast<float>(z[n * Dv + i]);
+#if GDN_NORM_SIGMOID
+  y[n * Dv + i] = static_cast<OutT>(nw * static_cast<float>(static_cast<GateT>(gdn_sigmoid(zg))));
+#else
   y[n * Dv + i] = static_cast<InT>(zg * gdn_sigmoid(zg) * nw);
+#endif
 }
 #endif

@@ -431,7 +431,8 @@ def test_fused_step_takes_strided_views():
 
 G = decode_layer.Gating
 
-KEY_CASES = [  # dtype, B, Hk, Hv, Dk, Dv, masked, gating, norm dtype (None: plain variant)
+KEY_CASES = [  # dtype, B, Hk, Hv, Dk, Dv, masked, gating, norm: None (plain variant), the silu-gated norm's
+    # dtype, or (norm dtype, sigmoid dtype) for the sigmoid-gated norm (Kimi: z's dtype; Bailing: the norm's)
     (mx.float32, 3, 2, 4, 64, 64, True, G(True, True, -5.0, False), None),  # GQA, dt_bias [Hv, Dk], lower_bound
     (mx.bfloat16, 2, 1, 3, 128, 128, False, G(True, True, None, False), None),
     (mx.float32, 2, 2, 2, 32, 24, False, G(True, False, None, True), None),  # dt_bias [Hv], rows past Dv
@@ -439,6 +440,10 @@ KEY_CASES = [  # dtype, B, Hk, Hv, Dk, Dv, masked, gating, norm dtype (None: pla
     (mx.float32, 2, 1, 2, 64, 64, True, G(False, False, -3.0, True), None),  # per-head gates with both options
     (mx.bfloat16, 2, 2, 4, 64, 64, True, G(True, True, -5.0, False), mx.bfloat16),  # with the norm variant
     (mx.float16, 2, 1, 2, 256, 32, False, G(True, True, -1.0, True), None),
+    (mx.bfloat16, 2, 2, 4, 64, 64, True, G(True, True, -5.0, False), (mx.bfloat16, mx.bfloat16)),  # Kimi K3, bf16
+    (mx.bfloat16, 3, 1, 2, 128, 128, False, G(True, True, None, False), (mx.float32, mx.bfloat16)),  # y in float32
+    (mx.float32, 2, 1, 1, 32, 24, True, G(True, False, -5.0, False), (mx.float32, mx.float32)),
+    (mx.float16, 2, 1, 2, 64, 64, False, G(True, True, None, True), (mx.float16, mx.float32)),
 ]
 
 
@@ -452,13 +457,15 @@ def _key_step_errors(backend, dtype, B, Hk, Hv, Dk, Dv, masked, gating, norm_dty
     if mild:
         rng = np.random.default_rng(seed + 7)
         ins[5] = mx.array(np.log(rng.uniform(0.01, 0.1, Hv)).astype(np.float32))
-    norm = None if norm_dtype is None else decode_layer.random_norm(B, Hv, Dv, dtype, norm_dtype, 1e-6, seed)
+    nd, sd = norm_dtype if isinstance(norm_dtype, tuple) else (norm_dtype, None)
+    norm = None if nd is None else decode_layer.random_norm(B, Hv, Dv, dtype, nd, 1e-6, seed, sd)
     opts = dict(lower_bound=gating.lower_bound, allow_neg_eigval=gating.neg)
     assert decode_layer.fused_backend(backend, *ins[:5], ins[7], ins[8], Hk, Hv, Dk, Dv, norm=norm, A_log=ins[5],
                                       dt_bias=ins[6], **opts) == backend
     outs = decode_layer.decode_step(backend, *ins, Hk, Hv, Dk, Dv, norm=norm, **opts)
     mx.eval(*outs)
-    assert outs[0].dtype == dtype and outs[1].dtype == dtype and outs[2].dtype == mx.float32
+    y_dtype = dtype if sd is None else mx.result_type(nd, sd)
+    assert outs[0].dtype == y_dtype and outs[1].dtype == dtype and outs[2].dtype == mx.float32
     if masked:  # the masked row: y = 0 and the state untouched
         off = ~np.asarray(ins[8])[:, 0]
         assert np.all(np.asarray(outs[0].astype(mx.float32))[off] == 0)
@@ -534,6 +541,15 @@ def test_gate_variant_specs():
     t = dict(plain.template)
     assert plain.name == "gdn_decode_layer_masked" and not (t["KEYGATE"] or t["LOWER"] or t["NEG"])
     assert "GDN_LOWER_BOUND" not in plain.header() and "GDN_DT_KEY 0" in plain.header()
+    # the sigmoid-gated output norm: y in result_type(norm dtype, sigmoid dtype)
+    sig = decode_layer.decode_spec(2, 4, 1, 2, 64, 64, mx.bfloat16, False, mx.float32, 1e-5, G(True, True, None, False),
+                                   mx.bfloat16)
+    t = dict(sig.template)
+    assert sig.name == "gdn_decode_layer_key_dtkey_norm_sigmoid" and "GDN_NORM_SIGMOID 1" in sig.header()
+    assert t["GateT"] == mx.bfloat16 and t["OutT"] == mx.float32 and sig.output_dtypes[:2] == (mx.float32, mx.bfloat16)
+    silu = decode_layer.decode_spec(2, 4, 1, 2, 64, 64, mx.bfloat16, False, mx.float32, 1e-5)
+    assert "GDN_NORM_SIGMOID 0" in silu.header() and "GateT" not in dict(silu.template)
+    assert silu.output_dtypes[0] == mx.bfloat16
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,10 +570,11 @@ class _Record(nn.Module):
         return x
 
 
-def _key_layers(family, seed, dtype, backend="metal"):
+def _key_layers(family, seed, dtype, backend="metal", norm=False):
     """(mlx-lm layer, ops drop-in, `backend` drop-in) of a tiny model's first linear layer, sharing
     its weights (model dtype `dtype`, A_log float32 as mlx-lm's loader keeps it) and a recording
-    identity output norm."""
+    identity output norm; with `norm`, the layer's own output norm (weight drawn away from 1) and
+    an identity o_proj, so the layer returns the gated norm's output."""
     from family_models import gdn_layers, tiny_model
 
     model = tiny_model(family, seed)
@@ -565,7 +582,12 @@ def _key_layers(family, seed, dtype, backend="metal"):
     if dtype != mx.float32:
         ref.update(tree_unflatten([(k, v if k.endswith("A_log") else v.astype(dtype))
                                    for k, v in tree_flatten(ref.parameters())]))
-    ref.o_norm = _Record()
+    if norm:
+        w = np.random.default_rng(seed + 3).uniform(0.5, 1.5, ref.o_norm.weight.shape).astype(np.float32)
+        ref.o_norm.weight = mx.array(w).astype(dtype)
+        ref.o_proj = _First()
+    else:
+        ref.o_norm = _Record()
     mx.eval(ref.parameters())
     cls = next(c for c in DROP_INS if c.mlx_lm_class() is type(ref))
     return ref, cls.from_layer(ref, backend="ops"), cls.from_layer(ref, backend=backend)
@@ -585,6 +607,13 @@ def _key_step_inputs(layer, family, x, cache):
     return qkv, w, a, layer.b_proj(x), conv
 
 
+def _output_gate(layer, family, x):
+    """The output gate's logits [B, 1, H*D] of `layer` on x."""
+    if family == "bailing_moe_v3" or (family == "kimi_k3" and layer.use_full_rank_gate):
+        return layer.g_proj(x)
+    return layer.g_b_proj(layer.g_a_proj(x))
+
+
 def _conv_states(family, cache):
     return cache[0] if family == "kimi_k3" else mx.concatenate([cache[i] for i in range(3)], axis=-1)
 
@@ -599,31 +628,34 @@ def _copy_n(cache):
 KEY_LAYER_CASES = [(mx.float32, 2, False), (mx.bfloat16, 2, False), (mx.float32, 3, True), (mx.bfloat16, 3, True)]
 
 
+@pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("family", KEY_FAMILIES)
 @pytest.mark.parametrize("dtype,B,masked", KEY_LAYER_CASES)
-def test_key_gated_layer_decode_on_fused_step(family, dtype, B, masked, monkeypatch):
-    _check_key_layer("metal", family, dtype, B, masked, monkeypatch)
+def test_key_gated_layer_decode_on_fused_step(family, dtype, B, masked, norm, monkeypatch):
+    _check_key_layer("metal", family, dtype, B, masked, monkeypatch, norm)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")
+@pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("family", KEY_FAMILIES)
 @pytest.mark.parametrize("dtype,B,masked", KEY_LAYER_CASES)
-def test_key_gated_layer_decode_on_cuda(family, dtype, B, masked, monkeypatch):
-    _check_key_layer("cuda", family, dtype, B, masked, monkeypatch)
+def test_key_gated_layer_decode_on_cuda(family, dtype, B, masked, norm, monkeypatch):
+    _check_key_layer("cuda", family, dtype, B, masked, monkeypatch, norm)
 
 
-def _check_key_layer(backend, family, dtype, B, masked, monkeypatch):
+def _check_key_layer(backend, family, dtype, B, masked, monkeypatch, norm=False):
     """STEPS decode steps of a Kimi Linear / Kimi K3 / Bailing layer after a prefill, each one
     fused launch on `backend` ("metal" under the simulator, or "cuda"): y, conv states and state
     against the float64 reference of the step, the same layer with the fused step off, the ops
-    layer and mlx-lm's layer."""
-    from mlx_gdn.reference import layer_step
+    layer and mlx-lm's layer. With `norm` the layer keeps its output norm, which the fused step
+    then applies (its sigmoid-gated norm variant): the compared output is the norm's."""
+    from mlx_gdn.reference import gated_rms_norm, layer_step
 
     seed = fresh_seed()
     tol = TOL[dtype]
     context = simulated_metal if backend == "metal" else contextlib.nullcontext
-    ref, ops, fused = _key_layers(family, seed, dtype, backend)
+    ref, ops, fused = _key_layers(family, seed, dtype, backend, norm)
     H, D = fused.num_heads, fused.head_dim
     x = mx.random.normal((B, PREFILL + STEPS, ref.q_proj.weight.shape[1] if family != "kimi_k3"
                           else ref.qkv_proj.weight.shape[1])).astype(dtype)
@@ -637,8 +669,14 @@ def _check_key_layer(backend, family, dtype, B, masked, monkeypatch):
     rng = np.random.default_rng(seed)
     calls = []
     real = decode_layer.decode_step
-    monkeypatch.setattr(decode_layer, "decode_step", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
-    seen = ref.o_norm.seen
+    monkeypatch.setattr(decode_layer, "decode_step",
+                        lambda *a, **k: calls.append((a[0], k.get("norm") is not None)) or real(*a, **k))
+    seen = [] if norm else ref.o_norm.seen
+
+    def call(layer, *args):  # the layer's y (the recorder's input), or with `norm` its output
+        out = layer(*args)
+        return out if norm else seen[-1]
+
     for step in range(STEPS):
         xt = x[:, PREFILL + step : PREFILL + step + 1]
         mask = None
@@ -647,24 +685,23 @@ def _check_key_layer(backend, family, dtype, B, masked, monkeypatch):
             idx = rng.permutation(B)
             m[idx[0]], m[idx[1]] = False, True
             mask = mx.array(m[:, None])
-        ref(xt, mask, c_ref)
-        y_ref = seen[-1]
-        ops(xt, mask, c_ops)
-        y_ops = seen[-1]
+        y_ref = call(ref, xt, mask, c_ref)
+        y_ops = call(ops, xt, mask, c_ops)
         qkv, w, a, b, _ = _key_step_inputs(ops, family, xt, c_ops)
         with context():
-            fused(xt, mask, c_fused)
-            y = seen[-1]
+            y = call(fused, xt, mask, c_fused)
             mx.eval(y, c_fused.state)
             with monkeypatch.context() as mp:
                 mp.setattr(decode_layer, "fused_backend", lambda *a, **k: None)
-                fused(xt, mask, c_unfused)
-                y_unf = seen[-1]
+                y_unf = call(fused, xt, mask, c_unfused)
                 mx.eval(y_unf, c_unfused.state)
         y64, conv64, state64 = layer_step(qkv, conv64, w, a.reshape(B, 1, H, D), b, fused.A_log.reshape(H),
                                           fused.dt_bias.reshape(H, D), state64, mask, H, D, D,
                                           lower_bound=fused.lower_bound)
-        where = f"seed={seed} step={step} {backend} {family} {dtype} B={B} masked={masked}"
+        if norm:
+            gate = _output_gate(ops, family, xt).reshape(B, 1, H, D)
+            y64 = gated_rms_norm(y64, gate, fused.o_norm.weight, fused.o_norm.eps, sigmoid=True).reshape(B, 1, H * D)
+        where = f"seed={seed} step={step} {backend} {family} {dtype} B={B} masked={masked} norm={norm}"
         on = mx.array(np.arange(B)) if mask is None else mx.array(np.flatnonzero(np.asarray(mask)[:, 0]))
         conv = _conv_states(family, c_fused)
         assert y.dtype == dtype and conv.dtype == dtype and c_fused[n - 1].dtype == mx.float32, where
@@ -686,14 +723,14 @@ def _check_key_layer(backend, family, dtype, B, masked, monkeypatch):
         if masked:
             off = ~np.asarray(mask)[:, 0]
             assert np.all(np.asarray(y.astype(mx.float32))[off] == 0), where
-    assert calls == [backend] * STEPS, (calls, seed)
+    assert calls == [(backend, norm)] * STEPS, (calls, seed)
 
 
 @pytest.mark.parametrize("family", KEY_FAMILIES)
 def test_patched_key_gated_model_decode_is_one_launch_per_layer(family, monkeypatch):
     """A patched tiny Kimi Linear / Kimi K3 / Bailing model under the simulator: each decode step
-    runs one kernel per linear layer, the fused step's; logits and greedy tokens equal the
-    unpatched model's."""
+    runs one kernel per linear layer, the fused step's with the output norm inside; logits and
+    greedy tokens equal the unpatched model's."""
     _check_key_model("metal", family, monkeypatch)
 
 
@@ -726,12 +763,13 @@ def _check_key_model(backend, family, monkeypatch):
     mx.eval(ref)
     calls = []
     real = decode_layer.decode_step
-    monkeypatch.setattr(decode_layer, "decode_step", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(decode_layer, "decode_step",
+                        lambda *a, **k: calls.append((a[0], k.get("norm") is not None)) or real(*a, **k))
     with simulated_metal() if backend == "metal" else contextlib.nullcontext():
         assert mlx_gdn.patch(model, backend=backend) == n_linear(family)
         out, launches = run(model, 4)
     L = n_linear(family)
-    assert calls == [backend] * (4 * L), (calls, seed)
+    assert calls == [(backend, True)] * (4 * L), (calls, seed)
     if backend == "metal":  # the simulator counts kernel launches
         assert launches == [L] * 4, (launches, seed)
     err = rel(out, ref)
@@ -764,9 +802,10 @@ def test_key_gated_decode_step_launches(family, monkeypatch, capsys):
     "Layer launches at T=1"), with each kernel (fused step, recurrent kernel) and
     mx.fast.rms_norm standing as the one node each is on a GPU. The fused step replaces the
     conv part (concatenate, conv, SiLU, state copy, per conv), the q/k normalisation (two RMS
-    norms, two scalings) and the recurrent kernel: 9 launches for Kimi K3's one conv, 17 with
-    three convs, where the fused step adds the two concatenations that join them (the joined
-    conv weight is made at the first step only)."""
+    norms, two scalings), the recurrent kernel and the output norm (RMS norm, sigmoid, product;
+    Bailing's float32 casts are no-ops in this float32 model): 12 launches for Kimi K3's one
+    conv, 20 with three convs, where the fused step adds the two concatenations that join them
+    (the joined conv weight is made at the first step only)."""
     from test_module import graph_primitives, launches
 
     from mlx_gdn.models import layers as layers_mod
@@ -778,9 +817,10 @@ def test_key_gated_decode_step_launches(family, monkeypatch, capsys):
     x = mx.random.normal((1, 7, layer.o_proj.weight.shape[0]))
     mx.eval(x, layer.parameters())
 
-    def fused_node(backend, qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk, Hv, Dk, Dv, **kw):
+    def fused_node(backend, qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk, Hv, Dk, Dv, norm=None, **kw):
         B, _, C = qkv.shape
-        return _one_node(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask,
+        normed = () if norm is None else (norm.z, norm.weight)
+        return _one_node(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, *normed,
                          [(B, 1, Hv, Dv), (B, w.shape[1] - 1, C), (B, Hv, Dv, Dk)])
 
     def recurrent_node(q, k, v, a, b, A_log, dt_bias, state, mask, **kw):
@@ -806,5 +846,5 @@ def test_key_gated_decode_step_launches(family, monkeypatch, capsys):
     with capsys.disabled():
         print(f"\n{family} T=1 layer step, graph nodes (one per launch on a GPU): unfused {counts['unfused']}, "
               f"fused {counts['fused']}")
-    saved = 8 if family == "kimi_k3" else 3 * 4 + 4 + 1 - 3
+    saved = 4 + 4 + 1 + 3 - 1 if family == "kimi_k3" else 3 * 4 + 4 + 1 + 3 - 3
     assert counts["unfused"] - counts["fused"] == saved, (counts, seed)

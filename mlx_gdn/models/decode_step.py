@@ -10,8 +10,10 @@ CPU inside `mlx_gdn.sim.simulated_metal()`) and, with the CUDA prelude, through
 `NORM_THREADS` threads walks a whole head in passes, since the norm reduces over the head's Dv
 outputs.
 
-``norm`` arguments are a `Norm` (z [B, 1, Hv, Dv], weight [Dv], eps): the `RMSNormGated` of the
-layer and its gate.
+``norm`` arguments are a `Norm` (z [B, 1, Hv, Dv], weight [Dv], eps, sigmoid_dtype): the
+`RMSNormGated` of the Qwen layers and its gate, rms_norm(y) * weight * silu(z); or, with
+`sigmoid_dtype`, the Kimi and Bailing output norm, rms_norm(y) * weight * sigmoid(z), the sigmoid
+rounded to `sigmoid_dtype` as each of those layers rounds it.
 
 Gates: per head (a [B, 1, Hv], dt_bias [Hv]: the Qwen layers) or per key column (a [B, 1, Hv, Dk],
 dt_bias [Hv] or [Hv, Dk]: Kimi Linear, Kimi K3, Bailing), A_log [Hv] (or [Hv, 1]) either way, with
@@ -75,11 +77,14 @@ def gating_of(a: mx.array, dt_bias: Optional[mx.array], Hv: int, Dk: int, lower_
 
 
 class Norm(NamedTuple):
-    """The output norm the norm variant applies: z [B, 1, Hv, Dv] (the gate), weight [Dv], eps."""
+    """The output norm the norm variant applies: z [B, 1, Hv, Dv] (the gate), weight [Dv], eps;
+    sigmoid_dtype None: times silu(z) in float32, rounded to y's dtype (`RMSNormGated`); a dtype:
+    times sigmoid(z) rounded to it, the product rounded to result_type(rms_norm dtype, it)."""
 
     z: mx.array
     weight: mx.array
     eps: float
+    sigmoid_dtype: Optional[mx.Dtype] = None
 
 
 def _norm_rows(Dv: int, L: int) -> Tuple[int, int]:
@@ -92,10 +97,12 @@ def _norm_rows(Dv: int, L: int) -> Tuple[int, int]:
 
 @lru_cache(maxsize=None)
 def decode_spec(B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool,
-                norm_dtype: Optional[mx.Dtype] = None, eps: float = 0.0, gating: Gating = SCALAR) -> launch.LaunchSpec:
-    """Launch spec of the fused step; dtype is qkv's (and y's, and the conv state's). With
-    `norm_dtype` (the dtype mx.fast.rms_norm of y and the norm weight returns) the norm variant,
-    with rms_norm's `eps`; `gating` the gate variant."""
+                norm_dtype: Optional[mx.Dtype] = None, eps: float = 0.0, gating: Gating = SCALAR,
+                sigmoid_dtype: Optional[mx.Dtype] = None) -> launch.LaunchSpec:
+    """Launch spec of the fused step; dtype is qkv's (and the conv state's, and y's but for a
+    sigmoid-gated norm). With `norm_dtype` (the dtype mx.fast.rms_norm of y and the norm weight
+    returns) the norm variant, with rms_norm's `eps` and `sigmoid_dtype` as in `Norm`; `gating`
+    the gate variant."""
     p = Problem(B, 1, Hk, Hv, Dk, Dv, dtype, "key" if gating.key else "scalar", masked, True)
     base = launch.recurrent_spec(p, path="decode")
     tmpl = dict(base.template)
@@ -103,11 +110,16 @@ def decode_spec(B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dt
     norm = norm_dtype is not None
     names = INPUT_NAMES + (NORM_INPUT_NAMES if norm else ()) + (("mask",) if masked else ())
     C = 2 * Hk * Dk + Hv * Dv
+    y_dtype = dtype
     if norm:
         R, P = _norm_rows(Dv, L)
         grid, threadgroup = (R * L, 1, B * Hv), (R * L, 1, 1)
         extra = (("NormT", norm_dtype),)
-        defines = (("GDN_MASKED", int(masked)), ("GDN_NORM", 1), ("GDN_NORM_EPS", float(eps)))
+        defines = (("GDN_MASKED", int(masked)), ("GDN_NORM", 1), ("GDN_NORM_EPS", float(eps)),
+                   ("GDN_NORM_SIGMOID", int(sigmoid_dtype is not None)))
+        if sigmoid_dtype is not None:
+            y_dtype = mx.result_type(norm_dtype, sigmoid_dtype)
+            extra += (("GateT", sigmoid_dtype), ("OutT", y_dtype))
     else:
         R, P = tmpl["R"], 1
         grid, threadgroup = base.grid, base.threadgroup
@@ -120,7 +132,8 @@ def decode_spec(B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dt
     suffix = ("_key" if gating.key else "") + ("_dtkey" if gating.dt_key else "") + ("_lower" if lower else "")
     suffix += "_neg" if gating.neg else ""
     return launch.LaunchSpec(
-        name="gdn_decode_layer" + suffix + ("_norm" if norm else "") + ("_masked" if masked else ""),
+        name="gdn_decode_layer" + suffix + ("_norm" if norm else "") + ("_sigmoid" if norm and sigmoid_dtype else "")
+        + ("_masked" if masked else ""),
         body=BODY,
         headers=(launch.GATES_HEADER,),
         defines=defines,
@@ -132,7 +145,7 @@ def decode_spec(B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dt
         grid=grid,
         threadgroup=threadgroup,
         output_shapes=((B, 1, Hv, Dv), (B, K - 1, C), (B, Hv, Dv, Dk)),
-        output_dtypes=(dtype, dtype, mx.float32),
+        output_dtypes=(y_dtype, dtype, mx.float32),
         # The body indexes every input as a row-contiguous array (qkv, conv state, the cache
         # arrays it wrote itself and the projections' outputs already are: no copy then).
         ensure_row_contiguous=True,
@@ -167,7 +180,8 @@ def fused_backend(backend: str, qkv, conv_state, w, a, b, state, mask, Hk: int, 
     key = ("decode_layer", backend, qkv.shape, qkv.dtype, conv_state.shape, conv_state.dtype, w.shape, a.shape,
            b.shape, None if state is None else (state.shape, state.dtype),
            None if mask is None else (mask.shape, mask.dtype), Hk, Hv, Dk, Dv,
-           None if norm is None else (norm.z.shape, norm.z.dtype, norm.weight.shape, norm.weight.dtype, norm.eps),
+           None if norm is None else (norm.z.shape, norm.z.dtype, norm.weight.shape, norm.weight.dtype, norm.eps,
+                                      norm.sigmoid_dtype),
            None if A_log is None else (A_log.shape, A_log.dtype), None if dt_bias is None else (dt_bias.shape, dt_bias.dtype),
            type(lower_bound), lower_bound, type(allow_neg_eigval), allow_neg_eigval)
     return backends.remembered(key, _fused_backend, backend, qkv, conv_state, w, a, b, state, mask, Hk, Hv, Dk, Dv,
@@ -180,9 +194,9 @@ def norm_dtype(y_dtype: mx.Dtype, weight_dtype: mx.Dtype) -> mx.Dtype:
 
 
 def _norm_takes(norm: Norm, B: int, Hv: int, Dv: int) -> bool:
-    z, weight, eps = norm
+    z, weight, eps, sigmoid_dtype = norm
     return (z.shape == (B, 1, Hv, Dv) and z.dtype in _FLOATS and weight.shape == (Dv,) and weight.dtype in _FLOATS
-            and isinstance(eps, (int, float)) and eps >= 0)
+            and isinstance(eps, (int, float)) and eps >= 0 and (sigmoid_dtype is None or sigmoid_dtype in _FLOATS))
 
 
 def _fused_backend(backend, qkv, conv_state, w, a, b, state, mask, Hk, Hv, Dk, Dv, norm, A_log, dt_bias, lower_bound,
@@ -222,7 +236,8 @@ def _fused_backend(backend, qkv, conv_state, w, a, b, state, mask, Hk, Hv, Dk, D
 
         nd = None if norm is None else norm_dtype(qkv.dtype, norm.weight.dtype)
         eps = 0.0 if norm is None else float(norm.eps)
-        args = (mod.name, B, K, Hk, Hv, Dk, Dv, qkv.dtype, mask is not None, nd, eps, gating)
+        sd = None if norm is None else norm.sigmoid_dtype
+        args = (mod.name, B, K, Hk, Hv, Dk, Dv, qkv.dtype, mask is not None, nd, eps, gating, sd)
         vs = variants(*args)
         bad = fallback.tried(mod.name, vs, lambda: _probe(*args))
         if bad is not None:
@@ -234,12 +249,13 @@ def _fused_backend(backend, qkv, conv_state, w, a, b, state, mask, Hk, Hv, Dk, D
 
 
 def variants(backend: str, B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool,
-             norm_dtype: Optional[mx.Dtype] = None, eps: float = 0.0, gating: Gating = SCALAR):
+             norm_dtype: Optional[mx.Dtype] = None, eps: float = 0.0, gating: Gating = SCALAR,
+             sigmoid_dtype: Optional[mx.Dtype] = None):
     """The kernel variant (`fallback.Variant`, one) of the fused step on `backend` ("metal"/"cuda");
-    `norm_dtype`, `eps` and `gating` as in `decode_spec`."""
+    `norm_dtype`, `eps`, `gating` and `sigmoid_dtype` as in `decode_spec`."""
     from ..fallback import variant
 
-    spec = decode_spec(B, K, Hk, Hv, Dk, Dv, dtype, masked, norm_dtype, eps, gating)
+    spec = decode_spec(B, K, Hk, Hv, Dk, Dv, dtype, masked, norm_dtype, eps, gating, sigmoid_dtype)
     if backend == "metal":
         return (variant(spec.name, spec.template, spec.header(), spec.source()),)
     from ..cuda.kernel import recurrent_header
@@ -269,26 +285,29 @@ def random_step_inputs(B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype
             f(Hv, Dk) if gating.dt_key else f(Hv), f(B, Hv, Dv, Dk, scale=0.1), mask)
 
 
-def random_norm(B: int, Hv: int, Dv: int, dtype: mx.Dtype, weight_dtype: mx.Dtype, eps: float, seed: int) -> Norm:
-    """A seeded `Norm`: z [B, 1, Hv, Dv] in `dtype` (a projection's output), weight [Dv] near 1."""
+def random_norm(B: int, Hv: int, Dv: int, dtype: mx.Dtype, weight_dtype: mx.Dtype, eps: float, seed: int,
+                sigmoid_dtype: Optional[mx.Dtype] = None) -> Norm:
+    """A seeded `Norm`: z [B, 1, Hv, Dv] in `dtype` (a projection's output), weight [Dv] near 1,
+    `sigmoid_dtype` as in `Norm`."""
     import numpy as np
 
     rng = np.random.default_rng(seed + 1)
     z = mx.array(rng.standard_normal((B, 1, Hv, Dv)).astype(np.float32)).astype(dtype)
     weight = mx.array((1.0 + 0.3 * rng.standard_normal(Dv)).astype(np.float32)).astype(weight_dtype)
-    return Norm(z, weight, eps)
+    return Norm(z, weight, eps, sigmoid_dtype)
 
 
 def check_step(backend: str, B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool,
-               seed: int = 0, norm_dtype: Optional[mx.Dtype] = None, eps: float = 0.0, gating: Gating = SCALAR):
+               seed: int = 0, norm_dtype: Optional[mx.Dtype] = None, eps: float = 0.0, gating: Gating = SCALAR,
+               sigmoid_dtype: Optional[mx.Dtype] = None):
     """(y, conv state, state) relative errors of one fused step on `backend` against the float64
     reference (`reference.layer_step`), for seeded inputs; raises what the kernel raises. With
-    `norm_dtype`, the norm variant (its weight in `norm_dtype`, which is then the rms_norm dtype);
-    `gating` the gate variant."""
+    `norm_dtype`, the norm variant (its weight in `norm_dtype`, which is then the rms_norm dtype;
+    `sigmoid_dtype` as in `Norm`); `gating` the gate variant."""
     from ..reference import layer_step, rel_error
 
     ins = random_step_inputs(B, K, Hk, Hv, Dk, Dv, dtype, masked, seed, gating)
-    norm = None if norm_dtype is None else random_norm(B, Hv, Dv, dtype, norm_dtype, eps, seed)
+    norm = None if norm_dtype is None else random_norm(B, Hv, Dv, dtype, norm_dtype, eps, seed, sigmoid_dtype)
     opts = dict(lower_bound=gating.lower_bound, allow_neg_eigval=gating.neg)
     outs = decode_step(backend, *ins, Hk, Hv, Dk, Dv, norm=norm, **opts)
     mx.eval(*outs)
@@ -296,7 +315,7 @@ def check_step(backend: str, B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int,
     return tuple(rel_error(o, r) for o, r in zip(outs, refs))
 
 
-def _probe(backend, B, K, Hk, Hv, Dk, Dv, dtype, masked, norm_dtype, eps, gating):
+def _probe(backend, B, K, Hk, Hv, Dk, Dv, dtype, masked, norm_dtype, eps, gating, sigmoid_dtype):
     # The smallest batch with the same variant (B is not in the template): one row, two when masked.
     # The norm's weight is drawn in the rms_norm dtype: the variant depends on that dtype only.
     from ..fallback import failure_text
@@ -304,7 +323,7 @@ def _probe(backend, B, K, Hk, Hv, Dk, Dv, dtype, masked, norm_dtype, eps, gating
 
     try:
         errs = check_step(backend, 2 if masked else 1, K, Hk, Hv, Dk, Dv, dtype, masked, norm_dtype=norm_dtype,
-                          eps=eps, gating=gating)
+                          eps=eps, gating=gating, sigmoid_dtype=sigmoid_dtype)
     except Exception as exc:  # noqa: BLE001 -- any failure of the kernel is the verdict
         return failure_text(exc)
     tol = tolerance(dtype)
@@ -320,9 +339,9 @@ def _clear_launchers():
 
 @lru_cache(maxsize=256)
 def _launcher(backend: str, B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dtype, masked: bool,
-              norm_dtype: Optional[mx.Dtype], eps: float, gating: Gating):
+              norm_dtype: Optional[mx.Dtype], eps: float, gating: Gating, sigmoid_dtype: Optional[mx.Dtype]):
     # (kernel object, call keyword arguments): a pure function of its arguments
-    spec = decode_spec(B, K, Hk, Hv, Dk, Dv, dtype, masked, norm_dtype, eps, gating)
+    spec = decode_spec(B, K, Hk, Hv, Dk, Dv, dtype, masked, norm_dtype, eps, gating, sigmoid_dtype)
     return _kernel(backend, spec), spec.call_kwargs()
 
 
@@ -332,17 +351,19 @@ def decode_step(backend: str, qkv, conv_state, w, a, b, A_log, dt_bias, state, m
     """(y [B,1,Hv,Dv] in qkv's dtype, new conv state [B,K-1,C] in qkv's dtype, new state [B,Hv,Dv,Dk]
     float32) from one launch; backend "metal" or "cuda", inputs as accepted by `fused_backend`
     (a [B,1,Hv] or [B,1,Hv,Dk]; A_log Hv elements; dt_bias Hv, or Hv * Dk with per-key a).
-    With `norm`, y is the normed output rms_norm(y) * weight * silu(z), in qkv's dtype."""
+    With `norm`, y is the normed output rms_norm(y) * weight * silu(z), in qkv's dtype, or with
+    norm.sigmoid_dtype rms_norm(y) * weight * sigmoid(z), in the dtype `Norm` says."""
     B = qkv.shape[0]
     gating = gating_of(a, dt_bias, Hv, Dk, lower_bound, allow_neg_eigval)
     if gating is None:
         raise ValueError(f"decode_step: gates a {a.shape}, dt_bias {dt_bias.shape}, lower_bound {lower_bound!r}, "
                          f"allow_neg_eigval {allow_neg_eigval!r} are not a fused step's (see fused_backend)")
     if norm is None:
-        kern, kw = _launcher(backend, B, w.shape[1], Hk, Hv, Dk, Dv, qkv.dtype, mask is not None, None, 0.0, gating)
+        kern, kw = _launcher(backend, B, w.shape[1], Hk, Hv, Dk, Dv, qkv.dtype, mask is not None, None, 0.0, gating,
+                             None)
     else:
         kern, kw = _launcher(backend, B, w.shape[1], Hk, Hv, Dk, Dv, qkv.dtype, mask is not None,
-                             norm_dtype(qkv.dtype, norm.weight.dtype), float(norm.eps), gating)
+                             norm_dtype(qkv.dtype, norm.weight.dtype), float(norm.eps), gating, norm.sigmoid_dtype)
     if state is None:
         state = mx.zeros((B, Hv, Dv, Dk), dtype=mx.float32)
     ins = [qkv, conv_state, w, a, b, A_log, dt_bias, state]  # INPUT_NAMES' order
