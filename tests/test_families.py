@@ -434,9 +434,8 @@ def test_decode_under_simulated_metal(family, monkeypatch):
         mx.eval(got)
     n = n_linear(family)
     # Per layer: the whole sequence (T=6), the prefill (T=4) and two single tokens through the
-    # fused step (Qwen's with its output norm inside; the Kimi output norm stays outside).
-    norm_inside = family.startswith("qwen")
-    assert sorted(ran) == [4] * n + [6] * n and fused == [("metal", norm_inside)] * 2 * n, (ran, fused)
+    # fused step with the layer's output norm inside.
+    assert sorted(ran) == [4] * n + [6] * n and fused == [("metal", True)] * 2 * n, (ran, fused)
     assert rel(got, ref) < F32_TOL, f"seed={seed} {family}"
 
 
@@ -544,9 +543,8 @@ def test_patched_on_cuda(family, monkeypatch):
     assert rel(steps, ref_steps) < tol, msg
     n = n_linear(family)
     if family.startswith("qwen") or family in ("kimi_linear", "kimi_k3", "bailing_moe_v3"):
-        # T=1 through the fused step (Qwen's with its output norm inside)
-        norm_inside = family.startswith("qwen")
-        assert sorted(ran) == [6] * n + [10] * n and fused == [("cuda", norm_inside)] * 4 * n, (ran, fused)
+        # T=1 through the fused step with the layer's output norm inside
+        assert sorted(ran) == [6] * n + [10] * n and fused == [("cuda", True)] * 4 * n, (ran, fused)
     else:
         assert sorted(ran) == [1] * 4 * n + [6] * n + [10] * n and fused == [], (ran, fused)
     got = _serve(model, schedule, 4)
