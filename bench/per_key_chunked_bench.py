@@ -13,7 +13,8 @@ decides whether `backends.prefers_chunked` may take per-key gates (it refuses th
 chunked kernel is measured faster than the recurrent one at T=4096).
 
 --backend ops (or any backend the machine has) with --quick is the CPU smoke test: one small
-cell, wall time only.
+cell, wall time only. The timed inputs are drawn on the device (`_timed_inputs`); the checked
+case is drawn as the tests draw theirs.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx_gdn  # noqa: E402
 from mlx_gdn.bench import gpu_time  # noqa: E402
 from mlx_gdn.bench.timing import mlx_sync, time_calls  # noqa: E402
+from mlx_gdn.gating import normalize_qk  # noqa: E402
 from mlx_gdn.reference import delta_rule, gates, rel_error  # noqa: E402
-from mlx_gdn.testing import random_inputs  # noqa: E402
+from mlx_gdn.testing import Inputs, random_inputs  # noqa: E402
 
 HK, HV, D = 16, 32, 128  # Qwen3.5's linear-attention heads
 LB = -5.0
@@ -49,8 +51,29 @@ def _call(x, fused, backend, algorithm):
 
 
 def _inputs(B, T, fused, seed):
+    """The small checked case's inputs (NumPy-seeded, as the tests draw them)."""
     return random_inputs(B, T, HK, HV, D, D, dtype=mx.bfloat16, seed=seed, gate="key",
                          fused_gate="key" if fused else "scalar")
+
+
+def _timed_inputs(B, T, seed):
+    """The timed cells' inputs, drawn on the default device (per-key arrays of B * T * Hv * Dk
+    elements take seconds each in NumPy at B=4, T=8192): q, k normalised; per-key g mixed as
+    `random_inputs` draws it (mostly (0.05, 1), a tenth near 0, a tenth exactly 1); a, dt_bias
+    per key column; bf16, state float32."""
+    key = mx.random.key(seed)
+    ks = mx.random.split(key, 9)
+    n = lambda k, *s: mx.random.normal(s, key=k)  # noqa: E731
+    gshape = (B, T, HV, D)
+    q, k = normalize_qk(n(ks[0], B, T, HK, D), n(ks[1], B, T, HK, D))
+    pick = mx.random.uniform(shape=gshape, key=ks[2])
+    g = mx.where(pick < 0.1, mx.random.uniform(1e-6, 1e-2, gshape, key=ks[3]),
+                 mx.where(pick > 0.9, 1.0, mx.random.uniform(0.05, 1.0, gshape, key=ks[4])))
+    bf = lambda x: x.astype(mx.bfloat16)  # noqa: E731
+    return Inputs(bf(q), bf(k), bf(n(ks[5], B, T, HV, D)), bf(g), bf(mx.random.uniform(shape=(B, T, HV), key=ks[6])),
+                  bf(2.0 * n(ks[7], *gshape)), bf(2.0 * n(ks[8], B, T, HV)),
+                  mx.log(mx.random.uniform(0.5, 16.0, (HV,), key=ks[0])), n(ks[1], HV, D),
+                  0.1 * n(ks[2], B, HV, D, D), None)
 
 
 def _check(fused, backend, algorithm):
@@ -96,8 +119,8 @@ def main():
     rows = []
     for B, T in QUICK_CELLS if opts.quick else CELLS:
         for fused in (False, True):
-            xs = [_inputs(B, T, fused, s) for s in range(2)]
-            mx.eval([a for x in xs for a in (x.q, x.k, x.v, x.g, x.beta, x.a, x.b, x.state)])
+            xs = [_timed_inputs(B, T, s) for s in range(2)]
+            mx.eval([a for x in xs for a in (x.q, x.k, x.v, x.g, x.beta, x.a, x.b, x.A_log, x.dt_bias, x.state)])
             for algo in ALGORITHMS:
                 fns = [lambda x=x, algo=algo, fused=fused: _call(x, fused, opts.backend, algo) for x in xs]
                 r = time_calls(fns, mlx_sync, budget=opts.budget)
