@@ -635,6 +635,19 @@ def test_key_gated_layer_decode_on_fused_step(family, dtype, B, masked, norm, mo
     _check_key_layer("metal", family, dtype, B, masked, monkeypatch, norm)
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_kimi_k3_full_rank_gate_decode_on_fused_step(dtype, monkeypatch):
+    """Kimi K3 with its full-rank output gate (g_proj): the fused step with the output norm."""
+    import copy
+
+    import family_models
+
+    cfg = copy.deepcopy(family_models.CONFIGS["kimi_k3"])
+    cfg["text_config"]["linear_attn_config"]["use_full_rank_gate"] = True
+    monkeypatch.setitem(family_models.CONFIGS, "kimi_k3", cfg)
+    _check_key_layer("metal", "kimi_k3", dtype, 3, True, monkeypatch, norm=True, full_rank=True)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")
 @pytest.mark.parametrize("norm", [False, True])
@@ -644,7 +657,7 @@ def test_key_gated_layer_decode_on_cuda(family, dtype, B, masked, norm, monkeypa
     _check_key_layer("cuda", family, dtype, B, masked, monkeypatch, norm)
 
 
-def _check_key_layer(backend, family, dtype, B, masked, monkeypatch, norm=False):
+def _check_key_layer(backend, family, dtype, B, masked, monkeypatch, norm=False, full_rank=False):
     """STEPS decode steps of a Kimi Linear / Kimi K3 / Bailing layer after a prefill, each one
     fused launch on `backend` ("metal" under the simulator, or "cuda"): y, conv states and state
     against the float64 reference of the step, the same layer with the fused step off, the ops
@@ -656,6 +669,7 @@ def _check_key_layer(backend, family, dtype, B, masked, monkeypatch, norm=False)
     tol = TOL[dtype]
     context = simulated_metal if backend == "metal" else contextlib.nullcontext
     ref, ops, fused = _key_layers(family, seed, dtype, backend, norm)
+    assert getattr(fused, "use_full_rank_gate", False) == full_rank
     H, D = fused.num_heads, fused.head_dim
     x = mx.random.normal((B, PREFILL + STEPS, ref.q_proj.weight.shape[1] if family != "kimi_k3"
                           else ref.qkv_proj.weight.shape[1])).astype(dtype)
