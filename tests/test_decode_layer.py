@@ -516,7 +516,8 @@ def test_fused_step_refuses_gates_it_does_not_take():
     with simulated_metal():
         # "auto" first proves the variant on a small step against the reference (fallback.tried)
         assert pick(backend="auto", lower_bound=-5.0, allow_neg_eigval=True) == "metal"
-        assert pick() == "metal" and pick(dt_bias=mx.zeros((Hv,))) == "metal" and pick(dt_bias=mx.zeros((Hv, 1))) == "metal"
+        assert pick() == "metal" and pick(dt_bias=mx.zeros((Hv,))) == "metal"
+        assert pick(dt_bias=mx.zeros((Hv, 1))) == "metal"
         assert pick(A_log=mx.zeros((Hv, 1))) == "metal" and pick(lower_bound=-5.0, allow_neg_eigval=True) == "metal"
         assert pick(lower_bound=0) == "metal"
         assert pick(a=mx.zeros((B, 1, Hv)), dt_bias=mx.zeros((Hv, Dk))) is None  # per-key bias, per-head a
@@ -722,7 +723,8 @@ def _check_key_layer(backend, family, dtype, B, masked, monkeypatch, norm=False,
         for name, out, want, same in [
             ("y vs reference", y, y64, True), ("conv state vs reference", conv, conv64, True),
             ("state vs reference", c_fused[n - 1], state64, True),
-            ("y vs unfused layer", y, y_unf, True), ("conv state vs unfused", conv, _conv_states(family, c_unfused), True),
+            ("y vs unfused layer", y, y_unf, True),
+            ("conv state vs unfused", conv, _conv_states(family, c_unfused), True),
             ("state vs unfused", c_fused[n - 1], c_unfused[n - 1], True),
             ("y vs ops layer", y, y_ops, False), ("state vs ops layer", c_fused[n - 1], c_ops[n - 1], False),
             # mlx-lm does not zero y on masked rows (mlx-gdn does)

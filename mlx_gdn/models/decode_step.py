@@ -182,7 +182,8 @@ def fused_backend(backend: str, qkv, conv_state, w, a, b, state, mask, Hk: int, 
            None if mask is None else (mask.shape, mask.dtype), Hk, Hv, Dk, Dv,
            None if norm is None else (norm.z.shape, norm.z.dtype, norm.weight.shape, norm.weight.dtype, norm.eps,
                                       norm.sigmoid_dtype),
-           None if A_log is None else (A_log.shape, A_log.dtype), None if dt_bias is None else (dt_bias.shape, dt_bias.dtype),
+           None if A_log is None else (A_log.shape, A_log.dtype),
+           None if dt_bias is None else (dt_bias.shape, dt_bias.dtype),
            type(lower_bound), lower_bound, type(allow_neg_eigval), allow_neg_eigval)
     return backends.remembered(key, _fused_backend, backend, qkv, conv_state, w, a, b, state, mask, Hk, Hv, Dk, Dv,
                                norm, A_log, dt_bias, lower_bound, allow_neg_eigval)
