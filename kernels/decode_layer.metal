@@ -1,25 +1,33 @@
-// One decode step (T = 1) of the Qwen3.5 / Qwen3-Next Gated DeltaNet layer between its
-// projections, in one launch: conv-state shift, depthwise causal conv, SiLU, split into q/k/v,
-// q/k L2 normalisation (Dk**-0.5 folded into q), fused gating and the recurrence step; with
-// GDN_NORM also the layer's output norm (RMS norm over Dv times silu(z)), so the next launch is
-// out_proj.
+// One decode step (T = 1) of a gated delta rule layer with one depthwise conv over q | k | v
+// (Qwen3.5 / Qwen3-Next, Kimi K3; Kimi Linear and Bailing with their three convs side by side)
+// between its projections, in one launch: conv-state shift, depthwise causal conv, SiLU, split
+// into q/k/v, q/k L2 normalisation (Dk**-0.5 folded into q), fused gating and the recurrence
+// step; with GDN_NORM also the layer's output norm (RMS norm over Dv times silu(z), the Qwen
+// layers'; with GDN_NORM_SIGMOID times sigmoid(z), the Kimi and Bailing layers'), so the next
+// launch is out_proj.
 //
 // Inputs (InT is qkv's dtype; the others are read through static_cast<float>):
 //   qkv        [B, 1, C]      InT   projection output, C = 2 * Hk * Dk + Hv * Dv (q | k | v)
 //   conv_state [B, K - 1, C]  InT   the last K - 1 projection outputs
 //   w          [C, K, 1]            depthwise conv weight (mlx Conv1d layout)
-//   a, b       [B, 1, Hv]           gate projections
-//   A_log, dt_bias [Hv]
+//   a          [B, 1, Hv], or [B, 1, Hv, Dk] with KEYGATE (one decay per key column)
+//   b          [B, 1, Hv]           gate projections
+//   A_log      [Hv]
+//   dt_bias    [Hv], or [Hv, Dk] with GDN_DT_KEY (KEYGATE only)
 //   state_in   [B, Hv, Dv, Dk] float32
 //   z          [B, 1, Hv, Dv]       output gate (only with GDN_NORM)
 //   norm_weight [Dv]                output norm weight (only with GDN_NORM)
 //   mask       [B, 1] bool          only with GDN_MASKED
-// Outputs: y [B, 1, Hv, Dv] InT (with GDN_NORM the normed, gated output); conv_out [B, K - 1, C]
-// InT; state_out [B, Hv, Dv, Dk] float32.
+// Outputs: y [B, 1, Hv, Dv] InT (with GDN_NORM the normed, gated output; OutT with
+// GDN_NORM_SIGMOID); conv_out [B, K - 1, C] InT; state_out [B, Hv, Dv, Dk] float32.
+// Gates: gates.h's, per head or (KEYGATE) per key column; LOWER: the lower_bound form with the
+// constant GDN_LOWER_BOUND (a model constant, so it is compiled in rather than passed per call);
+// NEG: allow_neg_eigval (beta doubled).
 // A masked row (mask false) shifts a zero input into its conv state, keeps its recurrent state
 // and writes y = 0, as the unfused layer does (the norm of a zero row is zero).
-// Template: InT, Dk, Dv, Hk, Hv, K, L, R, P (and NormT with GDN_NORM). A threadgroup has R * L
-// threads and walks P passes of R value rows; grid (R * L * ceil(Dv / (R * P)), 1, B * Hv).
+// Template: InT, Dk, Dv, Hk, Hv, K, L, R, P, KEYGATE, LOWER, NEG (and NormT with GDN_NORM, GateT
+// and OutT with GDN_NORM_SIGMOID). A
+// threadgroup has R * L threads and walks P passes of R value rows; grid (R * L * ceil(Dv / (R * P)), 1, B * Hv).
 // Rows, lanes and state columns are as in recurrent_decode.metal. Without GDN_NORM, P = 1 and R
 // is recurrent_decode's (several threadgroups per head); with it, one threadgroup holds a whole
 // head (R * P >= Dv), since the norm reduces over all Dv outputs of the head.
@@ -27,7 +35,9 @@
 // Rounding follows the unfused layer: the conv output, SiLU output, normalised q and k and y are
 // rounded to InT (no-ops for float); everything else, and the state, stays float32. The norm
 // rounds as mx.fast.rms_norm then the float32 silu gate do: x * rsqrt(mean(x^2) + eps) to NormT
-// (the result type of y and the weight), times the weight to NormT, times silu(z) to InT.
+// (the result type of y and the weight), times the weight to NormT, times silu(z) to InT; with
+// GDN_NORM_SIGMOID times sigmoid(z) rounded to GateT, the product to OutT (the Kimi layers round
+// the sigmoid to z's dtype, Bailing's to NormT; OutT is the product's result type).
 //
 // Each threadgroup needs its key head's whole normalised q and k, but owns only some value rows,
 // so every threadgroup recomputes the conv of those 2 * Dk channels (K multiply-adds each) into
@@ -40,6 +50,13 @@
 // threadgroup_position_in_grid, simd_shuffle_xor, simd_sum, threadgroup arrays,
 // threadgroup_barrier, static_cast; metal::exp, metal::log, metal::fabs, metal::sqrt,
 // GDN_UNROLL and the gate helpers of gates.h.
+
+#ifndef GDN_DT_KEY
+#define GDN_DT_KEY 0
+#endif
+#ifndef GDN_LOWER_BOUND
+#define GDN_LOWER_BOUND 0.0f  // unused: LOWER is false
+#endif
 
 constexpr int PER = Dk / L;  // state columns per lane
 constexpr int NT = R * L;    // threads per threadgroup
@@ -94,14 +111,32 @@ for (int i = tid; i < 2 * Dk; i += NT) {
 threadgroup float y_tg[R * P];  // the head's y, rounded to InT, for the norm
 #endif
 
+// Gates of an active row: one decay per head, or (KEYGATE) one per key column, of which lane j
+// keeps its columns' in registers for every pass (a column's decay is the same for all rows).
+// A masked row's stay 1 and 0; its state is not touched anyway.
+const int gi = bi * Hv + hv;
+const float log_rate = static_cast<float>(A_log[hv]);
+const float rate = metal::exp(log_rate);
 float gt = 1.0f;
 float bt = 0.0f;
+float gk[PER];
+GDN_UNROLL
+for (int i = 0; i < PER; ++i) {
+  gk[i] = 1.0f;
+}
 if (on) {
-  const int gi = bi * Hv + hv;
-  const float log_rate = static_cast<float>(A_log[hv]);
-  gt = gdn_decay(static_cast<float>(a[gi]), metal::exp(log_rate), log_rate,
-                 static_cast<float>(dt_bias[hv]), 0.0f, false);
-  bt = gdn_beta(static_cast<float>(b[gi]), false);
+  bt = gdn_beta(static_cast<float>(b[gi]), NEG);
+  if (KEYGATE) {
+    GDN_UNROLL
+    for (int i = 0; i < PER; ++i) {
+      const int d = j + i * L;
+      gk[i] = gdn_decay(static_cast<float>(a[gi * Dk + d]), rate, log_rate,
+                        static_cast<float>(dt_bias[gdn_dt_bias_index(hv, d, Dk, GDN_DT_KEY)]), GDN_LOWER_BOUND, LOWER);
+    }
+  } else {
+    gt = gdn_decay(static_cast<float>(a[gi]), rate, log_rate, static_cast<float>(dt_bias[hv]), GDN_LOWER_BOUND,
+                   LOWER);
+  }
 }
 
 float kr[PER];
@@ -168,7 +203,7 @@ for (int pass = 0; pass < P; ++pass) {
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     GDN_UNROLL
     for (int i = 0; i < PER; ++i) {
-      s[i] *= gt;
+      s[i] *= KEYGATE ? gk[i] : gt;
       acc[i & 3] += s[i] * kr[i];
     }
     float kv = (acc[0] + acc[1]) + (acc[2] + acc[3]);
@@ -225,6 +260,10 @@ for (int i = tid; i < Dv; i += NT) {
   const float nrm = static_cast<float>(static_cast<NormT>(y_tg[i] * inv_rms));
   const float nw = static_cast<float>(static_cast<NormT>(nrm * static_cast<float>(norm_weight[i])));
   const float zg = static_cast<float>(z[n * Dv + i]);
+#if GDN_NORM_SIGMOID
+  y[n * Dv + i] = static_cast<OutT>(nw * static_cast<float>(static_cast<GateT>(gdn_sigmoid(zg))));
+#else
   y[n * Dv + i] = static_cast<InT>(zg * gdn_sigmoid(zg) * nw);
+#endif
 }
 #endif

@@ -94,11 +94,13 @@ def rel_error(out, ref) -> float:
     return float(num / den) if den > 0 else float(num)
 
 
-def gated_rms_norm(x, z, weight, eps: float):
+def gated_rms_norm(x, z, weight, eps: float, sigmoid: bool = False):
     """float64 gated RMS norm over the last axis: x / sqrt(mean(x^2) + eps) * weight * silu(z)
-    (the Qwen layers' output norm). x, z [..., D]; weight [D]."""
+    (the Qwen layers' output norm), or with `sigmoid` times sigmoid(z) (the Kimi and Bailing
+    layers'). x, z [..., D]; weight [D]."""
     x, z, weight = to_numpy(x), to_numpy(z), to_numpy(weight)
-    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight * (z * _sigmoid(z))
+    gate = _sigmoid(z) if sigmoid else z * _sigmoid(z)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight * gate
 
 
 def layer_prep(qkv, conv_state, w, mask, Hk: int, Dk: int, Dv: int, eps: float = 1e-6):
@@ -125,19 +127,17 @@ def layer_prep(qkv, conv_state, w, mask, Hk: int, Dk: int, Dv: int, eps: float =
 
 
 def layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk: int, Dk: int, Dv: int, eps: float = 1e-6,
-               norm=None):
+               norm=None, lower_bound=None, allow_neg_eigval=False):
     """float64 T=1 step of the drop-in layer from its projections' outputs: conv-state shift,
     depthwise conv, SiLU, split into q, k, v, q/k normalisation (q scaled by Dk**-0.5), gating and
-    one recurrence step. qkv [B,1,C]; conv_state [B,K-1,C]; w [C,K,1]; a, b [B,1,Hv];
+    one recurrence step. qkv [B,1,C]; conv_state [B,K-1,C]; w [C,K,1]; a [B,1,Hv] or [B,1,Hv,Dk],
+    b [B,1,Hv]; A_log, dt_bias, lower_bound, allow_neg_eigval as `gates`;
     state [B,Hv,Dv,Dk] or None; mask [B,1] or None (a masked row shifts a zero input in);
-    norm: (z [B,1,Hv,Dv], weight [Dv], norm eps) or None: y then goes through `gated_rms_norm`.
+    norm: (z [B,1,Hv,Dv], weight [Dv], norm eps[, sigmoid dtype]) or None: y then goes through
+    `gated_rms_norm`, with the sigmoid gate where a sigmoid dtype is given (not None).
     Returns (y [B,1,Hv,Dv], new conv state [B,K-1,C], new state [B,Hv,Dv,Dk])."""
     if norm is not None:
-        y, conv, S = layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk, Dk, Dv, eps)
-        return gated_rms_norm(y, *norm), conv, S
-    q, k, v, conv = layer_prep(qkv, conv_state, w, mask, Hk, Dk, Dv, eps)
-    m = None if mask is None else np.asarray(to_numpy(mask) != 0)
-    g, beta = gates(a, b, A_log, dt_bias)
+    g, beta = gates(a, b, A_log, dt_bias, lower_bound, allow_neg_eigval)
     y, S = delta_rule(q, k, v, g, beta, state, m)
     return y, conv, S
 

@@ -210,14 +210,24 @@ def _decode_layer_tu() -> str:
     from mlx_gdn.models import decode_step as decode_layer
 
     parts = [MLX_HEADER, cuda.source_text(cuda.PRELUDE)]
-    ndim = dict(qkv=3, conv_state=3, w=3, a=3, b=3, A_log=1, dt_bias=1, state_in=4, z=4, norm_weight=1, mask=2)
-    # (dtype, Dk, Dv, masked, norm dtype or None for the plain variant)
-    for i, (dt, Dk, Dv, masked, nd) in enumerate([
-            (mx.bfloat16, 128, 128, False, None), (mx.float32, 64, 64, True, None), (mx.float16, 256, 192, True, None),
-            (mx.bfloat16, 128, 128, False, mx.bfloat16), (mx.float32, 64, 64, True, mx.float32),
-            (mx.float16, 256, 192, True, mx.float32), (mx.bfloat16, 32, 24, True, mx.float32)]):
-        spec = decode_layer.decode_spec(2, 4, 2, 4, Dk, Dv, dt, masked, nd, 1e-6)
-        kinds = {"state_in": mx.float32, "mask": mx.bool_, "norm_weight": nd}
+    G = decode_layer.Gating
+    # (dtype, Dk, Dv, masked, norm dtype or None for the plain variant, gate variant[, sigmoid dtype])
+    for i, (dt, Dk, Dv, masked, nd, gating, *sd) in enumerate([
+            (mx.bfloat16, 128, 128, False, None, G()), (mx.float32, 64, 64, True, None, G()),
+            (mx.float16, 256, 192, True, None, G()),
+            (mx.bfloat16, 128, 128, False, mx.bfloat16, G()), (mx.float32, 64, 64, True, mx.float32, G()),
+            (mx.float16, 256, 192, True, mx.float32, G()), (mx.bfloat16, 32, 24, True, mx.float32, G()),
+            (mx.bfloat16, 128, 128, False, None, G(True, True, -5.0, False)),  # Kimi K3 / Bailing gates
+            (mx.float32, 64, 64, True, None, G(True, False, None, True)),
+            (mx.bfloat16, 128, 128, True, mx.bfloat16, G(False, False, -2.0, True)),
+            # the Kimi / Bailing sigmoid-gated output norm
+            (mx.bfloat16, 128, 128, True, mx.bfloat16, G(True, True, -5.0, False), mx.bfloat16),
+            (mx.bfloat16, 64, 64, False, mx.float32, G(True, True, None, False), mx.bfloat16),
+            (mx.float16, 128, 128, True, mx.float16, G(True, False, None, True), mx.float32)]):
+        spec = decode_layer.decode_spec(2, 4, 2, 4, Dk, Dv, dt, masked, nd, 1e-6, gating, *sd)
+        ndim = dict(qkv=3, conv_state=3, w=3, a=4 if gating.key else 3, b=3, A_log=1, dt_bias=2 if gating.dt_key else 1,
+                    state_in=4, z=4, norm_weight=1, mask=2)
+        kinds = {"state_in": mx.float32, "mask": mx.bool_, "norm_weight": nd, "A_log": mx.float32}
         inputs = [(n, kinds.get(n) or dt, ndim[n]) for n in spec.input_names]
         header = _undefine(spec) + compact(spec.header())
         parts.append(cuda.kernel_text(f"custom_kernel_{spec.name}_{i}", header, compact(spec.source()), inputs,

@@ -5,7 +5,10 @@ fused path must equal, in y, the conv state and the recurrent state: the unfused
 ops path), mlx-lm's own layer and a float64 NumPy reference of the step. In the first group the
 output norm and out_proj are identities, so the layer returns y itself and runs the plain fused
 step; in the second the norm is the layer's gated RMS norm, which the fused step's norm variant
-applies in the same launch. Each case draws a fresh seed, reported in the messages.
+applies in the same launch. The per-key gate variants (Kimi Linear, Kimi K3, Bailing; also
+lower_bound and allow_neg_eigval) are checked one launch against the reference, then as those
+families' layers and tiny models decoding on the fused step. Each case draws a fresh seed,
+reported in the messages.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from mlx_gdn.metal import backend as metal  # noqa: E402
 from mlx_gdn.models import decode_step as decode_layer  # noqa: E402
 from mlx_gdn.models import layers as layers_mod  # noqa: E402
 from mlx_gdn.models.layers import Qwen3NextGatedDeltaNet  # noqa: E402
+from mlx_gdn.models.patch import DROP_INS  # noqa: E402
 from mlx_gdn.reference import delta_rule, gated_rms_norm, gates, rel_error, to_numpy  # noqa: E402
 from mlx_gdn.sim import STATS, simulated_metal  # noqa: E402
-from mlx_gdn.testing import TOLERANCE, fresh_seed  # noqa: E402
+from mlx_gdn.testing import TOLERANCE, fresh_seed, tolerance  # noqa: E402
 
 TOL = TOLERANCE
 HIDDEN = 48
@@ -420,3 +424,443 @@ def test_fused_step_takes_strided_views():
         mx.eval(views, copies)
     for name, v, c in zip(("y", "conv state", "state"), views, copies):
         assert np.array_equal(np.asarray(v), np.asarray(c)), f"{name} (seed={seed})"
+
+
+# --------------------------------------------------------------------------------------------
+# Per-key gates (Kimi Linear, Kimi K3, Bailing) and the fused options lower_bound, allow_neg_eigval
+
+G = decode_layer.Gating
+
+KEY_CASES = [  # dtype, B, Hk, Hv, Dk, Dv, masked, gating, norm: None (plain variant), the silu-gated norm's
+    # dtype, or (norm dtype, sigmoid dtype) for the sigmoid-gated norm (Kimi: z's dtype; Bailing: the norm's)
+    (mx.float32, 3, 2, 4, 64, 64, True, G(True, True, -5.0, False), None),  # GQA, dt_bias [Hv, Dk], lower_bound
+    (mx.bfloat16, 2, 1, 3, 128, 128, False, G(True, True, None, False), None),
+    (mx.float32, 2, 2, 2, 32, 24, False, G(True, False, None, True), None),  # dt_bias [Hv], rows past Dv
+    (mx.bfloat16, 3, 1, 2, 64, 64, True, G(True, False, -2.0, True), None),
+    (mx.float32, 2, 1, 2, 64, 64, True, G(False, False, -3.0, True), None),  # per-head gates with both options
+    (mx.bfloat16, 2, 2, 4, 64, 64, True, G(True, True, -5.0, False), mx.bfloat16),  # with the norm variant
+    (mx.float16, 2, 1, 2, 256, 32, False, G(True, True, -1.0, True), None),
+    (mx.bfloat16, 2, 2, 4, 64, 64, True, G(True, True, -5.0, False), (mx.bfloat16, mx.bfloat16)),  # Kimi K3, bf16
+    (mx.bfloat16, 3, 1, 2, 128, 128, False, G(True, True, None, False), (mx.float32, mx.bfloat16)),  # y in float32
+    (mx.float32, 2, 1, 1, 32, 24, True, G(True, False, -5.0, False), (mx.float32, mx.float32)),
+    (mx.float16, 2, 1, 2, 64, 64, False, G(True, True, None, True), (mx.float16, mx.float32)),
+]
+
+
+def _key_step_errors(backend, dtype, B, Hk, Hv, Dk, Dv, masked, gating, norm_dtype, seed, mild):
+    """(y, conv state, state) relative errors of one fused step against `reference.layer_step`.
+    Gates like a trained layer's (`random_step_inputs`: rates up to 16, a and dt_bias of unit
+    scale, so many key columns forget nearly everything) or, with `mild`, slow decays near 1."""
+    from mlx_gdn.reference import layer_step
+
+    ins = list(decode_layer.random_step_inputs(B, 4, Hk, Hv, Dk, Dv, dtype, masked, seed, gating))
+    if mild:
+        rng = np.random.default_rng(seed + 7)
+        ins[5] = mx.array(np.log(rng.uniform(0.01, 0.1, Hv)).astype(np.float32))
+    nd, sd = norm_dtype if isinstance(norm_dtype, tuple) else (norm_dtype, None)
+    norm = None if nd is None else decode_layer.random_norm(B, Hv, Dv, dtype, nd, 1e-6, seed, sd)
+    opts = dict(lower_bound=gating.lower_bound, allow_neg_eigval=gating.neg)
+    assert decode_layer.fused_backend(backend, *ins[:5], ins[7], ins[8], Hk, Hv, Dk, Dv, norm=norm, A_log=ins[5],
+                                      dt_bias=ins[6], **opts) == backend
+    outs = decode_layer.decode_step(backend, *ins, Hk, Hv, Dk, Dv, norm=norm, **opts)
+    mx.eval(*outs)
+    y_dtype = dtype if sd is None else mx.result_type(nd, sd)
+    assert outs[0].dtype == y_dtype and outs[1].dtype == dtype and outs[2].dtype == mx.float32
+    if masked:  # the masked row: y = 0 and the state untouched
+        off = ~np.asarray(ins[8])[:, 0]
+        assert np.all(np.asarray(outs[0].astype(mx.float32))[off] == 0)
+        assert np.array_equal(np.asarray(outs[2])[off], np.asarray(ins[7])[off])
+    refs = layer_step(*ins, Hk, Dk, Dv, norm=norm, **opts)
+    return [rel_error(o, r) for o, r in zip(outs, refs)]
+
+
+@pytest.mark.parametrize("mild", [False, True])
+@pytest.mark.parametrize("dtype,B,Hk,Hv,Dk,Dv,masked,gating,norm_dtype", KEY_CASES)
+def test_key_gated_step_matches_reference(dtype, B, Hk, Hv, Dk, Dv, masked, gating, norm_dtype, mild):
+    """One launch of the per-key (and lower_bound / allow_neg_eigval) variants on the Metal
+    simulator against the float64 reference. The CUDA launcher compiles the same body behind the
+    prelude (tests/test_cuda_compile.py builds these variants with nvcc; the GPU test is below)."""
+    seed = fresh_seed()
+    with simulated_metal():
+        errs = _key_step_errors("metal", dtype, B, Hk, Hv, Dk, Dv, masked, gating, norm_dtype, seed, mild)
+    tol = TOL[dtype]
+    assert all(e < tol for e in errs), f"relative errors y, conv state, state {errs} >= {tol} (seed={seed} {gating})"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")
+@pytest.mark.parametrize("mild", [False, True])
+@pytest.mark.parametrize("dtype,B,Hk,Hv,Dk,Dv,masked,gating,norm_dtype", KEY_CASES + [
+    (mx.bfloat16, 4, 32, 32, 128, 128, False, G(True, True, None, False), None),  # Kimi Linear's layer sizes
+    (mx.bfloat16, 3, 32, 32, 128, 128, True, G(True, True, -5.0, False), None),  # Kimi K3 / Bailing style
+    (mx.float32, 2, 16, 32, 128, 128, True, G(True, True, -5.0, True), mx.float32),
+])
+def test_key_gated_step_on_cuda(dtype, B, Hk, Hv, Dk, Dv, masked, gating, norm_dtype, mild):
+    seed = fresh_seed()
+    errs = _key_step_errors("cuda", dtype, B, Hk, Hv, Dk, Dv, masked, gating, norm_dtype, seed, mild)
+    tol = TOL[dtype]
+    assert all(e < tol for e in errs), f"relative errors y, conv state, state {errs} >= {tol} (seed={seed} {gating})"
+
+
+def test_fused_step_refuses_gates_it_does_not_take():
+    """Gate inputs the fused step does not take leave the call to the unfused path (None)."""
+    B, Hk, Hv, Dk, Dv, K = 2, 1, 2, 64, 64, 4
+    C = 2 * Hk * Dk + Hv * Dv
+    qkv, conv, w, b = mx.zeros((B, 1, C)), mx.zeros((B, K - 1, C)), mx.zeros((C, K, 1)), mx.zeros((B, 1, Hv))
+    a_key, A_log = mx.zeros((B, 1, Hv, Dk)), mx.zeros((Hv,))
+
+    def pick(a=a_key, dt_bias=mx.zeros((Hv, Dk)), backend="metal", **kw):
+        return decode_layer.fused_backend(backend, qkv, conv, w, a, b, None, None, Hk, Hv, Dk, Dv,
+                                          A_log=kw.pop("A_log", A_log), dt_bias=dt_bias, **kw)
+
+    with simulated_metal():
+        # "auto" first proves the variant on a small step against the reference (fallback.tried)
+        assert pick(backend="auto", lower_bound=-5.0, allow_neg_eigval=True) == "metal"
+        assert pick() == "metal" and pick(dt_bias=mx.zeros((Hv,))) == "metal"
+        assert pick(dt_bias=mx.zeros((Hv, 1))) == "metal"
+        assert pick(A_log=mx.zeros((Hv, 1))) == "metal" and pick(lower_bound=-5.0, allow_neg_eigval=True) == "metal"
+        assert pick(lower_bound=0) == "metal"
+        assert pick(a=mx.zeros((B, 1, Hv)), dt_bias=mx.zeros((Hv, Dk))) is None  # per-key bias, per-head a
+        assert pick(dt_bias=mx.zeros((Hv, Dk + 1))) is None
+        assert pick(a=mx.zeros((B, 1, Hv, Dk + 32))) is None
+        assert pick(A_log=mx.zeros((Hv + 1,))) is None
+        assert pick(lower_bound=1.0) is None and pick(lower_bound=float("nan")) is None
+        assert pick(lower_bound=-float("inf")) is None and pick(lower_bound=True) is None
+        assert pick(lower_bound="-5") is None and pick(allow_neg_eigval=1) is None
+    with pytest.raises(ValueError, match="dt_bias"):
+        decode_layer.decode_step("metal", qkv, conv, w, a_key, b, A_log, mx.zeros((Hv, 3)), None, None, Hk, Hv, Dk, Dv)
+
+
+def test_gate_variant_specs():
+    """Names, template flags and defines of the gate variants; lower_bound is compiled in."""
+    spec = decode_layer.decode_spec(2, 4, 1, 2, 64, 64, mx.bfloat16, True, None, 0.0, G(True, True, -5.0, True))
+    t = dict(spec.template)
+    assert spec.name == "gdn_decode_layer_key_dtkey_lower_neg_masked", spec.name
+    assert t["KEYGATE"] is True and t["LOWER"] is True and t["NEG"] is True
+    assert "GDN_DT_KEY 1" in spec.header() and "GDN_LOWER_BOUND -5.0f" in spec.header()
+    plain = decode_layer.decode_spec(2, 4, 1, 2, 64, 64, mx.bfloat16, True)
+    t = dict(plain.template)
+    assert plain.name == "gdn_decode_layer_masked" and not (t["KEYGATE"] or t["LOWER"] or t["NEG"])
+    assert "GDN_LOWER_BOUND" not in plain.header() and "GDN_DT_KEY 0" in plain.header()
+    # the sigmoid-gated output norm: y in result_type(norm dtype, sigmoid dtype)
+    sig = decode_layer.decode_spec(2, 4, 1, 2, 64, 64, mx.bfloat16, False, mx.float32, 1e-5, G(True, True, None, False),
+                                   mx.bfloat16)
+    t = dict(sig.template)
+    assert sig.name == "gdn_decode_layer_key_dtkey_norm_sigmoid" and "GDN_NORM_SIGMOID 1" in sig.header()
+    assert t["GateT"] == mx.bfloat16 and t["OutT"] == mx.float32 and sig.output_dtypes[:2] == (mx.float32, mx.bfloat16)
+    silu = decode_layer.decode_spec(2, 4, 1, 2, 64, 64, mx.bfloat16, False, mx.float32, 1e-5)
+    assert "GDN_NORM_SIGMOID 0" in silu.header() and "GateT" not in dict(silu.template)
+    assert silu.output_dtypes[0] == mx.bfloat16
+
+
+# --------------------------------------------------------------------------------------------
+# The per-key families' layers and models on the fused step
+
+KEY_FAMILIES = ["kimi_linear", "kimi_k3", "bailing_moe_v3"]
+
+
+class _Record(nn.Module):
+    """Identity output norm that keeps its last input (the layer's recurrence output y)."""
+
+    def __init__(self):
+        super().__init__()
+        object.__setattr__(self, "seen", [])
+
+    def __call__(self, x):
+        self.seen.append(x)
+        return x
+
+
+def _key_layers(family, seed, dtype, backend="metal", norm=False):
+    """(mlx-lm layer, ops drop-in, `backend` drop-in) of a tiny model's first linear layer, sharing
+    its weights (model dtype `dtype`, A_log float32 as mlx-lm's loader keeps it) and a recording
+    identity output norm; with `norm`, the layer's own output norm (weight drawn away from 1) and
+    an identity o_proj, so the layer returns the gated norm's output."""
+    from family_models import gdn_layers, tiny_model
+
+    model = tiny_model(family, seed)
+    ref = gdn_layers(model)[0]
+    if dtype != mx.float32:
+        ref.update(tree_unflatten([(k, v if k.endswith("A_log") else v.astype(dtype))
+                                   for k, v in tree_flatten(ref.parameters())]))
+    if norm:
+        w = np.random.default_rng(seed + 3).uniform(0.5, 1.5, ref.o_norm.weight.shape).astype(np.float32)
+        ref.o_norm.weight = mx.array(w).astype(dtype)
+        ref.o_proj = _First()
+    else:
+        ref.o_norm = _Record()
+    mx.eval(ref.parameters())
+    cls = next(c for c in DROP_INS if c.mlx_lm_class() is type(ref))
+    return ref, cls.from_layer(ref, backend="ops"), cls.from_layer(ref, backend=backend)
+
+
+def _key_step_inputs(layer, family, x, cache):
+    """What the fused step gets from `layer` on x [B, 1, hidden] with `cache`: (qkv, w, a, b, conv state)."""
+    if family == "kimi_k3":
+        qkv, w, conv = layer.qkv_proj(x), layer.qkv_conv.conv.weight, cache[0]
+    else:
+        convs = ([layer[f"{n}_conv"]["conv"] for n in "qkv"] if family == "kimi_linear"
+                 else [layer[f"{n}_conv1d"] for n in "qkv"])
+        qkv = mx.concatenate([layer[f"{n}_proj"](x) for n in "qkv"], axis=-1)
+        w = mx.concatenate([c.weight for c in convs], axis=0)
+        conv = mx.concatenate([cache[i] for i in range(3)], axis=-1)
+    a = layer.f_proj(x) if family == "bailing_moe_v3" else layer.f_b_proj(layer.f_a_proj(x))
+    return qkv, w, a, layer.b_proj(x), conv
+
+
+def _output_gate(layer, family, x):
+    """The output gate's logits [B, 1, H*D] of `layer` on x."""
+    if family == "bailing_moe_v3" or (family == "kimi_k3" and layer.use_full_rank_gate):
+        return layer.g_proj(x)
+    return layer.g_b_proj(layer.g_a_proj(x))
+
+
+def _conv_states(family, cache):
+    return cache[0] if family == "kimi_k3" else mx.concatenate([cache[i] for i in range(3)], axis=-1)
+
+
+def _copy_n(cache):
+    c = ArraysCache(len(cache.cache))
+    for i in range(len(cache.cache)):
+        c[i] = cache[i]
+    return c
+
+
+KEY_LAYER_CASES = [(mx.float32, 2, False), (mx.bfloat16, 2, False), (mx.float32, 3, True), (mx.bfloat16, 3, True)]
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("family", KEY_FAMILIES)
+@pytest.mark.parametrize("dtype,B,masked", KEY_LAYER_CASES)
+def test_key_gated_layer_decode_on_fused_step(family, dtype, B, masked, norm, monkeypatch):
+    _check_key_layer("metal", family, dtype, B, masked, monkeypatch, norm)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_kimi_k3_full_rank_gate_decode_on_fused_step(dtype, monkeypatch):
+    """Kimi K3 with its full-rank output gate (g_proj): the fused step with the output norm."""
+    import copy
+
+    import family_models
+
+    cfg = copy.deepcopy(family_models.CONFIGS["kimi_k3"])
+    cfg["text_config"]["linear_attn_config"]["use_full_rank_gate"] = True
+    monkeypatch.setitem(family_models.CONFIGS, "kimi_k3", cfg)
+    _check_key_layer("metal", "kimi_k3", dtype, 3, True, monkeypatch, norm=True, full_rank=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("family", KEY_FAMILIES)
+@pytest.mark.parametrize("dtype,B,masked", KEY_LAYER_CASES)
+def test_key_gated_layer_decode_on_cuda(family, dtype, B, masked, norm, monkeypatch):
+    _check_key_layer("cuda", family, dtype, B, masked, monkeypatch, norm)
+
+
+def _check_key_layer(backend, family, dtype, B, masked, monkeypatch, norm=False, full_rank=False):
+    """STEPS decode steps of a Kimi Linear / Kimi K3 / Bailing layer after a prefill, each one
+    fused launch on `backend` ("metal" under the simulator, or "cuda"): y, conv states and state
+    against the float64 reference of the step, the same layer with the fused step off, the ops
+    layer and mlx-lm's layer. With `norm` the layer keeps its output norm, which the fused step
+    then applies (its sigmoid-gated norm variant): the compared output is the norm's."""
+    from mlx_gdn.reference import gated_rms_norm, layer_step
+
+    seed = fresh_seed()
+    tol = TOL[dtype]
+    context = simulated_metal if backend == "metal" else contextlib.nullcontext
+    ref, ops, fused = _key_layers(family, seed, dtype, backend, norm)
+    assert getattr(fused, "use_full_rank_gate", False) == full_rank
+    H, D = fused.num_heads, fused.head_dim
+    x = mx.random.normal((B, PREFILL + STEPS, ref.q_proj.weight.shape[1] if family != "kimi_k3"
+                          else ref.qkv_proj.weight.shape[1])).astype(dtype)
+    n = 2 if family == "kimi_k3" else 4
+    c_ref, c_ops = ArraysCache(n), ArraysCache(n)
+    ref(x[:, :PREFILL], None, c_ref)
+    ops(x[:, :PREFILL], None, c_ops)
+    mx.eval(c_ref.state, c_ops.state)
+    c_fused, c_unfused = _copy_n(c_ops), _copy_n(c_ops)
+    conv64, state64 = to_numpy(_conv_states(family, c_ops)), to_numpy(c_ops[n - 1])
+    rng = np.random.default_rng(seed)
+    calls = []
+    real = decode_layer.decode_step
+    monkeypatch.setattr(decode_layer, "decode_step",
+                        lambda *a, **k: calls.append((a[0], k.get("norm") is not None)) or real(*a, **k))
+    seen = [] if norm else ref.o_norm.seen
+
+    def call(layer, *args):  # the layer's y (the recorder's input), or with `norm` its output
+        out = layer(*args)
+        return out if norm else seen[-1]
+
+    for step in range(STEPS):
+        xt = x[:, PREFILL + step : PREFILL + step + 1]
+        mask = None
+        if masked:
+            m = rng.random(B) < 0.5
+            idx = rng.permutation(B)
+            m[idx[0]], m[idx[1]] = False, True
+            mask = mx.array(m[:, None])
+        y_ref = call(ref, xt, mask, c_ref)
+        y_ops = call(ops, xt, mask, c_ops)
+        qkv, w, a, b, _ = _key_step_inputs(ops, family, xt, c_ops)
+        with context():
+            y = call(fused, xt, mask, c_fused)
+            mx.eval(y, c_fused.state)
+            with monkeypatch.context() as mp:
+                mp.setattr(decode_layer, "fused_backend", lambda *a, **k: None)
+                y_unf = call(fused, xt, mask, c_unfused)
+                mx.eval(y_unf, c_unfused.state)
+        y64, conv64, state64 = layer_step(qkv, conv64, w, a.reshape(B, 1, H, D), b, fused.A_log.reshape(H),
+                                          fused.dt_bias.reshape(H, D), state64, mask, H, D, D,
+                                          lower_bound=fused.lower_bound)
+        if norm:
+            gate = _output_gate(ops, family, xt).reshape(B, 1, H, D)
+            y64 = gated_rms_norm(y64, gate, fused.o_norm.weight, fused.o_norm.eps, sigmoid=True).reshape(B, 1, H * D)
+        where = f"seed={seed} step={step} {backend} {family} {dtype} B={B} masked={masked} norm={norm}"
+        on = mx.array(np.arange(B)) if mask is None else mx.array(np.flatnonzero(np.asarray(mask)[:, 0]))
+        conv = _conv_states(family, c_fused)
+        assert y.dtype == dtype and conv.dtype == dtype and c_fused[n - 1].dtype == mx.float32, where
+        for name, out, want, same in [
+            ("y vs reference", y, y64, True), ("conv state vs reference", conv, conv64, True),
+            ("state vs reference", c_fused[n - 1], state64, True),
+            ("y vs unfused layer", y, y_unf, True),
+            ("conv state vs unfused", conv, _conv_states(family, c_unfused), True),
+            ("state vs unfused", c_fused[n - 1], c_unfused[n - 1], True),
+            ("y vs ops layer", y, y_ops, False), ("state vs ops layer", c_fused[n - 1], c_ops[n - 1], False),
+            # mlx-lm does not zero y on masked rows (mlx-gdn does)
+            ("y vs mlx-lm on valid rows", y[on], y_ref[on], False),
+            ("conv state vs mlx-lm", conv, _conv_states(family, c_ref), False),
+            ("state vs mlx-lm", c_fused[n - 1], c_ref[n - 1], False),
+        ]:
+            err = rel_error(out, want)
+            # bf16: two other bf16 computations (ops layer, mlx-lm) may each sit 2e-2 from the exact answer
+            bound = tol if (dtype == mx.float32 or same) else 2 * tol
+            assert err < bound, f"{name}: rel error {err:.3g} >= {bound} ({where})"
+        if masked:
+            off = ~np.asarray(mask)[:, 0]
+            assert np.all(np.asarray(y.astype(mx.float32))[off] == 0), where
+    assert calls == [(backend, norm)] * STEPS, (calls, seed)
+
+
+@pytest.mark.parametrize("family", KEY_FAMILIES)
+def test_patched_key_gated_model_decode_is_one_launch_per_layer(family, monkeypatch):
+    """A patched tiny Kimi Linear / Kimi K3 / Bailing model under the simulator: each decode step
+    runs one kernel per linear layer, the fused step's with the output norm inside; logits and
+    greedy tokens equal the unpatched model's."""
+    _check_key_model("metal", family, monkeypatch)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _has_cuda(), reason="needs MLX with a CUDA device")
+@pytest.mark.parametrize("family", KEY_FAMILIES)
+def test_patched_key_gated_model_decode_on_cuda(family, monkeypatch):
+    _check_key_model("cuda", family, monkeypatch)
+
+
+def _check_key_model(backend, family, monkeypatch):
+    from family_models import F32_TOL, n_linear, rel, tiny_model, tokens
+
+    seed = fresh_seed()
+    model = tiny_model(family, seed)
+    toks = tokens(seed, (2, 8))
+
+    def run(m, steps):
+        cache = make_prompt_cache(m)
+        logits = [m(toks[:, :5], cache=cache)[:, -1:]]
+        launches = []
+        for _ in range(steps):
+            before = STATS["launches"]
+            logits.append(m(mx.argmax(logits[-1], axis=-1), cache=cache))
+            mx.eval(logits[-1])
+            launches.append(STATS["launches"] - before)
+        return mx.concatenate(logits, axis=1), launches
+
+    ref, _ = run(model, 4)
+    mx.eval(ref)
+    calls = []
+    real = decode_layer.decode_step
+    monkeypatch.setattr(decode_layer, "decode_step",
+                        lambda *a, **k: calls.append((a[0], k.get("norm") is not None)) or real(*a, **k))
+    with simulated_metal() if backend == "metal" else contextlib.nullcontext():
+        assert mlx_gdn.patch(model, backend=backend) == n_linear(family)
+        out, launches = run(model, 4)
+    L = n_linear(family)
+    assert calls == [(backend, True)] * (4 * L), (calls, seed)
+    if backend == "metal":  # the simulator counts kernel launches
+        assert launches == [L] * 4, (launches, seed)
+    err = rel(out, ref)
+    # On CUDA both models' float32 projections run MLX's TF32 matmuls (its default): the package's
+    # bound for paths with float32 matrix products there.
+    tol = F32_TOL if backend == "metal" else tolerance(mx.float32, matmul=True)
+    assert err < tol, f"logits rel error {err:.3g} (seed={seed} {backend} {family})"
+    assert np.array_equal(np.asarray(mx.argmax(out, -1)), np.asarray(mx.argmax(ref, -1))), f"tokens (seed={seed})"
+
+
+def _one_node(*arrays_and_shapes):
+    """One graph node (a Concatenate) over `arrays` (None skipped), returned as views in `shapes`:
+    stands for one kernel launch in a graph count (a simulated kernel evaluates its inputs, which
+    would hide the graph behind it)."""
+    arrays, shapes = arrays_and_shapes[:-1], arrays_and_shapes[-1]
+    flat = mx.concatenate([x.astype(mx.float32).reshape(-1) for x in arrays if isinstance(x, mx.array)])
+    flat = mx.concatenate([flat] * (1 + sum(int(np.prod(s)) for s in shapes) // flat.size))
+    outs, at = [], 0
+    for s in shapes:
+        n = int(np.prod(s))
+        outs.append(flat[at : at + n].reshape(s))
+        at += n
+    return tuple(outs)
+
+
+@pytest.mark.parametrize("family", KEY_FAMILIES)
+def test_key_gated_decode_step_launches(family, monkeypatch, capsys):
+    """Launches of one T=1 step of a Kimi Linear / Kimi K3 / Bailing layer (whole layer call, cache
+    evaluated first), counted on the graph of its output and cache (method of bench/NOTES.md,
+    "Layer launches at T=1"), with each kernel (fused step, recurrent kernel) and
+    mx.fast.rms_norm standing as the one node each is on a GPU. The fused step replaces the
+    conv part (concatenate, conv, SiLU, state copy, per conv), the q/k normalisation (two RMS
+    norms, two scalings), the recurrent kernel and the output norm (RMS norm, sigmoid, product;
+    Bailing's float32 casts are no-ops in this float32 model): 12 launches for Kimi K3's one
+    conv, 20 with three convs, where the fused step adds the two concatenations that join them
+    (the joined conv weight is made at the first step only)."""
+    from test_module import graph_primitives, launches
+
+    from mlx_gdn.models import layers as layers_mod
+
+    seed = fresh_seed()
+    _, _, layer = _key_layers(family, seed, mx.float32)
+    layer.o_norm = nn.RMSNorm(layer.head_dim)
+    n = 2 if family == "kimi_k3" else 4
+    x = mx.random.normal((1, 7, layer.o_proj.weight.shape[0]))
+    mx.eval(x, layer.parameters())
+
+    def fused_node(backend, qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk, Hv, Dk, Dv, norm=None, **kw):
+        B, _, C = qkv.shape
+        normed = () if norm is None else (norm.z, norm.weight)
+        return _one_node(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, *normed,
+                         [(B, 1, Hv, Dv), (B, w.shape[1] - 1, C), (B, Hv, Dv, Dk)])
+
+    def recurrent_node(q, k, v, a, b, A_log, dt_bias, state, mask, **kw):
+        B, T, Hv, Dv = v.shape
+        return _one_node(q, k, v, a, b, A_log, dt_bias, state, mask, [(B, T, Hv, Dv), (B, Hv, Dv, q.shape[-1])])
+
+    counts = {}
+    with simulated_metal():
+        for case in ("unfused", "fused"):
+            cache = ArraysCache(n)
+            layer(x[:, :5], None, cache)
+            # one step before the counted one: the joined conv weight is made once, not per step
+            layer(x[:, 5:6], None, cache)
+            mx.eval([cache[i] for i in range(n)], layer.__dict__.get("_joined_conv"))
+            with monkeypatch.context() as m:
+                m.setattr(decode_layer, "decode_step", fused_node)
+                m.setattr(layers_mod, "gated_delta_update", recurrent_node)
+                m.setattr(mx.fast, "rms_norm", lambda x, w, eps: x * w if w is not None else x * 1.0)
+                if case == "unfused":
+                    m.setattr(decode_layer, "fused_backend", lambda *a, **k: None)
+                out = layer(x[:, 6:7], None, cache)
+                counts[case] = launches(graph_primitives(out, *[cache[i] for i in range(n)]))
+    with capsys.disabled():
+        print(f"\n{family} T=1 layer step, graph nodes (one per launch on a GPU): unfused {counts['unfused']}, "
+              f"fused {counts['fused']}")
+    saved = 4 + 4 + 1 + 3 - 1 if family == "kimi_k3" else 3 * 4 + 4 + 1 + 3 - 3
+    assert counts["unfused"] - counts["fused"] == saved, (counts, seed)

@@ -11,7 +11,8 @@ checkpoints load, and routes the recurrence through `mlx_gdn.gated_delta_update`
     OlmoHybridGatedDeltaNet       olmo_hybrid.GatedDeltaNet
 
 The two Qwen layouts share `_GatedDeltaBase` (one conv over q, k and v, scalar gates, a fused
-T=1 step); the Kimi and Bailing layers share `_KeyGatedBase` (per-key decay gates). All of them
+T=1 step); the Kimi and Bailing layers share `_KeyGatedBase` (per-key decay gates, the same
+fused T=1 step with their sigmoid-gated output norm inside). All of them
 are pad-proof: a masked position (left padding, or right padding beyond a cache's ``lengths``)
 reaches neither the recurrent state nor the convolution state (`causal_conv`). `patch` lives in
 `mlx_gdn.models.patch`.
@@ -160,7 +161,7 @@ class DropInLayer(nn.Module):
         old = cls.__new__(cls)
         nn.Module.__init__(old)
         for key, value in self.__dict__.items():
-            if key != "backend":
+            if key not in ("backend", "_joined_conv"):
                 object.__setattr__(old, key, value)
         old._no_grad = set(self._no_grad)
         for key, value in self.items():
@@ -525,10 +526,82 @@ class _KeyGatedBase(DropInLayer):
             state, mask, lower_bound=self.lower_bound, backend=self._backend(),
         )
 
-    def _gate_output(self, out, gate):
-        """o_norm(out) * sigmoid(gate) over [B, T, H, D]; returns [B, T, H*D]."""
+    def _fused_step(self, qkv, conv_state, w, a, b, state, mask, gate):
+        """The T=1 step from the projections to the output gate in one launch (`decode_step`,
+        per-key gates): qkv [B, 1, 3*H*D] (q | k | v), conv_state [B, K-1, 3*H*D] or None,
+        w [3*H*D, K, 1], a [B, 1, H*D], b [B, 1, H], gate [B, 1, H*D] (the output gate's logits).
+        Returns (out, new conv state, new state, normed): out is the gated output norm [B, 1, H, D]
+        where the kernel applied it (normed True: an nn.RMSNorm ``o_norm``), else y [B, 1, H, D]
+        for `_gate_output`; or None where the fused step does not take the call (the caller then
+        runs its unfused step)."""
+        backend = self._backend()
+        if backend == "ops":
+            return None
+        B = qkv.shape[0]
+        H, D = self.num_heads, self.head_dim
+        if conv_state is None:
+            conv_state = mx.zeros((B, w.shape[1] - 1, qkv.shape[-1]), dtype=qkv.dtype)
+        a = a.reshape(B, 1, H, D)
+        A_log, dt_bias = self["A_log"].reshape(H), self["dt_bias"].reshape(H, D)
+        args = (qkv, conv_state, w, a, b, state, mask, H, H, D, D)
+        opts = dict(A_log=A_log, dt_bias=dt_bias, lower_bound=self.lower_bound)
+        norm = self._output_norm(gate.reshape(B, 1, H, D), qkv.dtype)
+        for norm in (norm, None) if norm is not None else (None,):  # the norm inside where it can be
+            fused = decode_step.fused_backend(backend, *args, norm=norm, **opts)
+            if fused is not None:
+                out, conv, state = decode_step.decode_step(fused, qkv, conv_state, w, a, b, A_log, dt_bias, state, mask,
+                                                           H, H, D, D, norm=norm, lower_bound=self.lower_bound)
+                return out, conv, state, norm is not None
+        return None
+
+    def _output_norm(self, z, y_dtype) -> Optional["decode_step.Norm"]:
+        """The fused step's `decode_step.Norm` for this layer's output norm and gate z [B, 1, H, D]
+        (mx.fast.rms_norm of y in `y_dtype`, times the weight, times sigmoid(z)) where ``o_norm`` is
+        an nn.RMSNorm; else None (another norm runs as itself)."""
+        norm = self["o_norm"]
+        if type(norm) is not nn.RMSNorm:
+            return None
+        return decode_step.Norm(z, norm["weight"], norm.eps, self._sigmoid_dtype(z.dtype, y_dtype, norm["weight"].dtype))
+
+    def _sigmoid_dtype(self, z_dtype, y_dtype, weight_dtype):
+        # The Kimi layers take mx.sigmoid of the gate in its own dtype.
+        return z_dtype
+
+    def _fused_split_step(self, xs, states, ws, a, b, mask, gate):
+        """`_fused_step` for a layer with separate q, k and v convs (Kimi Linear, Bailing): the
+        three projections [B, 1, H*D] and conv states [B, K-1, H*D] (None: zeros) side by side,
+        the three conv weights joined once and kept while they are the same arrays; states[3] is
+        the recurrent state. Returns (out, [q, k, v conv states] (views of one array), state,
+        normed) or None."""
+        P = self.num_heads * self.head_dim
+        w = self._joined_conv_weight(ws)
+        conv_state = None if any(c is None for c in states[:3]) else mx.concatenate(states[:3], axis=-1)
+        step = self._fused_step(mx.concatenate(xs, axis=-1), conv_state, w, a, b, states[3], mask, gate)
+        if step is None:
+            return None
+        out, conv, state, normed = step
+        return out, [conv[..., :P], conv[..., P : 2 * P], conv[..., 2 * P :]], state, normed
+
+    def _joined_conv_weight(self, ws) -> mx.array:
+        # Not a Module attribute (it would become a parameter): the joined copy is derived data.
+        held = self.__dict__.get("_joined_conv")
+        if held is None or len(held[0]) != len(ws) or any(x is not y for x, y in zip(held[0], ws)):
+            held = (tuple(ws), mx.concatenate(ws, axis=0))
+            object.__setattr__(self, "_joined_conv", held)
+        return held[1]
+
+    def _gate_output(self, out, gate, normed=False):
+        """o_norm(out) * sigmoid(gate) over [B, T, H, D] (out as it is where the fused step
+        `normed` it); returns [B, T, H*D]."""
         B, T = out.shape[:2]
+        if normed:
+            return out.reshape(B, T, -1)
         return (self["o_norm"](out) * mx.sigmoid(gate.reshape(out.shape))).reshape(B, T, -1)
+
+
+def _decoding(layer: DropInLayer, T: int, cache) -> bool:
+    # Where a drop-in layer tries its fused T=1 step: one token, inference, no per-sequence lengths.
+    return T == 1 and not layer.training and _cache_lengths(cache) is None
 
 
 class KimiDeltaAttention(_KeyGatedBase):
@@ -545,19 +618,27 @@ class KimiDeltaAttention(_KeyGatedBase):
         H, D, n_keep = self.num_heads, self.head_dim, self.conv_kernel - 1
         lengths = _cache_lengths(cache)
         states = [cache[i] for i in range(4)] if cache is not None else [None] * 4
-        qkv = []
-        for i, name in enumerate("qkv"):
-            y, states[i] = causal_conv(self[f"{name}_proj"](x), self[f"{name}_conv"]["conv"], states[i], n_keep,
-                                       mask, lengths)
-            qkv.append(y.reshape(B, T, H, D))
+        xs = [self[f"{name}_proj"](x) for name in "qkv"]
         a = self["f_b_proj"](self["f_a_proj"](x))
-        out, states[3] = self._recur(*qkv, a, self["b_proj"](x), states[3], mask)
+        b = self["b_proj"](x)
+        gate = self["g_b_proj"](self["g_a_proj"](x))
+        step, normed = None, False
+        if _decoding(self, T, cache):
+            ws = [self[f"{name}_conv"]["conv"]["weight"] for name in "qkv"]
+            step = self._fused_split_step(xs, states, ws, a, b, mask, gate)
+        if step is not None:
+            out, states[:3], states[3], normed = step
+        else:
+            qkv = []
+            for i, name in enumerate("qkv"):
+                y, states[i] = causal_conv(xs[i], self[f"{name}_conv"]["conv"], states[i], n_keep, mask, lengths)
+                qkv.append(y.reshape(B, T, H, D))
+            out, states[3] = self._recur(*qkv, a, b, states[3], mask)
         if cache is not None:
             for i in range(4):
                 cache[i] = states[i]
             cache.advance(T)
-        gate = self["g_b_proj"](self["g_a_proj"](x))
-        return self["o_proj"](self._gate_output(out, gate))
+        return self["o_proj"](self._gate_output(out, gate, normed))
 
 
 class KimiK3DeltaAttention(_KeyGatedBase):
@@ -572,16 +653,24 @@ class KimiK3DeltaAttention(_KeyGatedBase):
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         conv_state, state = (cache[0], cache[1]) if cache is not None else (None, None)
-        qkv, conv_state = causal_conv(self["qkv_proj"](x), self["qkv_conv"]["conv"], conv_state,
-                                      self.conv_kernel - 1, mask, _cache_lengths(cache))
-        q, k, v = mx.split(qkv.reshape(B, T, 3, H, D), 3, axis=2)
+        qkv_x = self["qkv_proj"](x)
         a = self["f_b_proj"](self["f_a_proj"](x))
-        out, state = self._recur(q[:, :, 0], k[:, :, 0], v[:, :, 0], a, self["b_proj"](x), state, mask)
+        b = self["b_proj"](x)
+        gate = self["g_proj"](x) if self.use_full_rank_gate else self["g_b_proj"](self["g_a_proj"](x))
+        conv = self["qkv_conv"]["conv"]
+        step, normed = None, False
+        if _decoding(self, T, cache):
+            step = self._fused_step(qkv_x, conv_state, conv["weight"], a, b, state, mask, gate)
+        if step is not None:
+            out, conv_state, state, normed = step
+        else:
+            qkv, conv_state = causal_conv(qkv_x, conv, conv_state, self.conv_kernel - 1, mask, _cache_lengths(cache))
+            q, k, v = mx.split(qkv.reshape(B, T, 3, H, D), 3, axis=2)
+            out, state = self._recur(q[:, :, 0], k[:, :, 0], v[:, :, 0], a, b, state, mask)
         if cache is not None:
             cache[0], cache[1] = conv_state, state
             cache.advance(T)
-        gate = self["g_proj"](x) if self.use_full_rank_gate else self["g_b_proj"](self["g_a_proj"](x))
-        return self["o_proj"](self._gate_output(out, gate))
+        return self["o_proj"](self._gate_output(out, gate, normed))
 
 
 class BailingKDA(_KeyGatedBase):
@@ -597,21 +686,41 @@ class BailingKDA(_KeyGatedBase):
         H, D, n_keep = self.num_heads, self.head_dim, self.conv_kernel_size - 1
         lengths = _cache_lengths(cache)
         states = [cache[i] for i in range(4)] if cache is not None else [None] * 4
-        qkv = []
-        for i, name in enumerate("qkv"):
-            y, states[i] = causal_conv(self[f"{name}_proj"](x), self[f"{name}_conv1d"], states[i], n_keep,
-                                       mask, lengths)
-            qkv.append(y.reshape(B, T, H, D))
-        # b in float32, as the mlx-lm layer passes it
-        out, states[3] = self._recur(*qkv, self["f_proj"](x), self["b_proj"](x).astype(mx.float32), states[3], mask)
+        xs = [self[f"{name}_proj"](x) for name in "qkv"]
+        a = self["f_proj"](x)
+        b = self["b_proj"](x)  # the kernels read it as float32 either way
+        gate = self["g_proj"](x)
+        step, normed = None, False
+        if _decoding(self, T, cache):
+            ws = [self[f"{name}_conv1d"]["weight"] for name in "qkv"]
+            step = self._fused_split_step(xs, states, ws, a, b, mask, gate)
+        if step is not None:
+            out, states[:3], states[3], normed = step
+        else:
+            qkv = []
+            for i, name in enumerate("qkv"):
+                y, states[i] = causal_conv(xs[i], self[f"{name}_conv1d"], states[i], n_keep, mask, lengths)
+                qkv.append(y.reshape(B, T, H, D))
+            # b in float32, as the mlx-lm layer passes it
+            out, states[3] = self._recur(*qkv, a, b.astype(mx.float32), states[3], mask)
         if cache is not None:
             for i in range(4):
                 cache[i] = states[i]
             cache.advance(T)
+        return self["o_proj"](self._gate_output(out, gate, normed))
+
+    def _gate_output(self, out, gate, normed=False):
+        """o_norm(out) * sigmoid(gate), the sigmoid in float32 rounded to the norm's dtype, as the
+        mlx-lm layer does; returns [B, T, H*D]."""
+        B, T = out.shape[:2]
+        if normed:
+            return out.reshape(B, T, -1)
         out = self["o_norm"](out)
-        gate = self["g_proj"](x).reshape(out.shape).astype(mx.float32)
-        out = out * mx.sigmoid(gate).astype(out.dtype)
-        return self["o_proj"](out.reshape(B, T, -1))
+        return (out * mx.sigmoid(gate.reshape(out.shape).astype(mx.float32)).astype(out.dtype)).reshape(B, T, -1)
+
+    def _sigmoid_dtype(self, z_dtype, y_dtype, weight_dtype):
+        # Bailing takes the sigmoid in float32 and rounds it to the norm's output dtype.
+        return decode_step.norm_dtype(y_dtype, weight_dtype)
 
 
 class OlmoHybridGatedDeltaNet(DropInLayer):
