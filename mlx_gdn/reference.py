@@ -137,6 +137,11 @@ def layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk: int, D
     `gated_rms_norm`, with the sigmoid gate where a sigmoid dtype is given (not None).
     Returns (y [B,1,Hv,Dv], new conv state [B,K-1,C], new state [B,Hv,Dv,Dk])."""
     if norm is not None:
+        y, conv, S = layer_step(qkv, conv_state, w, a, b, A_log, dt_bias, state, mask, Hk, Dk, Dv, eps,
+                                lower_bound=lower_bound, allow_neg_eigval=allow_neg_eigval)
+        return gated_rms_norm(y, *norm[:3], sigmoid=len(norm) > 3 and norm[3] is not None), conv, S
+    q, k, v, conv = layer_prep(qkv, conv_state, w, mask, Hk, Dk, Dv, eps)
+    m = None if mask is None else np.asarray(to_numpy(mask) != 0)
     g, beta = gates(a, b, A_log, dt_bias, lower_bound, allow_neg_eigval)
     y, S = delta_rule(q, k, v, g, beta, state, m)
     return y, conv, S
