@@ -32,7 +32,8 @@
 // is recurrent_decode's (several threadgroups per head); with it, one threadgroup holds a whole
 // head (R * P >= Dv), since the norm reduces over all Dv outputs of the head.
 //
-// Rounding follows the unfused layer: the conv output, SiLU output, normalised q and k and y are
+// Rounding follows the unfused layer (the element math is kernels/layer_math.h, shared with the T > 1
+// bodies prefill_prep.metal and gated_norm.metal): the conv output, SiLU output, normalised q and k and y are
 // rounded to InT (no-ops for float); everything else, and the state, stays float32. The norm
 // rounds as mx.fast.rms_norm then the float32 silu gate do: x * rsqrt(mean(x^2) + eps) to NormT
 // (the result type of y and the weight), times the weight to NormT, times silu(z) to InT; with
@@ -63,7 +64,6 @@ constexpr int NT = R * L;    // threads per threadgroup
 constexpr int KEY_DIM = Hk * Dk;
 constexpr int C = 2 * KEY_DIM + Hv * Dv;
 constexpr int G = Hv / Hk;
-constexpr float QK_EPS = 1e-6f;  // added to the sum of squares, as mlx-lm's l2norm
 
 const int tid = static_cast<int>(thread_position_in_threadgroup.x);
 const int blk = static_cast<int>(threadgroup_position_in_grid.x);
@@ -96,8 +96,7 @@ for (int i = tid; i < 2 * Dk; i += NT) {
     acc += static_cast<float>(conv_state[cs_base + t * C + c]) * static_cast<float>(w[c * K + t]);
   }
   acc += static_cast<float>(x_in) * static_cast<float>(w[c * K + K - 1]);
-  const float xr = static_cast<float>(static_cast<InT>(acc));
-  qk_tg[i] = static_cast<float>(static_cast<InT>(xr * gdn_sigmoid(xr)));
+  qk_tg[i] = gdn_conv_silu<InT>(acc);
   if (writes_qk) {
     GDN_UNROLL
     for (int t = 0; t < K - 2; ++t) {
@@ -155,8 +154,7 @@ for (int pass = 0; pass < P; ++pass) {
     vacc += static_cast<float>(conv_state[cs_base + t * C + cv]) * static_cast<float>(w[cv * K + t]);
   }
   vacc += static_cast<float>(xv_in) * static_cast<float>(w[cv * K + K - 1]);
-  const float vr0 = static_cast<float>(static_cast<InT>(vacc));
-  const float vt = static_cast<float>(static_cast<InT>(vr0 * gdn_sigmoid(vr0)));
+  const float vt = gdn_conv_silu<InT>(vacc);
   if (live) {
     for (int t = j; t < K - 1; t += L) {
       conv_out[cs_base + t * C + cv] = (t < K - 2) ? conv_state[cs_base + (t + 1) * C + cv] : xv_in;
@@ -187,8 +185,8 @@ for (int pass = 0; pass < P; ++pass) {
       ssq += simd_shuffle_xor(ssq, o);
       ssk += simd_shuffle_xor(ssk, o);
     }
-    const float rk = 1.0f / metal::sqrt(ssk + QK_EPS);
-    const float rq = 1.0f / (metal::sqrt(ssq + QK_EPS) * metal::sqrt(static_cast<float>(Dk)));
+    const float rk = gdn_l2_inv(ssk);
+    const float rq = gdn_l2_inv(ssq) / metal::sqrt(static_cast<float>(Dk));
     // Normalised q and k are rounded to InT where the unfused layer (and mlx-lm's) stores them,
     // so a bf16 step matches those layers rather than a more precise variant of them.
     GDN_UNROLL
@@ -255,15 +253,14 @@ float tot = 0.0f;
 for (int i = 0; i < NT / 32; ++i) {
   tot += ss_tg[i];
 }
-const float inv_rms = 1.0f / metal::sqrt(tot / static_cast<float>(Dv) + GDN_NORM_EPS);
+const float inv_rms = gdn_inv_rms(tot, Dv, GDN_NORM_EPS);
 for (int i = tid; i < Dv; i += NT) {
-  const float nrm = static_cast<float>(static_cast<NormT>(y_tg[i] * inv_rms));
-  const float nw = static_cast<float>(static_cast<NormT>(nrm * static_cast<float>(norm_weight[i])));
   const float zg = static_cast<float>(z[n * Dv + i]);
 #if GDN_NORM_SIGMOID
-  y[n * Dv + i] = static_cast<OutT>(nw * static_cast<float>(static_cast<GateT>(gdn_sigmoid(zg))));
+  const float nw = gdn_rms_weighted<NormT>(y_tg[i], inv_rms, static_cast<float>(norm_weight[i]));
+  y[n * Dv + i] = static_cast<OutT>(nw * gdn_round<GateT>(gdn_sigmoid(zg)));
 #else
-  y[n * Dv + i] = static_cast<InT>(zg * gdn_sigmoid(zg) * nw);
+  y[n * Dv + i] = gdn_gated_norm<NormT, InT>(y_tg[i], inv_rms, static_cast<float>(norm_weight[i]), zg);
 #endif
 }
 #endif

@@ -28,7 +28,7 @@ if (row < N) {  // uniform over the simdgroup: simd_sum below sees whole simdgro
     ss += ys[p] * ys[p];
   }
   ss = simd_sum(ss);
-  const float inv_rms = 1.0f / metal::sqrt(ss / static_cast<float>(Dv) + GDN_NORM_EPS);
+  const float inv_rms = gdn_inv_rms(ss, Dv, GDN_NORM_EPS);
   GDN_UNROLL
   for (int p = 0; p < PER; ++p) {
     const int i = lane + 32 * p;

@@ -28,13 +28,23 @@ GDN_INLINE float gdn_l2_inv(float sumsq) {
   return 1.0f / metal::sqrt(sumsq + GDN_QK_EPS);
 }
 
-// One element of rms_norm(y) * weight * silu(z), from inv_rms = 1 / sqrt(mean(y^2) + eps): the
-// normalised value and its product with the weight rounded to NormT (mx.fast.rms_norm's result
-// type), the float32 silu gate, the result in OutT.
+// 1 / sqrt(mean of squares + eps) of a row of D values from their sum of squares (rms_norm's).
+GDN_INLINE float gdn_inv_rms(float sumsq, int D, float eps) {
+  return 1.0f / metal::sqrt(sumsq / static_cast<float>(D) + eps);
+}
+
+// One element of rms_norm(y) * weight, as mx.fast.rms_norm rounds it: the normalised value and its
+// product with the weight each rounded to NormT (rms_norm's result type for y and the weight).
+template <typename NormT>
+GDN_INLINE float gdn_rms_weighted(float y, float inv_rms, float weight) {
+  return gdn_round<NormT>(gdn_round<NormT>(y * inv_rms) * weight);
+}
+
+// One element of rms_norm(y) * weight * silu(z) (the Qwen layers' gated norm): the float32 silu
+// gate times `gdn_rms_weighted`, the result in OutT.
 template <typename NormT, typename OutT>
 GDN_INLINE OutT gdn_gated_norm(float y, float inv_rms, float weight, float z) {
-  const float nw = gdn_round<NormT>(gdn_round<NormT>(y * inv_rms) * weight);
-  return static_cast<OutT>(z * gdn_sigmoid(z) * nw);
+  return static_cast<OutT>(z * gdn_sigmoid(z) * gdn_rms_weighted<NormT>(y, inv_rms, weight));
 }
 
 #endif

@@ -135,7 +135,7 @@ def decode_spec(B: int, K: int, Hk: int, Hv: int, Dk: int, Dv: int, dtype: mx.Dt
         name="gdn_decode_layer" + suffix + ("_norm" if norm else "") + ("_sigmoid" if norm and sigmoid_dtype else "")
         + ("_masked" if masked else ""),
         body=BODY,
-        headers=(launch.GATES_HEADER,),
+        headers=(launch.GATES_HEADER, "layer_math.h"),
         defines=defines,
         input_names=names,
         output_names=OUTPUT_NAMES,
