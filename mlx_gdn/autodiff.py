@@ -3,9 +3,10 @@ the backend's own chunked backward where it has one that takes the problem (a mo
 `chunked_backward` with `supports(p)` and `chunked_vjp(p, ...)`), else the chunked backward in MLX
 ops (`ops.chunked_backward`).
 
-Kernels (Metal, CUDA) have no VJP of their own, and autodiff through the ops recurrence keeps
-one Dv x Dk state per step (O(T Dk Dv) memory); the chunked backward keeps one per chunk. The
-ops paths take it too: measured on the CPU (T=4096, Hk=2, Hv=4, Dk=Dv=64, float32), forward and
+Kernel launches have no VJP in MLX, and autodiff through the ops recurrence keeps one Dv x Dk
+state per step (O(T Dk Dv) memory); every chunked backward keeps one per chunk. The kernel ones
+(`cuda.chunked_backward`, `metal.chunked_backward`: per-head gates) recompute the chunk operands
+and states with the forward's own launches; the ops one serves per-key gates and the ops paths: measured on the CPU (T=4096, Hk=2, Hv=4, Dk=Dv=64, float32), forward and
 backward peaked at 133 MB through it after the ops chunked forward, 246 MB by autodiff through
 the ops chunked form and 3.5 GB by autodiff through the ops recurrence (bench/NOTES.md).
 The fused gates chain through `gating.compute_gates` by MLX autodiff; the mask is a constant.
