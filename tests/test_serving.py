@@ -481,6 +481,12 @@ CUDA_CHUNK_STATES = [
 @pytest.mark.parametrize("case", CUDA_CHUNK_STATES, ids=[c.label() for c in CUDA_CHUNK_STATES])
 def test_cuda_sim_chunk_states_on_chunked_kernels(case, no_ops, monkeypatch):
     """return_states=C on the CUDA chunked kernels (SAVE_EVERY), in the CUDA simulator."""
+    _check_cuda_chunk_states(case, monkeypatch, sim.simulated_cuda())
+
+
+def _check_cuda_chunk_states(case, monkeypatch, context):
+    """return_states=C of `case` through the CUDA chunked kernels (one call per sequence long
+    enough for a boundary) against the float64 reference."""
     from mlx_gdn.cuda import backend as cuda
 
     monkeypatch.setattr(backends, "chunked_from", lambda *a, **k: None)
@@ -489,11 +495,11 @@ def test_cuda_sim_chunk_states_on_chunked_kernels(case, no_ops, monkeypatch):
     monkeypatch.setattr(cuda, "run_states", lambda *a, **k: ran.append("chunked") or real_states(*a, **k))
     seed = fresh_seed()
     c = make_call(case, seed)
-    with sim.simulated_cuda():
+    with context:
         out = run_call(c, "cuda", "chunked")
     check_call(c, out, f"seed {seed}, {case.label()}")
     lens = case.lens if case.lens is not None else (case.T,)
-    assert len(ran) == (1 if case.lens is None else sum(n >= case.every for n in lens)), ran
+    assert len(ran) == (1 if case.lens is None else sum(n >= case.every for n in lens)), (ran, seed)
 
 
 CUDA_GPU_CHUNK_STATES = [
@@ -508,14 +514,4 @@ CUDA_GPU_CHUNK_STATES = [
 @pytest.mark.parametrize("case", CUDA_GPU_CHUNK_STATES, ids=[c.label() for c in CUDA_GPU_CHUNK_STATES])
 def test_cuda_chunk_states_on_chunked_kernels(case, no_ops, monkeypatch):
     """return_states=C on the GPU's chunked kernels at a real layer's head size."""
-    from mlx_gdn.cuda import backend as cuda
-
-    monkeypatch.setattr(backends, "chunked_from", lambda *a, **k: None)
-    ran = []
-    real_states = cuda.run_states
-    monkeypatch.setattr(cuda, "run_states", lambda *a, **k: ran.append("chunked") or real_states(*a, **k))
-    seed = fresh_seed()
-    c = make_call(case, seed)
-    check_call(c, run_call(c, "cuda", "chunked"), f"seed {seed}, {case.label()}")
-    lens = case.lens if case.lens is not None else (case.T,)
-    assert len(ran) == (1 if case.lens is None else sum(n >= case.every for n in lens)), ran
+    _check_cuda_chunk_states(case, monkeypatch, contextlib.nullcontext())

@@ -200,16 +200,22 @@ def _norm_takes(norm: Norm, B: int, Hv: int, Dv: int) -> bool:
             and isinstance(eps, (int, float)) and eps >= 0 and (sigmoid_dtype is None or sigmoid_dtype in _FLOATS))
 
 
-def _fused_backend(backend, qkv, conv_state, w, a, b, state, mask, Hk, Hv, Dk, Dv, norm, A_log, dt_bias, lower_bound,
-                   allow_neg_eigval) -> Optional[str]:
-    if qkv.ndim != 3 or qkv.shape[1] != 1 or qkv.dtype not in _FLOATS:
-        return None
+def conv_layout_fits(qkv, conv_state, w, Hk: int, Hv: int, Dk: int, Dv: int) -> bool:
+    """Whether qkv [B, S, C] (C = 2 Hk Dk + Hv Dv, a float dtype), conv_state [B, K-1, C] in qkv's
+    dtype and w [C, K, 1] (K >= 2) have the single-convolution layout the fused layer bodies read."""
+    if qkv.ndim != 3 or qkv.dtype not in _FLOATS:
+        return False
     B, _, C = qkv.shape
     if C != 2 * Hk * Dk + Hv * Dv or w.ndim != 3 or w.shape[0] != C or w.shape[2] != 1 or w.shape[1] < 2:
+        return False
+    return conv_state.shape == (B, w.shape[1] - 1, C) and conv_state.dtype == qkv.dtype
+
+
+def _fused_backend(backend, qkv, conv_state, w, a, b, state, mask, Hk, Hv, Dk, Dv, norm, A_log, dt_bias, lower_bound,
+                   allow_neg_eigval) -> Optional[str]:
+    if qkv.ndim != 3 or qkv.shape[1] != 1 or not conv_layout_fits(qkv, conv_state, w, Hk, Hv, Dk, Dv):
         return None
-    K = w.shape[1]
-    if conv_state.shape != (B, K - 1, C) or conv_state.dtype != qkv.dtype:
-        return None
+    B, K = qkv.shape[0], w.shape[1]
     if a.shape not in ((B, 1, Hv), (B, 1, Hv, Dk)) or b.shape != (B, 1, Hv):
         return None
     if A_log is not None and (A_log.size != Hv or A_log.dtype not in _FLOATS):

@@ -586,6 +586,33 @@ class _KeyGatedBase(DropInLayer):
         out, conv, state, normed = step
         return out, [conv[..., :P], conv[..., P : 2 * P], conv[..., 2 * P :]], state, normed
 
+    def _split_conv_mix(self, xs, convs, a, b, b_recur, gate, mask, cache) -> mx.array:
+        """From the projections to the gated output [B, T, H*D] of a layer with a convolution each
+        for q, k and v (Kimi Linear, Bailing): the fused T=1 step where it applies, else the three
+        convs and the recurrence (taking b as `b_recur`). xs: the q, k, v projections [B, T, H*D];
+        convs: their depthwise Conv1d modules; cache: mlx-lm ArraysCache(size=4) or None."""
+        B, T, _ = xs[0].shape
+        H, D = self.num_heads, self.head_dim
+        n_keep = convs[0]["weight"].shape[1] - 1
+        lengths = _cache_lengths(cache)
+        states = [cache[i] for i in range(4)] if cache is not None else [None] * 4
+        step, normed = None, False
+        if _decoding(self, T, cache):
+            step = self._fused_split_step(xs, states, [c["weight"] for c in convs], a, b, mask, gate)
+        if step is not None:
+            out, states[:3], states[3], normed = step
+        else:
+            qkv = []
+            for i in range(3):
+                y, states[i] = causal_conv(xs[i], convs[i], states[i], n_keep, mask, lengths)
+                qkv.append(y.reshape(B, T, H, D))
+            out, states[3] = self._recur(*qkv, a, b_recur, states[3], mask)
+        if cache is not None:
+            for i in range(4):
+                cache[i] = states[i]
+            cache.advance(T)
+        return self._gate_output(out, gate, normed)
+
     def _joined_conv_weight(self, ws) -> mx.array:
         # Not a Module attribute (it would become a parameter): the joined copy is derived data.
         held = self.__dict__.get("_joined_conv")
@@ -618,31 +645,12 @@ class KimiDeltaAttention(_KeyGatedBase):
     MLX_LM_CLASS = "kimi_linear:KimiDeltaAttention"
 
     def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Optional[Any] = None) -> mx.array:
-        B, T, _ = x.shape
-        H, D, n_keep = self.num_heads, self.head_dim, self.conv_kernel - 1
-        lengths = _cache_lengths(cache)
-        states = [cache[i] for i in range(4)] if cache is not None else [None] * 4
         xs = [self[f"{name}_proj"](x) for name in "qkv"]
         a = self["f_b_proj"](self["f_a_proj"](x))
         b = self["b_proj"](x)
         gate = self["g_b_proj"](self["g_a_proj"](x))
-        step, normed = None, False
-        if _decoding(self, T, cache):
-            ws = [self[f"{name}_conv"]["conv"]["weight"] for name in "qkv"]
-            step = self._fused_split_step(xs, states, ws, a, b, mask, gate)
-        if step is not None:
-            out, states[:3], states[3], normed = step
-        else:
-            qkv = []
-            for i, name in enumerate("qkv"):
-                y, states[i] = causal_conv(xs[i], self[f"{name}_conv"]["conv"], states[i], n_keep, mask, lengths)
-                qkv.append(y.reshape(B, T, H, D))
-            out, states[3] = self._recur(*qkv, a, b, states[3], mask)
-        if cache is not None:
-            for i in range(4):
-                cache[i] = states[i]
-            cache.advance(T)
-        return self["o_proj"](self._gate_output(out, gate, normed))
+        convs = [self[f"{name}_conv"]["conv"] for name in "qkv"]
+        return self["o_proj"](self._split_conv_mix(xs, convs, a, b, b, gate, mask, cache))
 
 
 class KimiK3DeltaAttention(_KeyGatedBase):
@@ -692,32 +700,13 @@ class BailingKDA(_KeyGatedBase):
     MLX_LM_CLASS = "bailing_moe_v3:BailingKDA"
 
     def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Optional[Any] = None) -> mx.array:
-        B, T, _ = x.shape
-        H, D, n_keep = self.num_heads, self.head_dim, self.conv_kernel_size - 1
-        lengths = _cache_lengths(cache)
-        states = [cache[i] for i in range(4)] if cache is not None else [None] * 4
         xs = [self[f"{name}_proj"](x) for name in "qkv"]
         a = self["f_proj"](x)
         b = self["b_proj"](x)  # the kernels read it as float32 either way
         gate = self["g_proj"](x)
-        step, normed = None, False
-        if _decoding(self, T, cache):
-            ws = [self[f"{name}_conv1d"]["weight"] for name in "qkv"]
-            step = self._fused_split_step(xs, states, ws, a, b, mask, gate)
-        if step is not None:
-            out, states[:3], states[3], normed = step
-        else:
-            qkv = []
-            for i, name in enumerate("qkv"):
-                y, states[i] = causal_conv(xs[i], self[f"{name}_conv1d"], states[i], n_keep, mask, lengths)
-                qkv.append(y.reshape(B, T, H, D))
-            # b in float32, as the mlx-lm layer passes it
-            out, states[3] = self._recur(*qkv, a, b.astype(mx.float32), states[3], mask)
-        if cache is not None:
-            for i in range(4):
-                cache[i] = states[i]
-            cache.advance(T)
-        return self["o_proj"](self._gate_output(out, gate, normed))
+        convs = [self[f"{name}_conv1d"] for name in "qkv"]
+        # b in float32 on the unfused path, as the mlx-lm layer passes it
+        return self["o_proj"](self._split_conv_mix(xs, convs, a, b, b.astype(mx.float32), gate, mask, cache))
 
     def _gate_output(self, out, gate, normed=False):
         """o_norm(out) * sigmoid(gate), the sigmoid in float32 rounded to the norm's dtype, as the

@@ -24,6 +24,7 @@ import mlx.core as mx
 
 from .. import backends, launch
 from ..validate import Problem
+from .decode_step import conv_layout_fits
 
 PREP_BODY = "prefill_prep.metal"
 NORM_BODY = "gated_norm.metal"
@@ -142,14 +143,10 @@ def prep_backend(backend: str, qkv, conv_state, w, mask, Hk: int, Hv: int, Dk: i
 
 
 def _prep_backend(backend, qkv, conv_state, w, mask, Hk, Hv, Dk, Dv) -> Optional[str]:
-    if qkv.ndim != 3 or qkv.dtype not in _FLOATS:
+    if not conv_layout_fits(qkv, conv_state, w, Hk, Hv, Dk, Dv):
         return None
     B, S, C = qkv.shape
-    if C != 2 * Hk * Dk + Hv * Dv or w.ndim != 3 or w.shape[0] != C or w.shape[2] != 1 or w.shape[1] < 2:
-        return None
     K = w.shape[1]
-    if conv_state.shape != (B, K - 1, C) or conv_state.dtype != qkv.dtype:
-        return None
     if mask is not None and (mask.shape != (B, S) or mask.dtype != mx.bool_):
         return None
     if S < 2 or S > _GRID_YZ or B > _GRID_YZ or B * S * C >= 2**31 or max(Dk, Dv) > 256:
