@@ -207,6 +207,8 @@ def _check_steps(backend, kind, dtype, B, Hk, Hv, Dk, Dv, masked, monkeypatch, n
                  f"masked={masked} norm={norm_dtype}")
         on = mx.array(np.arange(B)) if mask is None else mx.array(np.flatnonzero(np.asarray(mask)[:, 0]))
         assert y.dtype == dtype and c_fused[0].dtype == dtype and c_fused[1].dtype == mx.float32, where
+        other_y = {"y vs unfused layer": (y_unf, y64), "y vs ops layer": (y_ops, y64),
+                   "y vs mlx-lm on valid rows": (y_ref[on], y64[np.asarray(on)])}
         for name, out, want in checks + [
             ("y vs reference", y, y64), ("conv state vs reference", c_fused[0], conv64),
             ("state vs reference", c_fused[1], state64),
@@ -227,6 +229,13 @@ def _check_steps(backend, kind, dtype, B, Hk, Hv, Dk, Dv, masked, monkeypatch, n
             # with a small y, where that rounding weighs most, then counts as much as any other.
             same = "reference" in name or "plain fused" in name or ("unfused" in name and norm_dtype is None)
             bound = tol if (dtype == mx.float32 or same) else 2 * tol
+            if dtype != mx.float32 and name in other_y:
+                # Those bf16 paths round y (and what feeds it) where the kernel keeps float32, and
+                # the norm can scale a small head's rounding up to several times the bf16 bound
+                # (seed 762728269: the unfused layer 5.3e-2 from the reference, the kernel 1.9e-3).
+                # The kernel is held to the reference above; against another path the bound is
+                # the bf16 bound plus that path's own measured distance from the reference.
+                bound = max(bound, tol + rel_error(*other_y[name]))
             assert err < bound, f"{name}: rel error {err:.3g} >= {bound} ({where})"
         if masked:
             off = ~np.asarray(mask)[:, 0]
