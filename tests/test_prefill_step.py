@@ -165,8 +165,7 @@ def test_layer_prefill_on_fused_pieces(dtype, B, Hk, Hv, Dk, Dv, masked, monkeyp
 
 
 def test_training_and_per_sequence_lengths_take_the_unfused_path(monkeypatch):
-    """No VJP for these launches: a layer in training mode prefills on the unfused path (and its
-    gradient then flows), as does the ops backend."""
+    """A layer in training mode prefills on the unfused path, as does the ops backend."""
     seed = fresh_seed()
     _, ops, fused = _layer_trio(seed, mx.float32, 1, 2, 32, 32, "metal")
     calls = []
@@ -257,3 +256,40 @@ def test_gated_norm_on_cuda(N, Dv, dtype, z_dtype, w_dtype, eps):
 @pytest.mark.parametrize("dtype,B,Hk,Hv,Dk,Dv,masked", LAYER_CASES + [(mx.bfloat16, 2, 16, 32, 128, 128, True)])
 def test_layer_prefill_on_cuda(dtype, B, Hk, Hv, Dk, Dv, masked, monkeypatch):
     _check_layer("cuda", dtype, B, Hk, Hv, Dk, Dv, masked, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_gradients_through_the_fused_pieces_in_eval_mode(dtype, monkeypatch):
+    """A gradient taken through a layer in eval mode (the fused pieces run forward) equals the
+    unfused ops layer's, for the input and every parameter the pieces touch: the pieces' VJP is the
+    unfused computation's."""
+    from mlx.utils import tree_flatten
+
+    seed = fresh_seed()
+    _, ops, fused = _layer_trio(seed, dtype, 1, 2, 32, 32, "metal")
+    ran = []
+    for name in ("prep", "gated_norm"):
+        real = getattr(prefill_step, name)
+        monkeypatch.setattr(prefill_step, name, lambda *a, _real=real, _name=name, **k: ran.append(_name) or _real(*a, **k))
+    x = mx.random.normal((2, 9, 48)).astype(dtype)
+
+    def grads(layer):
+        def loss(params, x):
+            layer.update(params)
+            return (layer(x).astype(mx.float32) ** 2).sum()
+
+        gp, gx = mx.grad(loss, argnums=(0, 1))(layer.trainable_parameters(), x)
+        mx.eval(gp, gx)
+        return dict(tree_flatten(gp)), gx
+
+    with simulated_metal():
+        got_p, got_x = grads(fused)
+    want_p, want_x = grads(ops)
+    assert ran == ["prep", "gated_norm"], f"fused pieces that ran: {ran} (seed={seed})"
+    tol = TOLERANCE[dtype]
+    bound = tol if dtype == mx.float32 else 2 * tol  # two bf16 computations
+    err = rel_error(got_x, want_x)
+    assert err < bound, f"d input: {err:.3g} (seed={seed})"
+    for name in ("conv1d.weight", "norm.weight", "in_proj_qkv.weight", "in_proj_z.weight"):
+        err = rel_error(got_p[name], want_p[name])
+        assert err < bound, f"d {name}: {err:.3g} (seed={seed})"

@@ -83,11 +83,37 @@ def _gated_norm(module: nn.Module, z: mx.array) -> Optional["decode_step.Norm"]:
     return decode_step.Norm(z, module["weight"], module.eps)
 
 
+def _with_plain_vjp(fast, plain):
+    """`fast` (kernel launches, which have no VJP in MLX) with the gradient of `plain`, the unfused
+    computation it equals: both take the same arrays and return the same outputs. A gradient taken
+    through a layer in eval mode then flows as through the unfused layer."""
+    f = mx.custom_function(fast)
+
+    @f.vjp
+    def _vjp(primals, cotangents, outputs):
+        cot = list(cotangents) if isinstance(cotangents, (list, tuple)) else [cotangents]
+        _, grads = mx.vjp(plain, list(primals), cot)
+        return tuple(grads)
+
+    return f
+
+
+def _unfused_prep(qkv, conv_state, w, mask, Hk: int, Hv: int, Dk: int, Dv: int):
+    """q, k, v of a Qwen layer from its projection: `causal_conv` with the conv weight w given as an
+    array, split, `normalize_qk` (the path `prefill_step.prep` equals)."""
+    B, S, C = qkv.shape
+    conv, _ = causal_conv(qkv, lambda x: mx.conv1d(x, w, groups=C), conv_state, w.shape[1] - 1, mask)
+    q, k, v = mx.split(conv, [Hk * Dk, 2 * Hk * Dk], -1)
+    q, k = normalize_qk(q.reshape(B, S, Hk, Dk), k.reshape(B, S, Hk, Dk), eps=_QK_EPS)
+    return q, k, v.reshape(B, S, Hv, Dv)
+
+
 def causal_conv(x: mx.array, conv: nn.Module, state: Optional[mx.array], n_keep: int,
                 mask: Optional[mx.array] = None, lengths: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
     """Depthwise causal convolution with SiLU over a stream carried in a conv state, pad-proof.
 
-    x [B, S, C]; conv: mlx-lm's depthwise ``nn.Conv1d`` (weight [C, K, 1], no padding);
+    x [B, S, C]; conv: mlx-lm's depthwise ``nn.Conv1d`` (weight [C, K, 1], no padding), or a function
+    doing the same;
     state [B, n_keep, C] in x's dtype, or None (zeros: the start of a sequence); n_keep = K - 1;
     mask [B, S] bool or None; lengths [B] int or None (a cache's per-sequence valid lengths for
     this call, right padding beyond them). Returns (silu(conv) [B, S, C], new state [B, n_keep, C]).
@@ -288,7 +314,11 @@ class _GatedDeltaBase(DropInLayer):
                 # One launch for the norm and its gate (`prefill_step.gated_norm`) on a kernel backend.
                 fused = prefill_step.norm_backend(self._backend(), y, norm.z, norm.weight, norm.eps)
                 if fused is not None:
-                    return prefill_step.gated_norm(fused, y, norm.z, norm.weight, norm.eps)
+                    eps = norm.eps
+                    return _with_plain_vjp(
+                        lambda y, z, w: prefill_step.gated_norm(fused, y, z, w, eps),
+                        lambda y, z, w: _silu_gate(y, z, mx.fast.rms_norm(y, w, eps)),
+                    )(y, norm.z, norm.weight)
         return self["norm"](y, z)
 
     def _sizes(self) -> Tuple[int, int, int, int]:
@@ -351,7 +381,11 @@ class _GatedDeltaBase(DropInLayer):
         elif (S > 1 and not self.training and lengths is None and (fused := prefill_step.prep_backend(
                 backend, qkv, conv_state, self["conv1d"]["weight"], mask, *self._sizes())) is not None):
             # One launch from the projection to contiguous q, k, v (`prefill_step.prep`).
-            q, k, v = prefill_step.prep(fused, qkv, conv_state, self["conv1d"]["weight"], mask, *self._sizes())
+            sizes = self._sizes()
+            q, k, v = _with_plain_vjp(
+                lambda x, cs, w: prefill_step.prep(fused, x, cs, w, mask, *sizes),
+                lambda x, cs, w: _unfused_prep(x, cs, w, mask, *sizes),
+            )(qkv, conv_state, self["conv1d"]["weight"])
             if cache is not None:
                 cache[0] = prefill_step.conv_tail(qkv, conv_state, mask)
         else:

@@ -12,7 +12,9 @@ Both bodies are the Metal vocabulary, run through `mx.fast.metal_kernel` and, wi
 prelude, `mx.fast.cuda_kernel`; their element math is kernels/layer_math.h, which the fused T=1
 step (`decode_step`) shares. Under backend "auto", each variant is tried once against the float64
 reference (`reference.layer_prep`, `reference.gated_rms_norm`); one that fails warns once and the
-unfused path runs instead. Neither has a VJP: the layer takes them only outside training.
+unfused path runs instead. Kernel launches have no VJP: the layer takes these only outside
+training, and gives them the unfused computation's VJP (`layers._with_plain_vjp`), so a gradient
+through a layer in eval mode still flows.
 """
 
 from __future__ import annotations
