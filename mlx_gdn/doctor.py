@@ -177,7 +177,7 @@ class _Skip(Exception):
     """This backend would not run the check's call (another path takes the shape)."""
 
 
-def _forward(c: Case, seed: int, dtype) -> dict:
+def _forward(c: Case, seed: int, dtype, res: dict) -> None:
     from .api import gated_delta_rule, gated_delta_update
     from .explain import explain
     from .reference import delta_rule, gates, rel_error
@@ -194,7 +194,7 @@ def _forward(c: Case, seed: int, dtype) -> dict:
         fn, args = gated_delta_rule, (x.q, x.k, x.v, x.g, x.beta, x.state, x.mask)
         g, beta = x.g, x.beta
     plan = explain(fn, *args, **kw)
-    res = {"kernels": [str(v) for v in plan.kernels]}
+    res["kernels"] = [str(v) for v in plan.kernels]
     if plan.backend != c.backend:
         raise _Skip("; ".join(plan.reasons[2:]) or plan.backend)
     if c.backend != "ops":
@@ -209,10 +209,9 @@ def _forward(c: Case, seed: int, dtype) -> dict:
     y_ref, s_ref = delta_rule(x.q, x.k, x.v, g, beta, x.state, x.mask)
     res.update(y_err=rel_error(y, y_ref), state_err=rel_error(s, s_ref))
     res["tol"] = tolerance(dtype, matmul=(c.backend, c.algorithm) == ("ops", "chunked"))
-    return res
 
 
-def _layer_step(c: Case, seed: int, dtype) -> dict:
+def _layer_step(c: Case, seed: int, dtype, res: dict) -> None:
     from .models import decode_step
     from .testing import tolerance
 
@@ -228,16 +227,15 @@ def _layer_step(c: Case, seed: int, dtype) -> dict:
     qkv, cs, w, a, b, A_log, dt_bias, state, mask = ins
     taken = decode_step.fused_backend(c.backend, qkv, cs, w, a, b, state, mask, HK, HV, DK, DV, norm, A_log, dt_bias,
                                       gating.lower_bound, gating.neg)
-    res = {"kernels": [str(v) for v in decode_step.variants(c.backend, B, CONV_K, HK, HV, DK, DV, dtype, c.masked,
-                                                            nd, eps, gating, sd)]}
+    res.update(kernels=[str(v) for v in decode_step.variants(c.backend, B, CONV_K, HK, HV, DK, DV, dtype, c.masked,
+                                                            nd, eps, gating, sd)])
     if taken != c.backend:
         raise _Skip(f"the fused step does not take this call on {c.backend}; the unfused layer step runs it")
     errs = decode_step.check_step(c.backend, B, CONV_K, HK, HV, DK, DV, dtype, c.masked, seed, nd, eps, gating, sd)
     res.update(y_err=errs[0], conv_err=errs[1], state_err=errs[2], tol=tolerance(dtype))
-    return res
 
 
-def _prefill_piece(c: Case, seed: int, dtype) -> dict:
+def _prefill_piece(c: Case, seed: int, dtype, res: dict) -> None:
     from .models import prefill_step as ps
     from .testing import tolerance
 
@@ -246,7 +244,7 @@ def _prefill_piece(c: Case, seed: int, dtype) -> dict:
         qkv, cs, w, mask = ps.random_prep_inputs(B, T, CONV_K, HK, HV, DK, DV, dtype, c.masked, seed)
         spec = ps.prep_spec(B, T, CONV_K, HK, HV, DK, DV, dtype, c.masked)
         taken = ps.prep_backend(c.backend, qkv, cs, w, mask, HK, HV, DK, DV)
-        res = {"kernels": [str(v) for v in ps._variant(c.backend, spec)]}
+        res["kernels"] = [str(v) for v in ps._variant(c.backend, spec)]
         if taken != c.backend:
             raise _Skip(f"the prep launch does not take this call on {c.backend}")
         eq, ek, ev, econv = ps.check_prep(c.backend, B, T, CONV_K, HK, HV, DK, DV, dtype, c.masked, seed)
@@ -256,18 +254,17 @@ def _prefill_piece(c: Case, seed: int, dtype) -> dict:
         spec = ps.norm_spec(N, DV, dtype, dtype, dtype, NORM_EPS)
         y = mx.zeros((N, DV), dtype)
         taken = ps.norm_backend(c.backend, y, y, mx.zeros((DV,), dtype), NORM_EPS)
-        res = {"kernels": [str(v) for v in ps._variant(c.backend, spec)]}
+        res["kernels"] = [str(v) for v in ps._variant(c.backend, spec)]
         if taken != c.backend:
             raise _Skip(f"the gated-norm launch does not take this call on {c.backend}")
         res["errors"] = {"out": ps.check_norm(c.backend, N, DV, dtype, dtype, dtype, NORM_EPS, seed)}
     res["tol"] = tolerance(dtype)
-    return res
 
 
 GRADS = ("q", "k", "v", "g", "beta", "state")
 
 
-def _backward(c: Case, seed: int, dtype) -> dict:
+def _backward(c: Case, seed: int, dtype, res: dict) -> None:
     """The chunked VJP of L = sum(y W) + sum(state V) on `c.backend`'s kernels (ops: the ops
     backward itself): every gradient against the ops backward and by a directional derivative of
     the float64 reference."""
@@ -281,7 +278,7 @@ def _backward(c: Case, seed: int, dtype) -> dict:
     W = W.astype(dtype)  # y's cotangent comes in y's dtype
     args = (x.q, x.k, x.v, x.g, x.beta, x.state, x.mask, W, V)
     p = check_rule(*args[:7])
-    res = {"kernels": []}
+    res["kernels"] = []
     if c.backend == "metal":
         from .metal import chunked_backward as kb
 
@@ -320,7 +317,6 @@ def _backward(c: Case, seed: int, dtype) -> dict:
     res.update(errors=errors, tol=tol)
     if degenerate:
         res["error"] = f"degenerate directional check of d{', d'.join(degenerate)} (seed {seed}): cannot fail"
-    return res
 
 
 @contextlib.contextmanager
@@ -348,7 +344,7 @@ def _recording_launches():
         launch.LaunchSpec.source = real
 
 
-def _serving(c: Case, seed: int, dtype) -> dict:
+def _serving(c: Case, seed: int, dtype, res: dict) -> None:
     from . import backends, serving
     from .api import gated_delta_rule, gated_delta_update
     from .reference import gates, rel_error, to_numpy
@@ -373,7 +369,7 @@ def _serving(c: Case, seed: int, dtype) -> dict:
         p = check_rule(x.q, x.k, x.v, x.g, x.beta, None, x.mask)
     s = serving.check_serving(p, state, cu, idx, every or None)
     mod, algo = backends.resolve_serving(c.backend, c.algorithm, p, s)
-    res = {"route": f"{mod.name} {algo}", "kernels": []}
+    res.update(route=f"{mod.name} {algo}", kernels=[])
     if mod.name != c.backend:
         raise _Skip(f"{c.backend} does not take this serving call; {mod.name} {algo} runs it")
     if c.backend != "ops":
@@ -381,13 +377,13 @@ def _serving(c: Case, seed: int, dtype) -> dict:
     kw = dict(cu_seqlens=cu, state_indices=idx, return_states=every or None, backend=c.backend,
               algorithm=c.algorithm)
     with _recording_launches() as launched:
+        res["kernels"] = launched
         if fused:
             out = gated_delta_update(x.q, x.k, x.v, x.a, x.b, x.A_log, x.dt_bias, state, x.mask, **kw)
             g, beta = gates(x.a, x.b, x.A_log, x.dt_bias)
         else:
             out = gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, state, x.mask, **kw)
             g, beta = x.g, x.beta
-        res["kernels"] = launched
         mx.eval(*out)
     if c.backend != "ops" and not launched:  # launches not built from a LaunchSpec (CUDA's chunked kernels)
         res["kernels"] = [str(v) for v in mod.variants(p, "recurrent" if algo == "recurrent" else "chunked")]
@@ -402,19 +398,20 @@ def _serving(c: Case, seed: int, dtype) -> dict:
         errors["untouched pool rows"] = rel_error(out[1][mx.array(untouched)], to_numpy(state)[untouched]) \
             if untouched else 0.0
     res.update(errors=errors, tol=tolerance(dtype))
-    return res
 
 
-def _check(c: Case, seed: int, dtype) -> dict:
+def _check(c: Case, seed: int, dtype, res: dict) -> None:
+    """Run check `c`, filling `res` as it goes (the variants first, so a failure still names them)."""
     if c.path in FORWARD:
-        return _forward(c, seed, dtype)
-    if c.path.startswith("layer_step"):
-        return _layer_step(c, seed, dtype)
-    if c.path in LAYER:
-        return _prefill_piece(c, seed, dtype)
-    if c.path == "backward":
-        return _backward(c, seed, dtype)
-    return _serving(c, seed, dtype)
+        _forward(c, seed, dtype, res)
+    elif c.path.startswith("layer_step"):
+        _layer_step(c, seed, dtype, res)
+    elif c.path in LAYER:
+        _prefill_piece(c, seed, dtype, res)
+    elif c.path == "backward":
+        _backward(c, seed, dtype, res)
+    else:
+        _serving(c, seed, dtype, res)
 
 
 def _instead(c: Case, res: dict) -> str:
@@ -439,7 +436,7 @@ def run_case(c: Case, seed: int) -> dict:
     res = {"name": c.name, **asdict(c), "algorithm": c.algorithm, "seed": seed, "ok": False, "status": "fail"}
     t0 = time.perf_counter()
     try:
-        res.update(_check(c, seed, dtype))
+        _check(c, seed, dtype, res)
         errors = res.setdefault("errors", {})
         errors.update({k[:-4]: res[k] for k in ERROR_KEYS if k in res})
         errs = list(errors.values())
