@@ -154,7 +154,8 @@ def _flavours(backend: str, where: str, quick: bool) -> List[tuple]:
                 ("prefill_prep", "fused", "scalar", True, False), ("gated_norm", "fused", "scalar", False, False)}
         out += [f for f in added if not quick or f in keep]
     out += [("backward", "precomputed", "scalar", m, False) for m in ((True,) if quick else (False, True))]
-    serving = [("serving_pool", "fused", "scalar", False, False), ("serving_steps", "precomputed", "scalar", True, False),
+    serving = [("serving_pool", "fused", "scalar", False, False),
+               ("serving_steps", "precomputed", "scalar", True, False),
                ("serving_every", "precomputed", "scalar", True, False),
                ("serving_packed", "precomputed", "scalar", False, False)]
     out += [f for f in serving if not quick or f[0] in ("serving_pool", "serving_packed")]
@@ -300,21 +301,22 @@ def _backward(c: Case, seed: int, dtype, res: dict) -> None:
     else:
         got = ops_vjp(*args)
     mx.eval(*got)
-    # The ops backward forms its products with mx.matmul (TF32 on a CUDA device).
+    # The ops backward forms its products with mx.matmul (TF32 on a CUDA device): its own results,
+    # and the kernels' distance from them, are held to that bound; the kernels' to their dtype's.
     tol = tolerance(dtype, matmul=c.backend == "ops")
-    errors = {}
+    errors, bounds = {}, {}
     if c.backend != "ops":
         want = ops_vjp(*args)
-        tol = max(tol, tolerance(dtype, matmul=True))
         errors.update({f"d{n} vs ops": rel_error(a, b) for n, a, b in zip(GRADS, got, want)})
+        bounds = {k: tolerance(dtype, matmul=True) for k in errors}
     grads = dict(zip(GRADS, got))
     inputs = {n: getattr(x, n) for n in GRADS}
     degenerate = []
     for n, (pred, ref, scale) in directional_derivatives(grads, inputs, x.mask, W, V, seed).items():
-        errors[f"d{n} directional"] = abs(pred - ref) / scale
-        if not abs(ref) > 1e-6 * scale:
+        errors[f"d{n} directional"] = abs(pred - ref) / scale if scale > 0 else 0.0
+        if not abs(ref) > 1e-6 * scale or scale == 0:
             degenerate.append(n)
-    res.update(errors=errors, tol=tol)
+    res.update(errors=errors, tol=tol, **({"bounds": bounds} if bounds else {}))
     if degenerate:
         res["error"] = f"degenerate directional check of d{', d'.join(degenerate)} (seed {seed}): cannot fail"
 
@@ -439,12 +441,13 @@ def run_case(c: Case, seed: int) -> dict:
         _check(c, seed, dtype, res)
         errors = res.setdefault("errors", {})
         errors.update({k[:-4]: res[k] for k in ERROR_KEYS if k in res})
-        errs = list(errors.values())
-        tol = res["tol"]
-        res["ok"] = bool(errs) and all(e < tol for e in errs) and "error" not in res  # NaN fails
-        if not res["ok"] and "error" not in res:
-            worst = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else float("inf"))
-            res["error"] = f"relative error above {tol:.0e} ({worst}: {errors[worst]:.2e})"
+        # each error under its bound: the check's `tol`, or one of `bounds` where it names the error
+        bound = {k: res.get("bounds", {}).get(k, res["tol"]) for k in errors}
+        over = [k for k, e in errors.items() if not e < bound[k]]  # NaN fails
+        res["ok"] = bool(errors) and not over and "error" not in res
+        if over and "error" not in res:
+            res["error"] = "relative error above its bound: " + ", ".join(
+                f"{k} {errors[k]:.2e} (bound {bound[k]:.0e})" for k in over)
     except _Skip as skip:
         res.update(ok=True, status="skipped", reason=str(skip))
         return res

@@ -203,7 +203,8 @@ def directional_derivatives(grads: dict, inputs: dict, mask, W, V, seed: int, lo
             raise ValueError(f"d{n} has shape {gr.shape}, its input {d.shape}")
         plus, minus = dict(base), dict(base)
         plus[n], minus[n] = val + eps * d, val - eps * d
-        fd = (_reference_loss(plus, m, Wn, Vn, lower_bound, neg) - _reference_loss(minus, m, Wn, Vn, lower_bound, neg)) / (2 * eps)
+        loss = lambda vals: _reference_loss(vals, m, Wn, Vn, lower_bound, neg)  # noqa: E731
+        fd = (loss(plus) - loss(minus)) / (2 * eps)
         out[n] = (float((gr * d).sum()), fd, float(np.abs(gr * d).sum()) + abs(fd))
     return out
 
