@@ -556,7 +556,9 @@ def parser() -> argparse.ArgumentParser:
         description="Check every mlx-gdn path this machine runs against a float64 reference, time the Qwen3.5 "
                     "layer shape, and write a JSON report to attach to an issue. Exit status 1 when a check fails.",
     )
-    p.add_argument("--quick", action="store_true", help="each input flavour in one dtype; timing at T=1 only")
+    p.add_argument("--quick", action="store_true",
+                   help="each input flavour in one dtype, a representative subset of the fused layer pieces', "
+                        "backward's and serving calls' flavours; timing at T=1 only")
     p.add_argument("--simulate", action="store_true",
                    help="also run the Metal and CUDA kernels in the CPU simulators (slow the first time: C++ builds)")
     p.add_argument("--json", default="mlx_gdn_doctor.json", help="report path (default: %(default)s in the cwd)")
