@@ -151,3 +151,137 @@ def assert_matches_reference(y, state, y_ref, state_ref, dtype, context: str = "
     assert np.isfinite(to_numpy(y)).all() and np.isfinite(to_numpy(state)).all(), f"{context}: non-finite output"
     ey, es = rel_error(y, y_ref), rel_error(state, state_ref)
     assert ey < tol and es < tol, f"{context}: relative error y {ey:.2e}, state {es:.2e} (bound {tol:.0e})"
+
+
+# --- gradients: directional derivatives of the float64 reference ---------------------------------
+
+RULE_INPUTS = ("q", "k", "v", "g", "beta", "state")
+UPDATE_INPUTS = ("q", "k", "v", "a", "b", "A_log", "dt_bias", "state")
+
+
+def loss_weights(x: Inputs, seed: int):
+    """(W [B,T,Hv,Dv], V [B,Hv,Dv,Dk]) float32, seeded: the loss L = sum(y W) + sum(state V)
+    whose gradients the directional checks compare (W and V are the cotangents of y and state)."""
+    rng = np.random.default_rng(seed + 2)
+    W = mx.array(rng.standard_normal(x.v.shape).astype(np.float32))
+    V = mx.array(rng.standard_normal(x.state.shape).astype(np.float32))
+    return W, V
+
+
+def _reference_loss(vals: dict, mask, W, V, lower_bound, neg) -> float:
+    from .reference import delta_rule, gates
+
+    if "a" in vals:
+        g, beta = gates(vals["a"], vals["b"], vals["A_log"], vals["dt_bias"], lower_bound, neg)
+    else:
+        g, beta = vals["g"], vals["beta"]
+    y, s = delta_rule(vals["q"], vals["k"], vals["v"], g, beta, vals["state"], mask)
+    return float((y * W).sum() + (s * V).sum())
+
+
+def directional_derivatives(grads: dict, inputs: dict, mask, W, V, seed: int, lower_bound=None, neg: bool = False,
+                            eps: float = 1e-5) -> dict:
+    """{name: (predicted, reference, scale)} per input X of a call: predicted = <dL/dX, D> from
+    `grads`, reference = the central difference of the float64 reference's L = sum(y W) +
+    sum(state V) along a seeded random direction D, scale = sum |dL/dX * D| + |reference| (what a
+    float32 result is accurate to). `inputs`: the call's inputs by name, `RULE_INPUTS` (g, beta
+    precomputed) or `UPDATE_INPUTS` (fused gates, with lower_bound and allow_neg_eigval `neg`);
+    a gate g is moved relative to its size so it stays in (0, 1]. A check is degenerate (it
+    cannot fail) when |reference| <= 1e-6 * scale."""
+    from .reference import to_numpy
+
+    rng = np.random.default_rng(seed + 1)
+    m = None if mask is None else to_numpy(mask)
+    Wn, Vn = to_numpy(W), to_numpy(V)
+    base = {n: to_numpy(a) for n, a in inputs.items()}
+    out = {}
+    for n, val in base.items():
+        d = rng.standard_normal(val.shape)
+        d = d * val if n == "g" else d
+        gr = to_numpy(grads[n])
+        if gr.shape != d.shape:
+            raise ValueError(f"d{n} has shape {gr.shape}, its input {d.shape}")
+        plus, minus = dict(base), dict(base)
+        plus[n], minus[n] = val + eps * d, val - eps * d
+        loss = lambda vals: _reference_loss(vals, m, Wn, Vn, lower_bound, neg)  # noqa: E731
+        fd = (loss(plus) - loss(minus)) / (2 * eps)
+        out[n] = (float((gr * d).sum()), fd, float(np.abs(gr * d).sum()) + abs(fd))
+    return out
+
+
+# --- serving calls (cu_seqlens, state_indices, return_states) and their float64 reference -------
+
+
+def serving_inputs(lens, B: int, T: int, Hk: int, Hv: int, Dk: int, Dv: int, *, dtype=mx.float32, seed: int = 0,
+                   gate: str = "scalar", masked: bool = False, pool: int = 0, with_state: bool = True,
+                   fused_gate: str = "scalar"):
+    """(x, state, cu_seqlens, state_indices) of one serving call. lens: packed sequence lengths
+    (x is then [1, sum(lens), ...], cu_seqlens int32 [N+1]) or None (B rows of T tokens, no
+    cu_seqlens). pool: rows S of a state pool [S, Hv, Dv, Dk] read through state_indices int32 [N]
+    (a random permutation, one padding slot -1 when N > 1), or 0: state [N, Hv, Dv, Dk] (None
+    without `with_state`) and no indices. x as `random_inputs` makes it, without its state."""
+    rng = np.random.default_rng(seed + 1)
+    if lens is not None:
+        B, T = 1, int(sum(lens))
+    N = len(lens) if lens is not None else B
+    x = random_inputs(B, T, Hk, Hv, Dk, Dv, dtype=dtype, seed=seed, gate=gate, mask=masked and T > 0,
+                      with_state=False, fused_gate=fused_gate)
+    cu = None if lens is None else mx.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+    state, idx = None, None
+    if with_state or pool:
+        state = mx.array((rng.standard_normal((pool or N, Hv, Dv, Dk)) * 0.1).astype(np.float32))
+    if pool:
+        if pool < N:
+            raise ValueError(f"pool must have at least N = {N} rows, got {pool}")
+        ids = rng.permutation(pool)[:N].astype(np.int32)
+        if N > 1:
+            ids[rng.integers(N)] = -1
+        idx = mx.array(ids)
+    return x, state, cu, idx
+
+
+def serving_reference(q, k, v, g, beta, state, mask, cu_seqlens, state_indices, every):
+    """float64 (y, new state, states or None) of a serving call, sequence by sequence through
+    `reference.delta_rule_steps`. g, beta precomputed (see `reference.gates`); state: the pool
+    (with state_indices) or [N, Hv, Dv, Dk] or None; every: 0, "steps" or an int C (the
+    layouts of `mlx_gdn.serving`). Pool rows no sequence writes keep their values."""
+    from .reference import delta_rule_steps, to_numpy
+
+    q, k, v, g, beta = (to_numpy(a) for a in (q, k, v, g, beta))
+    mask = None if mask is None else to_numpy(mask)
+    B, T, Hv, Dv, Dk = q.shape[0], q.shape[1], v.shape[2], v.shape[3], q.shape[3]
+    if cu_seqlens is None:
+        seqs = [(b, 0, T) for b in range(B)]
+    else:
+        cu = np.asarray(cu_seqlens, dtype=np.int64)
+        seqs = [(0, int(cu[n]), int(cu[n + 1])) for n in range(len(cu) - 1)]
+    C = 0 if not every else (1 if every == "steps" else int(every))
+    st = None if state is None else to_numpy(state)
+    idx = None if state_indices is None else np.asarray(state_indices)
+    y = np.zeros((B, T, Hv, Dv))
+    finals = np.zeros((len(seqs), Hv, Dv, Dk))
+    states = np.zeros((B, T // C if C else 0, Hv, Dv, Dk))
+    off = 0
+    for n, (b, s0_, e) in enumerate(seqs):
+        if idx is not None:
+            s0 = st[idx[n]] if idx[n] >= 0 else np.zeros((Hv, Dv, Dk))
+        else:
+            s0 = st[n] if st is not None else np.zeros((Hv, Dv, Dk))
+        sl = (slice(b, b + 1), slice(s0_, e))
+        yr, sr, kept = delta_rule_steps(q[sl], k[sl], v[sl], g[sl], beta[sl], s0[None],
+                                        None if mask is None else mask[sl])
+        y[b, s0_:e], finals[n] = yr[0], sr[0]
+        if C:
+            picked = kept[0, C - 1 :: C]
+            if cu_seqlens is None:
+                states[b] = picked
+            else:
+                states[0, off : off + len(picked)] = picked
+                off += len(picked)
+    new = finals
+    if idx is not None:
+        new = st.copy()
+        for n in range(len(seqs)):
+            if idx[n] >= 0:
+                new[idx[n]] = finals[n]
+    return y, new, (states if C else None)

@@ -11,7 +11,7 @@ import numpy as np
 
 import mlx_gdn
 from mlx_gdn import reference
-from mlx_gdn.testing import TOLERANCE, random_inputs
+from mlx_gdn.testing import TOLERANCE, serving_inputs, serving_reference
 
 F32, BF16 = mx.float32, mx.bfloat16
 
@@ -66,24 +66,11 @@ class Call:
 
 
 def make_call(case: Case, seed: int) -> Call:
-    """Fresh inputs for `case`; a pool gets padding slots (negative indices) and unused rows."""
-    rng = np.random.default_rng(seed + 1)
-    B, T = (1, sum(case.lens)) if case.lens is not None else (case.B, case.T)
-    x = random_inputs(B, T, case.Hk, case.Hv, case.Dk, case.Dv, dtype=case.dtype, seed=seed, gate=case.gate,
-                      mask=case.masked and T > 0, with_state=False, fused_gate=case.fused_gate)
-    cu = None
-    if case.lens is not None:
-        cu = mx.array(np.concatenate([[0], np.cumsum(case.lens)]).astype(np.int32))
-    idx, state = None, None
-    rows = case.pool if case.pool else case.N
-    if case.with_state or case.pool:
-        state = mx.array((rng.standard_normal((rows, case.Hv, case.Dv, case.Dk)) * 0.1).astype(np.float32))
-    if case.pool:
-        assert case.pool >= case.N
-        ids = rng.permutation(case.pool)[: case.N].astype(np.int32)
-        if case.N > 1:
-            ids[rng.integers(case.N)] = -1  # a padding slot
-        idx = mx.array(ids)
+    """Fresh inputs for `case` (`mlx_gdn.testing.serving_inputs`); a pool gets padding slots
+    (negative indices) and unused rows."""
+    x, state, cu, idx = serving_inputs(case.lens, case.B, case.T, case.Hk, case.Hv, case.Dk, case.Dv,
+                                       dtype=case.dtype, seed=seed, gate=case.gate, masked=case.masked,
+                                       pool=case.pool, with_state=case.with_state, fused_gate=case.fused_gate)
     return Call(case, x, state, cu, idx)
 
 
@@ -101,52 +88,13 @@ def run_call(c: Call, backend: str, algorithm: str = "auto", check_values: bool 
 
 
 def reference_call(c: Call):
-    """float64 (y, state, states or None), sequence by sequence through `reference.delta_rule_steps`."""
-    x, case = c.x, c.case
-    if case.fused:
+    """float64 (y, state, states or None), sequence by sequence (`mlx_gdn.testing.serving_reference`)."""
+    x = c.x
+    if c.case.fused:
         g, beta = reference.gates(x.a, x.b, x.A_log, x.dt_bias)
     else:
-        g, beta = reference.to_numpy(x.g), reference.to_numpy(x.beta)
-    q, k, v = (reference.to_numpy(a) for a in (x.q, x.k, x.v))
-    mask = None if x.mask is None else reference.to_numpy(x.mask)
-    B, T, Hv, Dv, Dk = q.shape[0], q.shape[1], case.Hv, case.Dv, case.Dk
-    if c.cu is None:
-        seqs = [(b, 0, T) for b in range(B)]
-    else:
-        cu = np.array(c.cu)
-        seqs = [(0, int(cu[n]), int(cu[n + 1])) for n in range(case.N)]
-    st = None if c.state is None else reference.to_numpy(c.state)
-    idx = None if c.idx is None else np.array(c.idx)
-    y = np.zeros((B, T, Hv, Dv))
-    finals = np.zeros((case.N, Hv, Dv, Dk))
-    slots = 0 if not case.every else (T if case.every == 1 else T // case.every)
-    states = np.zeros((B, slots, Hv, Dv, Dk))
-    off = 0
-    for n, (b, a, e) in enumerate(seqs):
-        if idx is not None:
-            s0 = st[idx[n]] if idx[n] >= 0 else np.zeros((Hv, Dv, Dk))
-        else:
-            s0 = st[n] if st is not None else np.zeros((Hv, Dv, Dk))
-        sl = (slice(b, b + 1), slice(a, e))
-        yr, sr, kept = reference.delta_rule_steps(q[sl], k[sl], v[sl], g[sl], beta[sl], s0[None],
-                                                  None if mask is None else mask[sl])
-        y[b, a:e] = yr[0]
-        finals[n] = sr[0]
-        if case.every:
-            picked = kept[0, case.every - 1 :: case.every]
-            if c.cu is None:
-                states[b] = picked
-            else:
-                states[0, off : off + len(picked)] = picked
-                off += len(picked)
-    if idx is not None:
-        new = st.copy()
-        for n in range(case.N):
-            if idx[n] >= 0:
-                new[idx[n]] = finals[n]
-    else:
-        new = finals
-    return y, new, (states if case.every else None)
+        g, beta = x.g, x.beta
+    return serving_reference(x.q, x.k, x.v, g, beta, c.state, x.mask, c.cu, c.idx, c.case.return_states or 0)
 
 
 def check_call(c: Call, out, context: str) -> None:

@@ -19,13 +19,12 @@ import mlx_gdn
 from mlx_gdn import backends, reference
 from mlx_gdn.ops import backend as ops_backend
 from mlx_gdn.ops.recurrent import recurrent_rule
-from mlx_gdn.testing import fresh_seed, random_inputs
+from mlx_gdn.testing import (RULE_INPUTS, UPDATE_INPUTS, directional_derivatives, fresh_seed, loss_weights,
+                             random_inputs)
 from mlx_gdn.validate import check_rule, check_update
 
 sim = pytest.importorskip("mlx_gdn.sim")
 
-RULE_INPUTS = ("q", "k", "v", "g", "beta", "state")
-UPDATE_INPUTS = ("q", "k", "v", "a", "b", "A_log", "dt_bias", "state")
 
 # (backend, algorithm, simulator, (Dk, Dv)): every path that runs a kernel of its own, and the ops
 # paths, at the smallest head sizes each kernel takes (recurrent bodies: Dk a multiple of 32;
@@ -76,51 +75,20 @@ def _grads(fn, x, fused, W, V):
     return dict(zip(names, grads))
 
 
-def _ref_loss(vals, x, fused, W, V, lower_bound, neg):
-    if fused:
-        g, beta = reference.gates(vals["a"], vals["b"], vals["A_log"], vals["dt_bias"], lower_bound, neg)
-    else:
-        g, beta = vals["g"], vals["beta"]
-    y, s = reference.delta_rule(vals["q"], vals["k"], vals["v"], g, beta, vals["state"], x.mask)
-    return float((y * W).sum() + (s * V).sum())
-
-
-def _directions(x, fused, rng):
-    """A random direction per input; gates are moved relative to their size so they stay in (0, 1]."""
-    dirs = {}
-    for n in _names(fused):
-        val = reference.to_numpy(getattr(x, n))
-        d = rng.standard_normal(val.shape)
-        dirs[n] = d * val if n == "g" else d
-    return dirs
-
-
 def check_directional(grads, x, fused, W, V, seed, what, lower_bound=None, neg=False, eps=1e-5, tol=1e-4):
-    """<dL/dX, D> against the central difference of the float64 reference, per input X."""
-    rng = np.random.default_rng(seed + 1)
-    Wn, Vn = reference.to_numpy(W), reference.to_numpy(V)
-    base = {n: reference.to_numpy(getattr(x, n)) for n in _names(fused)}
-    dirs = _directions(x, fused, rng)
-    for n, d in dirs.items():
-        gr = reference.to_numpy(grads[n])
-        assert gr.shape == d.shape and np.isfinite(gr).all(), f"{what}, seed={seed}: d{n} shape or non-finite"
-        predicted = float((gr * d).sum())
-        plus, minus = dict(base), dict(base)
-        plus[n], minus[n] = base[n] + eps * d, base[n] - eps * d
-        fd = (_ref_loss(plus, x, fused, Wn, Vn, lower_bound, neg) - _ref_loss(minus, x, fused, Wn, Vn, lower_bound, neg)) / (2 * eps)
-        # The scale a float32 result is accurate to: the sum of the magnitudes summed.
-        scale = float(np.abs(gr * d).sum()) + abs(fd)
+    """<dL/dX, D> against the central difference of the float64 reference, per input X
+    (`mlx_gdn.testing.directional_derivatives`)."""
+    inputs = {n: getattr(x, n) for n in _names(fused)}
+    for n, (predicted, fd, scale) in directional_derivatives(grads, inputs, x.mask, W, V, seed, lower_bound, neg,
+                                                             eps).items():
+        assert np.isfinite(reference.to_numpy(grads[n])).all(), f"{what}, seed={seed}: d{n} non-finite"
         assert abs(fd) > 1e-6 * scale, f"{what}, seed={seed}: d{n} is a degenerate check (fd {fd})"
         assert abs(predicted - fd) <= tol * scale, (
             f"{what}, seed={seed}: <dL/d{n}, D> = {predicted:.8g}, reference central difference {fd:.8g}"
         )
 
 
-def _weights(x, seed):
-    rng = np.random.default_rng(seed + 2)
-    W = mx.array(rng.standard_normal(x.v.shape).astype(np.float32))
-    V = mx.array(rng.standard_normal(x.state.shape).astype(np.float32))
-    return W, V
+_weights = loss_weights
 
 
 def _assert_routed(x, fused, backend, algorithm, lower_bound=None, neg=False):
