@@ -66,7 +66,7 @@ ERROR_KEYS = ("y_err", "conv_err", "state_err")  # the forward and layer-step ch
 
 # What backend="auto" runs where a kernel variant of these paths fails its trial here: the
 # fallback warnings of decode_step, prefill_step and the two chunked backwards say the same
-# (tests/test_doctor.py holds each text to its module's source). Serving calls have no trial.
+# (tests/test_doctor.py holds each text to its module's source).
 INSTEAD = {
     "layer_step": "the unfused layer step",
     "layer_step_norm": "the fused step without the norm, or the unfused step,",
@@ -75,6 +75,7 @@ INSTEAD = {
     "gated_norm": "rms_norm and the gate",
     ("backward", "metal"): "gradients come from the ops chunked backward instead",
     ("backward", "cuda"): "the ops backward takes its calls",
+    **{path: "the ops backend" for path in SERVING},
 }
 
 
@@ -374,8 +375,6 @@ def _serving(c: Case, seed: int, dtype, res: dict) -> None:
     res.update(route=f"{mod.name} {algo}", kernels=[])
     if mod.name != c.backend:
         raise _Skip(f"{c.backend} does not take this serving call; {mod.name} {algo} runs it")
-    if c.backend != "ops":
-        res["fallback"] = "the same kernels: serving calls have no trial launch"
     kw = dict(cu_seqlens=cu, state_indices=idx, return_states=every or None, backend=c.backend,
               algorithm=c.algorithm)
     with _recording_launches() as launched:
@@ -422,8 +421,6 @@ def _instead(c: Case, res: dict) -> str:
         return ""
     if c.path in FORWARD:
         return f"backend='auto' runs {res.get('fallback') or 'nothing else'} for it from now on in this process"
-    if c.path in SERVING:
-        return "backend='auto' runs " + res.get("fallback", "the same kernels")
     text = INSTEAD.get((c.path, c.backend), INSTEAD.get(c.path))
     if c.path == "backward":
         return f"backend='auto': {text}"

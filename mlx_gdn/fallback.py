@@ -11,7 +11,9 @@ the same backend's other algorithm comes next, then the ops backend. An explicit
 ``backend="metal"`` or ``"cuda"`` launches no trial and never falls back: a variant already found
 failing in this process raises `KernelFailure`; otherwise the kernel runs as asked, and a
 failure surfaces as MLX's own error when the output is evaluated.
-The fused decode-layer step (`models.decode_step`) is tried the same way under "auto".
+Under "auto" the other launches are tried the same way, each by its own module: the fused
+layer steps (`models.decode_step`, `models.prefill_step`), the serving routes (`serving`) and the
+kernel backwards (`metal.chunked_backward`, `cuda.chunked_backward`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ ops.
 from __future__ import annotations
 
 import dataclasses
+from functools import lru_cache
 
 import mlx.core as mx
 import numpy as np
@@ -42,8 +43,8 @@ def boundary_offsets(cu_seqlens, C: int) -> np.ndarray:
 
 
 def plan(backend, algorithm, base_key, check_base, state, cu_seqlens, state_indices, return_states):
-    """(problem, serving options, backend module, algorithm) of a serving call, remembered per
-    signature like `planner.plan`. base_key / check_base: the plain call's key and check, both
+    """(problem, serving options, backend module, algorithm, auto) of a serving call, remembered per
+    signature like `planner.plan`; auto: backend "auto" (`run` then tries the kernels once first). base_key / check_base: the plain call's key and check, both
     made with state=None (the state's leading size depends on the serving arguments)."""
     skey = serving_key(state, cu_seqlens, state_indices, return_states)
     key = None if base_key is None or skey is None else ("serving", base_key, skey, backend, algorithm,
@@ -52,7 +53,7 @@ def plan(backend, algorithm, base_key, check_base, state, cu_seqlens, state_indi
     def make():
         p = check_base()
         s = check_serving(p, state, cu_seqlens, state_indices, return_states)
-        return (p, s) + backends.resolve_serving(backend, algorithm, p, s)
+        return (p, s) + backends.resolve_serving(backend, algorithm, p, s) + (backend == "auto",)
 
     return make() if key is None else backends.remembered(key, make)
 
@@ -180,9 +181,11 @@ def run_per_sequence(mod, p, s, q, k, v, init, mask, cu_seqlens, **gates):
 
 def run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values: bool, **gates):
     """(y, state) or (y, state, states) of a planned serving call; see the module docstring."""
-    p, s, mod, algo = planned
+    p, s, mod, algo, auto = planned
     if check_values:
         check_serving_values(p, s, cu_seqlens, state_indices)
+    if auto and mod.name != "ops" and p.T > 0:
+        mod, algo = _trusted_route(p, s, mod, algo, *launch.fused_options(gates.get("gating")))
     init = state if state is not None else mx.zeros((s.N, p.Hv, p.Dv, p.Dk), dtype=mx.float32)
     if p.T == 0:
         y = mx.zeros((p.B, 0, p.Hv, p.Dv), dtype=p.dtype)
@@ -206,6 +209,76 @@ def run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values: 
     else:
         new_state = final
     return (y, new_state, states) if s.every else (y, new_state)
+
+
+@backends.on_clear
+def _clear_routes():
+    _trusted_route.cache_clear()
+
+
+@lru_cache(maxsize=256)
+def _trusted_route(p: Problem, s, mod, algo: str, lower: bool, neg: bool, dt_key: bool):
+    """(module, algorithm) of a serving call under backend "auto": the planned kernel route where one
+    small call of the same kind (the same sizes, dtype, gates and serving options) matched the
+    float64 reference in this process, else the ops backend, with one warning naming the kernels.
+    Remembered per call signature: a server's hot loop asks once."""
+    from . import fallback
+
+    base = "recurrent" if algo == "recurrent" else "chunked"
+    marker = fallback.variant("serving", (("route", algo), ("pooled", s.pooled), ("packed", s.packed),
+                                          ("every", s.every), ("masked", p.masked), ("B", "*"), ("T", "*")))
+    try:
+        kernels = tuple(mod.variants(p, base, lower, neg, dt_key)) if mod.supports(p, base) else ()
+    except Exception:  # noqa: BLE001 -- naming the kernels must not stop the call
+        kernels = ()
+    vs = kernels + (marker,)
+    bad = fallback.tried(mod.name, vs, lambda: _probe_route(p, s, mod, algo, lower, neg, dt_key))
+    if bad is None:
+        return mod, algo
+    fallback.warn_once(mod.name, vs, f"serving call, backend {mod.name!r}, route {algo!r}", bad, "the ops backend")
+    ops = backends.module("ops")
+    return ops, ops.serving_algorithm(p, s, base)
+
+
+def _probe_route(p: Problem, s, mod, algo: str, lower: bool, neg: bool, dt_key: bool):
+    """None when a small serving call of the same kind on route (mod, algo) matches the float64
+    reference (`testing.serving_reference`), else a one-line account of what failed."""
+    from .fallback import failure_text
+    from .gating import FusedGating
+    from .reference import gates as ref_gates
+    from .reference import rel_error
+    from .testing import serving_inputs, serving_reference, tolerance
+
+    C = s.every if s.every > 1 else 0
+    lens = (C + 3, 0, 2) if s.packed else None  # a boundary, an empty and a short sequence
+    B, T = (1, sum(lens)) if s.packed else (2, C + 3 if C else 3)
+    N = len(lens) if s.packed else B
+    per_key = p.fused and p.gate == "key"
+    try:
+        x, state, cu, idx = serving_inputs(lens, B, T, p.Hk, p.Hv, p.Dk, p.Dv, dtype=p.dtype, seed=0, gate=p.gate,
+                                           masked=p.masked, pool=N + 1 if s.pooled else 0,
+                                           fused_gate="key" if per_key else "scalar")
+        every = None if not s.every else ("steps" if s.every == 1 else s.every)
+        ps = dataclasses.replace(p, B=B, T=T)
+        ss = check_serving(ps, state, cu, idx, every)
+        if p.fused:
+            lb = -5.0 if lower else None
+            dt_bias = x.dt_bias if dt_key or not per_key else x.dt_bias[:, 0]
+            kw = dict(gating=FusedGating(x.a, x.b, x.A_log, dt_bias, lb, bool(neg)))
+            g, beta = ref_gates(x.a, x.b, x.A_log, dt_bias, lb, bool(neg))
+        else:
+            kw = dict(g=x.g, beta=x.beta)
+            g, beta = x.g, x.beta
+        out = run((ps, ss, mod, algo, False), x.q, x.k, x.v, state, x.mask, cu, idx, False, **kw)
+        mx.eval(*out)
+    except Exception as exc:  # noqa: BLE001 -- any failure of the kernels is the verdict
+        return failure_text(exc)
+    want = serving_reference(x.q, x.k, x.v, g, beta, state, x.mask, cu, idx, every or 0)
+    tol = tolerance(p.dtype)
+    errs = [rel_error(o, w) for o, w in zip(out, want) if w is not None]
+    if not all(e < tol for e in errs):  # NaN fails too
+        return f"wrong result: relative errors {', '.join(f'{e:.1e}' for e in errs)} against the float64 reference (bound {tol:.0e})"
+    return None
 
 
 # The algorithm name for B sequences (no cu_seqlens) with return_states=C on a backend's chunked

@@ -149,7 +149,7 @@ def test_broken_added_kernels_are_reported(monkeypatch, tmp_path):
         assert any(k.startswith(name + "<") for k in c["kernels"]), c["kernels"]
     assert bad["backward"]["instead"] == "backend='auto': gradients come from the ops chunked backward instead"
     assert "the unfused conv and norms" in bad["prefill_prep"]["instead"]
-    assert "same kernels" in bad["serving_packed"]["instead"]
+    assert "the ops backend" in bad["serving_packed"]["instead"]
 
     monkeypatch.undo()
     backends.clear_plans()
@@ -173,11 +173,13 @@ def test_fallback_texts_are_the_modules_own():
 
     from mlx_gdn.cuda import chunked_backward as cuda_bwd
     from mlx_gdn.metal import chunked_backward as metal_bwd
+    from mlx_gdn import serving
     from mlx_gdn.models import decode_step, prefill_step
 
     src = {"layer_step": decode_step, "layer_step_norm": decode_step, "layer_step_sigmoid_norm": decode_step,
            "prefill_prep": prefill_step, "gated_norm": prefill_step,
-           ("backward", "metal"): metal_bwd, ("backward", "cuda"): cuda_bwd}
+           ("backward", "metal"): metal_bwd, ("backward", "cuda"): cuda_bwd,
+           **{path: serving for path in doctor.SERVING}}
     assert set(src) == set(doctor.INSTEAD)
     for key, text in doctor.INSTEAD.items():
         assert text in inspect.getsource(src[key]), key

@@ -515,3 +515,31 @@ CUDA_GPU_CHUNK_STATES = [
 def test_cuda_chunk_states_on_chunked_kernels(case, no_ops, monkeypatch):
     """return_states=C on the GPU's chunked kernels at a real layer's head size."""
     _check_cuda_chunk_states(case, monkeypatch, contextlib.nullcontext())
+
+
+def test_auto_tries_a_serving_route_once_and_falls_back_with_one_warning(monkeypatch):
+    """Under backend="auto" a kernel serving route is tried once on a small call of the same kind
+    against the float64 reference; a route that fails (here: its launch raises, as a compiler's
+    rejection would) warns once, naming the kernels, and the ops backend answers instead, right."""
+    from mlx_gdn import fallback
+    from mlx_gdn.metal import backend as metal
+
+    seed = fresh_seed()
+    c = make_call(Case(lens=None, B=2, T=5, Dk=32, Dv=32, pool=4), seed)
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("metal: planted compile failure")
+
+    fallback.clear()
+    monkeypatch.setattr(metal, "run_serving", broken)
+    with sim.simulated_metal():
+        with pytest.warns(RuntimeWarning, match="serving call.*planted compile failure") as rec:
+            first = run_call(c, "auto", "auto")
+            second = run_call(c, "auto", "auto")
+    assert sum("serving call" in str(r.message) for r in rec) == 1, [str(r.message) for r in rec]
+    assert len(calls) == 1, f"the failing route was tried {len(calls)} times (seed {seed})"
+    for out in (first, second):
+        check_call(c, out, f"seed {seed}")
+    fallback.clear()
