@@ -171,12 +171,9 @@ def run_per_sequence(mod, p, s, q, k, v, init, mask, cu_seqlens, **gates):
         finals.append(fin)
         if st is not None:
             kept.append(st)
-    y = mx.concatenate(ys, axis=1) if ys else mx.zeros((1, 0, p.Hv, p.Dv), p.dtype)
-    states = None
-    if s.every:
-        used = sum(x.shape[1] for x in kept)
-        states = mx.concatenate(kept + [mx.zeros((1, s.slots - used, p.Hv, p.Dv, p.Dk), mx.float32)], axis=1)
-    return y, mx.concatenate(finals, axis=0), states
+    from .ops.serving import join_sequences
+
+    return join_sequences(p, s, ys, finals, kept)
 
 
 def run(planned, q, k, v, state, mask, cu_seqlens, state_indices, check_values: bool, **gates):

@@ -59,6 +59,13 @@ def run_serving(p: Problem, s: Serving, q, k, v, g, beta, state, mask, cu_seqlen
         finals.append(fin)
         if st is not None:
             kept.append(st)
+    return join_sequences(p, s, ys, finals, kept)
+
+
+def join_sequences(p, s, ys, finals, kept):
+    """(y [1, T, Hv, Dv], final states [N, Hv, Dv, Dk], states or None) of packed sequences run one
+    by one: their outputs along T, their final states, and (return_states) their kept states in
+    order with zero slots after the last sequence's (the layout of `mlx_gdn.serving`)."""
     y = mx.concatenate(ys, axis=1) if ys else mx.zeros((1, 0, p.Hv, p.Dv), p.dtype)
     states = None
     if s.every:
