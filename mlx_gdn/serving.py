@@ -44,7 +44,8 @@ def boundary_offsets(cu_seqlens, C: int) -> np.ndarray:
 
 def plan(backend, algorithm, base_key, check_base, state, cu_seqlens, state_indices, return_states):
     """(problem, serving options, backend module, algorithm, auto) of a serving call, remembered per
-    signature like `planner.plan`; auto: backend "auto" (`run` then tries the kernels once first). base_key / check_base: the plain call's key and check, both
+    signature like `planner.plan`; auto: backend "auto" (`run` then tries the kernels once first).
+    base_key / check_base: the plain call's key and check, both
     made with state=None (the state's leading size depends on the serving arguments)."""
     skey = serving_key(state, cu_seqlens, state_indices, return_states)
     key = None if base_key is None or skey is None else ("serving", base_key, skey, backend, algorithm,
@@ -274,7 +275,8 @@ def _probe_route(p: Problem, s, mod, algo: str, lower: bool, neg: bool, dt_key: 
     tol = tolerance(p.dtype)
     errs = [rel_error(o, w) for o, w in zip(out, want) if w is not None]
     if not all(e < tol for e in errs):  # NaN fails too
-        return f"wrong result: relative errors {', '.join(f'{e:.1e}' for e in errs)} against the float64 reference (bound {tol:.0e})"
+        shown = ", ".join(f"{e:.1e}" for e in errs)
+        return f"wrong result: relative errors {shown} against the float64 reference (bound {tol:.0e})"
     return None
 
 

@@ -19,8 +19,8 @@ import mlx_gdn
 from mlx_gdn import backends, reference
 from mlx_gdn.ops import backend as ops_backend
 from mlx_gdn.ops.recurrent import recurrent_rule
-from mlx_gdn.testing import (RULE_INPUTS, UPDATE_INPUTS, directional_derivatives, fresh_seed, loss_weights,
-                             random_inputs)
+from mlx_gdn.testing import (RULE_INPUTS, TOLERANCE, UPDATE_INPUTS, directional_derivatives, fresh_seed,
+                             loss_weights, random_inputs)
 from mlx_gdn.validate import check_rule, check_update
 
 sim = pytest.importorskip("mlx_gdn.sim")
@@ -358,6 +358,29 @@ def test_peak_memory_linear_in_T():
     per_step_states = T * Hv * D * D * 4
     assert all(float(mx.abs(g).max()) > 0 for g in grads.values())
     assert peak < 0.6 * per_step_states, f"peak {peak / 1e6:.0f} MB in {seconds:.1f} s (per-step states {per_step_states / 1e6:.0f} MB)"
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_ops_recurrence_below_the_crossover_is_differentiated_directly(dtype, monkeypatch):
+    """Below the ops backend's chunked crossover the recurrence's own autodiff gives the gradient
+    (it keeps the forward's steps, as mlx-lm's autodiff does); from the crossover on, the chunked
+    backward does (one state per chunk). Both against the float64 reference."""
+    from mlx_gdn import autodiff
+
+    t0 = backends.chunked_from("ops", dtype)
+    used = []
+    real = autodiff.chunked_vjp
+    monkeypatch.setattr(autodiff, "chunked_vjp", lambda *a: used.append(1) or real(*a))
+    for T, chunked in ((t0 - 1, False), (t0, True)):
+        used.clear()
+        seed = fresh_seed()
+        x = random_inputs(1, T, 1, 2, 32, 32, dtype=dtype, seed=seed, mask=True)
+        x.A_log = mx.concatenate([mx.array([np.log(0.05)], dtype=x.A_log.dtype), x.A_log[1:]])
+        W, V = _weights(x, seed)
+        what = f"ops/recurrent {dtype} T={T}"
+        grads = _grads(_call(x, False, "ops", "recurrent"), x, False, W, V)
+        check_directional(grads, x, False, W, V, seed, what, tol=TOLERANCE[dtype])
+        assert bool(used) == chunked, f"{what}: chunked backward ran {len(used)} times (seed={seed})"
 
 
 # --- through a whole model ----------------------------------------------------------------------
